@@ -1,0 +1,43 @@
+"""Shared helpers for testing fast paths against their references.
+
+Tolerances are relative errors ‖a − b‖ / max(‖b‖, tiny), per DESIGN.md §3:
+fp32 ≤ 1e-5, bf16 outputs ≤ 5e-3, bf16 gradients ≤ 1e-2. Float64 references are
+compared at fp32 tolerance.
+"""
+from __future__ import annotations
+
+import torch
+
+TOLERANCE = {
+    ("fp32", "out"): 1e-5,
+    ("fp32", "grad"): 1e-5,
+    ("bf16", "out"): 5e-3,
+    ("bf16", "grad"): 1e-2,
+    ("fp16", "out"): 2e-3,
+    ("fp16", "grad"): 5e-3,
+}
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of a against the reference b (both cast to float64)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, *, dtype: torch.dtype = torch.float32, kind: str = "out",
+                 tol: float | None = None, name: str = "") -> None:
+    """Assert a (fast path) matches b (reference) within the tolerance for dtype/kind."""
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{name}: non-finite values in fast path"
+    tol = TOLERANCE[(dtype_tag(dtype), kind)] if tol is None else tol
+    err = rel_err(a, b)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a freshly allocated buffer with NaN so that reads of unwritten memory show up."""
+    return t.fill_(float("nan")) if t.is_floating_point() else t
