@@ -1,0 +1,32 @@
+"""(Gated) delta rule: S_t = α_t S_{t-1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t.
+
+Notation: S state [Dv, Dk]; α = exp(g) decay; β write strength; q, k, v query/key/value.
+
+Backends (memlm.ops.dispatch, op name "delta_rule"): "chunked" (WY/UT chunkwise form, default),
+"reference" (token loop, by name only). `delta_rule(...)` below dispatches; call a module directly to pin one.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import dispatch
+from . import chunked, reference
+from .reference import delta_rule_step
+
+__all__ = ["delta_rule", "delta_rule_step", "chunked", "reference"]
+
+dispatch.register("delta_rule", "chunked", chunked.delta_rule, priority=0)
+dispatch.register("delta_rule", "reference", reference.delta_rule, priority=-100)
+
+
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
+               initial_state: Tensor | None = None, reset: Tensor | None = None, chunk_size: int = 64,
+               scale: float | None = None, output_final_state: bool = True, backend: str | None = None
+               ) -> tuple[Tensor, Tensor | None]:
+    """Dispatching entry point. q, k [B, T, H, Dk]; v [B, T, H, Dv]; beta, g [B, T, H]; initial_state
+    [B, H, Dv, Dk]; reset bool [B, T] -> (o [B, T, H, Dv] in q's dtype, final state [B, H, Dv, Dk] float32).
+    See reference.delta_rule for the semantics; `backend` names one explicitly (else dispatch decides)."""
+    args = (q, k, v, beta, g)
+    kwargs = dict(initial_state=initial_state, reset=reset, chunk_size=chunk_size, scale=scale,
+                  output_final_state=output_final_state)
+    return dispatch.get("delta_rule", backend, args=args, kwargs=kwargs)(*args, **kwargs)

@@ -1,0 +1,126 @@
+"""(Gated) delta rule in chunkwise-parallel form (WY / UT transform), plain PyTorch: the CPU default backend.
+
+Notation (per batch b, head h, one chunk of C tokens, positions t, i ∈ [0, C); NOTES.md has the derivation):
+  S ∈ R^{Dv×Dk}  state at the chunk start;  Q, K [C, Dk];  V [C, Dv];  β, g [C];  r reset flags [C]
+  σ_t            segment id = number of resets in [0, t] (inclusive), so i ≤ t share a segment iff no reset in (i, t]
+  L_{ti}         Σ_{s ∈ (i, t]} g_s  (log decay from i to t), built by a masked cumsum, never as G_t − G_i
+  D_{ti}         exp(L_{ti}) · [i ≤ t] · [σ_i = σ_t]       decay mask (strict version D⁻ uses i < t)
+  γ_t            exp(Σ_{s ≤ t} g_s) · [σ_t = 0]            decay of the carried state S up to t (0 after a reset)
+  e_i            D_{C−1, i}                                decay of token i's write up to the chunk end
+  A              (β ⊙rows K Kᵀ) ⊙ D⁻                      strictly lower triangular
+  U, Wk          solutions of (I + A) [U | Wk] = [β V | (βγ) K]          (the UT transform)
+  W              U − Wk Sᵀ            effective writes ("pseudo values") w_t, so that within the chunk
+                 S_t = γ_t S + Σ_{i ≤ t} D_{ti} w_i k_iᵀ
+  O              (γ Q) Sᵀ + (Q Kᵀ ⊙ D) W  =  (γ Q − P Wk) Sᵀ + P U,   P = Q Kᵀ ⊙ D
+  S_next         γ_{C−1} S + Wᵀ (e ⊙rows K)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import _compute_dtype, check_inputs
+
+__all__ = ["delta_rule"]
+
+
+def _segment_masks(reset: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """reset [B, N, C] -> (same [B, 1, N, C, C] bool: σ_i = σ_t, fresh [B, 1, N, C] bool: σ_t = 0), or (None, None).
+
+    Resets never enter the log-decays: they only switch pairs of positions (and the carried state) off, which
+    keeps every kept decay exact instead of relying on exp(−huge) cancelling inside a cumulative sum.
+    """
+    if reset is None:
+        return None, None
+    seg = torch.cumsum(reset.to(torch.int32), dim=-1)                   # σ_t, inclusive
+    same = seg[..., :, None] == seg[..., None, :]
+    return same[:, None], (seg == 0)[:, None]
+
+
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
+               initial_state: Tensor | None = None, reset: Tensor | None = None, chunk_size: int = 64,
+               scale: float | None = None, output_final_state: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise-parallel (gated) delta rule; same contract as `reference.delta_rule`.
+
+    q, k [B, T, H, Dk]; v [B, T, H, Dv]; beta [B, T, H]; g [B, T, H] log-decay (≤ 0) or None;
+    initial_state [B, H, Dv, Dk] or None (zeros); reset bool [B, T] or None (token t starts a new document);
+    scale multiplies q (default 1). Returns o [B, T, H, Dv] in q's dtype and the final state [B, H, Dv, Dk]
+    float32 (None if output_final_state is False). Differentiable in every tensor input.
+    """
+    check_inputs(q, k, v, beta, g, initial_state, reset)
+    if chunk_size < 1:
+        raise ValueError(f"delta_rule: chunk_size must be ≥ 1, got {chunk_size}")
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    cd = _compute_dtype(q)
+    out_dtype = q.dtype
+    dev = q.device
+    # A sequence shorter than a chunk is one chunk of its own length: no padding work for decode-sized calls.
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+
+    # [B, T, H, D] -> [B, H, N, C, D] in the compute dtype. Padding tokens have k = v = β = g = 0, so they leave
+    # the state exactly unchanged (S (I − 0) + 0) and their outputs are dropped.
+    def chunks(x: Tensor) -> Tensor:
+        x = x.to(cd).transpose(1, 2)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad))
+        return x.reshape(B, H, N, C, *x.shape[3:])
+
+    q_, k_, v_, b_ = chunks(q), chunks(k), chunks(v), chunks(beta)
+    if scale is not None:
+        q_ = q_ * scale
+    rs = None
+    if reset is not None:
+        # padded positions never reset (a reset there would only zero the state that the tail must carry out)
+        rs = torch.cat([reset, reset.new_zeros(B, pad)], dim=1) if pad else reset
+        rs = rs.reshape(B, N, C)
+    same, fresh = _segment_masks(rs)
+
+    incl = torch.ones(C, C, dtype=torch.bool, device=dev).tril()          # i ≤ t
+    strict = incl.tril(-1)                                                 # i < t
+    if g is not None:
+        g_ = chunks(g)                                                     # [B, H, N, C]
+        # L_{ti} = Σ_{s ∈ (i, t]} g_s: column i of the masked matrix holds g_s for s > i; cumsum down the rows.
+        # Every term is ≤ 0 and only in-range terms are summed, so no difference of large partial sums occurs.
+        L = torch.cumsum(g_[..., :, None] * strict.to(cd), dim=-2)      # [B, H, N, C, C]
+        decay = torch.exp(L)                                               # ≤ 1; exactly 1 where i ≥ t (L = 0)
+        gamma = torch.exp(torch.cumsum(g_, dim=-1))                        # [B, H, N, C]
+    else:
+        decay = torch.ones(C, C, dtype=cd, device=dev)
+        gamma = torch.ones(B, H, N, C, dtype=cd, device=dev)
+    D = decay * incl.to(cd)
+    if same is not None:
+        D = D * same.to(cd)
+        gamma = gamma * fresh.to(cd)
+    D = D.expand(B, H, N, C, C)
+    D_strict = D * strict.to(cd)
+    e = D[..., -1, :]                                                      # [B, H, N, C]
+    gamma_last = gamma[..., -1]                                            # [B, H, N]
+
+    # UT transform: one unit-lower-triangular solve for both right-hand sides.
+    A = (b_[..., :, None] * (k_ @ k_.transpose(-1, -2))) * D_strict
+    eye = torch.eye(C, dtype=cd, device=dev)
+    rhs = torch.cat([b_[..., None] * v_, (b_ * gamma)[..., None] * k_], dim=-1)
+    sol = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    U, Wk = sol[..., :Dv], sol[..., Dv:]                                   # [B, H, N, C, Dv], [B, H, N, C, Dk]
+
+    P = (q_ @ k_.transpose(-1, -2)) * D                                    # intra-chunk "attention"
+    q_eff = gamma[..., None] * q_ - P @ Wk                                 # what multiplies Sᵀ in O
+    o_intra = P @ U
+    k_end = e[..., None] * k_                                              # e ⊙rows K
+
+    # Only the state recurrence is sequential: two small matmuls per chunk.
+    S = (initial_state.to(cd) if initial_state is not None
+         else torch.zeros(B, H, Dv, Dk, dtype=cd, device=dev))
+    states = []
+    for n in range(N):
+        states.append(S)
+        W = U[:, :, n] - Wk[:, :, n] @ S.transpose(-1, -2)                 # [B, H, C, Dv]
+        S = gamma_last[:, :, n, None, None] * S + W.transpose(-1, -2) @ k_end[:, :, n]
+    S_all = torch.stack(states, dim=2)                                     # [B, H, N, Dv, Dk]
+    o = q_eff @ S_all.transpose(-1, -2) + o_intra                          # [B, H, N, C, Dv]
+    o = o.reshape(B, H, N * C, Dv)[:, :, :T].transpose(1, 2).to(out_dtype)
+    return o, (S if output_final_state else None)
