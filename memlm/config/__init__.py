@@ -1,0 +1,1 @@
+from memlm.config.base import Config, apply_overrides  # noqa: F401

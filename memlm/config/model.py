@@ -1,0 +1,65 @@
+"""Model configuration: global widths and defaults plus an explicit list of per-layer mixer configs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from memlm.config.base import Config, check_choice, check_positive
+from memlm.layers.base import MixerConfig
+
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu", "none", "cms")
+RESIDUALS = ("sequential", "parallel", "parallel2")
+POSITIONS = ("rope", "xpos", "none", "learned")
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Config):
+    """Everything needed to build a :class:`memlm.models.lm.MemoryLM`.
+
+    residual: "sequential" (pre-norm, x + f(norm x) then x + mlp(norm x)), "parallel" (PaLM: one norm,
+    x + mixer(n) + mlp(n)), "parallel2" (GPT-NeoX: two norms, x + mixer(norm1 x) + mlp(norm2 x)).
+    position: "rope" | "xpos" | "none" apply inside attention; "learned" adds absolute position embeddings
+    (position inside the document) to the token embeddings.
+    """
+
+    vocab_size: int = 263
+    d_model: int = 256
+    n_heads: int = 4
+    layers: list[MixerConfig] = field(default_factory=list)
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True
+    mlp: str = "swiglu"
+    d_ff: int = 0  # 0 means the family default: 8/3·d rounded to 64 for SwiGLU, 4·d for GELU
+    mlp_bias: bool = False
+    residual: str = "sequential"
+    position: str = "rope"
+    rope_base: float = 10000.0
+    rope_fraction: float = 1.0
+    xpos_scale_base: float = 512.0
+    max_seq_len: int = 4096  # only bounds learned absolute positions
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        check_choice("norm", self.norm, NORMS)
+        check_choice("mlp", self.mlp, MLPS)
+        check_choice("residual", self.residual, RESIDUALS)
+        check_choice("position", self.position, POSITIONS)
+        for n in ("vocab_size", "d_model", "n_heads", "max_seq_len"):
+            check_positive(n, getattr(self, n))
+        if not self.layers:
+            raise ValueError("layers must list at least one mixer config")
+        if self.d_ff == 0:
+            self.d_ff = 4 * self.d_model if self.mlp == "gelu" else _round_up(8 * self.d_model // 3, 64)
+        if not 0 < self.rope_fraction <= 1:
+            raise ValueError(f"rope_fraction={self.rope_fraction} must be in (0, 1]")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m

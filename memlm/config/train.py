@@ -1,0 +1,70 @@
+"""Training configuration and the run config (model + train) that presets return."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from memlm.config.base import Config, check_choice, check_positive
+from memlm.config.model import ModelConfig
+
+
+@dataclass(kw_only=True)
+class TrainConfig(Config):
+    # data
+    data: list[str] = field(default_factory=list)  # files / folders / globs / "hf:name"; empty: the built-in demo corpus
+    val_data: list[str] = field(default_factory=list)  # empty: hold out every val_every_doc-th training document
+    val_every_doc: int = 50
+    tokenizer: str = "byte"
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    # optimisation
+    steps: int = 1000
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    lr_scales: dict[str, float] = field(default_factory=dict)  # fnmatch pattern on parameter names -> LR scale
+    clip: float = 1.0
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    max_nonfinite: int = 5  # stop after this many non-finite steps in a row
+    # memory across steps
+    tbptt: bool = False  # rows continue the same documents step after step; the ModelState is carried
+    detach_every: int = 1  # with tbptt: cut the graph every k steps (k>1 keeps the graph across k segments)
+    # evaluation, sampling, checkpoints, logging
+    eval_every: int = 200
+    eval_batches: int = 20
+    sample_every: int = 500
+    sample_tokens: int = 120
+    sample_prompt: str = "The "
+    save_every: int = 500
+    keep_last: int = 3
+    out_dir: str = "runs/default"
+    log_every: int = 10
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "memlm"
+    seed: int = 1337
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer", self.optimizer, ("adamw", "lion", "muon", "m3"))
+        check_choice("schedule", self.schedule, ("cosine", "constant", "wsd"))
+        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        for n in ("seq_len", "batch_size", "grad_accum", "steps", "detach_every", "keep_last", "log_every"):
+            check_positive(n, getattr(self, n))
+        check_positive("lr", self.lr)
+
+
+@dataclass(kw_only=True)
+class RunConfig(Config):
+    """What a preset returns: the model and how to train it."""
+
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    family: str = ""
+    description: str = ""

@@ -1,0 +1,174 @@
+"""Pieces shared by the reference and the chunked neural-memory op: state containers, the polynomial feature
+map, Newton–Schulz orthogonalisation and argument checking. See NOTES.md for the maths.
+
+Notation:
+  B batch, T tokens in this call, H heads, Dk key/query width, Dv value width,
+  F memory input width (F = Dk, or Dk + Dk(Dk+1)/2 with polynomial features), E hidden width of the memory MLP,
+  C chunk size, c window (the last c tokens of a chunk enter its objective), p pending tokens (0 <= p < C),
+  W1 [E, F], W2 [Dv, E] fast weights, S1, S2 their momenta, φ the feature map.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+OPTIMIZERS = ("momentum", "muon")
+# Quintic Newton–Schulz coefficients (a, b, c): X <- a X + b (X Xᵀ) X + c (X Xᵀ)² X, five steps.
+NS5_COEFFS = (3.4445, -4.7750, 2.0315)
+NS5_STEPS = 5
+NS5_EPS = 1e-7
+
+
+class Pending(NamedTuple):
+    """Tokens of the open (incomplete) chunk: already read, not yet written. Sequence-first like the inputs.
+
+    k [B, p, H, Dk], v [B, p, H, Dv], gamma/eta/theta/alpha [B, p, H], reset [B, p] (bool). p < C.
+    """
+
+    k: Tensor
+    v: Tensor
+    gamma: Tensor
+    eta: Tensor
+    theta: Tensor
+    alpha: Tensor
+    reset: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[1]
+
+
+class NeuralMemoryState(NamedTuple):
+    """Per-sequence memory: W1 [B, H, E, F], W2 [B, H, Dv, E], momenta S1, S2 alike, and the pending tokens."""
+
+    W1: Tensor
+    W2: Tensor
+    S1: Tensor
+    S2: Tensor
+    pending: Pending
+
+    def nbytes(self) -> int:
+        ts = [self.W1, self.W2, self.S1, self.S2, *self.pending]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def empty_pending(batch: int, heads: int, dk: int, dv: int, *, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> Pending:
+    """A pending buffer with p = 0 tokens."""
+    z = dict(device=device, dtype=dtype)
+    g = torch.zeros(batch, 0, heads, **z)
+    return Pending(torch.zeros(batch, 0, heads, dk, **z), torch.zeros(batch, 0, heads, dv, **z), g, g, g, g,
+                   torch.zeros(batch, 0, dtype=torch.bool, device=device))
+
+
+def feature_dim(dk: int, poly: bool) -> int:
+    """Width F of the memory input: Dk, or Dk + Dk(Dk+1)/2 with degree-2 polynomial features."""
+    return dk + dk * (dk + 1) // 2 if poly else dk
+
+
+def poly_features(x: Tensor) -> Tensor:
+    """Degree-2 feature map φ(x) = [x, u(x)], u_ij = x_i x_j · s_ij for i <= j, s_ij = 1 (i < j), 1/√2 (i = j).
+
+    x [..., D] -> [..., D + D(D+1)/2]. The scaling makes φ(a)·φ(b) = a·b + (a·b)²/2, the first two terms of
+    exp(a·b) − 1, so the quadratic part neither dominates nor vanishes for unit-norm keys.
+    """
+    d = x.shape[-1]
+    i, j = torch.triu_indices(d, d, device=x.device)
+    scale = torch.where(i == j, 1.0 / math.sqrt(2.0), 1.0).to(x.dtype)
+    return torch.cat([x, x[..., i] * x[..., j] * scale], dim=-1)
+
+
+def features(x: Tensor, poly: bool) -> Tensor:
+    return poly_features(x) if poly else x
+
+
+def newton_schulz5(s: Tensor) -> Tensor:
+    """Approximate orthogonalisation U Vᵀ of every matrix s [..., m, n] (U Σ Vᵀ = s), differentiable.
+
+    X0 = s / sqrt(‖s‖_F² + ε²) (ε = 1e-7; smooth at s = 0, where it returns 0), then five steps of
+    X <- a X + (b A + c A²) X with A = X Xᵀ and (a, b, c) = (3.4445, −4.7750, 2.0315). Wide orientation is
+    used internally (transpose when m > n) so that A is the smaller Gram matrix; the result is the same map.
+    """
+    a, b, c = NS5_COEFFS
+    x = s * torch.rsqrt(s.square().sum(dim=(-2, -1), keepdim=True) + NS5_EPS**2)
+    tall = s.shape[-2] > s.shape[-1]
+    if tall:
+        x = x.mT
+    for _ in range(NS5_STEPS):
+        g = x @ x.mT
+        x = a * x + (b * g + c * (g @ g)) @ x
+    return x.mT if tall else x
+
+
+def compute_dtype(*ts: Tensor | None) -> torch.dtype:
+    """float32, or float64 when any input is float64 (references in double for tight comparisons)."""
+    dt = torch.float32
+    for t in ts:
+        if t is not None and t.dtype == torch.float64:
+            dt = torch.float64
+    return dt
+
+
+def check_args(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
+               W1: Tensor, W2: Tensor, S1: Tensor | None, S2: Tensor | None, pending: Pending | None,
+               chunk_size: int, window: int | None, optimizer: str, poly: bool, reset: Tensor | None,
+               W1_init: Tensor | None, W2_init: Tensor | None) -> tuple[int, Tensor, Tensor, Pending]:
+    """Validate shapes and options; return (window c, S1, S2, pending) with defaults filled in (zeros / empty)."""
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [B, T, H, Dk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    B, T, H, Dk = q.shape
+    if T < 1:
+        raise ValueError("neural_memory needs T >= 1 tokens")
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, Dv] with B, T, H = {B, T, H}; got {tuple(v.shape)}")
+    Dv = v.shape[-1]
+    for name, g in (("gamma", gamma), ("eta", eta), ("theta", theta), ("alpha", alpha)):
+        if g.shape != (B, T, H):
+            raise ValueError(f"{name} must be [B, T, H] = {B, T, H}; got {tuple(g.shape)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    c = chunk_size if window is None else window
+    if not isinstance(c, int) or not 1 <= c <= chunk_size:
+        raise ValueError(f"window must be an int in [1, chunk_size={chunk_size}]; got {window!r}")
+    F = feature_dim(Dk, poly)
+    if W1.dim() != 4 or W1.shape[:2] != (B, H) or W1.shape[-1] != F:
+        raise ValueError(f"W1 must be [B, H, E, F] = [{B}, {H}, E, {F}] (poly={poly}); got {tuple(W1.shape)}")
+    E = W1.shape[2]
+    if W2.shape != (B, H, Dv, E):
+        raise ValueError(f"W2 must be [B, H, Dv, E] = {B, H, Dv, E}; got {tuple(W2.shape)}")
+    S1 = torch.zeros_like(W1) if S1 is None else S1
+    S2 = torch.zeros_like(W2) if S2 is None else S2
+    if S1.shape != W1.shape or S2.shape != W2.shape:
+        raise ValueError(f"S1/S2 must match W1/W2 shapes; got {tuple(S1.shape)}, {tuple(S2.shape)}")
+    if reset is not None:
+        if reset.shape != (B, T) or reset.dtype != torch.bool:
+            raise ValueError(f"reset must be a bool tensor [B, T] = {B, T}; got {reset.dtype} {tuple(reset.shape)}")
+    if (reset is not None or pending is not None) and (W1_init is None) != (W2_init is None):
+        raise ValueError("W1_init and W2_init must be given together")
+    if W1_init is not None:
+        if W1_init.shape != (H, E, F) or W2_init.shape != (H, Dv, E):
+            raise ValueError(f"W1_init/W2_init must be [H, E, F] = {H, E, F} and [H, Dv, E] = {H, Dv, E}; got "
+                             f"{tuple(W1_init.shape)}, {tuple(W2_init.shape)}")
+    dt = compute_dtype(q, k, v, W1)
+    if pending is None:
+        pending = empty_pending(B, H, Dk, Dv, device=q.device, dtype=dt)
+    else:
+        pending = Pending(*pending)
+        p = pending.k.shape[1]
+        if p >= chunk_size:
+            raise ValueError(f"pending holds {p} tokens; it must hold fewer than chunk_size={chunk_size}")
+        want = {"k": (B, p, H, Dk), "v": (B, p, H, Dv), "gamma": (B, p, H), "eta": (B, p, H), "theta": (B, p, H),
+                "alpha": (B, p, H), "reset": (B, p)}
+        for name, shape in want.items():
+            if tuple(getattr(pending, name).shape) != shape:
+                raise ValueError(f"pending.{name} must be {shape}; got {tuple(getattr(pending, name).shape)} "
+                                 "(was it produced with the same chunk_size, heads and widths?)")
+    needs_init = (reset is not None and bool(reset.any())) or bool(pending.reset.any())
+    if needs_init and W1_init is None:
+        raise ValueError("reset tokens need W1_init and W2_init (the learned initial weights, [H, E, F], [H, Dv, E])")
+    return c, S1, S2, pending

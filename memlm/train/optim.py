@@ -1,0 +1,464 @@
+"""Optimizers: AdamW, Lion, Muon and M3, with parameter groups.
+
+Notation (per parameter tensor p, one optimizer step t = 1, 2, ...):
+  g   gradient                       η   learning rate (group "lr" = base lr × "lr_scale")
+  λ   decoupled weight decay          ε   denominator epsilon
+  m   momentum (Lion, Muon's B)       μ   Muon momentum factor
+  M1  M3 fast momentum                β1  its decay (also Lion's interpolation factor)
+  V   second moment                   β2  its decay (also Lion's momentum decay)
+  M2  M3 slow momentum                β3  its decay
+  S   running gradient sum (M3)       f   M3 slow-momentum period (steps)
+  α   M3 slow-momentum weight         O   Newton–Schulz (NS5) output, ≈ the orthogonal polar factor
+  r,c rows, columns of a matrix (r = out_features of an nn.Linear weight)
+
+Parameter groups (``param_groups``): no weight decay for vectors (ndim < 2), biases, norm weights and
+embeddings; learning-rate scales by fnmatch pattern on the parameter name. Every group carries
+"lr_scale" and "param_names" so that ``schedule.apply_lr`` can set lr = base × lr_scale on all groups.
+
+Which matrices count as "hidden" (Muon / the M3 matrix rule): 2-D parameters that are not owned by an
+nn.Embedding, whose name has no "embed", and which are not the output head. The head is recognised by
+fnmatch on the parameter name, ``DEFAULT_HEAD_PATTERNS`` (top-level ``lm_head``/``head``/``output``, or any
+name containing ``lm_head``/``unembed``); a tied head shares the embedding's tensor and is an embedding.
+
+All optimizer states are plain tensors and Python numbers, so ``torch.save(opt.state_dict())`` loads back
+with ``torch.load(weights_only=True)``. States are kept in the parameter's dtype (torch's
+``Optimizer.load_state_dict`` casts floating state to the parameter dtype, so anything else would not
+resume bit-for-bit); train with float32 master weights (bf16 autocast) as the trainer does.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from fnmatch import fnmatch
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_HEAD_PATTERNS", "NS_COEFFICIENTS", "newton_schulz", "muon_lr_ratio", "param_groups",
+    "build_optimizer", "Lion", "Muon", "M3", "MultiOptimizer", "OPTIMIZERS",
+]
+
+OPTIMIZERS = ("adamw", "lion", "muon", "m3")
+# Quintic Newton–Schulz coefficients (Jordan et al., the Muon write-up): steep slope at zero, so 5 steps
+# push every singular value of X/‖X‖ into roughly [0.7, 1.2] instead of converging exactly to 1.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+DEFAULT_HEAD_PATTERNS = ("lm_head.*", "head.*", "output.*", "*lm_head*", "*unembed*")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Newton–Schulz orthogonalisation
+# ----------------------------------------------------------------------------------------------------------
+def newton_schulz(x: Tensor, *, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  eps: float = 1e-7) -> Tensor:
+    """Approximate orthogonal polar factor of x [..., r, c] by `steps` quintic Newton–Schulz iterations.
+
+    X ← x / max(‖x‖_F, eps); repeat: A = X Xᵀ, X ← a X + (b A + c A²) X. Works on the smaller side (the
+    transpose when r > c: the polynomial commutes with transposition, so only the cost changes). The maths
+    runs in float32 (float64 inputs stay float64) because bf16 matmuls lose the small singular values on
+    CPU; the result is cast back to x's dtype. Differentiable (no in-place ops), batched over leading dims.
+    A zero matrix maps to zero.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix [..., r, c], got shape {tuple(x.shape)}")
+    a, b, c = coefficients
+    work = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    tall = work.shape[-2] > work.shape[-1]
+    if tall:
+        work = work.transpose(-2, -1)
+    work = work / work.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
+    for _ in range(steps):
+        gram = work @ work.transpose(-2, -1)
+        work = a * work + (b * gram + c * (gram @ gram)) @ work
+    if tall:
+        work = work.transpose(-2, -1)
+    return work.to(x.dtype)
+
+
+def muon_lr_ratio(shape: torch.Size | tuple[int, ...], adjust_lr_fn: str | None = None) -> float:
+    """Muon's per-matrix LR multiplier, torch.optim.Muon's ``adjust_lr_fn`` conventions.
+
+    "original" (default, None): √max(1, r/c) — Jordan's Muon; keeps the update's RMS per input unit
+    consistent across rectangular shapes. "match_rms_adamw": 0.2·√max(r, c) — Moonshot's rule, makes the
+    update RMS ≈ AdamW's so the AdamW learning rate and weight decay can be reused unchanged.
+    """
+    r, c = shape[0], shape[1]
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1.0, r / c))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(r, c))
+    raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is not one of None, 'original', 'match_rms_adamw'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameter groups
+# ----------------------------------------------------------------------------------------------------------
+def _is_norm(module: nn.Module) -> bool:
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
+    rms = getattr(nn, "RMSNorm", None)
+    if rms is not None:
+        norm_types = norm_types + (rms,)
+    # Our own norms (memlm.layers.norm.RMSNorm, ...) are recognised by class name, to avoid an import cycle.
+    return isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
+
+
+def _classify(model: nn.Module, head_patterns: Iterable[str]) -> list[tuple[str, Tensor, bool, bool]]:
+    """(name, param, decay, hidden_matrix) for each trainable parameter, in named_parameters order."""
+    owners: dict[int, list[nn.Module]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    head_patterns = tuple(head_patterns)
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mods = owners.get(id(p), [])
+        embed = "embed" in name.lower() or any(isinstance(m, nn.Embedding) for m in mods)
+        norm = any(_is_norm(m) for m in mods)
+        bias = name.rsplit(".", 1)[-1].endswith("bias")
+        decay = not (p.ndim < 2 or norm or bias or embed)
+        head = any(fnmatch(name, pat) for pat in head_patterns)
+        hidden = p.ndim == 2 and not (embed or norm or bias or head)
+        out.append((name, p, decay, hidden))
+    return out
+
+
+def _lr_scale(name: str, lr_scales: dict[str, float] | None) -> float:
+    for pattern, scale in (lr_scales or {}).items():
+        if fnmatch(name, pattern):  # first matching pattern wins (dict order)
+            return float(scale)
+    return 1.0
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, lr_scales: dict[str, float] | None = None,
+                 split_matrices: bool = False, head_patterns: Iterable[str] = DEFAULT_HEAD_PATTERNS) -> list[dict]:
+    """Split model's trainable parameters into optimizer groups.
+
+    Keys of each group: "params", "param_names", "weight_decay" (weight_decay or 0.0), "lr_scale" (from the
+    first fnmatch pattern in lr_scales matching the parameter name, else 1.0) and, with split_matrices,
+    "matrix" (True for hidden 2-D weights that Muon / M3's matrix rule should handle). No decay for
+    ndim < 2, biases, parameters owned by a norm module, and embeddings (owned by nn.Embedding or with
+    "embed" in the name). Parameters with requires_grad=False are left out. Group order is deterministic
+    (first appearance in named_parameters), so a saved optimizer state loads into a rebuilt optimizer.
+    """
+    groups: dict[tuple, dict] = {}
+    for name, p, decay, hidden in _classify(model, head_patterns):
+        scale = _lr_scale(name, lr_scales)
+        key = (decay, scale, hidden) if split_matrices else (decay, scale)
+        if key not in groups:
+            groups[key] = {"params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr_scale": scale}
+            if split_matrices:
+                groups[key]["matrix"] = hidden
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lion
+# ----------------------------------------------------------------------------------------------------------
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+
+    u = sign(β1 m + (1 − β1) g);  p ← p − η (u + λ p);  m ← β2 m + (1 − β2) g.
+    The paper's defaults are betas=(0.9, 0.99) and an LR 3–10× smaller than AdamW's (sign updates have
+    RMS 1), with λ 3–10× larger to keep η·λ similar.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0) -> None:
+        if lr < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
+            raise ValueError(f"Lion: invalid lr={lr}, betas={betas} or weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                update = torch.sign(m * b1 + p.grad * (1 - b1))
+                p.mul_(1 - lr * wd).add_(update, alpha=-lr)
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Muon
+# ----------------------------------------------------------------------------------------------------------
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D hidden weight matrices (our implementation; same arguments as torch.optim.Muon).
+
+    B ← μ B + g;  U = g + μ B (Nesterov) or B;  O = NS5(U);  p ← p (1 − η λ) − η · ratio(r, c) · O,
+    ratio from ``muon_lr_ratio(shape, adjust_lr_fn)``: √max(1, r/c) by default (torch's "original").
+    torch keeps B as an EMA (B ← μ B + (1 − μ) g); that differs from ours by a constant factor that NS
+    normalisation removes, so both produce the same update. Unlike torch (bf16 NS), NS runs in float32.
+    Embeddings, the output head, norms and biases belong to another optimizer (see ``build_optimizer``).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None) -> None:
+        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError(f"Muon: invalid lr={lr}, momentum={momentum} or weight_decay={weight_decay}")
+        muon_lr_ratio((1, 1), adjust_lr_fn)  # validates the name
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+                    "ns_coefficients": tuple(ns_coefficients), "eps": eps, "ns_steps": ns_steps,
+                    "adjust_lr_fn": adjust_lr_fn}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon only takes 2-D matrices; got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(mu).add_(p.grad)
+                update = p.grad + mu * buf if group["nesterov"] else buf
+                ortho = newton_schulz(update, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
+                                      eps=group["eps"])
+                p.mul_(1 - lr * wd).add_(ortho, alpha=-lr * muon_lr_ratio(p.shape, group["adjust_lr_fn"]))
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# M3 (Onyx / Nested Learning's multi-scale momentum)
+# ----------------------------------------------------------------------------------------------------------
+class M3(torch.optim.Optimizer):
+    """M3: fast and slow momentum, each orthogonalised, with an Adam second moment (SPEC.md, Onyx).
+
+    Matrix rule (group "matrix" True, or None and p.ndim == 2), at step t:
+        M1 ← β1 M1 + g;   V ← β2 V + (1 − β2) g²;   S ← S + g
+        if t % f == 0:   M2 ← β3 M2 + S;  S ← 0;  O2 ← NS5(M2)      (O2 = 0 until the first refresh)
+        p ← p (1 − η λ) − η (NS5(M1) + α O2) / (√V̂ + ε)
+    with V̂ = V / (1 − β2^t) when v_bias_correction (our default; the SPEC formula uses V itself, which
+    makes the first steps √(1/(1 − β2)) times larger — pass v_bias_correction=False for the literal form).
+    O2 is cached between refreshes because M2 only changes then. NS5 has no shape scale here: dividing
+    by √V already sets the per-element step size. Note the step is not invariant to the loss scale:
+    NS5 outputs are O(1/√min(r, c)) whatever ‖g‖ is, while √V ∝ |g|.
+    Vector rule (everything else): AdamW with bias correction on m = EMA_β1(g) and V.
+    Defaults: betas=(0.9, 0.95), beta3=0.9, alpha=1.0, slow_every f=8, eps=1e-8, 5 NS steps — our choices,
+    not values from the paper.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
+                 beta3: float = 0.9, alpha: float = 1.0, slow_every: int = 8, eps: float = 1e-8,
+                 weight_decay: float = 0.0, ns_steps: int = 5,
+                 ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, ns_eps: float = 1e-7,
+                 v_bias_correction: bool = True, matrix: bool | None = None) -> None:
+        if lr < 0 or weight_decay < 0 or slow_every < 1 or not all(0 <= b < 1 for b in (*betas, beta3)):
+            raise ValueError(f"M3: invalid lr={lr}, betas={betas}, beta3={beta3}, slow_every={slow_every} "
+                             f"or weight_decay={weight_decay}")
+        defaults = {"lr": lr, "betas": tuple(betas), "beta3": beta3, "alpha": alpha, "slow_every": slow_every,
+                    "eps": eps, "weight_decay": weight_decay, "ns_steps": ns_steps,
+                    "ns_coefficients": tuple(ns_coefficients), "ns_eps": ns_eps,
+                    "v_bias_correction": v_bias_correction, "matrix": matrix}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), wd, eps = group["lr"], group["betas"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                matrix = group["matrix"] if group["matrix"] is not None else p.ndim == 2
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)  # M1 (matrices) or m (vectors)
+                    state["exp_avg_sq"] = torch.zeros_like(p)  # V
+                    if matrix:
+                        state["grad_sum"] = torch.zeros_like(p)  # S
+                        state["slow"] = torch.zeros_like(p)  # M2
+                        state["slow_ortho"] = torch.zeros_like(p)  # O2 = NS5(M2)
+                state["step"] += 1
+                t = state["step"]
+                v = state["exp_avg_sq"]
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p.mul_(1 - lr * wd)
+                if matrix:
+                    ns = {"steps": group["ns_steps"], "coefficients": group["ns_coefficients"], "eps": group["ns_eps"]}
+                    m1 = state["exp_avg"].mul_(b1).add_(g)
+                    state["grad_sum"].add_(g)
+                    if t % group["slow_every"] == 0:
+                        state["slow"].mul_(group["beta3"]).add_(state["grad_sum"])
+                        state["grad_sum"].zero_()
+                        state["slow_ortho"].copy_(newton_schulz(state["slow"], **ns))
+                    v_hat = v / (1 - b2 ** t) if group["v_bias_correction"] else v
+                    direction = newton_schulz(m1, **ns) + group["alpha"] * state["slow_ortho"]
+                    p.addcdiv_(direction, v_hat.sqrt().add_(eps), value=-lr)
+                else:
+                    m = state["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+                    denom = (v / (1 - b2 ** t)).sqrt().add_(eps)
+                    p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several optimizers behind one interface
+# ----------------------------------------------------------------------------------------------------------
+class MultiOptimizer:
+    """Several optimizers over disjoint parameters, used as one (Muon for matrices + AdamW for the rest).
+
+    ``param_groups`` is the concatenation of the inner optimizers' group dicts (the same objects), so
+    ``schedule.apply_lr`` and anything that edits group["lr"] reaches every group.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        if not optimizers:
+            raise ValueError("MultiOptimizer needs at least one optimizer")
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizers[0].defaults
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        inner = state_dict.get("optimizers")
+        if not isinstance(inner, list) or len(inner) != len(self.optimizers):
+            raise ValueError(f"optimizer state holds {len(inner) if isinstance(inner, list) else 'no'} inner "
+                             f"optimizers, this MultiOptimizer has {len(self.optimizers)}")
+        for opt, sd in zip(self.optimizers, inner):
+            opt.load_state_dict(sd)
+
+    def __repr__(self) -> str:
+        return "MultiOptimizer(" + ", ".join(type(o).__name__ for o in self.optimizers) + ")"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Factory
+# ----------------------------------------------------------------------------------------------------------
+_EXTRA = {
+    "adamw": set(),
+    "lion": set(),
+    "muon": {"momentum", "nesterov", "ns_steps", "adjust_lr_fn", "muon_lr", "muon_impl", "head_patterns"},
+    "m3": {"beta3", "alpha", "slow_every", "ns_steps", "v_bias_correction", "head_patterns"},
+}
+
+
+def _adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+           fused: bool | None) -> torch.optim.AdamW:
+    params = [p for g in groups for p in g["params"]]
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                    lr_scales: dict[str, float] | None = None, fused: bool | None = None,
+                    **extra: Any) -> torch.optim.Optimizer | MultiOptimizer:
+    """Build the optimizer `name` (adamw, lion, muon, m3) over model's trainable parameters.
+
+    Groups come from ``param_groups``; each group's initial lr is lr × lr_scale (``schedule.apply_lr``
+    keeps that relation). `fused` applies to AdamW (default: fused when every parameter is on CUDA).
+    betas go to AdamW, Lion (its paper uses (0.9, 0.99)) and M3 (β1, β2).
+
+    muon: a MultiOptimizer of Muon (hidden matrices) + AdamW (embeddings, head, norms, biases).
+      extra: momentum=0.95, nesterov=True, ns_steps=5, adjust_lr_fn=None ("original": √max(1, r/c);
+      "match_rms_adamw": 0.2·√max(r, c), which lets Muon share AdamW's lr), muon_lr=None (the matrices'
+      base LR; stored as a larger lr_scale so one schedule drives both, e.g. lr=3e-4, muon_lr=0.02 for
+      "original"), muon_impl="auto" (torch.optim.Muon when installed, else ours; or "torch" / "memlm"),
+      head_patterns=DEFAULT_HEAD_PATTERNS.
+    m3: one M3 optimizer; hidden matrices get the matrix rule, the rest the AdamW rule. extra: beta3=0.9,
+      alpha=1.0, slow_every=8, ns_steps=5, v_bias_correction=True, head_patterns.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer name {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    unknown = set(extra) - _EXTRA[name]
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for optimizer {name!r}; "
+                         f"allowed: {sorted(_EXTRA[name]) or 'none'}")
+    head_patterns = extra.pop("head_patterns", DEFAULT_HEAD_PATTERNS)
+    groups = param_groups(model, weight_decay=weight_decay, lr_scales=lr_scales,
+                          split_matrices=name in ("muon", "m3"), head_patterns=head_patterns)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+
+    if name == "adamw":
+        return _adamw(groups, lr, betas, eps, fused)
+    if name == "lion":
+        return Lion(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "m3":
+        return M3(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra)
+
+    flags = [g.pop("matrix") for g in groups]
+    matrices = [g for g, is_matrix in zip(groups, flags) if is_matrix]
+    rest = [g for g, is_matrix in zip(groups, flags) if not is_matrix]
+    muon_lr = extra.pop("muon_lr", None)
+    if muon_lr is not None:
+        if lr <= 0:
+            raise ValueError(f"muon_lr needs a positive base lr to express it as an lr_scale, got lr={lr}")
+        for g in matrices:
+            g["lr_scale"] *= muon_lr / lr
+            g["lr"] = lr * g["lr_scale"]
+    impl = extra.pop("muon_impl", "auto")
+    if impl not in ("auto", "torch", "memlm"):
+        raise ValueError(f"muon_impl={impl!r} is not one of 'auto', 'torch', 'memlm'")
+    torch_muon = getattr(torch.optim, "Muon", None)
+    if impl == "torch" and torch_muon is None:
+        raise ValueError(f"muon_impl='torch' but torch {torch.__version__} has no torch.optim.Muon")
+    cls = torch_muon if impl == "torch" or (impl == "auto" and torch_muon is not None) else Muon
+    optimizers: list[torch.optim.Optimizer] = []
+    if matrices:
+        optimizers.append(cls(matrices, lr=lr, weight_decay=weight_decay, **extra))
+    if rest:
+        optimizers.append(_adamw(rest, lr, betas, eps, fused))
+    return MultiOptimizer(optimizers)
