@@ -19,10 +19,11 @@ import contextlib
 import contextvars
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
-__all__ = ["Backend", "register", "unregister", "get", "call", "backends", "force_backend", "env_var"]
+__all__ = ["Backend", "backends", "call", "env_var", "force_backend", "get", "register", "unregister"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,12 @@ class Backend:
 _REGISTRY: dict[str, dict[str, Backend]] = {}
 _counter = 0
 # op -> backend name; a ContextVar so that concurrent tests/threads do not see each other's forcing.
-_FORCED: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("memlm_forced_backends", default={})
+# Holds an immutable mapping (a fresh dict per `set`, never mutated), default None = nothing forced.
+_FORCED: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("memlm_forced_backends", default=None)
+
+
+def _forced() -> dict[str, str]:
+    return _FORCED.get() or {}
 
 
 def env_var(op_name: str) -> str:
@@ -89,8 +95,8 @@ def get(op_name: str, backend: str | None = None, *, args: tuple = (), kwargs: d
     named: tuple[str, str] | None = None
     if backend is not None:
         named = (backend, "argument")
-    elif op_name in _FORCED.get():
-        named = (_FORCED.get()[op_name], "force_backend")
+    elif op_name in _forced():
+        named = (_forced()[op_name], "force_backend")
     elif os.environ.get(env_var(op_name)):
         named = (os.environ[env_var(op_name)], env_var(op_name))
     if named is not None:
@@ -116,7 +122,7 @@ def call(op_name: str, *args: Any, backend: str | None = None, **kwargs: Any) ->
 def force_backend(op_name: str, backend_name: str) -> Iterator[None]:
     """Within the block, `get(op_name)` without an explicit backend returns backend_name (validated on entry)."""
     _lookup(op_name, backend_name, "force_backend")
-    token = _FORCED.set({**_FORCED.get(), op_name: backend_name})
+    token = _FORCED.set({**_forced(), op_name: backend_name})
     try:
         yield
     finally:

@@ -13,7 +13,7 @@ from .. import dispatch
 from . import chunked, reference
 from .reference import delta_rule_step
 
-__all__ = ["delta_rule", "delta_rule_step", "chunked", "reference"]
+__all__ = ["chunked", "delta_rule", "delta_rule_step", "reference"]
 
 dispatch.register("delta_rule", "chunked", chunked.delta_rule, priority=0)
 dispatch.register("delta_rule", "reference", reference.delta_rule, priority=-100)
@@ -27,6 +27,6 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None =
     [B, H, Dv, Dk]; reset bool [B, T] -> (o [B, T, H, Dv] in q's dtype, final state [B, H, Dv, Dk] float32).
     See reference.delta_rule for the semantics; `backend` names one explicitly (else dispatch decides)."""
     args = (q, k, v, beta, g)
-    kwargs = dict(initial_state=initial_state, reset=reset, chunk_size=chunk_size, scale=scale,
-                  output_final_state=output_final_state)
+    kwargs = {"initial_state": initial_state, "reset": reset, "chunk_size": chunk_size, "scale": scale,
+              "output_final_state": output_final_state}
     return dispatch.get("delta_rule", backend, args=args, kwargs=kwargs)(*args, **kwargs)

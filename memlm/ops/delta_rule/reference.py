@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["delta_rule", "delta_rule_step", "check_inputs"]
+__all__ = ["check_inputs", "delta_rule", "delta_rule_step"]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

@@ -1,0 +1,103 @@
+"""Backend registry: automatic choice by priority and `supports`, and the three ways to name a backend."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from memlm.ops import dispatch
+
+OP = "test_dummy_op"
+
+
+@pytest.fixture(autouse=True)
+def dummy_op():
+    def fast(x):
+        return ("fast", x)
+
+    def slow(x):
+        return ("slow", x)
+
+    def ref(x):
+        return ("ref", x)
+
+    dispatch.register(OP, "slow", slow, priority=0)
+    dispatch.register(OP, "ref", ref, priority=-100)
+    # registered last but tried first; only takes even numbers (think: "Triton, CUDA, supported head size")
+    dispatch.register(OP, "fast", fast, supports=lambda x: x % 2 == 0, priority=10)
+    yield
+    for name in ("slow", "ref", "fast", "extra"):
+        dispatch.unregister(OP, name)
+
+
+def test_automatic_order_and_supports():
+    assert dispatch.backends(OP) == ["fast", "slow", "ref"]
+    assert dispatch.call(OP, 2) == ("fast", 2)
+    assert dispatch.call(OP, 3) == ("slow", 3)  # fast does not support odd inputs, so the next one is used
+    assert dispatch.get(OP, args=(4,))(5) == ("fast", 5)
+
+
+def test_equal_priority_keeps_registration_order():
+    dispatch.register(OP, "extra", lambda x: ("extra", x), priority=0)
+    assert dispatch.backends(OP) == ["fast", "slow", "extra", "ref"]
+
+
+def test_force_backend_nests_and_restores():
+    with dispatch.force_backend(OP, "ref"):
+        assert dispatch.call(OP, 2) == ("ref", 2)
+        with dispatch.force_backend(OP, "slow"):
+            assert dispatch.call(OP, 2) == ("slow", 2)
+        assert dispatch.call(OP, 2) == ("ref", 2)
+    assert dispatch.call(OP, 2) == ("fast", 2)
+
+
+def test_force_backend_is_per_thread():
+    seen = []
+    with dispatch.force_backend(OP, "ref"):
+        t = threading.Thread(target=lambda: seen.append(dispatch.call(OP, 2)[0]))
+        t.start()
+        t.join()
+    assert seen == ["fast"]
+
+
+def test_env_var(monkeypatch):
+    assert dispatch.env_var("delta_rule") == "MEMLM_BACKEND_DELTA_RULE"
+    assert dispatch.env_var("ssm-scan.v2") == "MEMLM_BACKEND_SSM_SCAN_V2"
+    monkeypatch.setenv(dispatch.env_var(OP), "slow")
+    assert dispatch.call(OP, 2) == ("slow", 2)
+    with dispatch.force_backend(OP, "ref"):  # the context is more local than the environment
+        assert dispatch.call(OP, 2) == ("ref", 2)
+    monkeypatch.setenv(dispatch.env_var(OP), "nonexistent")
+    with pytest.raises(KeyError, match="nonexistent.*MEMLM_BACKEND_TEST_DUMMY_OP"):
+        dispatch.call(OP, 2)
+
+
+def test_explicit_backend_wins_and_is_checked():
+    with dispatch.force_backend(OP, "ref"):
+        assert dispatch.call(OP, 2, backend="slow") == ("slow", 2)
+    with pytest.raises(ValueError, match="does not support"):
+        dispatch.call(OP, 3, backend="fast")  # named backends never fall back silently
+    with pytest.raises(KeyError, match="registered: fast, slow, ref"):
+        dispatch.get(OP, "nope")
+
+
+def test_errors():
+    with pytest.raises(KeyError, match="no backends"):
+        dispatch.get("never_registered_op")
+    with pytest.raises(KeyError), dispatch.force_backend(OP, "nope"):
+        pass
+    with pytest.raises(ValueError, match="already registered"):
+        dispatch.register(OP, "slow", lambda x: x)
+    dispatch.register(OP, "slow", lambda x: ("new", x), replace=True)
+    assert dispatch.call(OP, 3) == ("new", 3)
+    dispatch.unregister(OP, "slow")
+    assert dispatch.call(OP, 3) == ("ref", 3)
+    dispatch.unregister(OP, "ref")
+    with pytest.raises(ValueError, match="no backend"):
+        dispatch.call(OP, 3)  # only "fast" is left and it takes even inputs only
+
+
+def test_reregistering_same_function_is_idempotent():
+    fn = dispatch.get(OP, "slow")
+    dispatch.register(OP, "slow", fn)
+    assert dispatch.backends(OP) == ["fast", "slow", "ref"]
