@@ -1,0 +1,143 @@
+"""The ``memlm`` command line. Every command has ``--help`` with an example; user mistakes print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from memlm.errors import UserError
+
+EXAMPLES = {
+    "train": "memlm train --preset transformer-debug --data ../shared/data/corpus/books.jsonl.xz --out runs/tiny",
+    "generate": "memlm generate runs/tiny --prompt 'It is a truth' --max-new-tokens 100 --temperature 0.8",
+    "chat": "memlm chat runs/tiny",
+    "data": "memlm data prepare corpus/*.jsonl.xz --tokenizer byte --out shards/",
+    "tokenizer": "memlm tokenizer train corpus/books.jsonl.xz --vocab-size 16384 --out tok/",
+    "presets": "memlm presets --family transformer",
+    "info": "memlm info runs/tiny",
+    "demo": "memlm demo --out runs/demo",
+    "memory": "memlm memory show state.safetensors --model runs/tiny",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memlm", description="Build, train, evaluate and chat with language models that remember.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    t = cmd("train", "train a model from a preset or config file")
+    t.add_argument("--preset", default=None, help="preset name (see `memlm presets`)")
+    t.add_argument("--config", default=None, help="a run config JSON (e.g. a checkpoint's config.json)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-4 --set model.layers.0.window=512")
+    t.add_argument("--data", nargs="+", default=None, help="training data: files, folders, globs (default: the demo corpus)")
+    t.add_argument("--out", default=None, help="run folder (checkpoints, metrics)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    t.add_argument("--resume", nargs="?", const=True, default=None, help="resume from the latest (or given) checkpoint")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+    g = cmd("generate", "generate text from a trained model")
+    _model_args(g)
+    g.add_argument("--prompt", default="", help="the prompt text ('-' reads stdin)")
+    _sampling_args(g)
+    g.add_argument("--state", default=None, help="continue from a saved memory state file")
+    g.add_argument("--save-state", default=None, help="save the memory state after generation to this file")
+
+    c = cmd("chat", "multi-turn chat in the terminal; the memory state is carried between turns")
+    _model_args(c)
+    _sampling_args(c)
+    c.add_argument("--system", default=None, help="a system message")
+
+    d = cmd("data", "data tools")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    dp = dsub.add_parser("prepare", help="tokenize sources once into memory-mapped shards",
+                         epilog=f"example:\n  {EXAMPLES['data']}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    dp.add_argument("sources", nargs="+", help="files, folders or globs (.txt/.json/.jsonl/.parquet, .gz/.xz/.zst)")
+    dp.add_argument("--tokenizer", default="byte", help="'byte', a tokenizer.json or a tokenizer folder")
+    dp.add_argument("--out", required=True, help="output folder for the shards")
+
+    k = cmd("tokenizer", "tokenizer tools")
+    ksub = k.add_subparsers(dest="tok_command", metavar="ACTION")
+    kt = ksub.add_parser("train", help="train a byte-level BPE tokenizer",
+                         epilog=f"example:\n  {EXAMPLES['tokenizer']}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    kt.add_argument("sources", nargs="+")
+    kt.add_argument("--vocab-size", type=int, default=16384)
+    kt.add_argument("--out", required=True)
+    kt.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
+
+    pr = cmd("presets", "list presets with family and parameter count")
+    pr.add_argument("--family", default=None)
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+
+    i = cmd("info", "describe a checkpoint, model folder or memory state file")
+    i.add_argument("path")
+    i.add_argument("--model", default=None, help="for a state file: the model it belongs to (checks it fits)")
+
+    dm = cmd("demo", "train a small model on the built-in corpus on CPU, evaluate it and sample (about 3 minutes)")
+    dm.add_argument("--out", default="runs/demo")
+    dm.add_argument("--steps", type=int, default=None)
+    dm.add_argument("--preset", default="transformer-debug")
+
+    m = cmd("memory", "inspect and move memory state files")
+    msub = m.add_subparsers(dest="mem_command", metavar="ACTION")
+    for name, hlp in (("show", "per-layer kinds, bytes, norms, tokens seen"), ("reset", "write a fresh state"),
+                      ("export", "copy a state file (validated) to another path"),
+                      ("import", "validate a state file against a model and store it at a path")):
+        a = msub.add_parser(name, help=hlp)
+        a.add_argument("state", help="state file (safetensors)")
+        a.add_argument("--model", required=True, help="the model folder / checkpoint the state belongs to")
+        if name in ("export", "import"):
+            a.add_argument("dest")
+        if name == "reset":
+            a.add_argument("--batch", type=int, default=1)
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a checkpoint / model folder, a run folder (uses its latest checkpoint) or a preset name")
+    p.add_argument("--device", default=None)
+    p.add_argument("--tokenizer", default=None, help="override the tokenizer saved with the model")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        from memlm.cli import commands
+
+        return getattr(commands, f"cmd_{args.command}")(args) or 0
+    except UserError as e:
+        print(f"memlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _json_print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "Path"]
