@@ -77,7 +77,7 @@ def poly_features(x: Tensor) -> Tensor:
     """
     d = x.shape[-1]
     i, j = torch.triu_indices(d, d, device=x.device)
-    scale = torch.where(i == j, 1.0 / math.sqrt(2.0), 1.0).to(x.dtype)
+    scale = torch.ones(i.shape, dtype=x.dtype, device=x.device).masked_fill(i == j, 1.0 / math.sqrt(2.0))
     return torch.cat([x, x[..., i] * x[..., j] * scale], dim=-1)
 
 

@@ -1,0 +1,399 @@
+"""Tests of memlm.ops.neural_memory: chunked vs reference (outputs, state, all gradients), chunk invariance,
+causality, resets, read-only mode, the c = C = 1 online limit, and that the memory actually learns.
+
+Notation: B batch, T tokens, H heads, D = Dk = Dv head width, E hidden width, C chunk size, c window,
+W1 [E, F], W2 [Dv, E] fast weights, S momenta, γ η θ α gates.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+from memlm.ops import dispatch
+from memlm.ops.neural_memory import (NeuralMemoryState, empty_pending, feature_dim, memory_read, neural_memory,
+                                     neural_memory_reference, newton_schulz5, omega_grad, poly_features)
+from memlm.ops.testing import assert_close, rel_err
+
+GATES = ("gamma", "eta", "theta", "alpha")
+
+
+def make(B=2, T=20, H=2, Dk=4, Dv=4, E=8, *, poly=False, dtype=torch.float64, seed=0, grad=False,
+         theta_scale=0.1):
+    """Random inputs with gates in their ranges and learned initial weights W1_init [H, E, F], W2_init [H, Dv, E]."""
+    g = torch.Generator().manual_seed(seed)
+    F = feature_dim(Dk, poly)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    x = dict(q=Fn.normalize(r(B, T, H, Dk), dim=-1), k=Fn.normalize(r(B, T, H, Dk), dim=-1), v=r(B, T, H, Dv),
+             gamma=torch.sigmoid(r(B, T, H)), eta=torch.sigmoid(r(B, T, H)),
+             theta=theta_scale * torch.sigmoid(r(B, T, H)), alpha=0.1 * torch.sigmoid(r(B, T, H)),
+             W1_init=r(H, E, F) / F**0.5, W2_init=r(H, Dv, E) / E**0.5)
+    return {n: t.to(dtype).requires_grad_(grad) for n, t in x.items()}
+
+
+def call(fn, x, *, state=None, sl=slice(None), reset=None, **kw):
+    """Run fn on tokens x[:, sl] from `state` (None: fresh, weights = expanded W_init)."""
+    B = x["q"].shape[0]
+    if state is None:
+        W1, W2 = x["W1_init"].expand(B, -1, -1, -1), x["W2_init"].expand(B, -1, -1, -1)
+        S1 = S2 = pending = None
+    else:
+        W1, W2, S1, S2, pending = state
+    seq = [x[n][:, sl] for n in ("q", "k", "v", *GATES)]
+    rs = None if reset is None else reset[:, sl]
+    return fn(*seq, W1, W2, S1, S2, pending=pending, reset=rs, W1_init=x["W1_init"], W2_init=x["W2_init"], **kw)
+
+
+def state_tensors(s: NeuralMemoryState) -> dict[str, torch.Tensor]:
+    return {"W1": s.W1, "W2": s.W2, "S1": s.S1, "S2": s.S2, **{f"pending.{n}": t for n, t in s.pending._asdict().items()}}
+
+
+def assert_states_close(a: NeuralMemoryState, b: NeuralMemoryState, tol=1e-10):
+    ta, tb = state_tensors(a), state_tensors(b)
+    for n in ta:
+        if tb[n].dtype == torch.bool:
+            assert torch.equal(ta[n], tb[n]), n
+        elif tb[n].numel():
+            assert_close(ta[n], tb[n], tol=tol, name=n)
+        else:
+            assert ta[n].shape == tb[n].shape, n
+
+
+def scalar_loss(o, s, seed=1):
+    """A random linear functional of the outputs and of the final weights and momenta (fixed by seed)."""
+    g = torch.Generator().manual_seed(seed)
+    total = 0
+    for t in (o, s.W1, s.W2, s.S1, s.S2):
+        total = total + (t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum()
+    return total
+
+
+def grads(loss, tensors):
+    """Gradients with unused inputs as zeros (the reference and the chunked path may differ in what they touch)."""
+    gs = torch.autograd.grad(loss, tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, tensors)]
+
+
+def random_resets(B, T, seed, p=0.04):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, T, generator=g) < p
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+
+
+def test_poly_features_kernel():
+    a, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    pa, pb = poly_features(a), poly_features(b)
+    assert pa.shape == (5, feature_dim(6, True)) == (5, 6 + 21)
+    dot = (a * b).sum(-1)
+    assert_close((pa * pb).sum(-1), dot + dot**2 / 2, tol=1e-12)
+
+
+def test_newton_schulz5_orthogonalises():
+    torch.manual_seed(0)
+    s = torch.randn(3, 8, 14, dtype=torch.float64)
+    x = newton_schulz5(s)
+    sv = torch.linalg.svdvals(x)
+    assert sv.min() > 0.5 and sv.max() < 1.3, sv  # the quintic lands singular values near 1, not exactly on it
+    u, _, vh = torch.linalg.svd(s, full_matrices=False)
+    assert rel_err(x, u @ vh) < 0.3
+    assert_close(newton_schulz5(s.mT), x.mT, tol=1e-12, name="orientation")
+    assert_close(newton_schulz5(5.0 * s), x, tol=1e-12, name="scale invariance")
+    assert newton_schulz5(torch.zeros(2, 3, 4)).abs().max() == 0
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_omega_grad_closed_form_matches_autograd(residual):
+    torch.manual_seed(0)
+    B, H, c, F, E, Dv = 2, 3, 7, 5, 6, 5 if residual else 3
+    W1 = torch.randn(B, H, E, F, dtype=torch.float64, requires_grad=True)
+    W2 = torch.randn(B, H, Dv, E, dtype=torch.float64, requires_grad=True)
+    x, v, w = torch.randn(B, H, c, F, dtype=torch.float64), torch.randn(B, H, c, Dv, dtype=torch.float64), \
+        torch.rand(B, H, c, dtype=torch.float64)
+    xraw = x[..., :Dv] if residual else None
+    loss = (w * (memory_read(W1, W2, x, xraw) - v).square().sum(-1)).sum()
+    ref = torch.autograd.grad(loss, (W1, W2))
+    got = omega_grad(W1, W2, x, xraw, v, w)
+    assert_close(got[0], ref[0], tol=1e-12, name="G1")
+    assert_close(got[1], ref[1], tol=1e-12, name="G2")
+
+
+def test_gradcheck_chunked_double_backward_safe():
+    """gradcheck of the whole op: the outer gradient through two inner steps (which use ∇ of the inner loss)."""
+    x = make(B=1, T=6, H=1, Dk=2, Dv=2, E=3, grad=True)
+
+    def f(q, k, v, gamma, theta, W1_init):
+        y = dict(x, q=q, k=k, v=v, gamma=gamma, theta=theta, W1_init=W1_init)
+        o, s = call(neural_memory, y, chunk_size=2, optimizer="muon")
+        return o, s.W1, s.W2
+
+    assert torch.autograd.gradcheck(f, tuple(x[n] for n in ("q", "k", "v", "gamma", "theta", "W1_init")))
+
+
+# ------------------------------------------------------------------------------------------------ vs reference
+
+
+CASES = [(T, 64, None, opt) for T in (1, 63, 64, 65, 130) for opt in ("momentum", "muon")]
+CASES += [(T, 16, 5, opt) for T in (1, 63, 64, 65, 130) for opt in ("momentum", "muon")]
+
+
+@pytest.mark.parametrize("T,C,c,opt", CASES)
+def test_chunked_matches_reference(T, C, c, opt):
+    x = make(T=T, grad=True, seed=T + C)
+    kw = dict(chunk_size=C, window=c, optimizer=opt)
+    o, s = call(neural_memory, x, **kw)
+    o_ref, s_ref = call(neural_memory_reference, x, **kw)
+    assert_close(o, o_ref, tol=1e-10, name="o")
+    assert_states_close(s, s_ref)
+    names = ("q", "k", "v", *GATES, "W1_init", "W2_init")
+    got = grads(scalar_loss(o, s), [x[n] for n in names])
+    want = grads(scalar_loss(o_ref, s_ref), [x[n] for n in names])
+    for n, g, gr in zip(names, got, want):
+        # before the first write only the reads have gradients; η first matters in the 2nd write (S starts at 0)
+        if n in ("q", "W1_init", "W2_init") or T >= (2 * C if n == "eta" else C):
+            assert gr.abs().sum() > 0, f"reference gradient w.r.t. {n} is zero: the test would not see a bug"
+            assert_close(g, gr, kind="grad", tol=1e-9, name=f"d/d{n}")
+        else:
+            assert g.abs().max() == 0 and gr.abs().max() == 0, n
+
+
+@pytest.mark.parametrize("poly,Dv,opt", [(True, 4, "momentum"), (True, 3, "muon"), (False, 3, "momentum")])
+def test_chunked_matches_reference_poly_resets_pending(poly, Dv, opt):
+    """Polynomial features, no residual (Dv != Dk), resets (incl. one on a chunk boundary) and a carried pending."""
+    T, C = 45, 8
+    x = make(T=T, Dv=Dv, poly=poly, grad=True, seed=3)
+    reset = torch.zeros(2, T, dtype=torch.bool)
+    reset[0, [5, 13, 16, 30]] = True
+    reset[1, [24, 27, 40]] = True
+    kw = dict(chunk_size=C, window=6, optimizer=opt, poly=poly, reset=reset)
+    outs = {}
+    for name, fn in (("chunked", neural_memory), ("reference", neural_memory_reference)):
+        o1, s1 = call(fn, x, sl=slice(0, 19), **kw)     # leaves 3 tokens pending, one of them after a reset
+        o2, s2 = call(fn, x, state=s1, sl=slice(19, T), **kw)
+        outs[name] = (torch.cat([o1, o2], 1), s2)
+    (o, s), (o_ref, s_ref) = outs["chunked"], outs["reference"]
+    assert s_ref.pending.length == T % C
+    assert_close(o, o_ref, tol=1e-10, name="o")
+    assert_states_close(s, s_ref)
+    names = ("q", "k", "v", *GATES, "W1_init", "W2_init")
+    got = grads(scalar_loss(o, s), [x[n] for n in names])
+    want = grads(scalar_loss(o_ref, s_ref), [x[n] for n in names])
+    for n, g, gr in zip(names, got, want):
+        assert_close(g, gr, kind="grad", tol=1e-9, name=f"d/d{n}")
+
+
+@pytest.mark.parametrize("opt", ["momentum", "muon"])
+def test_float32_and_bf16(opt):
+    x = make(T=40, dtype=torch.float32, seed=4)
+    kw = dict(chunk_size=16, window=12, optimizer=opt)
+    o_ref, s_ref = call(neural_memory_reference, x, **kw)
+    o, s = call(neural_memory, x, **kw)
+    assert o.dtype == torch.float32 and s.W1.dtype == torch.float32
+    assert_close(o, o_ref, name="fp32 o")
+    assert_close(s.W1, s_ref.W1, name="fp32 W1")
+    xb = {n: (t.bfloat16() if n in ("q", "k", "v") else t) for n, t in x.items()}
+    ob, sb = call(neural_memory, xb, **kw)
+    assert ob.dtype == torch.bfloat16 and sb.W1.dtype == torch.float32  # the recurrent state stays float32
+    o_ref_b, _ = call(neural_memory_reference, {n: t.float() for n, t in xb.items()}, **kw)
+    assert_close(ob, o_ref_b, dtype=torch.bfloat16, name="bf16 o")
+
+
+# ------------------------------------------------------------------------------------------------ laws
+
+
+@pytest.mark.parametrize("opt,poly", [("momentum", False), ("muon", True)])
+def test_chunk_invariance(opt, poly):
+    """One call == token by token == random splits (state, pending and resets carried), outputs and gradients."""
+    T, C = 50, 8
+    x = make(T=T, poly=poly, grad=True, seed=5)
+    reset = random_resets(2, T, 5, p=0.08)
+    reset[0, 17] = True
+    kw = dict(chunk_size=C, window=5, optimizer=opt, poly=poly, reset=reset)
+    o_full, s_full = call(neural_memory, x, **kw)
+    g = torch.Generator().manual_seed(7)
+    random_cuts = sorted(set(torch.randint(1, T, (7,), generator=g).tolist()))
+    for cuts in (list(range(1, T)), random_cuts):
+        state, outs = None, []
+        for a, b in zip([0, *cuts], [*cuts, T]):
+            o, state = call(neural_memory, x, state=state, sl=slice(a, b), **kw)
+            outs.append(o)
+        o_split = torch.cat(outs, 1)
+        assert_close(o_split, o_full, tol=1e-12, name=f"o (cuts {cuts})")
+        assert_states_close(state, s_full, tol=1e-12)
+    gx = torch.autograd.grad(scalar_loss(o_full, s_full), [x["k"], x["eta"], x["W1_init"]])
+    gs = torch.autograd.grad(scalar_loss(o_split, state), [x["k"], x["eta"], x["W1_init"]])
+    for a, b in zip(gs, gx):
+        assert_close(a, b, kind="grad", tol=1e-10, name="grad through the carried state")
+    # the reference obeys the same law (one call vs token by token)
+    o_ref, s_ref = call(neural_memory_reference, x, **kw)
+    state, outs = None, []
+    for t in range(T):
+        o, state = call(neural_memory_reference, x, state=state, sl=slice(t, t + 1), **kw)
+        outs.append(o)
+    assert_close(torch.cat(outs, 1), o_ref, tol=1e-12, name="reference token by token")
+    assert_close(o_ref, o_full, tol=1e-10, name="chunked vs reference")
+
+
+@pytest.mark.parametrize("fn", [neural_memory, neural_memory_reference])
+def test_causality(fn):
+    T, C, t = 40, 8, 19  # t sits in the middle of chunk [16, 24)
+    x = make(T=T, seed=6)
+    kw = dict(chunk_size=C, window=6, optimizer="momentum")
+    o, _ = call(fn, x, **kw)
+    for name in ("q", "k", "v", *GATES):
+        y = {n: t_.clone() for n, t_ in x.items()}
+        y[name][:, t] += 0.5
+        o2, _ = call(fn, y, **kw)
+        assert torch.allclose(o2[:, :t], o[:, :t], rtol=0, atol=1e-13), name
+        if name != "q":  # t's own chunk reads W_j, which t has not written yet
+            assert torch.allclose(o2[:, :24], o[:, :24], rtol=0, atol=1e-13), name
+        if name == "q":  # a query changes only its own output
+            assert not torch.allclose(o2[:, t], o[:, t]) and torch.allclose(o2[:, t + 1:], o[:, t + 1:])
+        else:  # a written token changes the reads of the following chunks: the test can fail
+            assert not torch.allclose(o2[:, 24:], o[:, 24:], rtol=0, atol=1e-9), name
+
+
+@pytest.mark.parametrize("fn", [neural_memory, neural_memory_reference])
+def test_update_false_reads_only(fn):
+    x = make(T=30, seed=8)
+    kw = dict(chunk_size=8, window=4, optimizer="muon")
+    _, s0 = call(fn, x, sl=slice(0, 13), **kw)          # a state with momenta and 5 pending tokens
+    o, s1 = call(fn, x, state=s0, sl=slice(13, 30), update=False, **kw)
+    assert_states_close(s1, s0, tol=0)
+    B = x["q"].shape[0]
+    want = memory_read(s0.W1, s0.W2, x["q"][:, 13:].movedim(2, 1), x["q"][:, 13:].movedim(2, 1)).movedim(1, 2)
+    assert_close(o, want, tol=1e-12, name="read of the frozen weights")
+    o_upd, _ = call(fn, x, state=s0, sl=slice(13, 30), **kw)
+    assert_close(o[:, :3], o_upd[:, :3], tol=1e-12, name="same reads before the chunk boundary")
+    assert not torch.allclose(o[:, 3:], o_upd[:, 3:])
+    # a reset makes later reads use the initial weights, still without writing
+    reset = torch.zeros(B, 30, dtype=torch.bool)
+    reset[1, 20] = True
+    o_r, s_r = call(fn, x, state=s0, sl=slice(13, 30), update=False, reset=reset, **kw)
+    assert_states_close(s_r, s0, tol=0)
+    fresh, _ = call(fn, x, sl=slice(20, 30), update=False, **kw)
+    assert_close(o_r[1, 7:], fresh[1], tol=1e-12, name="reads after the reset")
+    assert_close(o_r[0], o[0], tol=1e-12, name="row without reset")
+
+
+# ------------------------------------------------------------------------------------------------ resets
+
+
+@pytest.mark.parametrize("opt", ["momentum", "muon"])
+def test_reset_on_chunk_boundary_equals_fresh_start(opt):
+    T, C, t0 = 45, 8, 24
+    x = make(T=T, grad=False, seed=9)
+    reset = torch.zeros(2, T, dtype=torch.bool)
+    reset[1, t0] = True
+    kw = dict(chunk_size=C, window=5, optimizer=opt)
+    o, s = call(neural_memory, x, reset=reset, **kw)
+    row1 = {n: (t if n.endswith("_init") else t[1:2, t0:]) for n, t in x.items()}
+    o_fresh, s_fresh = call(neural_memory, row1, **kw)
+    assert_close(o[1:2, t0:], o_fresh, tol=1e-12, name="o after reset")
+    assert_states_close(NeuralMemoryState(*(t[1:2] for t in s[:4]), type(s.pending)(*(t[1:2] for t in s.pending))),
+                        s_fresh, tol=1e-12)
+    o0, _ = call(neural_memory, x, **kw)
+    assert not torch.allclose(o0[1:2, t0:], o_fresh), "without the reset the row must differ"
+
+
+@pytest.mark.parametrize("fn", [neural_memory, neural_memory_reference])
+def test_no_information_crosses_a_reset(fn):
+    """A mid-chunk reset: perturbing every input before it (and the carried state) leaves all later outputs and
+    the final state unchanged; without the reset the same perturbation shows."""
+    T, C, t0 = 37, 8, 19
+    x = make(T=T, grad=True, seed=10)
+    reset = torch.zeros(2, T, dtype=torch.bool)
+    reset[:, t0] = True
+    kw = dict(chunk_size=C, window=6, optimizer="momentum")
+    _, s_prev = call(fn, x, sl=slice(0, 3), **kw)   # a non-trivial incoming state with 3 pending tokens
+    o, s = call(fn, x, state=s_prev, sl=slice(3, T), reset=reset, **kw)
+    names = ("q", "k", "v", *GATES)
+    gr = torch.autograd.grad(o[:, t0 - 3:].square().sum(), [x[n] for n in names], allow_unused=True)
+    for n, g in zip(names, gr):
+        assert g is None or g[:, :t0].abs().max() == 0, f"gradient from outputs after the reset reaches {n}[:t0]"
+    y = {n: t.detach().clone() for n, t in x.items()}
+    g = torch.Generator().manual_seed(0)
+    for n in names:
+        y[n][:, :t0] += 0.3 * torch.rand(y[n][:, :t0].shape, generator=g, dtype=y[n].dtype)
+    _, s_prev2 = call(fn, y, sl=slice(0, 3), **kw)
+    o2, s2 = call(fn, y, state=s_prev2, sl=slice(3, T), reset=reset, **kw)
+    assert torch.allclose(o2[:, t0 - 3:], o[:, t0 - 3:], rtol=0, atol=1e-13)
+    for a, b in zip(s2[:4], s[:4]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-13)
+    o3, _ = call(fn, y, state=s_prev2, sl=slice(3, T), **kw)
+    o4, _ = call(fn, x, state=s_prev, sl=slice(3, T), **kw)
+    assert not torch.allclose(o3[:, -5:], o4[:, -5:], rtol=0, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ semantics
+
+
+def test_c1_equals_online_gradient_step():
+    """C = c = 1, momentum optimizer with η = 0, α = 0: W <- W − θ_t ∇_W γ_t ‖M_W(k_t) − v_t‖² after each token,
+    and each token reads W before its own step (an online Titans/delta-style update)."""
+    x = make(B=2, T=9, H=2, seed=11, theta_scale=0.5)
+    x["eta"] = torch.zeros_like(x["eta"])
+    x["alpha"] = torch.zeros_like(x["alpha"])
+    o, s = call(neural_memory, x, chunk_size=1, window=1, optimizer="momentum")
+
+    def mem(w1, w2, z):
+        return z + w2 @ Fn.gelu(w1 @ z)
+
+    B, T, H = x["q"].shape[:3]
+    for b in range(B):
+        for h in range(H):
+            w1, w2 = x["W1_init"][h].clone(), x["W2_init"][h].clone()
+            for t in range(T):
+                assert_close(o[b, t, h], mem(w1, w2, x["q"][b, t, h]), tol=1e-12, name=f"o[{b},{t},{h}]")
+                loss = lambda a1, a2: x["gamma"][b, t, h] * (mem(a1, a2, x["k"][b, t, h]) - x["v"][b, t, h]).square().sum()  # noqa: E731,E501
+                g1, g2 = torch.func.grad(loss, argnums=(0, 1))(w1, w2)
+                w1, w2 = w1 - x["theta"][b, t, h] * g1, w2 - x["theta"][b, t, h] * g2
+            assert_close(s.W1[b, h], w1, tol=1e-12, name="W1")
+            assert_close(s.W2[b, h], w2, tol=1e-12, name="W2")
+
+
+def test_memory_learns_key_value_pairs():
+    """Write 4 random key -> value pairs repeatedly (8 chunks) with a large step: recall error drops a lot."""
+    torch.manual_seed(12)
+    B, H, D, E, N, C = 1, 2, 8, 32, 4, 8
+    keys, vals = Fn.normalize(torch.randn(B, N, H, D), dim=-1), torch.randn(B, N, H, D)
+    T = 8 * C
+    idx = torch.arange(T) % N
+    k, v = keys[:, idx], vals[:, idx]
+    ones = torch.ones(B, T, H)
+    W1 = torch.randn(B, H, E, D) / D**0.5
+    W2 = torch.zeros(B, H, D, E)
+
+    def recall_err(w1, w2):
+        pred = memory_read(w1, w2, keys.movedim(2, 1), keys.movedim(2, 1))
+        return (pred - vals.movedim(2, 1)).square().sum().item()
+
+    _, s = neural_memory(k, k, v, ones * 0.9, ones * 0.5, ones * 0.05, ones * 0.0, W1, W2, chunk_size=C)
+    before, after = recall_err(W1, W2), recall_err(s.W1, s.W2)
+    assert after < 0.1 * before, (before, after)
+
+
+def test_validation_and_dispatch():
+    x = make(T=10)
+    with pytest.raises(ValueError, match="optimizer"):
+        call(neural_memory, x, optimizer="adam")
+    with pytest.raises(ValueError, match="window"):
+        call(neural_memory, x, chunk_size=4, window=5)
+    with pytest.raises(ValueError, match="W1 must be"):
+        call(neural_memory, x, poly=True)
+    B, H, Dk = 2, 2, 4
+    bad = empty_pending(B, H, Dk, Dk, dtype=torch.float64)
+    bad = type(bad)(*(t.new_zeros(B, 5, *t.shape[2:]) for t in bad))
+    state = (x["W1_init"].expand(B, -1, -1, -1), x["W2_init"].expand(B, -1, -1, -1), None, None, bad)
+    with pytest.raises(ValueError, match="pending holds 5"):
+        call(neural_memory, x, state=state, chunk_size=4)
+    reset = torch.ones(B, 10, dtype=torch.bool)
+    with pytest.raises(ValueError, match="W1_init"):
+        neural_memory(*(x[n] for n in ("q", "k", "v", *GATES)), state[0], state[1], reset=reset)
+    assert dispatch.get("neural_memory") is neural_memory
+    with dispatch.force_backend("neural_memory", "reference"):
+        assert dispatch.get("neural_memory") is neural_memory_reference
