@@ -75,7 +75,7 @@ def run(name: str, model, fwd, *, batch: int, seq: int, steps: int, warmup: int,
     tok_s = batch * seq / dt
     peak = peak_flops()
     return {"model": name, "compile": compile_, "params": n_params, "batch": batch, "seq": seq,
-            "tokens_per_s": round(tok_s), "step_ms": round(dt * 1e3, 2), "loss": round(float(loss), 4),
+            "tokens_per_s": round(tok_s), "step_ms": round(dt * 1e3, 2), "loss": round(loss.item(), 4),
             "mfu": round(6 * n_params * tok_s / peak, 4) if peak else None,
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None}
 
