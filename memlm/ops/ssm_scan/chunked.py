@@ -50,7 +50,7 @@ def ssm_scan_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     rs = reset
     if pad:
         xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
-        dtf = F.pad(dtf, (0, 0, 0, pad), value=0.5)
+        dtf = F.pad(dtf, (0, 0, 0, pad))
         bf = F.pad(bf, (0, 0, 0, 0, 0, pad))
         cf = F.pad(cf, (0, 0, 0, 0, 0, pad))
         rs = None if rs is None else F.pad(rs, (0, pad), value=False)
