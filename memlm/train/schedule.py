@@ -7,7 +7,8 @@ Notation: s step (0-based: the number of optimizer steps already taken), W warmu
   constant:                        η
   cosine:                          η_min + (η − η_min) · ½ (1 + cos(π p)),  p = (s − W) / (N − W) clipped to [0, 1]
   wsd (warmup–stable–decay):       η until s₀ = max(W, N − D), then down to η_min at s = N,
-                                   p = (s − s₀) / (N − s₀): linear η − (η − η_min) p, or "1-sqrt" η_min + (η − η_min)(1 − √p)
+                                   p = (s − s₀) / (N − s₀);  linear: η − (η − η_min) p,
+                                   "1-sqrt": η_min + (η − η_min)(1 − √p)
 Steps past N stay at the final value (η_min, or η for constant).
 """
 from __future__ import annotations

@@ -375,3 +375,17 @@ def test_m3_matrix_flag_overrides_ndim() -> None:
     want = p0 - 0.01 * GRADS[0] / (GRADS[0].abs() + 1e-8)  # Adam's first step is η·sign(g), bias-corrected
     assert_close(got - p0, want - p0, tol=1e-6, name="m3 vector rule on a matrix")
     assert not torch.allclose(got, run_steps(M3, p0, GRADS[:1], lr=0.01)[0])
+
+
+def test_adamw_fused_flag_matches_unfused() -> None:
+    # fused=None picks the fused kernel only when every parameter is on CUDA; fused=True also runs on CPU.
+    params = []
+    for fused in (None, True):
+        torch.manual_seed(0)
+        model = TinyLM()
+        opt = build_optimizer(model, name="adamw", lr=1e-2, weight_decay=0.01, fused=fused)
+        assert opt.param_groups[0]["fused"] == fused
+        train(model, opt, 5)
+        params.append(list(model.parameters()))
+    for a, b in zip(*params):
+        assert_close(a, b, tol=1e-6, name="fused vs unfused AdamW")
