@@ -94,7 +94,24 @@ def _parser() -> argparse.ArgumentParser:
             a.add_argument("dest")
         if name == "reset":
             a.add_argument("--batch", type=int, default=1)
+    # Further commands live in their own modules memlm/cli/cmd_<name>.py, each defining
+    #   HELP: str, EXAMPLE: str, add_arguments(parser) and run(args) -> int
+    for name, mod in _extension_modules():
+        e = sub.add_parser(name, help=mod.HELP, description=mod.HELP, epilog=f"example:\n  {mod.EXAMPLE}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(e)
     return p
+
+
+def _extension_modules():
+    import importlib
+    import pkgutil
+
+    import memlm.cli
+
+    for info in sorted(pkgutil.iter_modules(memlm.cli.__path__), key=lambda i: i.name):
+        if info.name.startswith("cmd_"):
+            yield info.name[4:].replace("_", "-"), importlib.import_module(f"memlm.cli.{info.name}")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -123,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from memlm.cli import commands
 
-        return getattr(commands, f"cmd_{args.command}")(args) or 0
+        fn = getattr(commands, f"cmd_{args.command}", None)
+        if fn is None:
+            fn = dict(_extension_modules())[args.command].run
+        return fn(args) or 0
     except UserError as e:
         print(f"memlm {args.command}: error: {e}", file=sys.stderr)
         return 2
