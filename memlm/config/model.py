@@ -40,6 +40,10 @@ class ModelConfig(Config):
     max_seq_len: int = 4096  # only bounds learned absolute positions
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # CMS feed-forward (mlp="cms", memlm/layers/cms.py — issue 6): one SwiGLU level per entry of cms_levels, level ℓ
+    # updated every cms_levels[ℓ] optimizer steps with its summed gradient; cms_d_ff: each level's hidden width (0: d_ff).
+    cms_levels: list[int] = field(default_factory=lambda: [1, 4, 16])
+    cms_d_ff: int = 0
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -55,6 +59,9 @@ class ModelConfig(Config):
             self.d_ff = 4 * self.d_model if self.mlp == "gelu" else _round_up(8 * self.d_model // 3, 64)
         if not 0 < self.rope_fraction <= 1:
             raise ValueError(f"rope_fraction={self.rope_fraction} must be in (0, 1]")
+        if not self.cms_levels or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in self.cms_levels):
+            raise ValueError(f"cms_levels={self.cms_levels} must be a non-empty list of update periods ≥ 1")
+        check_positive("cms_d_ff", self.cms_d_ff, allow_zero=True)
 
     @property
     def n_layers(self) -> int:
