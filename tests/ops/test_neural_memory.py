@@ -18,6 +18,15 @@ from memlm.ops.testing import assert_close, rel_err
 GATES = ("gamma", "eta", "theta", "alpha")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are tiny: intra-op threads only add synchronisation cost (large on a busy 2-core runner).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make(B=2, T=20, H=2, Dk=4, Dv=4, E=8, *, poly=False, dtype=torch.float64, seed=0, grad=False,
          theta_scale=0.1):
     """Random inputs with gates in their ranges and learned initial weights W1_init [H, E, F], W2_init [H, Dv, E]."""
@@ -48,7 +57,8 @@ def call(fn, x, *, state=None, sl=slice(None), reset=None, **kw):
 
 
 def state_tensors(s: NeuralMemoryState) -> dict[str, torch.Tensor]:
-    return {"W1": s.W1, "W2": s.W2, "S1": s.S1, "S2": s.S2, **{f"pending.{n}": t for n, t in s.pending._asdict().items()}}
+    pend = {f"pending.{n}": t for n, t in s.pending._asdict().items()}
+    return {"W1": s.W1, "W2": s.W2, "S1": s.S1, "S2": s.S2, **pend}
 
 
 def assert_states_close(a: NeuralMemoryState, b: NeuralMemoryState, tol=1e-10):
@@ -278,6 +288,14 @@ def test_update_false_reads_only(fn):
     fresh, _ = call(fn, x, sl=slice(20, 30), update=False, **kw)
     assert_close(o_r[1, 7:], fresh[1], tol=1e-12, name="reads after the reset")
     assert_close(o_r[0], o[0], tol=1e-12, name="row without reset")
+    # a reset among the pending tokens (same open chunk) also redirects read-only reads to the initial weights
+    reset = torch.zeros(B, 30, dtype=torch.bool)
+    reset[0, 10] = True
+    _, s_p = call(fn, x, sl=slice(0, 13), reset=reset, **kw)
+    o_p, _ = call(fn, x, state=s_p, sl=slice(13, 30), update=False, **kw)
+    fresh, _ = call(fn, x, sl=slice(13, 30), update=False, **kw)
+    assert_close(o_p[0], fresh[0], tol=1e-12, name="pending reset")
+    assert not torch.allclose(o_p[1], fresh[1])
 
 
 # ------------------------------------------------------------------------------------------------ resets
@@ -349,8 +367,9 @@ def test_c1_equals_online_gradient_step():
             w1, w2 = x["W1_init"][h].clone(), x["W2_init"][h].clone()
             for t in range(T):
                 assert_close(o[b, t, h], mem(w1, w2, x["q"][b, t, h]), tol=1e-12, name=f"o[{b},{t},{h}]")
-                loss = lambda a1, a2: x["gamma"][b, t, h] * (mem(a1, a2, x["k"][b, t, h]) - x["v"][b, t, h]).square().sum()  # noqa: E731,E501
-                g1, g2 = torch.func.grad(loss, argnums=(0, 1))(w1, w2)
+                kt, vt, gt = x["k"][b, t, h], x["v"][b, t, h], x["gamma"][b, t, h]
+                step_loss = (lambda a1, a2: gt * (mem(a1, a2, kt) - vt).square().sum())  # noqa: E731
+                g1, g2 = torch.func.grad(step_loss, argnums=(0, 1))(w1, w2)
                 w1, w2 = w1 - x["theta"][b, t, h] * g1, w2 - x["theta"][b, t, h] * g2
             assert_close(s.W1[b, h], w1, tol=1e-12, name="W1")
             assert_close(s.W2[b, h], w2, tol=1e-12, name="W2")
