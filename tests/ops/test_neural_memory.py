@@ -416,3 +416,13 @@ def test_validation_and_dispatch():
     assert dispatch.get("neural_memory") is neural_memory
     with dispatch.force_backend("neural_memory", "reference"):
         assert dispatch.get("neural_memory") is neural_memory_reference
+
+
+def test_state_nbytes_formula():
+    """bytes/sequence = 8·H·(E·F + Dv·E) + p·(4·H·(Dk + Dv + 4) + 1), as documented in NOTES.md."""
+    B, T, H, Dk, Dv, E, C = 3, 13, 2, 4, 3, 8, 5
+    x = make(B=B, T=T, H=H, Dk=Dk, Dv=Dv, E=E, poly=True, dtype=torch.float32)
+    _, s = call(neural_memory, x, chunk_size=C, poly=True)
+    F, p = feature_dim(Dk, True), T % C
+    assert s.pending.length == p
+    assert s.nbytes() == B * (8 * H * (E * F + Dv * E) + p * (4 * H * (Dk + Dv + 4) + 1))
