@@ -2,9 +2,9 @@
 
 Usage: python scripts/make_demo_corpus.py [--src ../shared/data/corpus/books.jsonl.xz] [--out PATH]
 
-Keeps whole works (Austen novels, Shakespeare plays and poems; all public domain), in the source order, with their
-text/title/source fields, dropping works from the end of the list until the compressed size fits --max-bytes. The output is deterministic
-(xz preset 9 | extreme, fixed selection).
+Keeps whole works (Austen novels, Shakespeare plays and poems; all public domain) in the order of TITLES, with their
+text/title/source fields, dropping works from the end of that list until the compressed size fits --max-bytes.
+The output is deterministic (xz preset 9 | extreme, fixed selection).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Data: tokenizers, document sources, chat template, packing, shards, synthetic tasks, the demo corpus.
 
-Submodules import torch/numpy/tokenizers lazily where they can; `demo_corpus_path` needs nothing.
+Importing `memlm.data` itself is cheap (`demo_corpus_path` needs nothing); the submodules pull in numpy, torch and
+tokenizers.
 """
 from __future__ import annotations
 

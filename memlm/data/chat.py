@@ -15,7 +15,7 @@ The template (one marker per role, every turn closed by `<|end|>`, no extra whit
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from memlm.data.tokenizer import Tokenizer
 from memlm.errors import UserError

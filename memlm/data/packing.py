@@ -25,8 +25,9 @@ source up to the cursor, so it must be deterministic).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class Batch:
     labels: torch.Tensor
     reset: torch.Tensor
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(self.input_ids.to(device, non_blocking=non_blocking),
                      self.labels.to(device, non_blocking=non_blocking),
                      self.reset.to(device, non_blocking=non_blocking))
@@ -90,7 +91,7 @@ def tokenize_item(item: Any, tok: Tokenizer | None) -> tuple[np.ndarray, np.ndar
         if tok is None:
             raise UserError("text documents need a tokenizer")
         return encode_texts(tok, [item])[0], None
-    if isinstance(item, tuple) and len(item) == 2:
+    if isinstance(item, tuple) and len(item) == 2 and hasattr(item[0], "__len__"):
         ids, mask = item
         return np.asarray(ids, dtype=np.int64), (None if mask is None else np.asarray(mask, dtype=bool))
     return np.asarray(item, dtype=np.int64), None
@@ -98,7 +99,9 @@ def tokenize_item(item: Any, tok: Tokenizer | None) -> tuple[np.ndarray, np.ndar
 
 def _make_doc(ids: np.ndarray, mask: np.ndarray | None, eos: int, bos: int | None) -> tuple[np.ndarray, np.ndarray]:
     """→ (ids with BOS/EOS [L], next-token labels [L])."""
-    chat = mask is not None
+    # EOS is a target after plain text (learn to end a document); after a chat (some tokens are not targets) the
+    # turn already ended with <|end|>. An all-true mask (a text document stored beside chats in a shard) is text.
+    eos_target = mask is None or bool(mask.all())
     parts, mparts = [], []
     if bos is not None:
         parts.append(np.array([bos], dtype=np.int64))
@@ -106,8 +109,7 @@ def _make_doc(ids: np.ndarray, mask: np.ndarray | None, eos: int, bos: int | Non
     parts.append(ids.astype(np.int64, copy=False))
     mparts.append(mask if mask is not None else np.ones(len(ids), dtype=bool))
     parts.append(np.array([eos], dtype=np.int64))
-    # EOS is a target after plain text (learn to end a document); after a chat the turn already ended with <|end|>.
-    mparts.append(np.array([not chat]))
+    mparts.append(np.array([eos_target]))
     full = np.concatenate(parts)
     m = np.concatenate(mparts)
     labels = np.full(len(full), IGNORE, dtype=np.int64)
@@ -208,7 +210,7 @@ class _Feed:
 # --------------------------------------------------------------------------------------------------------------------
 
 class _Row:
-    __slots__ = ("key", "ids", "labels", "offset")
+    __slots__ = ("ids", "key", "labels", "offset")
 
     def __init__(self) -> None:
         self.key: Key | None = None
@@ -250,7 +252,7 @@ class Packer:
         self.batches = 0
         self._done = False
 
-    def __iter__(self) -> "Packer":
+    def __iter__(self) -> Packer:
         return self
 
     def _load(self, row: _Row, key: Key, item: Any) -> None:
@@ -274,11 +276,10 @@ class Packer:
         """Fill one output row [T] from the stream `row`; False if it holds no real token at all."""
         t = 0
         while t < self.T:
-            if row.key is None or row.offset >= len(row.ids):
-                if not self._advance(row):
-                    ids[t:] = self.pad_id
-                    labels[t:] = IGNORE
-                    return t > 0
+            if (row.key is None or row.offset >= len(row.ids)) and not self._advance(row):
+                ids[t:] = self.pad_id
+                labels[t:] = IGNORE
+                return t > 0
             n = min(self.T - t, len(row.ids) - row.offset)
             ids[t:t + n] = row.ids[row.offset:row.offset + n]
             labels[t:t + n] = row.labels[row.offset:row.offset + n]

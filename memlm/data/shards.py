@@ -20,8 +20,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ class _Writer:
     def _start(self) -> None:
         k = len(self.shards)
         self.name = f"shard-{k:05d}"
-        self._bin = open(self.out / f"{self.name}.bin.tmp", "wb")
+        self._bin = open(self.out / f"{self.name}.bin.tmp", "wb")  # noqa: SIM115 — stays open across add() calls
         self._mask = None  # opened on the first chat document of this shard
         self._offsets = [0]
         self._open = True
@@ -66,7 +67,7 @@ class _Writer:
         if not self._open:
             self._start()
         if mask is not None and self._mask is None:
-            self._mask = open(self.out / f"{self.name}.mask.tmp", "wb")
+            self._mask = open(self.out / f"{self.name}.mask.tmp", "wb")  # noqa: SIM115 — closed in close_shard
             self._mask.write(np.ones(self._offsets[-1], dtype=np.uint8).tobytes())  # earlier text docs: all targets
         self._bin.write(ids.astype(self.dtype, copy=False).tobytes())
         if self._mask is not None:
@@ -294,7 +295,7 @@ class ShardDataset:
     def __iter__(self) -> Iterator[np.ndarray]:
         return self.iterate()
 
-    def val(self) -> "ShardDataset":
+    def val(self) -> ShardDataset:
         """The validation split written by prepare(val_every=...)."""
         if not self.index.get("val"):
             raise UserError(f"prepared data '{self.path}' has no validation split (prepare with val_every)")

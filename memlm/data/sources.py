@@ -30,9 +30,11 @@ import json
 import lzma
 import os
 import random
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from memlm.errors import UserError
 
@@ -71,6 +73,7 @@ class SourceStats:
     files: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[tuple[str, str]] = field(default_factory=list)  # (location "file:line", reason)
+    last_line: int = field(default=0, repr=False, compare=False)  # line reached in the current file (for I/O errors)
 
     def skip(self, reason: str, where: str, line: int, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
@@ -86,7 +89,7 @@ class SourceStats:
     def total_skipped(self) -> int:
         return sum(self.skipped.values())
 
-    def merge(self, other: "SourceStats") -> "SourceStats":
+    def merge(self, other: SourceStats) -> SourceStats:
         out = SourceStats(self.documents + other.documents, self.chars + other.chars, self.files + other.files,
                           dict(self.skipped), list(self.examples))
         for k, v in other.skipped.items():
@@ -214,7 +217,7 @@ def _open_binary(path: str) -> io.BufferedIOBase:
             import zstandard
         except ImportError:
             raise UserError(f"reading '{path}' needs the 'zstandard' package: pip install zstandard") from None
-        raw = open(path, "rb")
+        raw = open(path, "rb")  # noqa: SIM115 — owned (closefd) by the returned reader
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return open(path, "rb")
 
@@ -232,6 +235,7 @@ def _read_lines(fh: io.BufferedIOBase, where: str, stats: SourceStats, max_line_
         if not raw:
             return
         lineno += 1
+        stats.last_line = lineno
         if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
             while raw and not raw.endswith(b"\n"):  # drain the rest of the giant line
                 raw = fh.readline(1 << 20)
@@ -246,7 +250,11 @@ def _read_lines(fh: io.BufferedIOBase, where: str, stats: SourceStats, max_line_
             stats.skip("invalid_utf8", where, lineno)
 
 
-_DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError, ValueError)
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    """What a truncated or corrupt (compressed) file raises while being read."""
+    errs: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError, ValueError)
+    zstd = sys.modules.get("zstandard")  # only imported when a .zst file was opened
+    return (*errs, zstd.ZstdError) if zstd is not None and hasattr(zstd, "ZstdError") else errs
 
 
 def _iter_jsonl(fh: io.BufferedIOBase, where: str, stats: SourceStats, max_line_bytes: int,
@@ -379,13 +387,10 @@ def iter_file(path: str, stats: SourceStats, *, text_field: str | None = None, m
     if base.endswith(PARQUET_EXTS):
         try:
             yield from _iter_parquet(path, where, stats, text_field)
-        except UserError:
-            raise
-        except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+        except (OSError, ValueError):  # pyarrow's ArrowInvalid / ArrowIOError derive from these
             stats.skip("unreadable", where, 1)
-            del e
         return
-    lineno_hint = 1
+    stats.last_line = 0
     try:
         with _open_binary(path) as fh:
             head = fh.peek(_SNIFF)[:_SNIFF] if hasattr(fh, "peek") else b"?"
@@ -401,19 +406,9 @@ def iter_file(path: str, stats: SourceStats, *, text_field: str | None = None, m
                 it = _iter_json(fh, where, stats, max_line_bytes, text_field)
             else:
                 it = _iter_txt(fh, where, stats, max_line_bytes, txt_max_doc_bytes)
-            for doc in it:
-                lineno_hint = doc.line
-                yield doc
-    except UserError:
-        raise
-    except _DECOMPRESS_ERRORS as e:
-        stats.skip("unreadable", where, lineno_hint)
-        del e
-    except Exception as e:  # zstandard.ZstdError and friends
-        if type(e).__module__.startswith("zstandard"):
-            stats.skip("unreadable", where, lineno_hint)
-        else:
-            raise
+            yield from it
+    except _decompress_errors():
+        stats.skip("unreadable", where, stats.last_line + 1)  # the line being read when it failed
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -505,10 +500,9 @@ class DocumentSource:
                 ds = datasets.load_from_disk(self.spec)
                 if isinstance(ds, dict) or hasattr(ds, "keys") and not hasattr(ds, "features"):
                     ds = ds[self.hf_split]
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"cannot open dataset '{self.spec}': {str(e).strip().splitlines()[0] if str(e) else e!r}")
+        except Exception as e:  # noqa: BLE001 — datasets raises many unrelated types; the user needs one line
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise UserError(f"cannot open dataset '{self.spec}': {msg}") from None
         stats.files += 1
         for i, rec in enumerate(ds, 1):
             doc = record_to_document(rec, self.spec, i, stats, self.text_field)

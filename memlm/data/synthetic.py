@@ -25,8 +25,9 @@ gaps likelier, long ones present), keys from [1, 1 + (V−1)/2), values from the
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -4,8 +4,8 @@ Notation: V vocabulary size (ids 0..V-1), n number of ids in a sequence.
 
 Both kinds share one small interface (`Tokenizer`): `encode`, `decode`, `vocab_size`, `eos_id`, `bos_id`, `pad_id`,
 `special_tokens` and `save`. The chat markers `<|system|>`, `<|user|>`, `<|assistant|>`, `<|end|>` are special tokens of
-the byte tokenizer and of every BPE trained by `train_bpe`; `memlm.data.chat` falls back to their plain-text spelling for
-a foreign tokenizer that lacks them.
+the byte tokenizer and of every BPE trained by `train_bpe`; `memlm.data.chat` falls back to their plain-text
+spelling for a foreign tokenizer that lacks them.
 
 `encode(text)` treats the text as plain text: a literal "<|user|>" typed by a user is *not* turned into the control id
 (that would let data or chat input forge turns). Pass `allow_special=True` to parse special spellings on purpose.
@@ -17,8 +17,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from memlm.errors import UserError
 
@@ -187,7 +187,7 @@ class HFTokenizer(Tokenizer):
 
     kind = "hf"
 
-    def __init__(self, tk: "object", *, name: str = "hf", hints: dict | None = None) -> None:
+    def __init__(self, tk: object, *, name: str = "hf", hints: dict | None = None) -> None:
         self._tk = tk
         self.name = name
         hints = hints or {}
@@ -215,7 +215,7 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "HFTokenizer":
+    def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
         """Load from a tokenizer.json file or a directory that holds one (plus optional HF config files)."""
         from tokenizers import Tokenizer as _TK
 
@@ -226,8 +226,9 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"cannot load tokenizer '{path}': no {HF_FILE} in that directory")
         try:
             tk = _TK.from_file(str(f))
-        except Exception as e:  # the Rust side raises plain Exception on malformed files
-            raise UserError(f"cannot load tokenizer '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        except Exception as e:  # noqa: BLE001 — the Rust side raises a plain Exception on a malformed file
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load tokenizer '{path}': {msg}") from None
         meta = _read_json(d / META_FILE) if p.is_dir() else {}
         hints: dict = {}
         for cfg in ("special_tokens_map.json", "tokenizer_config.json"):
@@ -280,7 +281,7 @@ class HFTokenizer(Tokenizer):
         return self._fp
 
     @property
-    def backend(self) -> "object":
+    def backend(self) -> object:
         """The wrapped `tokenizers.Tokenizer`."""
         return self._tk
 
@@ -337,14 +338,14 @@ class StreamDecoder:
         prev = self.tok.decode(self._ids[:self._read], skip_special=self.skip_special)
         full = self.tok.decode(self._ids, skip_special=self.skip_special)
         self._ids, self._read = [], 0
-        return full[len(prev):] if full.startswith(prev) else full
+        return full.removeprefix(prev)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Loading and training
 # --------------------------------------------------------------------------------------------------------------------
 
-def _from_hub(name: str) -> "object":
+def _from_hub(name: str) -> object:
     """Separate function so tests can replace the network call."""
     from tokenizers import Tokenizer as _TK
 
@@ -377,7 +378,7 @@ def load_tokenizer(name_or_path: str = "byte") -> Tokenizer:
         raise UserError(f"cannot load tokenizer '{s}': no such file or directory")
     try:
         tk = _from_hub(s)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 — network, auth and 404 errors come in many types
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load tokenizer '{s}': not a file/dir and hub unreachable: {msg}") from None
     return HFTokenizer(tk, name=s)

@@ -13,8 +13,17 @@ from pathlib import Path
 import pytest
 
 from memlm.data import demo_corpus_path
-from memlm.data.sources import (Concat, Document, DocumentSource, Mixture, SourceStats, mixture, open_sources,
-                                parse_spec, split_documents)
+from memlm.data.sources import (
+    Concat,
+    Document,
+    DocumentSource,
+    Mixture,
+    SourceStats,
+    mixture,
+    open_sources,
+    parse_spec,
+    split_documents,
+)
 from memlm.errors import UserError
 
 
@@ -179,7 +188,9 @@ def test_corrupt_compressed_file_counted(tmp_path):
     (tmp_path / "b.jsonl").write_bytes(_jsonl([{"text": "b"}]))
     src = DocumentSource(tmp_path)
     texts = _texts(src)
-    assert texts[-1] == "b" and src.stats.skipped.get("unreadable") == 1
+    assert texts[-1] == "b" and src.stats.skipped == {"unreadable": 1}
+    where, line = src.stats.locations[0].rsplit(":", 1)
+    assert where.endswith("a.jsonl.xz") and int(line) == len(texts)  # the line being read when the stream broke
 
 
 def test_no_usable_text_is_user_error(tmp_path):

@@ -9,8 +9,7 @@ import pytest
 
 from memlm.data import demo_corpus_path
 from memlm.data import tokenizer as tmod
-from memlm.data.tokenizer import (SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer,
-                                  train_bpe)
+from memlm.data.tokenizer import SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer, train_bpe
 from memlm.errors import UserError
 
 UNICODE = "Ascii, accents éàü, CJK 世界, emoji 🎉👩‍👩‍👧, RTL שלום, combining e\u0301, \t tabs\n\n  spaces  \r\n\x00 end"
