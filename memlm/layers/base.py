@@ -128,13 +128,14 @@ _AUX: contextvars.ContextVar[dict | None] = contextvars.ContextVar("memlm_aux", 
 
 
 @contextlib.contextmanager
-def collect_aux() -> Iterator[dict]:
+def collect_aux(step: int | None = None) -> Iterator[dict]:
     """Collect auxiliary losses and metrics that mixers report during a forward pass.
 
-    Yields ``{"losses": {name: Tensor}, "metrics": {name: float | Tensor}}``; losses with the same name add up.
+    Yields ``{"losses": {name: Tensor}, "metrics": {name: float | Tensor}, "step": step}``; losses with the same
+    name add up. ``step`` is the optimizer step, for losses whose weight follows a schedule (``current_step()``).
     Outside this context, reports are dropped (so inference pays nothing).
     """
-    box: dict = {"losses": {}, "metrics": {}}
+    box: dict = {"losses": {}, "metrics": {}, "step": step}
     token = _AUX.set(box)
     try:
         yield box
@@ -152,6 +153,12 @@ def add_metric(name: str, value: Any) -> None:
     box = _AUX.get()
     if box is not None:
         box["metrics"][name] = value
+
+
+def current_step() -> int | None:
+    """The training step given to ``collect_aux`` (None outside training)."""
+    box = _AUX.get()
+    return None if box is None else box.get("step")
 
 
 def aux_active() -> bool:
