@@ -41,4 +41,8 @@ def make_mlp(kind: str, d_model: int, d_ff: int, *, bias: bool, model_cfg=None, 
         return GeluMLP(d_model, d_ff, bias=bias)
     if kind == "none":
         return None
-    raise ValueError(f"mlp={kind!r} not allowed; allowed: ['swiglu', 'gelu', 'none']")
+    if kind == "cms":  # continuum memory system (issue 6); imported here because cms.py builds on SwiGLU above
+        from memlm.layers.cms import make_cms
+
+        return make_cms(d_model, d_ff, bias=bias, model_cfg=model_cfg)
+    raise ValueError(f"mlp={kind!r} not allowed; allowed: ['swiglu', 'gelu', 'none', 'cms']")
