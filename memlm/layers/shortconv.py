@@ -1,0 +1,86 @@
+"""Short causal depthwise convolution with a carried state (DeltaNet / Gated DeltaNet / Mamba-2 input conv).
+
+Notation: B batch, T new tokens, C channels, K kernel width, w [C, K] taps (w[:, K−1] multiplies the current token).
+
+    y_t = act( b + Σ_{j=0}^{K−1} w[:, K−1−j] ⊙ x_{t−j} · [x_{t−j} is in the same document as x_t] )
+
+The state is the last K−1 inputs [B, K−1, C] (zeros when fresh). It is strictly causal (left padding only, never
+centred — seed defect 1) and never mixes tokens across a document reset: a tap whose source token lies before the
+most recent reset contributes nothing, so a packed row equals separate documents exactly, and the carried cache has
+its pre-reset entries zeroed so the next call cannot see them either.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ShortConv", "causal_conv1d"]
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, cache: Tensor | None = None,
+                  reset: Tensor | None = None, activation: str | None = "silu") -> tuple[Tensor, Tensor]:
+    """Depthwise causal conv. x [B, T, C]; weight [C, K]; bias [C] or None; cache [B, K−1, C] (the K−1 inputs
+    before x, oldest first) or None (zeros); reset bool [B, T] or None (token t starts a new document).
+
+    Returns y [B, T, C] (in x's dtype) and the new cache [B, K−1, C] in the cache's dtype (x's dtype if None).
+    """
+    B, T, Cc = x.shape
+    K = weight.shape[1]
+    P = K - 1
+    if cache is None:
+        cache = x.new_zeros(B, P, Cc)
+    xe = torch.cat([cache.to(x.dtype), x], dim=1)                        # [B, P+T, C]
+    if reset is not None:
+        # segment id per extended position: cached tokens are segment 0, each reset opens a new one
+        seg = torch.cat([reset.new_zeros(B, P, dtype=torch.int32), torch.cumsum(reset.to(torch.int32), 1)], 1)
+    y = x.new_zeros(B, T, Cc) if bias is None else bias.to(x.dtype).expand(B, T, Cc).clone()
+    for j in range(K):  # loop over the K taps (a handful), never over time
+        src = xe[:, P - j: P - j + T]                                    # x_{t−j}
+        tap = weight[:, K - 1 - j].to(x.dtype)
+        if reset is not None and j > 0:
+            same = (seg[:, P - j: P - j + T] == seg[:, P:]).to(x.dtype)   # [B, T]
+            src = src * same[..., None]
+        y = y + src * tap
+    if activation == "silu":
+        y = F.silu(y)
+    elif activation is not None:
+        raise ValueError(f"activation={activation!r} not allowed; allowed: ['silu', None]")
+    new_cache = xe[:, -P:] if P > 0 else xe[:, :0]
+    if reset is not None and P > 0:
+        keep = (seg[:, -P:] == seg[:, -1:]).to(x.dtype)                  # entries of the last token's document
+        new_cache = new_cache * keep[..., None]
+    return y, new_cache.to(cache.dtype)
+
+
+class ShortConv(nn.Module):
+    """Learned depthwise causal conv over C channels with kernel K (default 4) and optional SiLU."""
+
+    def __init__(self, channels: int, kernel_size: int = 4, *, bias: bool = False,
+                 activation: str | None = "silu") -> None:
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size={kernel_size} must be ≥ 1")
+        self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.reset_parameters()
+
+    custom_init = True  # the generic init only touches Linear/Embedding, but keep our init explicit
+
+    def reset_parameters(self) -> None:
+        # PyTorch's Conv1d default (kaiming-uniform over fan_in = K for a depthwise kernel)
+        bound = 1.0 / math.sqrt(self.kernel_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def init_cache(self, batch_size: int, *, device=None, dtype=torch.float32) -> Tensor:
+        """Zero cache [B, K−1, C]."""
+        return torch.zeros(batch_size, self.kernel_size - 1, self.channels, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, cache: Tensor | None = None, reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [B, T, C], cache [B, K−1, C] -> (y [B, T, C], new cache [B, K−1, C])."""
+        return causal_conv1d(x, self.weight, self.bias, cache, reset, self.activation)

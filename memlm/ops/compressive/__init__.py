@@ -1,0 +1,28 @@
+"""Compressive memory (Infini-attention) over document-aligned segments, and the chunk layout shared by every
+memory that writes once per chunk (segments.py).
+
+Backends (memlm.ops.dispatch, op name "compressive_memory"): "chunked" (one step per segment, default) and
+"reference" (token loop, by name only). `segment_memory(...)` dispatches.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import dispatch
+from . import chunked, reference
+from .segments import ChunkLayout, chunk_layout, gather_chunks, gather_tokens, pending_tail
+
+__all__ = ["ChunkLayout", "chunk_layout", "chunked", "gather_chunks", "gather_tokens", "pending_tail", "reference",
+           "segment_memory"]
+
+dispatch.register("compressive_memory", "chunked", chunked.segment_memory, priority=0)
+dispatch.register("compressive_memory", "reference", reference.segment_memory, priority=-100)
+
+
+def segment_memory(sq: Tensor, sk: Tensor, v: Tensor, *, M0: Tensor, z0: Tensor, write_slot: Tensor,
+                   starts_doc: Tensor, complete: Tensor, delta: bool, eps: float = 1e-6, backend: str | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Dispatching entry point; see reference.segment_memory for shapes and semantics."""
+    kwargs = {"M0": M0, "z0": z0, "write_slot": write_slot, "starts_doc": starts_doc, "complete": complete,
+              "delta": delta, "eps": eps}
+    return dispatch.get("compressive_memory", backend, args=(sq, sk, v), kwargs=kwargs)(sq, sk, v, **kwargs)
