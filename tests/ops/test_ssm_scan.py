@@ -70,6 +70,23 @@ def shape_for(t: int) -> tuple[int, int, int, int]:
     return (1, 2, 4, 4) if t >= 1000 else (2, 4, 8, 6)  # (B, H, P, N)
 
 
+def test_reference_by_hand() -> None:
+    """Two tokens, one head, P = N = 1, written out: pins the reference itself to the maths."""
+    x, dt, a, b, c, d, h0 = 0.7, (0.3, 1.1), -0.8, (0.5, -1.3), (2.0, 0.4), 0.25, 1.5
+    h1 = torch.exp(torch.tensor(dt[0] * a)) * h0 + dt[0] * x * b[0]
+    h2 = torch.exp(torch.tensor(dt[1] * a)) * h1 + dt[1] * x * b[1]
+    want = torch.stack([h1 * c[0] + d * x, h2 * c[1] + d * x]).view(1, 2, 1, 1)
+    t64 = dict(dtype=torch.float64)
+    args = (torch.full((1, 2, 1, 1), x, **t64), torch.tensor(dt, **t64).view(1, 2, 1), torch.tensor([a], **t64),
+            torch.tensor(b, **t64).view(1, 2, 1, 1), torch.tensor(c, **t64).view(1, 2, 1, 1), torch.tensor([d], **t64))
+    for fn in (ssm_scan_reference, ssm_scan_chunked):
+        y, s = fn(*args, initial_state=torch.full((1, 1, 1, 1), h0, **t64))
+        torch.testing.assert_close(y, want.to(torch.float64))
+        torch.testing.assert_close(s.view(()), h2.to(torch.float64))
+        y, _ = fn(*args, initial_state=torch.full((1, 1, 1, 1), h0, **t64), reset=torch.tensor([[False, True]]))
+        torch.testing.assert_close(y[0, 1].view(()), torch.tensor(dt[1] * x * b[1] * c[1] + d * x, **t64))
+
+
 @pytest.mark.parametrize("resets", [False, True])
 @pytest.mark.parametrize("groups", ["one", "per_head"])
 @pytest.mark.parametrize("t", [1, 63, 64, 65, 100, 1000])
@@ -151,19 +168,26 @@ def test_chunk_invariance_with_carried_state() -> None:
 def test_step_equals_reference(groups: int) -> None:
     t = 40
     inp = make_inputs(2, t, 4, 8, 6, groups, seed=6, resets=True, q=16)
-    y_ref, s_ref = ssm_scan_reference(*(inp[k] for k in NAMES[:6]), initial_state=inp["h0"], reset=inp["reset"])
-    x, dt, a, b, c, d, h0 = (inp[k].float() for k in NAMES)
-    state, ys = h0, []
-    for i in range(t):
-        before = state.clone()
-        y_i, new = ssm_step(x[:, i:i + 1], dt[:, i:i + 1], a, b[:, i:i + 1], c[:, i:i + 1], d, state,
-                            reset=inp["reset"][:, i:i + 1])
-        assert torch.equal(state, before), "ssm_step modified its input state"
-        assert y_i.shape == (2, 1, 4, 8) and new.dtype == torch.float32
-        ys.append(y_i)
-        state = new
-    assert_close(torch.cat(ys, dim=1), y_ref, name="y step")
-    assert_close(state, s_ref, name="state step")
+    y_ref, s_ref, g_ref = run(ssm_scan_reference, inp, torch.float64)
+
+    def stepped(x, dt, a, b, c, d, *, initial_state, reset, chunk_size):
+        state, ys = initial_state, []
+        for i in range(x.shape[1]):
+            before = state.detach().clone()
+            y_i, new = ssm_step(x[:, i:i + 1], dt[:, i:i + 1], a, b[:, i:i + 1], c[:, i:i + 1], d, state,
+                                reset=reset[:, i:i + 1])
+            assert torch.equal(state, before), "ssm_step modified its input state"
+            assert y_i.shape == (2, 1, 4, 8) and new.dtype == torch.float32
+            ys.append(y_i)
+            state = new
+        return torch.cat(ys, dim=1), state
+
+    y, s, grads = run(stepped, inp, torch.float32)
+    assert_close(y, y_ref, name="y step")
+    assert_close(s, s_ref, name="state step")
+    for k in NAMES:
+        assert_close(grads[k], g_ref[k], kind="grad", name=f"d{k} step")
+    x, dt, a, b, c = (inp[k].float() for k in NAMES[:5])
     y0, s0 = ssm_step(x[:, :1], dt[:, :1], a, b[:, :1], c[:, :1], None, None)
     y0_ref, s0_ref = ssm_scan_reference(x[:, :1], dt[:, :1], a, b[:, :1], c[:, :1])
     assert_close(y0, y0_ref, name="y step no state")

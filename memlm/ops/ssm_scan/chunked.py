@@ -96,9 +96,10 @@ def ssm_scan_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
             # where, not a multiply: a non-finite state dropped by a reset at t=0 must not leak (NaN * 0 = NaN)
             state = torch.where(reset[:, 0, None, None, None, None], 0.0, state)
     entering = []
-    for c in range(k):
+    # unbind once: indexing [:, c] inside the loop would make autograd build a full-size zero gradient per chunk
+    for g_c, s_c in zip(g_chunk[..., None, None].unbind(1), s_chunk.unbind(1)):
         entering.append(state)
-        state = g_chunk[:, c, :, :, None, None] * state + s_chunk[:, c]
+        state = g_c * state + s_c
     h_in = torch.stack(entering, dim=1)  # [B, K, G, R, P, N]
 
     # Contribution of the state carried into each chunk.
