@@ -234,10 +234,13 @@ class Packer:
         if batch_size < 1 or seq_len < 1:
             raise UserError(f"batch_size and seq_len must be ≥ 1, got {batch_size} and {seq_len}")
         self.tok = tokenizer
+        info = getattr(source, "tokenizer_info", None) or {}  # a ShardDataset knows its tokenizer's specials
         if eos_id is None:
-            if tokenizer is None:
+            eos_id = tokenizer.eos_id if tokenizer is not None else info.get("eos_id")
+            if eos_id is None:
                 raise UserError("Packer needs a tokenizer or an explicit eos_id")
-            eos_id = tokenizer.eos_id
+        if pad_id is None and tokenizer is None:
+            pad_id = info.get("pad_id")
         self.eos_id = eos_id
         self.bos_id = (tokenizer.bos_id if tokenizer is not None else None) if add_bos else None
         if add_bos and self.bos_id is None:

@@ -15,7 +15,8 @@ A *record* is one line of a .jsonl file, one element of a .json array, one parqu
     unreadable     an I/O or decompression error; the rest of that file is skipped
 
 Text fields, first match wins: `text`, `content`, `input`, then chat `messages` / `conversations`.
-A .txt file is one document (split at a blank line once it exceeds txt_max_doc_bytes, 16 MiB by default).
+A .txt file is one document (split at a blank line once it exceeds txt_max_doc_bytes, 16 MiB by default; line
+endings become "\n"). A UTF-8 byte-order mark at the start of a file is dropped.
 Locations are "file:N" with N the 1-based line (or array element / parquet row / dataset row) number.
 
 Every source is re-iterable (each pass re-reads), which is what lets the packer run epochs and resume by index.
@@ -245,7 +246,8 @@ def _read_lines(fh: io.BufferedIOBase, where: str, stats: SourceStats, max_line_
             stats.skip("binary", where, lineno)
             continue
         try:
-            yield lineno, raw.decode("utf-8").rstrip("\r\n")
+            # utf-8-sig on the first line drops a byte-order mark (files saved by Windows editors)
+            yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
             stats.skip("invalid_utf8", where, lineno)
 
@@ -277,13 +279,14 @@ def _iter_json(fh: io.BufferedIOBase, where: str, stats: SourceStats, max_line_b
                text_field: str | None) -> Iterator[Document]:
     """A .json file holds an array of records, one record, {"key": [records]}, or (often, in practice) JSON lines."""
     head = fh.peek(_SNIFF)[:_SNIFF] if hasattr(fh, "peek") else b""
-    first = head.lstrip()[:1]
+    first = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
     if first == b"{" or not head:
         # One object, or (common in practice for big files) JSON lines: if the first line parses on its own, stream
         # the file as JSON lines; otherwise parse it as a whole.
         line1 = fh.readline(max_line_bytes + 1)
         try:
-            jsonl = line1.endswith(b"\n") and isinstance(json.loads(line1), (dict, str, list))
+            jsonl = line1.endswith(b"\n") and isinstance(json.loads(line1.removeprefix(b"\xef\xbb\xbf")),
+                                                         (dict, str, list))
         except ValueError:
             jsonl = False
         if jsonl:
@@ -294,7 +297,7 @@ def _iter_json(fh: io.BufferedIOBase, where: str, stats: SourceStats, max_line_b
             stats.skip("empty", where, 1)
             return
         try:
-            rec = json.loads(data.decode("utf-8"))
+            rec = json.loads(data.decode("utf-8-sig"))
         except UnicodeDecodeError:
             stats.skip("invalid_utf8", where, 1)
             return
@@ -309,7 +312,7 @@ def _iter_json(fh: io.BufferedIOBase, where: str, stats: SourceStats, max_line_b
         records = rec if isinstance(rec, list) else [rec]
     elif first == b"[":
         try:
-            records = json.loads(fh.read().decode("utf-8"))
+            records = json.loads(fh.read().decode("utf-8-sig"))
         except UnicodeDecodeError:
             stats.skip("invalid_utf8", where, 1)
             return
@@ -650,6 +653,13 @@ class Concat:
 class _Split:
     def __init__(self, docs: Iterable[Any], every: int, val: bool) -> None:
         self.docs, self.every, self.val = docs, every, val
+
+    @property
+    def stats(self) -> SourceStats | None:
+        return getattr(self.docs, "stats", None)
+
+    def __repr__(self) -> str:
+        return f"{'val' if self.val else 'train'} split (every {self.every}) of {self.docs!r}"
 
     def __iter__(self) -> Iterator[Any]:
         for i, d in enumerate(self.docs):

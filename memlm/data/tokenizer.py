@@ -181,6 +181,42 @@ def _token_text(entry: object) -> str | None:
     return None
 
 
+def _byte_level_splittable(tk: object) -> bool:
+    """True for a byte-level BPE with the GPT-2 split regex and no normaliser (what train_bpe builds): there a
+    newline between two visible ASCII characters is always a pre-token boundary, and BPE never merges across one."""
+    try:
+        spec = json.loads(tk.to_str())  # type: ignore[attr-defined]
+    except (ValueError, AttributeError):
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space", False) and (spec.get("model") or {}).get("type") == "BPE")
+
+
+_PIECE_CHARS = 1 << 15
+
+
+def _visible_ascii(c: str) -> bool:
+    return "!" <= c <= "~"
+
+
+def _split_text(t: str) -> list[str]:
+    """Cut t after a "\n" that sits between two visible ASCII characters, about every _PIECE_CHARS characters."""
+    if len(t) <= 2 * _PIECE_CHARS:
+        return [t]
+    out, pos = [], 0
+    while len(t) - pos > 2 * _PIECE_CHARS:
+        cut = t.find("\n", pos + _PIECE_CHARS)
+        while cut != -1 and not (_visible_ascii(t[cut - 1]) and cut + 1 < len(t) and _visible_ascii(t[cut + 1])):
+            cut = t.find("\n", cut + 1)
+        if cut == -1:
+            break
+        out.append(t[pos:cut + 1])
+        pos = cut + 1
+    out.append(t[pos:])
+    return out
+
+
 class HFTokenizer(Tokenizer):
     """Wraps a `tokenizers.Tokenizer`. Specials are found by their usual spellings (or the HF config files beside
     tokenizer.json). A tokenizer with no end-of-text token gets `<|eos|>` appended to its vocabulary."""
@@ -213,6 +249,7 @@ class HFTokenizer(Tokenizer):
                 self.special_tokens[s] = vocab[s]
         # Ids may have gaps; the model must cover the largest one.
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
+        self._splittable = _byte_level_splittable(tk)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
@@ -257,7 +294,25 @@ class HFTokenizer(Tokenizer):
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
+        """Encode many plain texts in parallel. Long texts of a GPT-2-style byte-level tokenizer are cut into pieces
+        at boundaries the pre-tokenizer always splits at (so the ids are identical) and encoded in parallel too:
+        one book is otherwise one thread."""
+        if not self._splittable:
+            return [e.ids for e in self._encode_many(texts)]
+        pieces: list[str] = []
+        owner: list[int] = []
+        for i, t in enumerate(texts):
+            for p in _split_text(t):
+                pieces.append(p)
+                owner.append(i)
+        out: list[list[int]] = [[] for _ in texts]
+        for o, e in zip(owner, self._encode_many(pieces)):
+            out[o].extend(e.ids)
+        return out
+
+    def _encode_many(self, texts: list[str]) -> list:
+        fast = getattr(self._tk, "encode_batch_fast", None)  # no offsets: faster (tokenizers ≥ 0.21)
+        return (fast or self._tk.encode_batch)(texts, add_special_tokens=False)
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)

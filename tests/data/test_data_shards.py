@@ -159,3 +159,10 @@ def test_mismatch_and_damage_are_user_errors(corpus, tmp_path):
     idx = prepare(mixture([([Document("a")], 1.0), ([Document("b")], 1.0)]), tok, tmp_path / "m", max_tokens=10,
                   group_chars=1)
     assert 10 <= idx["tokens"] <= 12
+
+
+def test_packer_takes_specials_from_shard_index(tmp_path):
+    tok = ByteTokenizer()
+    prepare([Document("abc")], tok, tmp_path / "s")
+    b = next(Packer(ShardDataset(tmp_path / "s"), batch_size=1, seq_len=6, loop=False))
+    assert b.input_ids[0].tolist() == [97, 98, 99, tok.eos_id, tok.pad_id, tok.pad_id]

@@ -295,3 +295,13 @@ def test_stats_merge_and_summary():
     assert m.documents == 5 and m.skipped == {"empty": 4, "broken_json": 4} and len(m.locations) == 5
     assert SourceStats(documents=1).summary().endswith("nothing skipped.")
     assert Path(demo_corpus_path()).name == "books-demo.jsonl.xz"
+
+
+def test_byte_order_mark_and_crlf(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "one"}\r\n{"text": "two"}\r\n')
+    (tmp_path / "b.json").write_bytes(bom + json.dumps(RECORDS).encode())
+    (tmp_path / "c.txt").write_bytes(bom + b"hello\r\nworld\r\n")
+    assert _texts(DocumentSource(tmp_path / "a.jsonl")) == ["one", "two"]
+    assert _texts(DocumentSource(tmp_path / "b.json")) == EXPECTED
+    assert _texts(DocumentSource(tmp_path / "c.txt")) == ["hello\nworld\n"]

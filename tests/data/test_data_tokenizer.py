@@ -180,3 +180,18 @@ def test_load_errors(tmp_path, monkeypatch):
 def test_bpe_vocab_too_small(tmp_path):
     with pytest.raises(UserError, match="at least 263"):
         train_bpe(["abc"], 100, tmp_path)
+
+
+def test_bpe_batch_split_is_exact(bpe_dir, monkeypatch):
+    """encode_batch cuts long texts for parallelism; the ids must equal encoding each text whole."""
+    tok = load_tokenizer(str(bpe_dir))
+    assert tok._splittable
+    monkeypatch.setattr(tmod, "_PIECE_CHARS", 64)
+    rng = random.Random(3)
+    lines = ["It is a truth.", "  indented", "", "'s contraction", "x", "\t", "CAPS!", "naïve café", "123 456",
+             "end .", "世界", "a\u00a0b", " \n", "\r"]
+    texts = ["\n".join(rng.choice(lines) for _ in range(400)) for _ in range(10)]
+    texts += [_demo_texts(60_000)[0], UNICODE * 50, _random_text(rng, 2000).replace("a", "\n")]
+    split = [len(tmod._split_text(t)) for t in texts]
+    assert max(split) > 10  # the texts really were cut
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
