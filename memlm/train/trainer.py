@@ -95,36 +95,21 @@ def build_data(t: TrainConfig, tok: Any) -> tuple[Any, Any]:
     return stream, val_stream
 
 
-@torch.no_grad()
 def sample_text(model: MemoryLM, tok: Any, prompt: str, n: int, *, temperature: float = 0.8, top_k: int = 40,
                 seed: int = 0) -> str:
-    """Continue ``prompt`` by up to ``n`` tokens (temperature + top-k) with the state carried; stops at EOS.
+    """``prompt`` continued by up to ``n`` sampled tokens (temperature + top-k) through the inference engine.
 
-    Uses its own generator, so sampling never moves the training RNG (resume stays bit-exact)."""
-    try:
-        from memlm.inference.engine import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        return "".join(generate(model, tok, prompt, max_new_tokens=n, temperature=temperature, top_k=top_k,
-                                seed=seed))
+    A seeded private generator: sampling never moves the training RNG (resume stays bit-exact). Eval mode for the
+    duration (dropout off); memories still update as they do in generation."""
+    from memlm.inference.engine import generate
+
     was_training = model.training
     model.eval()
-    dev = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.tensor([tok.encode(prompt) or [tok.eos_id]], device=dev)
-    logits, state = model(ids)
-    out: list[int] = []
-    for _ in range(n):  # decoding is token by token by nature; training never loops over tokens
-        last = logits[0, -1].float().cpu() / max(temperature, 1e-5)
-        v, i = last.topk(min(top_k, last.numel()))
-        nxt = int(i[torch.multinomial(torch.softmax(v, -1), 1, generator=gen)])
-        if nxt == tok.eos_id:
-            break
-        out.append(nxt)
-        logits, state = model(torch.tensor([[nxt]], device=dev), state)
-    model.train(was_training)
-    return prompt + tok.decode(out)
+    try:
+        gen = generate(model, tok, prompt, max_new_tokens=n, temperature=temperature, top_k=top_k, seed=seed)
+        return prompt + gen.text
+    finally:
+        model.train(was_training)
 
 
 class Trainer:
@@ -185,8 +170,10 @@ class Trainer:
                                 f"run, or choose another out_dir")
             return
         if resume is True or resume == "auto":
-            if resume == "auto" and not ckpt.list_checkpoints(self.ckpt_root):
-                return
+            if not ckpt.list_checkpoints(self.ckpt_root):
+                if resume == "auto":
+                    return
+                raise UserError(f"{self.out_dir}: no checkpoint to resume from (leave out resume to start fresh)")
             path = ckpt.find_checkpoint(self.out_dir)
         else:
             path = ckpt.find_checkpoint(resume)

@@ -44,8 +44,8 @@ def texts(n: int = 60) -> list[str]:
 
 def debug_cfg(preset: str = "transformer-debug", **train_kw):
     cfg = memlm.preset(preset)
-    base = dict(seq_len=32, batch_size=4, steps=20, warmup=2, lr=3e-3, eval_every=0, sample_every=0, save_every=0,
-                log_every=1, tensorboard=False)
+    base = {"seq_len": 32, "batch_size": 4, "steps": 20, "warmup": 2, "lr": 3e-3, "eval_every": 0, "sample_every": 0,
+            "save_every": 0, "log_every": 1, "tensorboard": False, "device": "cpu"}
     cfg.train = cfg.train.replace(**(base | train_kw))
     return cfg
 
@@ -227,9 +227,8 @@ def _kill_at(tr: Trainer, step: int, sig=signal.SIGTERM) -> None:
 
 @pytest.mark.parametrize("preset,tbptt", [("transformer-debug", False), ("transformer-swa-debug", True)])
 def test_resume_equals_uninterrupted(tmp_path, preset, tbptt):
-    kw = dict(steps=10, eval_every=4, eval_batches=2, sample_every=3, sample_tokens=4, save_every=0, tbptt=tbptt,
-              detach_every=2 if tbptt else 1, grad_accum=1 if tbptt else 2, seq_len=16)
-    cfg = debug_cfg(preset, **kw)
+    cfg = debug_cfg(preset, steps=10, eval_every=4, eval_batches=2, sample_every=3, sample_tokens=4, tbptt=tbptt,
+                    detach_every=2 if tbptt else 1, grad_accum=1 if tbptt else 2, seq_len=16)
 
     def val():  # a Packer is an iterator: each trainer needs its own
         return Packer(texts(6), ByteTokenizer(), batch_size=4, seq_len=16, mode="streams" if tbptt else "packed",
@@ -315,3 +314,57 @@ def test_train_function_and_load_model(tmp_path):
     assert isinstance(memlm.load_tokenizer(res["checkpoint"]), ByteTokenizer)
     saved = json.loads((tmp_path / "fn" / "checkpoints" / "step_000003" / "config.json").read_text())
     assert saved["memlm_version"] == 1 and saved["train"]["steps"] == 3
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "shards"])
+def test_trainer_builds_its_data_from_the_config(tmp_path, kind):
+    """No injected data: train.data names files (validation = every val_every_doc-th document) or a prepared folder."""
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(30)))
+    spec = str(src)
+    if kind == "shards":
+        from memlm.data.shards import prepare
+        prepare([str(src)], ByteTokenizer(), tmp_path / "prepared", val_every=5)
+        spec = str(tmp_path / "prepared")
+    cfg = debug_cfg(steps=4, eval_every=2, eval_batches=2, val_every_doc=5, data=[spec], save_every=2)
+    res = Trainer(cfg, out_dir=tmp_path / "run", log=lambda s: None).fit()
+    assert res["step"] == 4 and res["val_loss"] is not None and math.isfinite(res["val_loss"])
+    # and it resumes its own data cursor
+    cfg2 = debug_cfg(steps=6, eval_every=0, val_every_doc=5, data=[spec])
+    tr = Trainer(cfg2, out_dir=tmp_path / "run", log=lambda s: None, resume=True)
+    assert tr.data.batches == 4 and tr.fit()["step"] == 6
+
+
+# --------------------------------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_bf16_training_resume_and_cpu_load(tmp_path, compile_):
+    """bf16 autocast on CUDA (dtype auto): loss falls, CUDA RNG is saved, resume continues, weights load on CPU."""
+    cfg = debug_cfg(device="cuda", steps=30, warmup=3, save_every=15, compile=compile_, seq_len=64)
+    tr = make_trainer(tmp_path, cfg)
+    assert tr.amp == torch.bfloat16
+    res = tr.fit()
+    recs = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(recs) == 30 and all(math.isfinite(x) for x in recs) and recs[-1] < recs[0] - 1.0
+    ck = tmp_path / "run" / "checkpoints" / "step_000015"
+    assert "torch_cuda" in torch.load(ck / "rng.pt", weights_only=True)
+    again = make_trainer(tmp_path, cfg, name="run2", resume=str(ck))
+    again.fit()
+    recs2 = [r["loss"] for r in read_jsonl(tmp_path / "run2" / "metrics.jsonl") if "loss" in r]
+    assert len(recs2) == 15
+    assert max(abs(a - b) for a, b in zip(recs2, recs[15:])) < 0.05  # same run up to GPU non-determinism
+    cpu = memlm.load_model(res["checkpoint"])
+    assert all(p.device.type == "cpu" for p in cpu.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tbptt_and_accumulation(tmp_path):
+    cfg = debug_cfg("transformer-swa-debug", device="cuda", steps=6, tbptt=True, detach_every=2, grad_accum=2,
+                    seq_len=32)
+    tr = make_trainer(tmp_path, cfg)
+    res = tr.fit()
+    assert res["step"] == 6 and tr.tbptt_state.pos.tolist() == [6 * 4 * 32] * 4
+    assert tr.tbptt_state.pos.device.type == "cuda"
