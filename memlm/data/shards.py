@@ -13,13 +13,15 @@ Layout of a prepared folder:
     val/                    the same layout for the validation split when `val_every` is given
 
 Offsets live in binary .idx files rather than in index.json so that millions of documents cost nothing to open.
-Every file is written to a temporary name and renamed. A document never spans two shards.
+Every file is written to a temporary name and renamed, inside a temporary folder that replaces the target folder
+only when complete. A document never spans two shards.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,18 +133,45 @@ def prepare(sources: Any, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, s
 
     val_every=k sends documents k-1, 2k-1, … to out_dir/val. max_tokens stops after about that many tokens (needed
     for an infinite weighted mixture). `progress(tokens_so_far)` is called after every group. Returns the index.
+
+    Everything is written into a hidden sibling folder that replaces out_dir only once complete, so a failed or
+    interrupted run leaves any earlier prepared data untouched. out_dir must be new, empty, or (with overwrite) a
+    prepared folder — never a folder of other files.
     """
     out = Path(out_dir)
-    if (out / INDEX).exists() and not overwrite:
-        raise UserError(f"'{out}' already holds prepared data ({INDEX}); pass overwrite=True / --overwrite")
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"'{out}' exists and is not a folder")
+        if (out / INDEX).exists():
+            if not overwrite:
+                raise UserError(f"'{out}' already holds prepared data ({INDEX}); pass overwrite=True / --overwrite")
+        elif any(out.iterdir()):
+            raise UserError(f"'{out}' exists and is not empty; choose a new folder for prepared data")
     is_specs = isinstance(sources, str) or (isinstance(sources, (list, tuple)) and bool(sources)
                                             and all(isinstance(s, str) for s in sources))
     src = open_sources(list(sources) if not isinstance(sources, str) else sources) if is_specs else sources
     if getattr(src, "infinite", False) and max_tokens is None:
         raise UserError("this weighted mixture cycles forever; give max_tokens (--max-tokens) to prepare it")
-    old = _read_index(out) if (out / INDEX).exists() else None
-    if old is not None:
-        (out / INDEX).unlink()  # the folder is incomplete until the new index is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        index = _prepare_into(src, tokenizer, tmp, shard_tokens, val_every, max_tokens, group_chars, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return index
+
+
+def _prepare_into(src: Any, tokenizer: Tokenizer, out: Path, shard_tokens: int, val_every: int | None,
+                  max_tokens: int | None, group_chars: int, progress: Any) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     train = _Writer(out, dtype, shard_tokens)
     val = _Writer(out / "val", dtype, shard_tokens) if val_every else None
@@ -176,15 +205,8 @@ def prepare(sources: Any, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, s
     stats = src.stats.to_dict() if isinstance(getattr(src, "stats", None), SourceStats) else {}
     if val is not None:
         val.finish(tokenizer, stats, "val", {})
-    index = train.finish(tokenizer, stats, "train", {"val": "val" if val is not None else None,
-                                                     "val_every": val_every})
-    if old is not None:  # remove shards of the previous contents that the new index no longer names
-        keep = {f for s in index["shards"] for f in (s["file"], s["offsets"], s["mask"]) if f}
-        for s in old.get("shards", []):
-            for f in (s.get("file"), s.get("offsets"), s.get("mask")):
-                if f and f not in keep and (out / f).is_file():
-                    (out / f).unlink()
-    return index
+    return train.finish(tokenizer, stats, "train", {"val": "val" if val is not None else None,
+                                                    "val_every": val_every})
 
 
 def _read_index(path: Path) -> dict:

@@ -365,20 +365,20 @@ def _iter_parquet(path: str, where: str, stats: SourceStats, text_field: str | N
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"reading '{path}' needs the 'pyarrow' package: pip install pyarrow") from None
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    fields = (text_field,) if text_field else TEXT_FIELDS + CHAT_FIELDS
-    col = next((f for f in fields if f in names), None)
-    if col is None:
-        stats.skip("missing_field", where, 1, n=max(pf.metadata.num_rows, 1))
-        return
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=[col]):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            doc = record_to_document({col: value} if value is not None else {}, where, row, stats, col)
-            if doc is not None:
-                yield doc
+    with pq.ParquetFile(path) as pf:
+        names = pf.schema_arrow.names
+        fields = (text_field,) if text_field else TEXT_FIELDS + CHAT_FIELDS
+        col = next((f for f in fields if f in names), None)
+        if col is None:
+            stats.skip("missing_field", where, 1, n=max(pf.metadata.num_rows, 1))
+            return
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=[col]):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                doc = record_to_document({col: value} if value is not None else {}, where, row, stats, col)
+                if doc is not None:
+                    yield doc
 
 
 def iter_file(path: str, stats: SourceStats, *, text_field: str | None = None, max_line_bytes: int = 8 << 20,

@@ -133,9 +133,18 @@ def test_val_split_and_overwrite(corpus, tmp_path):
     assert index["val_every"] == 10
     with pytest.raises(UserError, match="already holds prepared data"):
         prepare(str(corpus), tok, out)
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(UserError, match="no usable text"):  # a failing run leaves the earlier data intact
+        prepare(str(tmp_path / "empty.jsonl"), tok, out, overwrite=True)
+    assert len(ShardDataset(out)) == len(docs) - len(val)
     prepare([Document("tiny")], tok, out, overwrite=True, val_every=None)
-    assert len(ShardDataset(out)) == 1 and sorted(p.name for p in out.glob("shard-*")) == [
-        "shard-00000.bin", "shard-00000.idx"]
+    assert len(ShardDataset(out)) == 1 and sorted(p.name for p in out.iterdir()) == [
+        "index.json", "shard-00000.bin", "shard-00000.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "empty.jsonl", "s"]  # no temporary folders left
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        prepare([Document("x")], tok, tmp_path / "other")
 
 
 def test_mismatch_and_damage_are_user_errors(corpus, tmp_path):

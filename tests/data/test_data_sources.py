@@ -119,6 +119,12 @@ def test_parquet(tmp_path):
     src = DocumentSource(tmp_path / "d.parquet")
     assert _texts(src) == ["one", "three"]
     assert src.stats.skipped == {"empty": 1} and src.stats.locations == [f"{tmp_path / 'd.parquet'}:2"]
+    pq.write_table(pa.table({"body": ["x", "y"]}), tmp_path / "nofield.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet" * 10)
+    src = DocumentSource(str(tmp_path / "*.parquet"))
+    assert len(list(src)) == 2
+    assert src.stats.skipped == {"empty": 1, "missing_field": 2, "unreadable": 1}
+    assert _texts(DocumentSource(tmp_path / "nofield.parquet", text_field="body")) == ["x", "y"]
 
 
 def test_folder_and_glob(tmp_path):
