@@ -57,7 +57,8 @@ class Engine:
         """Feed ids [B, T] (T ≥ 1) in chunks of ``prefill_chunk``; return (logits of the last token [B, V], state).
 
         Chunk invariance of every mixer makes this equal to one call; the chunks bound activation memory, and only
-        the last position is projected to the vocabulary.
+        the last position is projected to the vocabulary. Under inference mode the state holds inference tensors:
+        ``state.clone()`` outside it before using the state with autograd.
         """
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         if ids.dim() != 2 or ids.shape[1] == 0:
@@ -261,7 +262,10 @@ class IdGeneration:
         active = list(range(len(self.prompts)))  # prompt index of each batch row
         if self.max_new_tokens == 0:
             for r in active:
-                rows[r].finish_reason, rows[r]._state = "length", _plain(state.select(r))
+                st = state.select(r)
+                if forced[r]:  # the rest of a longer prompt (continuing from a state) is still owed to the state
+                    _, st = eng.prefill(torch.tensor([forced[r]]), st)
+                rows[r].finish_reason, rows[r]._state = "length", _plain(st)
             return
         gen = make_generator(cfg.seed, eng.device)
         use_hist = cfg.uses_history

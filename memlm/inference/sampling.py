@@ -115,8 +115,8 @@ def as_history(history: Tensor | Sequence[Sequence[int]] | None, mask: Tensor | 
 def token_counts(ids: Tensor, valid: Tensor, vocab: int) -> Tensor:
     """c [B, V]: occurrences of each token among the valid history entries."""
     counts = torch.zeros(ids.shape[0], vocab, dtype=torch.float32, device=ids.device)
-    safe = ids.clamp(0, vocab - 1)  # padding ids may be out of range; they carry weight 0 anyway
-    return counts.scatter_add_(1, safe, valid.to(torch.float32))
+    inside = valid & (ids >= 0) & (ids < vocab)  # padding, or ids the sampler never offers, count for nothing
+    return counts.scatter_add_(1, ids.clamp(0, vocab - 1), inside.to(torch.float32))
 
 
 # ------------------------------------------------------------------------------------------------ filters
@@ -153,7 +153,9 @@ def no_repeat_ngram_ban(ids: Tensor, valid: Tensor, n: int, vocab: int) -> Tenso
     else:
         suffix, suffix_ok = ids[:, t - n + 1:], valid[:, t - n + 1:].all(-1)
         hit = (win[..., :-1] == suffix[:, None, :]).all(-1) & win_ok & suffix_ok[:, None]
-    nxt = win[..., -1].clamp(0, vocab - 1)
+    nxt = win[..., -1]
+    hit = hit & (nxt >= 0) & (nxt < vocab)
+    nxt = nxt.clamp(0, vocab - 1)
     # A token may follow several windows, matching or not: count the matches rather than overwrite.
     hits = torch.zeros(B, vocab, dtype=torch.int32, device=ids.device).scatter_add_(1, nxt, hit.to(torch.int32))
     return hits > 0

@@ -187,6 +187,12 @@ def test_batch_from_state_equals_each_alone():
     for p, res in zip(prompts, batch.rows):
         alone = eng.generate_ids([p], 15, GREEDY, state=ctx, ignore_eos=True).run().rows[0]
         assert res.token_ids == alone.token_ids
+    # With nothing to generate, each row's state still holds its whole prompt.
+    zero = eng.generate_ids(prompts, 0, GREEDY, state=ctx).run()
+    assert [r.state.pos.item() for r in zero.rows] == [23, 31, 26]
+    a, _ = eng.step([1], zero.rows[1].state)
+    b, _ = eng.prefill(torch.tensor([prompts[1] + [1]]), ctx)
+    assert_close(a, b, tol=1e-5, name="state after a 0-token generation")
 
 
 def test_rows_finish_independently_and_are_dropped():
@@ -316,7 +322,7 @@ def test_memory_layers_are_not_switched_to_eval_or_readonly():
 
 def test_sampling_kwargs_and_seed_determinism():
     model = model_for("pythia-debug")
-    a = generate(model, TOK, "abc", max_new_tokens=20, temperature=1.0, top_k=50, seed=5).token_ids
+    a = memlm.generate(model, TOK, "abc", max_new_tokens=20, temperature=1.0, top_k=50, seed=5).token_ids
     b = generate(model, TOK, "abc", max_new_tokens=20, sampling=SamplingConfig(temperature=1.0, top_k=50, seed=5))
     assert a == b.token_ids
     with pytest.raises(TypeError, match="temprature"):

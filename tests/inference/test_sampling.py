@@ -121,6 +121,13 @@ def test_token_counts_ignore_padding():
     assert c[1].tolist() == [0, 0, 0, 2, 0, 0, 0, 0]
 
 
+def test_history_ids_outside_the_vocabulary_count_for_nothing():
+    ids = torch.tensor([[3, 9, 9, 1]])
+    assert token_counts(ids, torch.ones_like(ids, dtype=torch.bool), 4)[0].tolist() == [0, 1, 0, 1]
+    ids, valid = as_history([[9, 2, 9, 2]], None, 1, torch.device("cpu"))
+    assert not no_repeat_ngram_ban(ids, valid, 2, 4).any()  # 9 would follow 2, but 9 is not a sampled id
+
+
 def test_no_repeat_ngram_bans_exactly_the_right_token():
     V = 10
     # history "1 2 3 1 2": the 3-gram (1, 2, 3) exists and the suffix is (1, 2) → only 3 is banned.
@@ -132,6 +139,9 @@ def test_no_repeat_ngram_bans_exactly_the_right_token():
     # Suffix occurring twice with different continuations bans both: "5 6 5 7 5" n=2 → {6, 7}.
     ids2, valid2 = as_history([[5, 6, 5, 7, 5]], None, 1, torch.device("cpu"))
     assert no_repeat_ngram_ban(ids2, valid2, 2, V)[0].nonzero().flatten().tolist() == [6, 7]
+    # A banned token that also follows a non-matching window later on stays banned: "1 3 2 3 1", n=2 → {3}.
+    ids4, valid4 = as_history([[1, 3, 2, 3, 1]], None, 1, torch.device("cpu"))
+    assert no_repeat_ngram_ban(ids4, valid4, 2, V)[0].nonzero().flatten().tolist() == [3]
     # No earlier occurrence of the suffix: nothing banned.
     ids3, valid3 = as_history([[1, 2, 3, 4]], None, 1, torch.device("cpu"))
     assert not no_repeat_ngram_ban(ids3, valid3, 2, V).any()
