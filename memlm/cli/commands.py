@@ -71,7 +71,8 @@ def sampling_from_args(args):
     from memlm.inference.sampling import SamplingConfig
 
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-              repetition_penalty=args.repetition_penalty, seed=args.seed)
+              repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+              presence_penalty=args.presence_penalty, no_repeat_ngram=args.no_repeat_ngram, seed=args.seed)
     return SamplingConfig(**{k: v for k, v in kw.items() if v is not None})
 
 
@@ -138,15 +139,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """A plain multi-turn REPL: the model's memory state is carried from turn to turn (only new tokens are fed)."""
-    from memlm.data.chat import render_prompt, stop_ids
+    """A plain multi-turn REPL: the model's memory state is carried from turn to turn; each turn feeds only the new
+    tokens (the user's message in the chat template), never the whole transcript again."""
+    from memlm.data.chat import END, marker_ids, render_prompt, stop_ids
     from memlm.inference.engine import generate
 
     model, tok, _ = load_for_inference(args.model, args.device, args.tokenizer)
     sampling = sampling_from_args(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    fed = 0  # how many prompt tokens the state has already seen
-    state = None
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    end = marker_ids(tok, END)
+    state, closed = None, True  # closed: the last assistant turn ended with <|end|> (the state has seen it)
     print("memlm chat — type /exit to quit, /reset to forget the conversation.", file=sys.stderr)
     while True:
         try:
@@ -157,12 +159,11 @@ def cmd_chat(args) -> int:
         if line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
-            messages, fed, state = messages[:1] if args.system else [], 0, None
+            state, closed = None, True
             print("[memory reset]", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": line})
-        ids = render_prompt(tok, messages)
-        new_ids = ids[fed:]
+        turn = (system if state is None else []) + [{"role": "user", "content": line}]
+        new_ids = ([] if closed else end) + render_prompt(tok, turn)
         sys.stdout.write("model> ")
         gen = generate(model, tok, new_ids, max_new_tokens=args.max_new_tokens, sampling=sampling, state=state,
                        stop=args.stop or None, stop_ids=stop_ids(tok))
@@ -170,9 +171,8 @@ def cmd_chat(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": gen.text})
         state = gen.state
-        fed = len(ids) + len(gen.token_ids)
+        closed = bool(gen.token_ids) and gen.token_ids[-len(end):] == end
 
 
 def cmd_data(args) -> int:
