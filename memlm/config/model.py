@@ -44,6 +44,8 @@ class ModelConfig(Config):
     # updated every cms_levels[ℓ] optimizer steps with its summed gradient; cms_d_ff: each level's hidden width (0: d_ff).
     cms_levels: list[int] = field(default_factory=lambda: [1, 4, 16])
     cms_d_ff: int = 0
+    # Attention-only ablation in one flag: mixers with a neural-memory branch (mag, mal) build without it (issue 4).
+    memory_off: bool = False
     name: str = ""
 
     def __post_init__(self) -> None:

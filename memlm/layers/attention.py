@@ -7,6 +7,8 @@ Full attention grows the cache by concatenation; a sliding window keeps a fixed 
 (token at stream position p lives in slot p mod W), so its state has a static shape. Masks are built from
 positions, never from slot order: key j is visible to query t iff it is valid, not in the future, in the
 same document (position ≥ the query's document start) and, with a window, fewer than W positions back.
+Optional persistent memory (``n_persistent`` = Np > 0): Np learned key/value pairs per KV head, prepended to the keys
+of every query — always visible, never cached, no position encoding, no document or window masking (Titans / MAG).
 """
 from __future__ import annotations
 
@@ -35,9 +37,12 @@ class AttentionConfig(MixerConfig):
     bias: bool = False
     qk_norm: bool = False
     fused_qkv: bool = True
+    n_persistent: int = 0  # learned persistent key/value tokens visible to every query (0: none)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.n_persistent < 0:
+            raise ValueError(f"n_persistent={self.n_persistent} must be ≥ 0")
         if self.position is not None:
             check_choice("position", self.position, ("rope", "xpos", "none", "learned"))
         if self.window is not None and self.window < 1:
@@ -60,7 +65,7 @@ class AttentionCore(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, window: int | None,
                  position: str, rope_base: float, rope_fraction: float, xpos_scale_base: float, bias: bool,
-                 qk_norm: bool, fused_qkv: bool) -> None:
+                 qk_norm: bool, fused_qkv: bool, n_persistent: int = 0) -> None:
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
@@ -81,6 +86,9 @@ class AttentionCore(nn.Module):
         if position in ("rope", "xpos"):
             self.rotary = Rotary(head_dim, base=rope_base, fraction=rope_fraction, xpos=position == "xpos",
                                  scale_base=xpos_scale_base)
+        # Persistent memory [Hk, Np, Dh]: parameters (trained with the model), never part of the state.
+        self.persist_k = nn.Parameter(torch.randn(n_kv_heads, n_persistent, head_dim) * 0.02) if n_persistent else None
+        self.persist_v = nn.Parameter(torch.randn(n_kv_heads, n_persistent, head_dim) * 0.02) if n_persistent else None
 
     def init_state(self, batch_size: int, device, dtype) -> KVState:
         L = self.window or 0
@@ -119,7 +127,7 @@ class AttentionCore(nn.Module):
                 reset: Tensor | None) -> Tensor:
         gqa = self.hq != self.hk
         L = state.k.shape[2]
-        if L == 0 and reset is None and self.window is None:
+        if L == 0 and reset is None and self.window is None and self.persist_k is None:
             # Fresh causal block, no packing: the flash/efficient kernels apply.
             return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
         if L > 0:
@@ -133,6 +141,11 @@ class AttentionCore(nn.Module):
         mask = (kp >= 0) & (kp <= qp) & (kp >= doc_tok[:, :, None])
         if self.window is not None:
             mask &= qp - kp < self.window
+        if self.persist_k is not None:
+            B, n = q.shape[0], self.persist_k.shape[1]
+            keys = torch.cat([self.persist_k.to(keys.dtype).expand(B, -1, -1, -1), keys], dim=2)
+            vals = torch.cat([self.persist_v.to(vals.dtype).expand(B, -1, -1, -1), vals], dim=2)
+            mask = torch.cat([mask.new_ones(B, mask.shape[1], n), mask], dim=2)
         return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None], enable_gqa=gqa)
 
     def _write(self, state: KVState, k: Tensor, v: Tensor, abs_pos: Tensor, doc_tok: Tensor) -> KVState:
@@ -159,7 +172,8 @@ def core_from_config(cfg: AttentionConfig, model_cfg) -> AttentionCore:
         model_cfg.d_model, hq, cfg.n_kv_heads or hq, cfg.head_dim or model_cfg.d_model // hq, window=cfg.window,
         position=cfg.position or model_cfg.position,
         rope_base=cfg.rope_base or model_cfg.rope_base, rope_fraction=cfg.rope_fraction or model_cfg.rope_fraction,
-        xpos_scale_base=model_cfg.xpos_scale_base, bias=cfg.bias, qk_norm=cfg.qk_norm, fused_qkv=cfg.fused_qkv)
+        xpos_scale_base=model_cfg.xpos_scale_base, bias=cfg.bias, qk_norm=cfg.qk_norm, fused_qkv=cfg.fused_qkv,
+        n_persistent=cfg.n_persistent)
 
 
 @register_mixer("attention", AttentionConfig)
