@@ -252,7 +252,7 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.tbptt_state = None  # a state that saw NaNs would poison every later step; restart the memories
-            if self.amp == torch.float16 and math.isfinite(loss_f):
+            if self.amp == torch.float16 and math.isfinite(loss_f) and self.loss_scale > 1.0:
                 self.loss_scale, self._good_since_scale = self.loss_scale / 2, 0  # fp16 overflow, not divergence
             else:
                 self.nonfinite_in_row += 1
