@@ -224,6 +224,10 @@ class Packer:
 
     Deterministic for a given source and seed. `state_dict()` after any batch and `load_state_dict()` on a fresh
     Packer over the same source give exactly the same following batches.
+
+    shuffle/seed reorder the documents of a ShardDataset (a new permutation each epoch). Other sources are read in
+    their own order (a Mixture has its own seed). loop=True starts a new epoch when the source ends; loop=False pads
+    the last rows (pad id, no loss, no reset) and then stops.
     """
 
     def __init__(self, source: Any, tokenizer: Tokenizer | None = None, *, batch_size: int, seq_len: int,
