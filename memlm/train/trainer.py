@@ -29,6 +29,7 @@ import torch
 
 from memlm.config.train import RunConfig, TrainConfig
 from memlm.errors import UserError
+from memlm.layers.cms import cms_gate_gradients
 from memlm.models.lm import MemoryLM
 from memlm.models.state import ModelState
 from memlm.train import checkpoint as ckpt
@@ -244,6 +245,9 @@ class Trainer:
         loss_f, gn_f = float(loss), float(grad_norm)  # the one host sync of a step
         finite = math.isfinite(loss_f) and math.isfinite(gn_f)
         if finite:
+            # CMS (issue 6): levels with period f keep their (clipped) gradient in an accumulator and skip the step
+            # unless (step + 1) % f == 0; a no-op for models without mlp="cms"
+            cms_gate_gradients(self.model, self.step + 1)
             self.optimizer.step()
             self.nonfinite_in_row = 0
             if t.tbptt:
