@@ -93,19 +93,21 @@ class ByteTokenizer(Tokenizer):
 
     kind = "byte"
 
-    def __init__(self) -> None:
-        self.name = "byte"
-        self.special_tokens = {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)}
-        self.vocab_size = 256 + len(SPECIAL_TOKENS)
-        self.eos_id = self.special_tokens["<|eos|>"]
-        self.bos_id = self.special_tokens["<|bos|>"]
-        self.pad_id = self.special_tokens["<|pad|>"]
+    def __init__(self, *, specials: bool = True) -> None:
+        # specials=False ("byte256") is the pure 256-byte vocabulary of byte-level models such as NYX: the NUL byte,
+        # which never occurs in text, doubles as end-of-document and padding; chat markers are spelled as text.
+        self.name = "byte" if specials else "byte256"
+        self.special_tokens = {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)} if specials else {}
+        self.vocab_size = 256 + len(self.special_tokens)
+        self.eos_id = self.special_tokens["<|eos|>"] if specials else 0
+        self.bos_id = self.special_tokens["<|bos|>"] if specials else None
+        self.pad_id = self.special_tokens["<|pad|>"] if specials else 0
         self._id_to_special = {i: s for s, i in self.special_tokens.items()}
         self._special_re = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS))
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False,
                allow_special: bool = False) -> list[int]:
-        if allow_special:
+        if allow_special and self.special_tokens:
             ids: list[int] = []
             pos = 0
             for m in self._special_re.finditer(text):
@@ -146,11 +148,12 @@ class ByteTokenizer(Tokenizer):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(d / META_FILE, {"kind": "byte", "name": self.name, "vocab_size": self.vocab_size,
-                                           "special_tokens": self.special_tokens})
+                                           "special_tokens": self.special_tokens,
+                                           "specials": bool(self.special_tokens)})
 
     @property
     def fingerprint(self) -> str:
-        return "byte-v1"
+        return "byte-v1" if self.special_tokens else "byte256-v1"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -412,16 +415,16 @@ def _looks_like_path(s: str) -> bool:
 
 
 def load_tokenizer(name_or_path: str = "byte") -> Tokenizer:
-    """"byte" → ByteTokenizer; a tokenizer.json or a directory (HF tokenizer dir or one written by `save`) →
+    """"byte" → ByteTokenizer (256 bytes + specials); "byte256" → bytes only (NUL = end of document); a tokenizer.json or a directory (HF tokenizer dir or one written by `save`) →
     that tokenizer; otherwise a Hugging Face hub name (needs the network or the local hub cache)."""
     s = str(name_or_path)
-    if s == "byte":
-        return ByteTokenizer()
+    if s in ("byte", "byte256"):
+        return ByteTokenizer(specials=s == "byte")
     p = Path(os.path.expanduser(s))
     if p.is_dir():
         meta = _read_json(p / META_FILE)
         if meta.get("kind") == "byte":
-            return ByteTokenizer()
+            return ByteTokenizer(specials=meta.get("specials", True))
         if not (p / HF_FILE).is_file():
             raise UserError(f"cannot load tokenizer '{s}': directory has neither {HF_FILE} nor {META_FILE}")
         return HFTokenizer.from_file(p)

@@ -35,13 +35,16 @@ class MemoryLM(nn.Module):
         self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, bias=c.norm_bias)
         self.head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         init_weights(self, std=c.init_std, n_layers=len(c.layers))
+        # Computed once: hashing the config on every forward would cost time and break torch.compile graphs.
+        self._config_hash = c.config_hash()
+        self._kinds = tuple(lc.kind for lc in c.layers)
 
     # ----------------------------------------------------------------------------------------- state
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None) -> ModelState:
         device = device or self.embed.weight.device
         z = torch.zeros(batch_size, dtype=torch.long, device=device)
         return ModelState(tuple(b.mixer.init_state(batch_size, device=device) for b in self.blocks), z, z.clone(),
-                          self.config.config_hash(), tuple(lc.kind for lc in self.config.layers))
+                          self._config_hash, self._kinds)
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: Tensor, state: ModelState | None = None, reset: Tensor | None = None,

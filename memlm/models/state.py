@@ -108,7 +108,7 @@ class ModelState:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise UserError(f"{where}: state format version {version} is newer than this memlm supports "
                             f"({FORMAT_VERSION}); upgrade memlm")
-        want = model.config.config_hash()
+        want = model._config_hash
         if header.get("config_hash") != want:
             raise UserError(f"{where}: state was saved for another model (config hash {header.get('config_hash')}, "
                             f"this model has {want}, kinds {list(header.get('kinds', []))})")

@@ -195,3 +195,12 @@ def test_bpe_batch_split_is_exact(bpe_dir, monkeypatch):
     split = [len(tmod._split_text(t)) for t in texts]
     assert max(split) > 10  # the texts really were cut
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_byte256_has_no_specials_and_fits_256():
+    from memlm.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("byte256")
+    assert tok.vocab_size == 256 and tok.eos_id == 0 and tok.special_tokens == {}
+    ids = tok.encode("héllo <|end|>", allow_special=True)
+    assert max(ids) < 256 and tok.decode(ids) == "héllo <|end|>"
