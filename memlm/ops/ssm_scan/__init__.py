@@ -1,4 +1,6 @@
-"""Selective diagonal state-space scan (Mamba-2 / SSD): h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_tᵀ, y_t = h_t C_t + D x_t.
+"""Selective diagonal state-space scan (Mamba-2 / SSD).
+
+Notation: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_tᵀ,  y_t = h_t C_t + D x_t  (reference.py has the legend).
 
 Backends of op "ssm_scan" (see memlm.ops.dispatch): "chunked" (default, priority 0) and "reference" (token loop,
 by name only). `ssm_scan(...)` resolves the backend per call; `ssm_step` is the T=1 decode path. NOTES.md has the maths.

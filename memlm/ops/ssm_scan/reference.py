@@ -72,14 +72,16 @@ def ssm_scan_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     ch = C.to(cd).repeat_interleave(r, dim=2)
     state = x.new_zeros(bsz, h, p, n, dtype=cd) if initial_state is None else initial_state.to(cd)
     ys = []
-    for t in range(t_len):
+    # unbind once: x[:, t] inside the loop would make autograd allocate a full [B, T, ...] zero gradient per token
+    steps = zip(xf.unbind(1), dtf.unbind(1), bh.unbind(1), ch.unbind(1))
+    for t, (x_t, dt_t, b_t, c_t) in enumerate(steps):
         if reset is not None:
             # where, not a multiply: a non-finite state before a reset must not leak into the new document
             state = torch.where(reset[:, t, None, None, None], 0.0, state)
-        a = torch.exp(dtf[:, t] * af)  # [B, H]
-        u = dtf[:, t, :, None] * xf[:, t]  # [B, H, P]
-        state = a[:, :, None, None] * state + u[..., None] * bh[:, t, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, ch[:, t]))
+        a = torch.exp(dt_t * af)  # [B, H]
+        u = dt_t[..., None] * x_t  # [B, H, P]
+        state = a[:, :, None, None] * state + u[..., None] * b_t[:, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, c_t))
     y = torch.stack(ys, dim=1)
     if D is not None:
         y = y + D.to(cd)[:, None] * xf
