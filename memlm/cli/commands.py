@@ -26,20 +26,18 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def resolve_model_path(spec: str) -> Path:
-    """A run folder (→ its latest checkpoint), a checkpoint folder or a model folder."""
+    """A run folder (→ its latest checkpoint), a checkpoint folder or a model folder (save_pretrained)."""
+    from memlm.train.checkpoint import find_checkpoint
+
     p = Path(spec)
-    if (p / "latest").is_file():
-        name = (p / "latest").read_text().strip()
-        cand = [p / "checkpoints" / name, p / name, Path(name)]
-        for c in cand:
-            if (c / "config.json").exists():
-                return c
-        raise UserError(f"{p}/latest names {name!r}, which does not exist")
+    if not p.exists():
+        raise UserError(f"{spec}: no such model folder")
     if (p / "config.json").exists():
         return p
-    if p.exists():
-        raise UserError(f"{p}: not a memlm run, checkpoint or model folder (no config.json or latest)")
-    raise UserError(f"{spec}: no such model folder")
+    try:
+        return find_checkpoint(p)
+    except UserError:
+        raise UserError(f"{p}: not a memlm run, checkpoint or model folder (no config.json or checkpoints/)") from None
 
 
 def load_for_inference(spec: str, device: str | None = None, tokenizer: str | None = None):
