@@ -83,6 +83,20 @@ def elu1(x: Tensor) -> Tensor:
     return F.elu(x) + 1.0
 
 
+def content_weights(sq: Tensor, z_pre: Tensor, log_tau: Tensor) -> Tensor:
+    """Which memory a token reads: softmax_r(τ_h · cos(σ(q), z_r)) over the non-empty memories (0 where all empty).
+
+    sq [B, S, N, H, K] (σ(q)); z_pre [B, S, H, R, K] key summaries before the segment; log_tau [H] -> w [B, S, N, H, R].
+    The match is by direction, so a memory is not preferred for having absorbed more keys (a larger ‖z‖).
+    """
+    zn = F.normalize(z_pre.float(), dim=-1)
+    cos = torch.einsum("bsnhk,bshrk->bsnhr", F.normalize(sq.float(), dim=-1), zn)
+    logits = cos * log_tau.float().exp()[:, None]
+    filled = (z_pre.abs().sum(-1) > 0)[:, :, None]                           # [B, S, 1, H, R]
+    # finite fill (not −inf) keeps softmax and its gradient NaN-free when every memory is still empty
+    return torch.softmax(logits.masked_fill(~filled, -1e9), dim=-1) * filled
+
+
 @register_mixer("compressive", CompressiveConfig)
 class Compressive(Mixer):
     """Infini-attention: segment-local causal softmax attention plus a per-sequence compressive memory."""
@@ -104,6 +118,7 @@ class Compressive(Mixer):
         self.rotary = None
         if cfg.position == "rope":
             self.rotary = Rotary(self.dh, base=cfg.rope_base or model_cfg.rope_base)
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.gate)
@@ -173,13 +188,7 @@ class Compressive(Mixer):
         reads = num / den.clamp_min(eps)[..., None]                          # σ(q) M_r / (σ(q) z_r); 0 if empty
         if self.R == 1:
             return reads[..., 0, :]
-        # content match: cosine between σ(q) and each memory's key summary z_r (not its size)
-        zn = F.normalize(z_pre, dim=-1)                                      # [B, S, H, R, K]
-        cos = torch.einsum("bsnhk,bshrk->bsnhr", F.normalize(sq.float(), dim=-1), zn)
-        logits = cos * self.log_tau.float().exp()[:, None]
-        filled = (z_pre.abs().sum(-1) > 0)[:, :, None]                       # [B, S, 1, H, R]
-        # finite fill (not −inf) keeps softmax and its gradient NaN-free when every memory is still empty
-        w = torch.softmax(logits.masked_fill(~filled, -1e9), dim=-1) * filled  # empty memories get no weight
+        w = content_weights(sq, z_pre, self.log_tau)
         fine = (w[..., None] * reads).sum(-2)
         if self.expand is None:
             return fine

@@ -84,6 +84,7 @@ class DeltaNet(Mixer):
         self.g_proj = nn.Linear(d, self.h * self.dv, bias=False) if cfg.output_gate else None
         self.o_norm = RMSNorm(self.dv)
         self.o_proj = nn.Linear(self.h * self.dv, d, bias=False)
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # β starts near 0.5 (b_proj bias 0). Decay as in Mamba-2: A ∈ [1, 16] per head, softplus(dt_bias) ∈ [dt_min,

@@ -1,11 +1,11 @@
 """HOPE mixer (Onyx; Behrouz et al. 2025, "Nested Learning", self-modifying Titans with matrix memories).
 
 Notation (per memory head; B batch, T tokens, C chunk length, H query heads, Hm memory heads, Dh head width):
-  u_t = W_u x_t ∈ R^Dh                         input of the memories
+  u_t = SiLU(conv(W_u x))_t ∈ R^Dh            input of the memories (short causal conv, kernel 4, as in Titans)
   M_□ for □ ∈ {k, v, η, α, mem}                fast-weight matrices, stacked row-wise: M = [M_k; M_v; m_η; m_α; M_mem]
                                                ∈ R^{R×Dh}, R = 2Dh + 2 (+ Dh with read="memory")
   k_t = M_k u_t,  v_t = M_v u_t,  η, α from m_η u_t, m_α u_t       (each memory produces its own quantity)
-  v̂_□ = M_□ v_t                                                    (each memory generates its own target)
+  v̂_□ = M_□ v_t / ‖v_t‖                                            (each memory generates its own target)
   DGD:  M_□ ← M_□ (α_t I − η_t k̂_t k̂_tᵀ) − η_t (M_□ k̂_t − v̂_□) k̂_tᵀ,   k̂ = k/‖k‖
 
 Chunk-wise (SPEC.md Onyx): within a chunk of C tokens every quantity (k, v, η, α, v̂) is produced by the memories
@@ -20,7 +20,8 @@ head) start every document, so they receive gradient on every step; tokens of an
 state's pending buffer (their u) and are written when the chunk completes, in training and decode alike.
 
 State (``HopeState``): mem [B, Hm, R, Dh] float32 (memory at the start of the current chunk), pend [B, C−1, Hm·Dh]
-(u of the pending tokens), pos, doc_start [B], kv (KVState, attention read only).
+(u of the pending tokens), conv [B, conv_size−1, channels] (short-conv cache), pos, doc_start [B], kv (KVState,
+attention read only).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from memlm.config.base import check_choice
 from memlm.layers.attention import AttentionConfig, KVState, core_from_config
 from memlm.layers.base import LayerState, Mixer, MixerConfig, register_mixer
 from memlm.layers.norm import RMSNorm
+from memlm.layers.shortconv import ShortConv
 from memlm.ops.compressive.segments import ChunkLayout, chunk_layout, gather_chunks, gather_tokens, pending_tail
 from memlm.ops.delta_rule import delta_rule
 
@@ -46,17 +48,18 @@ class HopeConfig(MixerConfig):
     n_kv_heads: int | None = None  # memory heads = attention key/value heads (None: = n_heads)
     head_dim: int | None = None  # None: d_model // n_heads
     chunk_size: int = 64
+    conv_size: int = 4  # short causal conv on the memory input u (and q with the memory read), as in Titans; 0: off
     position: str | None = None  # attention read: None = the model's position encoding
     rope_base: float | None = None
     rope_fraction: float | None = None
-    alpha_init: tuple[float, float] = (0.97, 0.995)  # initial retention α per head (spread over heads)
+    alpha_init: tuple[float, float] = (0.99, 0.999)  # initial retention α per head (spread over heads)
     backend: str | None = None  # delta_rule backend
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("read", self.read, ("memory", "attention"))
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size={self.chunk_size} must be ≥ 1")
+        if self.chunk_size < 1 or self.conv_size < 0:
+            raise ValueError(f"chunk_size={self.chunk_size} must be ≥ 1 and conv_size={self.conv_size} ≥ 0")
         if self.read == "memory" and self.n_kv_heads is not None and self.n_heads is not None \
                 and self.n_kv_heads != self.n_heads:
             raise ValueError(f"read='memory' reads each memory head with its own query: n_kv_heads={self.n_kv_heads} "
@@ -65,13 +68,39 @@ class HopeConfig(MixerConfig):
 
 @dataclass(frozen=True)
 class HopeState(LayerState):
-    """mem: [B, Hm, R, Dh] f32; pend: [B, C−1, Hm·Dh]; pos, doc_start: [B]; kv: KVState or None."""
+    """mem: [B, Hm, R, Dh] f32; pend: [B, C−1, Hm·Dh]; conv: [B, conv_size−1, channels]; pos, doc_start: [B];
+    kv: KVState or None."""
 
     mem: Tensor
     pend: Tensor
+    conv: Tensor
     pos: Tensor
     doc_start: Tensor
     kv: KVState | None = None
+
+
+def dgd_step(M: Tensor, k: Tensor, v_hat: Tensor, eta: Tensor, alpha: Tensor) -> Tensor:
+    """One delta-gradient-descent write, the specification: M (α I − η k kᵀ) − η (M k − v̂) kᵀ.
+
+    M [..., R, Dh]; k [..., Dh] (unit); v_hat [..., R]; eta, alpha [...] -> M [..., R, Dh].
+    """
+    Mk = torch.einsum("...rd,...d->...r", M, k)
+    a, e = alpha[..., None, None], eta[..., None, None]
+    return a * M - e * Mk[..., :, None] * k[..., None, :] - e * (Mk - v_hat)[..., :, None] * k[..., None, :]
+
+
+def dgd_chunk(M0: Tensor, k: Tensor, v_hat: Tensor, beta: Tensor, g: Tensor, *, q: Tensor | None = None,
+              backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """A chunk of DGD writes, every token's quantities given, with α = exp(g) and η = ½ α β.
+
+    M0 [B, H, R, Dh] f32; k [B, C, H, Dh] unit keys; v_hat [B, C, H, R]; beta, g [B, C, H]; q [B, C, H, Dh] or None.
+    Returns (o [B, C, H, R] = M_t q_t after token t's write (M_t k_t if q is None), M at the chunk end).
+    Equal to C successive ``dgd_step``s: M(αI − η k kᵀ) − η(M k − v̂)kᵀ = α M (I − β k kᵀ) + β (½ α v̂) kᵀ, the gated
+    delta rule, so the chunk runs in the WY/UT-parallel form of memlm.ops.delta_rule.
+    """
+    val = 0.5 * torch.exp(g)[..., None] * v_hat
+    return delta_rule(k if q is None else q, k, val, beta, g, initial_state=M0, chunk_size=k.shape[1],
+                      backend=backend)
 
 
 @register_mixer("hope", HopeConfig)
@@ -93,6 +122,9 @@ class Hope(Mixer):
         # rows of the stacked memory: k, v, η, α (and mem for the memory read)
         self.rows = 2 * dh + 2 + (dh if cfg.read == "memory" else 0)
         self.u_proj = nn.Linear(d, self.hm * dh, bias=False)
+        conv_ch = self.hm * dh + (self.hq * dh if cfg.read == "memory" else 0)
+        self.conv = ShortConv(conv_ch, cfg.conv_size) if cfg.conv_size > 0 else None
+        self.conv_ch = conv_ch
         self.mem_init = nn.Parameter(torch.empty(self.hm, self.rows, dh))
         self.eta_bias = nn.Parameter(torch.zeros(self.hm))
         self.alpha_bias = nn.Parameter(torch.zeros(self.hm))
@@ -106,6 +138,7 @@ class Hope(Mixer):
             self.core = core_from_config(acfg, model_cfg)
             # keys and values come from the memories: the core's own k/v projections would be dead weights
             del self.core.k_proj, self.core.v_proj
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """M_k, M_v, M_mem start near the identity (so k ≈ v ≈ u and the targets M_□ v are informative), the η/α
@@ -133,7 +166,9 @@ class Hope(Mixer):
         kv = None
         if self.cfg.read == "attention":
             kv = self.core.init_state(batch_size, device, self.core.o_proj.weight.dtype)
-        return HopeState(mem=mem, pend=pend, pos=z, doc_start=z.clone(), kv=kv)
+        conv = torch.zeros(batch_size, max(self.cfg.conv_size - 1, 0), self.conv_ch, device=device,
+                           dtype=self.u_proj.weight.dtype)
+        return HopeState(mem=mem, pend=pend, conv=conv, pos=z, doc_start=z.clone(), kv=kv)
 
     # --------------------------------------------------------------------------------------------- memory
     def produce(self, M0: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -144,7 +179,9 @@ class Hope(Mixer):
         k, v = out[..., :dh], out[..., dh: 2 * dh]
         beta = torch.sigmoid(out[..., 2 * dh] + self.eta_bias.float())
         g = F.logsigmoid(out[..., 2 * dh + 1] + self.alpha_bias.float())
-        v_hat = torch.einsum("bhrd,bchd->bchr", M0, v)
+        # targets from the unit value: ‖v̂‖ ≤ ‖M⁰‖ whatever the scale of v, so a write neither shrinks the memory
+        # towards zero (small v) nor inflates it (large v) — each memory stays on the scale of its initial value
+        v_hat = torch.einsum("bhrd,bchd->bchr", M0, F.normalize(v, dim=-1))
         return k, v, v_hat, beta, g
 
     def write(self, M0: Tensor, u: Tensor, q: Tensor | None, valid: Tensor) -> tuple[Tensor, Tensor | None, Tensor,
@@ -154,11 +191,8 @@ class Hope(Mixer):
         k, v, v_hat, beta, g = self.produce(M0, u)
         m = valid[..., None].float()
         kn = F.normalize(k, dim=-1) * m[..., None]
-        # η = ½ α β turns DGD into the gated delta rule with value ½ α v̂ (see the module docstring)
-        val = 0.5 * torch.exp(g)[..., None] * v_hat
-        qq = kn if q is None else F.normalize(q.float(), dim=-1)
-        o, M1 = delta_rule(qq, kn, val, beta * m, g * m, initial_state=M0, chunk_size=self.C,
-                           backend=self.cfg.backend)
+        qq = None if q is None else F.normalize(q.float(), dim=-1)
+        o, M1 = dgd_chunk(M0, kn, v_hat, beta * m, g * m, q=qq, backend=self.cfg.backend)
         read = o[..., 2 * self.dh + 2:] if q is not None else None
         return M1, read, k, v
 
@@ -171,11 +205,17 @@ class Hope(Mixer):
             state = self.init_state(B, device=x.device)
         lay = chunk_layout(state.pos, state.doc_start, reset, T, self.C)
         u = self.u_proj(x)
+        if self.cfg.read == "memory":
+            u = torch.cat([u, self.q_proj(x)], dim=-1)
+        conv = state.conv
+        if self.conv is not None:
+            u, conv = self.conv(u, state.conv, reset)
+        if self.cfg.read == "memory":
+            u, q = u.split([self.hm * self.dh, self.hq * self.dh], dim=-1)
         ue = torch.cat([state.pend.to(u.dtype), u], dim=1)                 # [B, P+T, Hm·Dh]
         ug = gather_chunks(ue, lay).view(B, lay.N, self.C, self.hm, self.dh)
         qg = None
         if self.cfg.read == "memory":
-            q = self.q_proj(x)
             qe = torch.cat([q.new_zeros(B, self.C - 1, q.shape[-1]), q], dim=1)  # pending outputs are not re-emitted
             qg = gather_chunks(qe, lay).view(B, lay.N, self.C, self.hq, self.dh)
         M, reads, keys, vals = self._scan(state.mem, ug, qg, lay)
@@ -190,7 +230,7 @@ class Hope(Mixer):
             y, kv = self.core(x, state.kv, reset, update, qkv=(q, k, v))
         if not update:
             return y, state
-        return y, HopeState(mem=M, pend=pending_tail(ue, lay).to(state.pend.dtype), pos=lay.pos,
+        return y, HopeState(mem=M, pend=pending_tail(ue, lay).to(state.pend.dtype), conv=conv, pos=lay.pos,
                             doc_start=lay.doc_start, kv=kv)
 
     def _scan(self, mem: Tensor, ug: Tensor, qg: Tensor | None, lay: ChunkLayout
