@@ -27,7 +27,7 @@ def _deltanet_debug() -> RunConfig:
     return RunConfig(model=deltanet(64, 2, 4, 263, gated=False, chunk=16), train=_debug_train())
 
 
-@register_preset("deltanet-34m", "deltanet", "DeltaNet, d512 L8 H8, vocab 16384 (34,692,224 parameters)")
+@register_preset("deltanet-34m", "deltanet", "DeltaNet, d512 L8 H8, vocab 16384 (36,267,072 parameters)")
 def _deltanet_34m() -> RunConfig:
     return RunConfig(model=deltanet(512, 8, 8, 16384, gated=False), train=_gpu_train())
 
@@ -38,7 +38,7 @@ def _gated_deltanet_debug() -> RunConfig:
 
 
 @register_preset("gated-deltanet-34m", "gated-deltanet", "Gated DeltaNet, d512 L8 H8, vocab 16384 "
-                 "(34,696,384 parameters)")
+                 "(36,299,968 parameters)")
 def _gated_deltanet_34m() -> RunConfig:
     return RunConfig(model=deltanet(512, 8, 8, 16384, gated=True), train=_gpu_train())
 
@@ -59,19 +59,19 @@ def _onyx_train(**kw) -> TrainConfig:
 
 
 @register_preset("onyx-11m", "onyx", "Onyx: 6 HOPE-attention layers, d384, 6 query / 2 KV heads of 64, d_ff 1024, "
-                 "context 4096, vocab 16384 — 9,200,484 non-embedding parameters (15,491,940 in all)")
+                 "context 4096, vocab 16384 — 9,250,200 non-embedding parameters (15,541,656 in all)")
 def _onyx_11m() -> RunConfig:
     return RunConfig(model=onyx(384, 6, 6, 2, 1024, 16384), train=_onyx_train())
 
 
-@register_preset("onyx-16m", "onyx", "Onyx growth target: d384, 8 layers, d_ff 1408 — 15,039,632 non-embedding "
-                 "parameters (21,331,088 in all)")
+@register_preset("onyx-16m", "onyx", "Onyx growth target: d384, 8 layers, d_ff 1408 — 15,872,416 non-embedding "
+                 "parameters (22,163,872 in all)")
 def _onyx_16m() -> RunConfig:
     return RunConfig(model=onyx(384, 8, 6, 2, 1408, 16384), train=_onyx_train())
 
 
 @register_preset("onyx-24m", "onyx", "Onyx growth target: d512, 8 layers, 8 query / 2 KV heads, d_ff 1600 — "
-                 "24,427,536 non-embedding parameters (32,816,144 in all)")
+                 "24,525,344 non-embedding parameters (32,913,952 in all)")
 def _onyx_24m() -> RunConfig:
     return RunConfig(model=onyx(512, 8, 8, 2, 1600, 16384), train=_onyx_train())
 
