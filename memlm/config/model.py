@@ -8,7 +8,7 @@ from memlm.layers.base import MixerConfig
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu", "none", "cms")
-RESIDUALS = ("sequential", "parallel", "parallel2")
+RESIDUALS = ("sequential", "parallel", "parallel2", "pfp")
 POSITIONS = ("rope", "xpos", "none", "learned")
 
 
@@ -17,7 +17,8 @@ class ModelConfig(Config):
     """Everything needed to build a :class:`memlm.models.lm.MemoryLM`.
 
     residual: "sequential" (pre-norm, x + f(norm x) then x + mlp(norm x)), "parallel" (PaLM: one norm,
-    x + mixer(n) + mlp(n)), "parallel2" (GPT-NeoX: two norms, x + mixer(norm1 x) + mlp(norm2 x)).
+    x + mixer(n) + mlp(n)), "parallel2" (GPT-NeoX: two norms, x + mixer(norm1 x) + mlp(norm2 x)), "pfp"
+    (sequential plus the Bayesian-residual variance channel and its logit temperature, memlm/layers/residual.py).
     position: "rope" | "xpos" | "none" apply inside attention; "learned" adds absolute position embeddings
     (position inside the document) to the token embeddings.
     """
@@ -46,6 +47,15 @@ class ModelConfig(Config):
     cms_d_ff: int = 0
     # Attention-only ablation in one flag: mixers with a neural-memory branch (mag, mal) build without it (issue 4).
     memory_off: bool = False
+    # Oumnix model-level switches (memlm/models/oumnix.py, issue 5); each off by its default.
+    moop_off: bool = False  # moop mixers mix their operators with fixed equal weights (no router): the ablation
+    weave_rank: int = 0  # > 0: Linear layers matching weave_targets become W = U diag(s) Vᵀ of this rank
+    weave_targets: list[str] = field(default_factory=lambda: ["w_in", "w_out"])
+    cell_layers: list[int] = field(default_factory=list)  # an Oumnix cell after each of these layers
+    cell_d_ff: int = 0  # hidden width of each cell candidate (0: d_model)
+    exit_layers: list[int] = field(default_factory=list)  # early-exit points (after these layers)
+    exit_weight: float = 0.1  # weight of the exits' self-distillation loss
+    exit_threshold: float | None = None  # inference: exit when max probability ≥ this (None: never)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -64,6 +74,17 @@ class ModelConfig(Config):
         if not self.cms_levels or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in self.cms_levels):
             raise ValueError(f"cms_levels={self.cms_levels} must be a non-empty list of update periods ≥ 1")
         check_positive("cms_d_ff", self.cms_d_ff, allow_zero=True)
+        n = len(self.layers)
+        for name in ("cell_layers", "exit_layers"):
+            bad = [i for i in getattr(self, name) if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+            if bad:
+                raise ValueError(f"{name}={getattr(self, name)}: indices must be layers 0 … {n - 1}")
+        if self.exit_layers and max(self.exit_layers) >= n - 1:
+            raise ValueError(f"exit_layers={self.exit_layers}: an exit after the last layer ({n - 1}) is the output")
+        for name in ("weave_rank", "cell_d_ff", "exit_weight"):
+            check_positive(name, getattr(self, name), allow_zero=True)
+        if self.exit_threshold is not None and not 0 < self.exit_threshold <= 1:
+            raise ValueError(f"exit_threshold={self.exit_threshold} must be in (0, 1] or null")
 
     @property
     def n_layers(self) -> int:

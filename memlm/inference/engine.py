@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from memlm.inference.sampling import SamplingConfig, make_generator, sample
+from memlm.layers.residual import collect_uncertainty
 from memlm.models.state import ModelState, model_device
 
 FINISH_REASONS = ("stop", "length", "eos", "cancelled")
@@ -85,24 +86,26 @@ class Engine:
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]] | Tensor, max_new_tokens: int = 128,
                      sampling: SamplingConfig | None = None, state: ModelState | None = None,
                      stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), *, ignore_eos: bool = False,
-                     return_state: bool = False) -> IdGeneration:
+                     return_state: bool = False, return_uncertainty: bool = False) -> IdGeneration:
         """Stream generation for B prompts (lists of ids, lengths may differ, or a LongTensor [B, T]).
 
         Iterating yields one ``Step`` per decoding step with the new token of every row still generating. Rows
         finish independently (EOS, a stop id, a stop string found in the decoded text, or ``max_new_tokens``) and
         are then dropped from the batch. ``state`` (batch B, or 1 for every row) continues a previous context;
-        only the prompts are fed. Results per row are in ``.rows`` (see ``RowResult``).
+        only the prompts are fed. Results per row are in ``.rows`` (see ``RowResult``). ``return_uncertainty``
+        (models with residual="pfp") fills ``RowResult.uncertainty`` with the PFP variance behind each new token.
         """
         if isinstance(prompt_ids, Tensor):
             prompt_ids = prompt_ids.tolist()
         prompts = [[int(t) for t in p] for p in prompt_ids]
         return IdGeneration(self, prompts, max_new_tokens, sampling or SamplingConfig(), state, tuple(stop_ids),
-                            tuple(s for s in stop_strings if s), ignore_eos, return_state)
+                            tuple(s for s in stop_strings if s), ignore_eos, return_state, return_uncertainty)
 
     def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], *,
                  max_new_tokens: int = 128, state: ModelState | None = None, sampling: SamplingConfig | None = None,
                  stop: str | Sequence[str] | None = None, stop_ids: Sequence[int] = (), return_state: bool = False,
-                 ignore_eos: bool = False, allow_special: bool = False, **sampling_kwargs) -> Generation:
+                 ignore_eos: bool = False, allow_special: bool = False, return_uncertainty: bool = False,
+                 **sampling_kwargs) -> Generation:
         """Streaming text generation; see the module-level :func:`generate`."""
         tok = self.tokenizer
         if tok is None:
@@ -122,7 +125,7 @@ class Engine:
             ids = [p if p or start is None else [start] for p in ids]
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         inner = self.generate_ids(ids, max_new_tokens, cfg, state, stop_ids, stops, ignore_eos=ignore_eos,
-                                  return_state=return_state)
+                                  return_state=return_state, return_uncertainty=return_uncertainty)
         return Generation(inner, batch)
 
 
@@ -144,11 +147,13 @@ class Step:
 @dataclass
 class RowResult:
     """Everything one prompt produced. ``state`` is the ModelState after the prompt and every token in ``token_ids``
-    (the final token included, so a chat continues from it); it is computed on first access."""
+    (the final token included, so a chat continues from it); it is computed on first access. ``uncertainty``: the
+    PFP variance v of the distribution each token was drawn from (only with ``return_uncertainty``)."""
 
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     entropy: list[float] = field(default_factory=list)
+    uncertainty: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     tracker: _TextTracker | None = None
     _state: ModelState | None = None
@@ -178,7 +183,7 @@ class IdGeneration:
 
     def __init__(self, engine: Engine, prompts: list[list[int]], max_new_tokens: int, cfg: SamplingConfig,
                  state: ModelState | None, stop_ids: tuple[int, ...], stop_strings: tuple[str, ...],
-                 ignore_eos: bool, return_state: bool) -> None:
+                 ignore_eos: bool, return_state: bool, return_uncertainty: bool = False) -> None:
         if not prompts:
             raise ValueError("no prompts given")
         if max_new_tokens < 0:
@@ -192,6 +197,10 @@ class IdGeneration:
             bad = [t for t in p if not 0 <= t < V]
             if bad:
                 raise ValueError(f"prompt {i}: token id {bad[0]} outside the model's vocabulary [0, {V})")
+        if return_uncertainty and getattr(engine.model.config, "residual", None) != "pfp":
+            raise ValueError("return_uncertainty needs a model with the PFP residual (model.residual='pfp')")
+        self.want_unc = return_uncertainty
+        self._unc: Tensor | None = None  # variance [B] behind the current logits
         if state is not None and state.batch_size not in (1, len(prompts)):
             raise ValueError(f"state has batch {state.batch_size}; expected 1 or {len(prompts)} (one per prompt)")
         self.engine, self.prompts, self.cfg = engine, prompts, cfg
@@ -226,6 +235,15 @@ class IdGeneration:
                     r.tracker.finish()
 
     # ------------------------------------------------------------------------------------------- loop
+    def _fwd(self, fn, *args) -> tuple[Tensor, ModelState]:
+        """eng.prefill / eng.step, keeping the PFP variance of the returned logits' tokens when asked."""
+        if not self.want_unc:
+            return fn(*args)
+        with collect_uncertainty() as box:
+            logits, state = fn(*args)
+        self._unc = box["variance"][:, -1]
+        return logits, state
+
     def _start(self) -> tuple[Tensor, ModelState, list[list[int]]]:
         """Feed the prompts; return (logits [B, V], state, prompt tokens still to be fed per row)."""
         eng, prompts = self.engine, self.prompts
@@ -243,7 +261,7 @@ class IdGeneration:
             for b, p in enumerate(prompts):
                 ids[b, T - len(p):] = torch.tensor(p)
                 reset[b, T - len(p)] = True
-            logits, state = eng.prefill(ids, None, reset if ragged else None)
+            logits, state = self._fwd(eng.prefill, ids, None, reset if ragged else None)
             return logits, state, [[] for _ in prompts]
         # Continuing from a state, a reset would wipe the memory. Instead all rows prefill their first m tokens
         # together, and a longer row's remaining prompt tokens are fed (forced) in the decoding steps while shorter
@@ -253,7 +271,7 @@ class IdGeneration:
         if state.batch_size != B:
             state = state.repeat(B)
         m = min(lens)
-        logits, state = eng.prefill(torch.tensor([p[:m] for p in prompts]), state)
+        logits, state = self._fwd(eng.prefill, torch.tensor([p[:m] for p in prompts]), state)
         return logits, state, [list(p[m:]) for p in prompts]
 
     def _run(self) -> Iterator[Step]:
@@ -302,6 +320,8 @@ class IdGeneration:
                 res.token_ids.append(t)
                 res.logprobs.append(lp[i])
                 res.entropy.append(ent[i])
+                if self._unc is not None:
+                    res.uncertainty.append(float(self._unc[i]))
                 reason = None
                 if self.eos is not None and t == self.eos:
                     reason = "eos"
@@ -333,7 +353,7 @@ class IdGeneration:
                 if use_hist:
                     hist, hmask = hist[idx], hmask[idx]
                 active = [active[i] for i in keep]
-            logits, state = eng.step(next_tok, state)
+            logits, state = self._fwd(eng.step, next_tok, state)
         if self.return_state:
             for r in rows:
                 _ = r.state  # materialise now (the model may change afterwards)
@@ -488,6 +508,10 @@ class Generation:
     def entropy(self):
         return self._get("entropy")
 
+    @property
+    def uncertainty(self):
+        return self._get("uncertainty")
+
 
 def _split_prompts(prompt) -> tuple[bool, list]:
     """(batch?, prompts): a str or a list of ints is one prompt; a list of those is a batch."""
@@ -513,7 +537,7 @@ def generate(model, tokenizer, prompt: str | Sequence[int] | Sequence[str] | Seq
              max_new_tokens: int = 128, state: ModelState | None = None, sampling: SamplingConfig | None = None,
              stop: str | Sequence[str] | None = None, stop_ids: Sequence[int] = (), return_state: bool = False,
              ignore_eos: bool = False, allow_special: bool = False, device: torch.device | str | None = None,
-             prefill_chunk: int = 512, **sampling_kwargs) -> Generation:
+             prefill_chunk: int = 512, return_uncertainty: bool = False, **sampling_kwargs) -> Generation:
     """Generate text from ``prompt`` (a string or token ids; a list of them for a batch), streaming.
 
     ``sampling`` or keyword overrides (``temperature=0``, ``top_p=0.9`` …) choose tokens. ``stop`` strings end a row
@@ -521,6 +545,7 @@ def generate(model, tokenizer, prompt: str | Sequence[int] | Sequence[str] | Seq
     as does the tokenizer's EOS (unless ``ignore_eos``). ``state`` continues from a ModelState (a chat's memory):
     only the prompt is fed. ``return_state=True`` computes ``.state`` at the end of iteration instead of on first
     access. Text pieces are complete UTF-8 characters (a multi-byte character split over tokens comes out whole).
+    ``return_uncertainty=True`` (a model with residual="pfp") gives ``.uncertainty``: the per-token PFP variance.
     ``model`` may also be an :class:`Engine`.
     """
     engine = model if isinstance(model, Engine) else Engine(model, tokenizer, device=device,
@@ -530,7 +555,7 @@ def generate(model, tokenizer, prompt: str | Sequence[int] | Sequence[str] | Seq
                         inference_mode=engine.inference_mode)
     return engine.generate(prompt, max_new_tokens=max_new_tokens, state=state, sampling=sampling, stop=stop,
                            stop_ids=stop_ids, return_state=return_state, ignore_eos=ignore_eos,
-                           allow_special=allow_special, **sampling_kwargs)
+                           allow_special=allow_special, return_uncertainty=return_uncertainty, **sampling_kwargs)
 
 
 __all__ = ["FINISH_REASONS", "Engine", "Generation", "IdGeneration", "RowResult", "Step", "generate"]

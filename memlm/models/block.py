@@ -17,7 +17,7 @@ class Block(nn.Module):
     def __init__(self, model_cfg, layer_cfg: MixerConfig, layer_idx: int) -> None:
         super().__init__()
         c = model_cfg
-        self.residual = c.residual
+        self.residual = "sequential" if c.residual == "pfp" else c.residual
         self.norm1 = make_norm(c.norm, c.d_model, c.norm_eps, bias=c.norm_bias)
         self.mixer = build_mixer(layer_cfg, c, layer_idx)
         mlp_kind = layer_cfg.mlp or c.mlp

@@ -19,6 +19,7 @@ from memlm.layers.base import stream_positions
 from memlm.layers.norm import make_norm
 from memlm.models.block import Block
 from memlm.models.init import init_weights
+from memlm.models.oumnix import attach_oumnix
 from memlm.models.state import ModelState
 
 WEIGHTS = "model.safetensors"
@@ -35,6 +36,8 @@ class MemoryLM(nn.Module):
         self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, bias=c.norm_bias)
         self.head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         init_weights(self, std=c.init_std, n_layers=len(c.layers))
+        # Oumnix switches (WEAVE, PFP, cell, exits); None for every model that uses none of them.
+        self.oumnix = attach_oumnix(self)
         # Computed once: hashing the config on every forward would cost time and break torch.compile graphs.
         self._config_hash = c.config_hash()
         self._kinds = tuple(lc.kind for lc in c.layers)
@@ -62,11 +65,14 @@ class MemoryLM(nn.Module):
         abs_pos, doc_tok = stream_positions(state.pos, state.doc_start, reset, T)
         if self.pos_embed is not None:
             x = x + self.pos_embed((abs_pos - doc_tok).clamp(max=self.config.max_seq_len - 1))
-        new_layers = []
-        for block, s in zip(self.blocks, state.layers):
-            x, s = block(x, s, reset, update)
-            new_layers.append(s)
-        x = self.norm_f(x)
+        if self.oumnix is None:
+            new_layers = []
+            for block, s in zip(self.blocks, state.layers):
+                x, s = block(x, s, reset, update)
+                new_layers.append(s)
+            x = self.norm_f(x)
+        else:
+            x, new_layers = self.oumnix(self, x, state.layers, reset, update)
         if update:
             new_state = ModelState(tuple(new_layers), state.pos + T, doc_tok[:, -1], state.config_hash, state.kinds)
         else:
