@@ -9,7 +9,7 @@ pair and its query (≤ W: within the window; > W: beyond it).
 
     python scripts/recall_atlas.py                               # the defaults of docs/recall-atlas.md
     python scripts/recall_atlas.py --models atlas-mag atlas-mag-ablation --steps 200
-    python scripts/recall_atlas.py --set theta_lr=0.05 --set chunk_size=8   # override every MAG layer's fields
+    python scripts/recall_atlas.py --set theta_max=0.5 --set chunk_size=8   # override every MAG layer's fields
 
 Notation: B batch rows, T tokens per row, P pairs, G gap, W attention window. Writes a markdown table to stdout and,
 with --json PATH, one JSON line per model.
@@ -25,17 +25,16 @@ import torch
 import torch.nn.functional as F
 
 import memlm
-from memlm.config.base import _parse_scalar
+from memlm.config.base import _parse_scalar, apply_overrides
 from memlm.config.model import ModelConfig
 from memlm.data.synthetic import assoc_recall_batch
-
-VOCAB = (0, 256)  # keys, values and filler all come from the byte range of the debug vocabulary
 
 MODELS = {
     "atlas-mag": ("atlas-mag-debug", False),
     "atlas-mag-ablation": ("atlas-mag-debug", True),  # == --set model.memory_off=true
     "titans-mag": ("titans-mag-debug", False),
     "atlas-mal": ("atlas-mal-debug", False),
+    "titans-lmm": ("titans-lmm-debug", False),  # neural memory alone, no attention (diagnostic)
 }
 DEFAULT = ("atlas-mag", "atlas-mag-ablation")
 
@@ -43,16 +42,14 @@ DEFAULT = ("atlas-mag", "atlas-mag-ablation")
 def model_config(name: str, layer_sets: list[str]) -> ModelConfig:
     preset, off = MODELS[name]
     cfg = memlm.preset(preset).model
-    overrides = [f"memory_off={'true' if off else 'false'}"]
+    overrides = ["memory_off=true"] if off else []
     for item in layer_sets:  # the same field on every layer
         overrides += [f"layers.{i}.{item}" for i in range(cfg.n_layers)]
-    from memlm.config.base import apply_overrides
-
     return apply_overrides(cfg, overrides)
 
 
 def batch(args, gap: int, seed: int):
-    return assoc_recall_batch(args.batch, args.pairs, 1, 1, gap, *VOCAB, seed=seed)
+    return assoc_recall_batch(args.batch, args.pairs, 1, 1, gap, 0, args.vocab, seed=seed)
 
 
 def distances(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -94,7 +91,7 @@ def train_one(name: str, args) -> dict:
     torch.manual_seed(args.seed)
     cfg = model_config(name, args.set)
     model = memlm.build_model(cfg)
-    window, n_layers = cfg.layers[0].window, cfg.n_layers
+    window, n_layers = getattr(cfg.layers[0], "window", 0) or 0, cfg.n_layers
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
@@ -136,13 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=6)
     p.add_argument("--train-gaps", type=int, nargs="+", default=[0, 32, 64, 96])
     p.add_argument("--eval-gaps", type=int, nargs="+", default=[0, 40, 96])
+    p.add_argument("--vocab", type=int, default=256, help="keys, values, filler come from token ids [0, vocab)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a field of every layer (e.g. theta_lr=0.05); repeatable")
+                   help="override a field of every layer (e.g. theta_max=0.5); repeatable")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--json", default="", help="append one JSON line per model to this file")
     args = p.parse_args(argv)
@@ -151,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"associative recall: {args.pairs} pairs, train gaps {args.train_gaps}, eval gaps {args.eval_gaps}; "
-          f"{args.steps} steps × batch {args.batch}, AdamW lr {args.lr}; chance ≈ {1 / 102:.3f}")
+          f"{args.steps} steps × batch {args.batch}, AdamW lr {args.lr}; chance ≈ {1 / (2 * args.vocab // 5):.3f}")
     rows = []
     for name in args.models:
         r = train_one(name, args)

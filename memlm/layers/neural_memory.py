@@ -5,8 +5,9 @@ Notation: B batch, T tokens, D model width, H memory heads, K = Dk = Dv memory h
 width, F memory input width (K, or K + K(K+1)/2 with poly features), C chunk, c Omega window (≤ C), P = C − 1
 pending slots, W = (W1 [E, F], W2 [K, E]) fast weights, S their momenta, g MAG gate values [B, T, D].
 
-  q, k, v = SiLU(conv(W_qkv x)) per head (short causal depthwise conv);  q, k ← q/‖q‖, k/‖k‖
-  γ = σ(W_γ x + b_γ)   η = σ(W_η x + b_η)   θ = θ_lr · softplus(W_θ x + b_θ)   α = σ(W_α x + b_α)        [B, T, H]
+  q, k, v = SiLU(conv(W_qkv x)) per head (short causal depthwise conv);  q, k, v ← q/‖q‖, k/‖k‖, v/‖v‖
+      (unit values too: the inner loss stays bounded, so the inner GD cannot be driven to diverge)
+  γ = σ(W_γ x + b_γ)   η = σ(W_η x + b_η)   θ = (θ_max / c) · σ(W_θ x + b_θ)   α = σ(W_α x + b_α)      [B, T, H]
   per chunk j (memlm.ops.neural_memory): o_t = M_{W_j}(q_t);  S ← η S − θ ∇ Σ_{last c} γ_i ‖M_W(k_i) − v_i‖²,
       W_{j+1} = (1 − α) W + U(S),  U = identity ("momentum", Titans) or Newton–Schulz-5 ("muon", Atlas)
   y = W_o [ RMSNorm_head(o) ⊙ SiLU(W_g x) ]
@@ -64,7 +65,10 @@ class NeuralMemoryConfig(MixerConfig):
     optimizer: str = "momentum"  # "momentum" (Titans) or "muon" (Atlas: Newton–Schulz-5 on the momentum)
     poly: bool = False  # degree-2 polynomial features on keys and queries (Atlas)
     conv_size: int = 4  # short causal conv on q, k, v (0: off)
-    theta_lr: float | None = None  # θ scale; θ = θ_lr · softplus(·), softplus starts at 1 (None: 1 / (E·c))
+    # θ = (θ_max / c) · σ(·): the objective sums c tokens whose keys may coincide (curvature up to ~2c), so a per-token
+    # step ≤ θ_max / c keeps plain GD stable whatever the outer training does to the gate. (Muon's step is NS5's.)
+    theta_max: float = 1.0
+    theta_init: float = 0.3
     gamma_init: float = 0.9  # initial γ (Omega gate), η (momentum), α (forgetting per chunk)
     eta_init: float = 0.5
     alpha_init: float = 0.02
@@ -81,6 +85,8 @@ class NeuralMemoryConfig(MixerConfig):
         for n in ("gamma_init", "eta_init", "alpha_init"):
             if not 0.0 < getattr(self, n) < 1.0:
                 raise ValueError(f"{n}={getattr(self, n)} must be in (0, 1)")
+        if not 0.0 < self.theta_init < self.theta_max:
+            raise ValueError(f"theta_init={self.theta_init} must be in (0, theta_max={self.theta_max})")
 
 
 @dataclass(kw_only=True)
@@ -150,7 +156,6 @@ class NeuralMemory(Mixer):
         self.e = E = max(1, round(cfg.expansion * K))
         self.f = Fd = feature_dim(K, cfg.poly)
         self.C, self.c = cfg.chunk_size, cfg.omega_window or cfg.chunk_size
-        self.theta_lr = cfg.theta_lr if cfg.theta_lr is not None else 1.0 / (E * self.c)
         self.qkv = nn.Linear(d, 3 * H * K, bias=False)
         self.conv = ShortConv(3 * H * K, cfg.conv_size) if cfg.conv_size > 0 else None
         self.gates = nn.Linear(d, 4 * H, bias=True)  # γ, η, θ, α pre-activations per head
@@ -164,7 +169,7 @@ class NeuralMemory(Mixer):
     def reset_parameters(self) -> None:
         """W1_init ~ N(0, 1/K): pre-activations of unit-norm keys start at std 1/√K ≈ the GELU's near-linear range;
         W2_init ~ N(0, 1/E): a small update to the identity residual. Gate biases give the configured initial γ, η,
-        α and θ = θ_lr (softplus(b) = 1)."""
+        α and θ."""
         H, cfg = self.h, self.cfg
         with torch.no_grad():
             self.W1_init.normal_(0.0, self.dk ** -0.5)
@@ -172,7 +177,7 @@ class NeuralMemory(Mixer):
             b = self.gates.bias.view(4, H)
             b[0].fill_(_logit(cfg.gamma_init))
             b[1].fill_(_logit(cfg.eta_init))
-            b[2].fill_(math.log(math.e - 1.0))
+            b[2].fill_(_logit(cfg.theta_init / cfg.theta_max))
             b[3].fill_(_logit(cfg.alpha_init))
 
     def init_state(self, batch_size: int, *, device=None) -> NeuralMemoryLayerState:
@@ -196,10 +201,10 @@ class NeuralMemory(Mixer):
         else:
             qkv = F.silu(qkv)
         q, k, v = (t.reshape(B, T, self.h, self.dk) for t in qkv.chunk(3, dim=-1))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k, v = F.normalize(q, dim=-1), F.normalize(k, dim=-1), F.normalize(v, dim=-1)
         a = self.gates(x).float().view(B, T, 4, self.h).transpose(2, 3)   # [B, T, H, 4]
         gates = torch.stack([torch.sigmoid(a[..., 0]), torch.sigmoid(a[..., 1]),
-                             self.theta_lr * F.softplus(a[..., 2]), torch.sigmoid(a[..., 3])], dim=-1)
+                             self.cfg.theta_max / self.c * torch.sigmoid(a[..., 2]), torch.sigmoid(a[..., 3])], dim=-1)
         return q, k, v, gates, conv
 
     def _op(self, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, W: tuple, *, reset: Tensor | None,

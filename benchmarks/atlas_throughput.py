@@ -1,0 +1,114 @@
+"""Training throughput and peak memory of Atlas-MAG next to a transformer of the same size (issue 4).
+
+For a MAG preset (default atlas-mag-small: d512, 6 layers, 8 heads, vocab 16384) it trains, with the same loop:
+  - the preset itself (SWA 512 + persistent tokens ⊙ σ(neural memory)),
+  - its attention-only ablation (``model.memory_off=true``: the same SWA + persistent tokens, no memory),
+  - a Llama-style transformer with the same d / layers / heads / vocabulary and full causal attention,
+  - any extra presets given with --extra (e.g. titans-mag-small).
+The loop: bf16 autocast forward on CUDA (fp32 on CPU), token cross-entropy, backward, clip 1.0, AdamW step. Each model
+runs at every --batch size; an out-of-memory is reported as a record, not a crash. One JSON line per (model, batch):
+tokens/s, step time, peak CUDA memory (GiB), parameter count, loss.
+
+    python benchmarks/atlas_throughput.py                               # GPU: atlas-mag-small, B ∈ {4, 8}, T 2048
+    python benchmarks/atlas_throughput.py --extra titans-mag-small --batch 2 4 8 16
+    python benchmarks/atlas_throughput.py --tiny                        # CPU smoke test at -debug sizes (seconds)
+
+Notation: B batch rows, T tokens per row.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+import memlm
+from memlm.config.base import apply_overrides
+from memlm.config.model import ModelConfig
+from memlm.config.presets import transformer
+
+
+def models_for(preset: str, extra: list[str]) -> list[tuple[str, ModelConfig]]:
+    """[(name, config)] for the preset, its attention-only ablation, a same-size transformer, and the extras."""
+    cfg = memlm.preset(preset).model
+    out = [(preset, cfg), (f"{preset}:memory_off", apply_overrides(cfg, ["memory_off=true"]))]
+    tf = transformer(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_heads, cfg.vocab_size)
+    out.append((f"transformer(d{cfg.d_model},L{cfg.n_layers},H{cfg.n_heads})", tf))
+    out += [(p, memlm.preset(p).model) for p in extra]
+    return out
+
+
+def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup: int, device: torch.device) -> dict:
+    """Train ``steps`` timed steps after ``warmup`` untimed ones on random tokens; returns one record."""
+    torch.manual_seed(0)
+    model = memlm.build_model(cfg).to(device).train()
+    rec = {"model": name, "params": model.num_params(), "batch": batch, "seq": seq}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(device)
+    inp, lab = x[:, :-1], x[:, 1:]
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+
+    def step() -> torch.Tensor:
+        with amp:
+            logits, _ = model(inp)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), lab.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    try:
+        for _ in range(warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        rec["oom"] = True
+        return rec
+    dt = (time.perf_counter() - t0) / steps
+    rec.update(tokens_per_s=round(batch * seq / dt), step_ms=round(dt * 1e3, 1), loss=round(loss.item(), 4),
+               peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None)
+    return rec
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="atlas-mag-small")
+    ap.add_argument("--extra", nargs="*", default=[], help="more presets to time with the same loop")
+    ap.add_argument("--batch", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: atlas-mag-debug, batch 2, seq 64, 2 steps")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.preset, args.extra, args.batch, args.seq, args.steps, args.warmup = "atlas-mag-debug", [], [2], 64, 2, 1
+        torch.set_num_threads(1)  # tiny ops on a small shared CPU: more threads only contend
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "dtype": "bf16" if dev.type == "cuda"
+            else "fp32", "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
+    print(json.dumps({"meta": meta}), flush=True)
+    for name, cfg in models_for(args.preset, args.extra):
+        for b in args.batch:
+            print(json.dumps(run(name, cfg, batch=b, seq=args.seq, steps=args.steps, warmup=args.warmup, device=dev)),
+                  flush=True)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
