@@ -1,26 +1,29 @@
 """Surprise-targeting decoding controller — Oumnix's "neurochemistry", made real (SPEC.md, Oumnix).
 
 Notation: V vocabulary, p_v the model's probability of token v (raw logits, τ = 1), s = −log p_x the surprise of
-the chosen token x (nats), τ* the target surprise, μ the truncation level (nats), η the learning rate of μ,
-s̄ / H̄ / c̄ exponential moving averages (factor ρ) of surprise, entropy H = −Σ p log p and confidence max_v p_v,
-T the sampling temperature, T₀ its base, κ its gain, k the size of the kept set (the effective top-k),
+the chosen token x (nats), τ* the target surprise, e = s − τ* the error, μ the truncation level (nats), η its step,
+T the sampling temperature, T₀ its base (and floor), η_T its step, s̄ / H̄ / c̄ exponential moving averages (factor
+ρ) of surprise, entropy H = −Σ p log p and confidence max_v p_v, k the size of the kept set (the effective top-k),
 θ the early-exit confidence threshold, θ₀ its base, β its gain.
 
 A controller holds a few numbers (its state) that it updates after every token from what the model just did, and
 from them sets the knobs of the next draw:
 
     keep    A = {v : −log p_v ≤ μ} ∪ {argmax p}            top-k  k = |A|   (Mirostat-v2 truncation)
-    draw    x ~ softmax(logits / T) restricted to A          T = clamp(T₀ · exp(−κ (s̄ − τ*)), T_min, T_max)
-    observe s = −log p_x  (under the model, not the tempered draw)
-    update  μ ← clamp(μ − η (s − τ*), 0, μ_max)              (integral term: drives the mean error to 0)
+    draw    x ~ softmax(logits / T) restricted to A
+    observe s = −log p_x  (under the model, not the tempered draw);  e = s − τ*
+    update  μ ← clamp(μ − η e, 0, max_v(−log p_v) + 1)
+            T: e < 0 and A kept ~all the mass →  log T ← min(log T − η_T e, log T_max)
+               e > 0                             →  log T ← max(log T − η_T e, log T₀)
             s̄, H̄, c̄ ← ρ · old + (1 − ρ) · new               (the "mood": what the last tokens were like)
             θ = clamp(θ₀ + β (s̄ − τ*), θ_min, θ_max)        (surprised → demand more confidence to exit early)
 
-μ is the integral controller (Mirostat, Basu et al. 2021): whenever the observed surprise is above the target the
-set of admissible tokens shrinks, below it grows, so the *mean* surprise converges to τ* whenever τ* lies between
-the greedy surprise and the untruncated sampling surprise. The temperature is a proportional term on the smoothed
-error (it reacts within a few tokens, before μ has moved far) and returns to T₀ once s̄ ≈ τ*. Surprise is always
-measured under the model's own distribution, so "how surprising the text is" keeps one meaning whatever T and A.
+Both μ and log T are integral controllers, so the *mean* error is driven to zero wherever the target is reachable.
+μ (Mirostat, Basu et al. 2021) lowers surprise: above the target the admissible set shrinks, below it grows. When
+the set already holds (nearly) all the mass and the text is still less surprising than the target, only heat can help, so T
+rises above T₀; it falls back to T₀ as soon as the text is too surprising. μ is capped just above the largest
+surprise on offer (beyond that it changes nothing), so neither integrator winds up. Surprise is always measured
+under the model's own distribution, so "how surprising the text is" keeps one meaning whatever T and A.
 
 θ is the confidence an exit head must reach for dynamic depth to stop early. memlm has no early-exit heads yet,
 so θ is computed, reported and saved but nothing reads it; it is exposed so that a model with exit heads can use it.
@@ -48,10 +51,9 @@ class ControllerConfig(Config):
 
     target: float = 3.0  # τ*: surprise to hold, nats per token
     lr: float = 0.1  # η: step of the truncation level μ per token
+    temp_lr: float = 0.05  # η_T: step of log T per token (0: fixed temperature)
     ema: float = 0.9  # ρ: smoothing of s̄, H̄, c̄
-    temperature: float = 1.0  # T₀
-    temp_gain: float = 0.3  # κ (0: fixed temperature)
-    min_temperature: float = 0.2
+    temperature: float = 1.0  # T₀: base and lowest temperature
     max_temperature: float = 2.0
     exit_threshold: float = 0.9  # θ₀
     exit_gain: float = 0.05  # β
@@ -66,9 +68,10 @@ class ControllerConfig(Config):
             raise ValueError(f"lr={self.lr!r} must be in (0, 5]")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema={self.ema!r} must be in [0, 1)")
-        if not 0 < self.min_temperature <= self.temperature <= self.max_temperature:
-            raise ValueError(f"need 0 < min_temperature ≤ temperature ≤ max_temperature, got "
-                             f"{self.min_temperature}, {self.temperature}, {self.max_temperature}")
+        if not 0 < self.temperature <= self.max_temperature:
+            raise ValueError(f"need 0 < temperature ≤ max_temperature, got {self.temperature}, {self.max_temperature}")
+        if not 0 <= self.temp_lr <= 1:
+            raise ValueError(f"temp_lr={self.temp_lr!r} must be in [0, 1]")
         if not 0 < self.min_exit_threshold <= self.exit_threshold <= self.max_exit_threshold <= 1:
             raise ValueError("need 0 < min_exit_threshold ≤ exit_threshold ≤ max_exit_threshold ≤ 1")
         if self.max_top_k < 0:
@@ -93,6 +96,7 @@ class SurpriseController:
     """Stateful sampler for ONE stream of tokens (a chat session). ``choose(logits [1, V])`` draws a token."""
 
     MU_MAX = 50.0  # nats; far above log V for any real vocabulary, only guards against runaway
+    SLACK_MASS = 1e-3  # probability mass the truncation may drop and still count as "keeping everything"
 
     def __init__(self, config: ControllerConfig | None = None) -> None:
         self.config = config or ControllerConfig()
@@ -102,7 +106,8 @@ class SurpriseController:
     def reset(self) -> None:
         c = self.config
         self.mu = 2.0 * c.target  # Mirostat's start: twice the target admits most of the mass at first
-        self.surprise_ema = c.target  # neutral mood: no error yet, so T = T₀ and θ = θ₀
+        self.log_temp = math.log(c.temperature)
+        self.surprise_ema = c.target  # neutral mood: no error yet, so θ = θ₀
         self.entropy_ema = c.target
         self.confidence_ema = 0.0
         self.steps = 0
@@ -110,9 +115,7 @@ class SurpriseController:
 
     @property
     def temperature(self) -> float:
-        c = self.config
-        t = c.temperature * math.exp(-c.temp_gain * (self.surprise_ema - c.target))
-        return min(max(t, c.min_temperature), c.max_temperature)
+        return math.exp(self.log_temp)
 
     @property
     def exit_threshold(self) -> float:
@@ -122,9 +125,9 @@ class SurpriseController:
 
     def state_dict(self) -> dict:
         """JSON-ready: the config and the running state (a session stores this in its header)."""
-        return {"config": self.config.to_dict(), "mu": self.mu, "surprise_ema": self.surprise_ema,
-                "entropy_ema": self.entropy_ema, "confidence_ema": self.confidence_ema, "steps": self.steps,
-                "last_top_k": self.last_top_k}
+        return {"config": self.config.to_dict(), "mu": self.mu, "log_temp": self.log_temp,
+                "surprise_ema": self.surprise_ema, "entropy_ema": self.entropy_ema,
+                "confidence_ema": self.confidence_ema, "steps": self.steps, "last_top_k": self.last_top_k}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> SurpriseController:
@@ -133,12 +136,14 @@ class SurpriseController:
         return ctl
 
     def load_state_dict(self, d: dict) -> None:
-        for name in ("mu", "surprise_ema", "entropy_ema", "confidence_ema"):
+        for name in ("mu", "log_temp", "surprise_ema", "entropy_ema", "confidence_ema"):
             v = float(d[name])
             if not math.isfinite(v):
                 raise ValueError(f"controller state {name}={v} is not finite")
             setattr(self, name, v)
+        c = self.config
         self.mu = min(max(self.mu, 0.0), self.MU_MAX)
+        self.log_temp = min(max(self.log_temp, math.log(c.temperature)), math.log(c.max_temperature))
         self.steps = int(d.get("steps", 0))
         self.last_top_k = int(d.get("last_top_k", 0))
 
@@ -177,13 +182,22 @@ class SurpriseController:
         ent = -torch.special.xlogy(p, p).sum(-1)
         s, h, conf = -float(lp), float(ent), float(p.max())
         k = int(allowed.sum())
+        finite = torch.isfinite(x)
+        # Slack: what the truncation dropped is negligible, so lowering μ further is all it could still do.
+        slack = float(p.masked_fill(allowed | ~finite, 0.0).sum()) < self.SLACK_MASS
+        top = float((-logp).masked_fill(~finite, float("-inf")).max())
         step = ControllerStep(int(token), s, h, conf, temp, k, self.mu, self.exit_threshold)
-        self._update(s, h, conf, k)
+        self._update(s, h, conf, k, slack, top)
         return Sampled(token, lp, ent), step
 
-    def _update(self, s: float, h: float, conf: float, k: int) -> None:
+    def _update(self, s: float, h: float, conf: float, k: int, slack: bool, top: float) -> None:
         c = self.config
-        self.mu = min(max(self.mu - c.lr * (s - c.target), 0.0), self.MU_MAX)
+        e = s - c.target
+        self.mu = min(max(self.mu - c.lr * e, 0.0), top + 1.0, self.MU_MAX)
+        if e < 0 and slack:
+            self.log_temp = min(self.log_temp - c.temp_lr * e, math.log(c.max_temperature))
+        elif e > 0:
+            self.log_temp = max(self.log_temp - c.temp_lr * e, math.log(c.temperature))
         r = c.ema
         self.surprise_ema = r * self.surprise_ema + (1 - r) * s
         self.entropy_ema = r * self.entropy_ema + (1 - r) * h
