@@ -54,7 +54,7 @@ class ConvMixer(Mixer):
     def __init__(self, cfg: ConvConfig, model_cfg, layer_idx: int) -> None:
         super().__init__(cfg, model_cfg, layer_idx)
         d = model_cfg.d_model
-        self.e = max(1, int(round(cfg.expand * d)))
+        self.e = max(1, round(cfg.expand * d))
         self.in_proj = nn.Linear(d, self.e * (2 if cfg.gated else 1), bias=False)
         self.conv = ShortConv(self.e, cfg.kernel_size, bias=True, activation="silu")
         self.out_proj = nn.Linear(self.e, d, bias=False)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +99,9 @@ class IsletBank:
 
     def add_from_adapter(self, name: str, adapter_dir: str | Path, **kw) -> Islet:
         """An islet from a LoRA adapter folder (adapter.safetensors + adapter.json, as ``memlm finetune`` writes)."""
-        from memlm.layers.lora import ADAPTER_WEIGHTS, read_lora_config
         from safetensors.torch import load_file
+
+        from memlm.layers.lora import ADAPTER_WEIGHTS, read_lora_config
 
         meta = read_lora_config(adapter_dir)
         try:
@@ -183,7 +184,7 @@ class IsletBank:
                 self.detach()
 
     # ------------------------------------------------------------------------------------------ hooks
-    def attach(self) -> "IsletBank":
+    def attach(self) -> IsletBank:
         if not self._attached:
             self._rehook()
         return self
@@ -231,7 +232,7 @@ class IsletBank:
         return model_dir
 
     @classmethod
-    def load(cls, model: nn.Module, model_dir: str | Path, **kw) -> "IsletBank":
+    def load(cls, model: nn.Module, model_dir: str | Path, **kw) -> IsletBank:
         """The bank saved beside a model (an empty bank when there is none). Refuses islets made for another model."""
         model_dir = Path(model_dir)
         f = model_dir / ISLETS_CONFIG

@@ -25,8 +25,16 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor, nn
 
-from memlm.layers.base import (LayerState, Mixer, MixerConfig, add_aux_loss, add_metric, aux_active, build_mixer,
-                               register_mixer)
+from memlm.layers.base import (
+    LayerState,
+    Mixer,
+    MixerConfig,
+    add_aux_loss,
+    add_metric,
+    aux_active,
+    build_mixer,
+    register_mixer,
+)
 from memlm.layers.conv import ConvConfig
 from memlm.layers.sparse_attention import GlobalAttentionConfig, LocalAttentionConfig
 from memlm.layers.ssm import SSMConfig

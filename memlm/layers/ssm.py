@@ -73,7 +73,7 @@ class SSM(Mixer):
     def __init__(self, cfg: SSMConfig, model_cfg, layer_idx: int) -> None:
         super().__init__(cfg, model_cfg, layer_idx)
         d = model_cfg.d_model
-        self.e = int(round(cfg.expand * d))
+        self.e = round(cfg.expand * d)
         if self.e % cfg.head_dim:
             raise ValueError(f"ssm: inner width expand·d_model = {self.e} must be a multiple of head_dim="
                              f"{cfg.head_dim}")

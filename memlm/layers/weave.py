@@ -6,8 +6,9 @@ q the micro-LoRA rank, A [q, I], B [O, q], α its scale numerator, x [..., I].
     y = ((x V) ⊙ s) Uᵀ + b  [+ (α/q) · (x Aᵀ) Bᵀ   when micro-LoRA is enabled]
 
 Parameters r(I + O + 1) instead of I·O. ``apply_weave`` replaces the chosen nn.Linear layers of a built model (the
-config switch ``model.weave_rank`` / ``model.weave_targets``); each WeaveLinear starts from the rank-r truncated SVD of
-the dense layer's initial weight, rescaled to the dense Frobenius norm so activations start at the dense scale.
+config switch ``model.weave_rank`` / ``model.weave_targets``); each WeaveLinear starts at the dense layer's initial
+Frobenius norm (so activations start at the dense scale); ``WeaveLinear.from_linear(lin, r, svd=True)`` converts a
+trained dense layer into its best rank-r approximation instead.
 Micro-LoRA is the adaptation path: ``enable_micro_lora`` adds A (Kaiming) and B (zeros: a fresh adapter changes
 nothing) to every WeaveLinear and, by default, freezes everything else; ``disable_micro_lora`` drops it again.
 It is not created at build time, so a model trained from scratch has no dead adapter parameters.
@@ -46,21 +47,30 @@ class WeaveLinear(nn.Module):
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.lora_scaling = 0.0
-        nn.init.orthogonal_(self.U)
-        nn.init.orthogonal_(self.V)
+        nn.init.normal_(self.U, 0.0, out_features ** -0.5)
+        nn.init.normal_(self.V, 0.0, in_features ** -0.5)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, rank: int) -> "WeaveLinear":
-        """Rank-r truncated SVD of lin.weight, singular values rescaled to keep ‖W‖_F; the bias is copied."""
+    def from_linear(cls, lin: nn.Linear, rank: int, *, svd: bool = False) -> WeaveLinear:
+        """A WeaveLinear standing in for ``lin`` (bias copied).
+
+        svd=False (a freshly initialised layer): random factors U ~ N(0, 1/O), V ~ N(0, 1/I) (nearly orthonormal
+        columns) and s = ‖W‖_F / √r, so ‖U diag(s) Vᵀ‖_F ≈ ‖W‖_F — the dense layer's initial scale (including the
+        smaller init of residual writers), without a factorisation. svd=True (a trained layer): the best rank-r
+        approximation of W, its truncated SVD."""
         w = lin.weight.detach()
         m = cls(lin.in_features, lin.out_features, rank, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
-        u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)
         r = m.rank
-        s = sv[:r] * (w.float().norm() / sv[:r].norm().clamp_min(1e-12))
         with torch.no_grad():
-            m.U.copy_(u[:, :r])
-            m.s.copy_(s)
-            m.V.copy_(vh[:r].T)
+            if svd:
+                u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)
+                m.U.copy_(u[:, :r])
+                m.s.copy_(sv[:r])
+                m.V.copy_(vh[:r].T)
+            else:
+                m.U.normal_(0.0, m.out_features ** -0.5)
+                m.V.normal_(0.0, m.in_features ** -0.5)
+                m.s.fill_(float(w.float().norm()) / math.sqrt(r))
             if m.bias is not None:
                 m.bias.copy_(lin.bias.detach())
         return m

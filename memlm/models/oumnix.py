@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +104,7 @@ class OumnixExtras(nn.Module):
             block = model.blocks[i]
             lv = self.pfp.log_var(i, block.norm1(x)) if self.pfp is not None else None
             y, s = block(x, s, reset, update)
-            cell = self.cells[str(i)] if str(i) in self.cells else None
+            cell = self.cells[str(i)] if str(i) in self.cells else None  # noqa: SIM401 (ModuleDict)
             if cell is not None:
                 u, probs = cell(y)
                 y = y + u

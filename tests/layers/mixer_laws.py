@@ -5,10 +5,22 @@ alone, at a size where a leak of even one future token shows. Notation: B batch,
 """
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
 from memlm.config.model import ModelConfig
 from memlm.layers.base import Mixer, MixerConfig, build_mixer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op thread is several times faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def close(a, b, msg=""):
@@ -55,7 +67,7 @@ def check_chunks(m: Mixer, T: int = 50, cuts=(1, 7, 8, 9, 30)) -> None:
     full, s_full = m(x)
     edges = [0, *cuts, T]
     outs, s = [], None
-    for a, b in zip(edges, edges[1:]):
+    for a, b in itertools.pairwise(edges):
         o, s = m(x[:, a:b], s)
         outs.append(o)
     close(torch.cat(outs, 1), full, "split run")
@@ -102,7 +114,7 @@ def check_update_false(m: Mixer) -> None:
     x = x_of(m, T=20)
     _, s = m(x[:, :10])
     before = {k: v.clone() for k, v in s.tensors().items()}
-    y1, s1 = m(x[:, 10:], s)
+    y1, _ = m(x[:, 10:], s)
     for k, v in s.tensors().items():
         assert torch.equal(v, before[k]), f"input state {k} modified in place"
     y2, s2 = m(x[:, 10:], s, update=False)

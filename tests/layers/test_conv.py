@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from mixer_laws import build, check_all, x_of
+from mixer_laws import build, check_all, one_thread, x_of  # noqa: F401
 
 from memlm.layers.conv import ConvConfig
 from memlm.ops.testing import assert_close

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mixer_laws import build, check_all, x_of
+from mixer_laws import build, check_all, one_thread, x_of  # noqa: F401
 
 import memlm
 from memlm.config.base import apply_overrides

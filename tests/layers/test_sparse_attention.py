@@ -7,7 +7,7 @@ besides its projections and rotary embedding.
 from __future__ import annotations
 
 import torch
-from mixer_laws import build, check_all, check_causal, x_of
+from mixer_laws import build, check_all, check_causal, one_thread, x_of  # noqa: F401
 
 from memlm.layers.base import stream_positions
 from memlm.layers.sparse_attention import GlobalAttentionConfig, LocalAttentionConfig

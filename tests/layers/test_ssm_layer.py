@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from mixer_laws import build, check_all, x_of
+from mixer_laws import build, check_all, one_thread, x_of  # noqa: F401
 
 import memlm
 from memlm.layers.ssm import SSMConfig
 from memlm.ops.ssm_scan import ssm_scan_reference
 from memlm.ops.testing import assert_close
 
-CFG = dict(head_dim=8, d_state=8, chunk_size=8, expand=2.0)
+CFG = {"head_dim": 8, "d_state": 8, "chunk_size": 8, "expand": 2.0}
 
 
 def test_ssm_contract_laws():
