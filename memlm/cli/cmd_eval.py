@@ -66,30 +66,8 @@ def _value(v: str):
         return v
 
 
-def val_documents(run_cfg: dict, log=print):
-    """The validation documents of a run, as the trainer split them (None: use the demo corpus)."""
-    from memlm.data.shards import INDEX
-    from memlm.data.sources import open_sources, split_documents
-
-    t = run_cfg.get("train", {}) if run_cfg else {}
-    if t.get("val_data"):
-        specs = list(t["val_data"])
-        if all(Path(s).exists() or any(c in s for c in "*?") for s in specs):
-            return open_sources(specs)
-    specs = list(t.get("data") or [])
-    if not specs:
-        return None
-    if len(specs) == 1 and (Path(specs[0]) / INDEX).is_file():
-        log("eval: the run trained on prepared shards; give --data for perplexity documents (using the demo corpus)")
-        return None
-    if not all(Path(s.split(":")[0]).exists() or any(c in s for c in "*?") for s in specs):
-        log(f"eval: the run's training data {specs} is not reachable from here; using the demo corpus (give --data)")
-        return None
-    return split_documents(open_sources(specs, seed=int(t.get("seed", 0))), int(t.get("val_every_doc", 50)))[1]
-
-
 def run(args: argparse.Namespace) -> int:
-    from memlm.eval.runner import EvalConfig, parse_lengths, run_eval
+    from memlm.eval.runner import EvalConfig, parse_lengths, run_eval, validation_documents
     from memlm.eval.tasks import TASKS, expand_tasks, groups
 
     if args.list:
@@ -132,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             "non_embedding_params": model.num_params(non_embedding=True), "tokenizer": getattr(tok, "name", "?"),
             "train_len": train_len, "lengths": cfg.lengths, "tasks": ", ".join(names),
             "haystack": args.haystack or "built-in demo corpus", "date": time.strftime("%Y-%m-%d %H:%M")}
-    val = None if args.data else val_documents(run_cfg)
+    val = None if args.data else validation_documents(run_cfg.get("train", {}))
     t0 = time.time()
     records = run_eval(model, tok, cfg, out, train_len=train_len, val_docs=val, meta=meta, plots=not args.no_plots)
     print(f"{len(records)} records in {time.time() - t0:.0f}s → {out / 'results.jsonl'}, report {out / 'report.md'}")

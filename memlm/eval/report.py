@@ -318,7 +318,7 @@ def _mqar_section(rows: list[dict], plt, out: Path) -> list[str]:
         md += [md_table(["width", "params", "state bytes", "pairs", "acc", "final loss"],
                         [[r["width"], r["params"], human_bytes(r["state_bytes"]), r["pairs"], r["acc"],
                           r["final_loss"]] for r in ok]), ""]
-    md += [f"- width {r['width']}: {r['error']}" for r in bad]
+    md += [f"- width {r.get('width', '?')}: {r['error']}" for r in bad]
     if plt is not None and ok:
         series = {}
         for P in sorted({r["pairs"] for r in ok}):

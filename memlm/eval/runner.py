@@ -356,6 +356,29 @@ def clean_json(o: Any) -> Any:
     return str(o)
 
 
+def validation_documents(train: dict, log: Callable[[str], None] = print) -> Iterable | None:
+    """The validation documents of a run, split as the trainer splits them (train.val_data, else every
+    val_every_doc-th document of train.data). None when they cannot be read from here (the demo corpus is used)."""
+    from memlm.data.shards import INDEX
+    from memlm.data.sources import open_sources, split_documents
+
+    def reachable(specs: list[str]) -> bool:
+        return all(Path(s.split(":")[0]).exists() or any(c in s for c in "*?") for s in specs)
+
+    if train.get("val_data") and reachable(list(train["val_data"])):
+        return open_sources(list(train["val_data"]))
+    specs = list(train.get("data") or [])
+    if not specs:
+        return None
+    if len(specs) == 1 and (Path(specs[0]) / INDEX).is_file():
+        log("eval: the run trained on prepared shards; give --data for evaluation documents (using the demo corpus)")
+        return None
+    if not reachable(specs):
+        log(f"eval: the run's training data {specs} is not reachable from here; using the demo corpus (give --data)")
+        return None
+    return split_documents(open_sources(specs, seed=int(train.get("seed", 0))), int(train.get("val_every_doc", 50)))[1]
+
+
 def read_results(path: str | Path) -> list[dict[str, Any]]:
     """Records of a results.jsonl (or of a folder holding one)."""
     p = Path(path)
@@ -364,4 +387,5 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-__all__ = ["EvalConfig", "EvalContext", "Scorer", "clean_json", "parse_lengths", "read_results", "run_eval"]
+__all__ = ["EvalConfig", "EvalContext", "Scorer", "clean_json", "parse_lengths", "read_results", "run_eval",
+           "validation_documents"]

@@ -47,6 +47,8 @@ class MQARSettings:
         bad = sorted(set(d) - names)
         if bad:
             raise UserError(f"unknown MQAR setting(s) {bad}; settings: {', '.join(sorted(names))}")
+        lists = {"widths", "pairs", "train_pairs"}
+        d = {k: ([v] if k in lists and v is not None and not isinstance(v, list) else v) for k, v in d.items()}
         return cls(**d)
 
 
