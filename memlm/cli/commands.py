@@ -136,41 +136,155 @@ def cmd_generate(args) -> int:
     return 0
 
 
+CHAT_HELP = """commands:
+  /help                 this list
+  /mode [MODE]          show or switch the memory mode: stateless, session, persistent, readonly
+  /learning [on|off]    show or switch test-time memory updates
+  /save [ID]            save the memory now (under ID, default the session id)
+  /reset                forget the conversation (memory, transcript, CMS deltas, controller)
+  /fork ID              save the memory as a new session ID and continue there
+  /stats                memory stats: tokens seen, bytes, per-layer norms, controller
+  /set KEY=VALUE        temperature, top_k, top_p, min_p, seed, max_new_tokens, repetition_penalty,
+                        frequency_penalty, presence_penalty, no_repeat_ngram, target (surprise; 'off')
+  /exit                 quit (also /quit or end of input)"""
+
+
+def open_store(args):
+    """The SessionStore named by --store (default store dir), with --password or $MEMLM_PASSWORD."""
+    from memlm.inference.store import SessionStore, default_store_dir, password_from_env
+
+    return SessionStore(getattr(args, "store", None) or default_store_dir(),
+                        password=password_from_env(getattr(args, "password", None)))
+
+
 def cmd_chat(args) -> int:
-    """A plain multi-turn REPL: the model's memory state is carried from turn to turn; each turn feeds only the new
-    tokens (the user's message in the chat template), never the whole transcript again."""
-    from memlm.data.chat import END, marker_ids, render_prompt, stop_ids
-    from memlm.inference.engine import generate
+    """Streaming REPL over a ``Session``: each turn feeds only the new tokens; the memory mode decides what the state
+    carries and whether it is saved (see memlm/inference/session.py)."""
+    from memlm.inference.controller import ControllerConfig
+    from memlm.inference.session import Session
 
     model, tok, _ = load_for_inference(args.model, args.device, args.tokenizer)
-    sampling = sampling_from_args(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    end = marker_ids(tok, END)
-    state, closed = None, True  # closed: the last assistant turn ended with <|end|> (the state has seen it)
-    print("memlm chat — type /exit to quit, /reset to forget the conversation.", file=sys.stderr)
+    store = open_store(args)
+    mode = args.memory or ("persistent" if args.session else "session")
+    sid = args.session
+    if mode == "persistent" and sid is None:
+        sid = time.strftime("chat-%Y%m%d-%H%M%S")
+    controller = None
+    if args.target_surprise is not None:
+        try:
+            controller = ControllerConfig(target=args.target_surprise)
+        except ValueError as e:
+            raise UserError(f"--target-surprise: {e}") from None
+    session = Session(model, tok, mode=mode, learning=args.learning, store=store, session_id=sid,
+                      sampling=sampling_from_args(args), controller=controller, system=args.system,
+                      max_new_tokens=args.max_new_tokens, stop=args.stop)
+    where = f", session {sid}" + (f" (loaded: {session.turns} turns, {session.tokens_seen} tokens)"
+                                  if session.loaded else "") if sid else ""
+    print(f"memlm chat — memory {mode}, learning {'on' if session.learning else 'off'}{where}. "
+          "/help for commands, /exit to quit.", file=sys.stderr)
     while True:
         try:
             line = input("you> ")
         except EOFError:
             print()
             return 0
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if line.strip() == "/reset":
-            state, closed = None, True
-            print("[memory reset]", file=sys.stderr)
+        if line.strip().startswith("/"):
+            try:
+                if _chat_command(session, line.strip()):
+                    return 0
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
             continue
-        turn = (system if state is None else []) + [{"role": "user", "content": line}]
-        new_ids = ([] if closed else end) + render_prompt(tok, turn)
+        if not line.strip():
+            continue
         sys.stdout.write("model> ")
-        gen = generate(model, tok, new_ids, max_new_tokens=args.max_new_tokens, sampling=sampling, state=state,
-                       stop=args.stop or None, stop_ids=stop_ids(tok))
-        for piece in gen:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        sys.stdout.flush()
+        turn = session.send(line)
+        try:
+            for piece in turn:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            turn.close()
+            print("\n[interrupted: the turn was discarded, memory unchanged]", file=sys.stderr)
+            continue
+        except UserError as e:  # e.g. the store became unwritable; the memory in RAM has the turn
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
-        state = gen.state
-        closed = bool(gen.token_ids) and gen.token_ids[-len(end):] == end
+        sys.stdout.flush()
+
+
+_SET_KEYS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "seed": int,
+             "repetition_penalty": float, "frequency_penalty": float, "presence_penalty": float,
+             "no_repeat_ngram": int}
+
+
+def _chat_command(session, line: str) -> bool:
+    """Run one /command; True means quit."""
+    from memlm.inference.controller import ControllerConfig, SurpriseController
+
+    cmd, _, rest = line.partition(" ")
+    rest = rest.strip()
+    say = lambda msg: print(msg, file=sys.stderr)  # REPL notes go to stderr, replies to stdout
+    if cmd in ("/exit", "/quit"):
+        return True
+    if cmd == "/help":
+        say(CHAT_HELP)
+    elif cmd == "/mode":
+        if rest:
+            session.set_mode(rest)
+        say(f"[memory mode: {session.mode}]")
+    elif cmd == "/learning":
+        if rest:
+            if rest not in ("on", "off"):
+                raise UserError("/learning on|off")
+            session.set_learning(rest == "on")
+        say(f"[learning: {'on' if session.learning else 'off'}"
+            f"{'' if session.writes_memory or not session.learning else ' (this mode keeps nothing)'}]")
+    elif cmd == "/save":
+        sid = session.save(rest or None)
+        say(f"[saved as {sid} in {session.store.root}]")
+    elif cmd == "/reset":
+        session.reset()
+        say("[memory reset]")
+    elif cmd == "/fork":
+        if not rest:
+            raise UserError("/fork NEW_ID")
+        say(f"[forked: now in session {session.fork(rest)}]")
+    elif cmd == "/stats":
+        st = session.stats()
+        layers = st.pop("layers")
+        say(json.dumps(st, indent=2, default=str))
+        for row in layers:
+            norms = ", ".join(f"{k}={v}" for k, v in row["norms"].items())
+            say(f"  layer {row['layer']:>2} {row['kind']:<16} {row['bytes']:>10,} B  {norms}")
+    elif cmd == "/set":
+        key, eq, value = rest.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key:
+            raise UserError("/set KEY=VALUE (see /help)")
+        try:
+            if key == "max_new_tokens":
+                session.max_new_tokens = int(value)
+            elif key == "target":
+                if value == "off":
+                    session.controller = None
+                elif session.controller is None:
+                    session.controller = SurpriseController(ControllerConfig(target=float(value)))
+                else:
+                    ctl = SurpriseController(session.controller.config.replace(target=float(value)))
+                    session.controller = ctl
+            elif key in _SET_KEYS:
+                session.sampling = session.sampling.replace(**{key: _SET_KEYS[key](value)})
+            else:
+                raise UserError(f"/set: unknown key {key!r}; known: {', '.join([*_SET_KEYS, 'max_new_tokens', 'target'])}")
+        except ValueError as e:
+            raise UserError(f"/set {key}: {e}") from None
+        say(f"[{key} = {value}]")
+    else:
+        raise UserError(f"unknown command {cmd}; /help lists them")
+    return False
 
 
 def cmd_data(args) -> int:
@@ -273,26 +387,155 @@ def _state_layers(state) -> list[dict]:
     return rows
 
 
-def cmd_memory(args) -> int:
+def _is_file_target(target: str) -> bool:
+    """A state file path (has '/' or '.', or exists as a file) rather than a session id."""
+    from memlm.inference.store import SESSION_ID_RE
+
+    return not SESSION_ID_RE.fullmatch(target) or Path(target).is_file()
+
+
+def _read_state_file(path: str, password: str | None) -> bytes:
+    """Plain state bytes of a file (decrypting an encrypted one)."""
+    from memlm.inference.store import decrypt_bytes, is_encrypted
+
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror})") from None
+    return decrypt_bytes(data, password, str(p)) if is_encrypted(data) else data
+
+
+def _describe_state(data: bytes, where: str, model) -> dict:
+    """JSON-ready description of plain state bytes: header fields and per-layer stats (checked against model)."""
+    from safetensors.torch import load as st_load
+
+    from memlm.inference.session import layer_stats
     from memlm.models.state import ModelState
 
-    if args.mem_command is None:
-        raise UserError("usage: memlm memory {show,reset,export,import} STATE --model MODEL")
-    model, _, _ = load_for_inference(args.model)
-    if args.mem_command == "reset":
-        model.init_state(args.batch, device="cpu").save(args.state)
-        print(f"fresh state written to {args.state}")
+    header = ModelState.read_header(data, where)
+    if model is not None:
+        ModelState.from_bytes(data, model=model, where=where, device="cpu")  # refuses another model
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # noqa: BLE001 — safetensors raises several types on corrupt data
+        raise UserError(f"{where}: corrupt state file ({e})") from None
+    cms = {k: v for k, v in tensors.items() if k.startswith("cms.")}
+    state_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if not k.startswith("cms."))
+    ts = header.get("updated", header.get("saved_at", 0))
+    out = {"tokens_seen": tensors["pos"].tolist() if "pos" in tensors else None, "bytes": state_bytes,
+           "saved_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)),
+           "config_hash": header.get("config_hash"), "format_version": header.get("format_version"),
+           "kinds": header.get("kinds")}
+    for k in ("session_id", "turns", "mode", "learning", "created", "updated"):
+        if k in header:
+            out[k] = header[k]
+    if header.get("controller"):
+        c = header["controller"]
+        out["controller"] = {k: c.get(k) for k in ("mu", "surprise_ema", "entropy_ema", "steps")} | {
+            "target": (c.get("config") or {}).get("target")}
+    if cms:
+        out["cms_deltas"] = {"tensors": len(cms),
+                             "norm": round(float(sum(float((t.float() ** 2).sum()) for t in cms.values()) ** 0.5), 6)}
+    if model is not None:
+        out["fits_model"] = True
+    out["layers"] = layer_stats(header.get("kinds") or [], tensors)
+    return out
+
+
+def cmd_memory(args) -> int:
+    """Sessions in the store (by id) and state files (by path): list, show, export, import, fork, reset, delete."""
+    from memlm.inference.store import validate_session_id
+    from memlm.models.state import ModelState
+
+    action = args.mem_command
+    if action is None:
+        raise UserError("usage: memlm memory {list,show,export,import,fork,reset,delete} ... (see --help)")
+    store = open_store(args)
+    model = load_for_inference(args.model)[0] if getattr(args, "model", None) else None
+
+    if action == "list":
+        rows = [store.info(sid) for sid in store.ids()]
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return 0
+        if not rows:
+            print(f"no sessions in {store.root}")
+            return 0
+        print(f"{'session':<28} {'enc':<4} {'turns':>6} {'tokens':>8} {'bytes':>12}  updated")
+        for r in rows:
+            h = r.get("header") or {}
+            upd = time.strftime("%Y-%m-%d %H:%M", time.localtime(h.get("updated", r["modified"])))
+            print(f"{r['id']:<28} {'yes' if r['encrypted'] else 'no':<4} {h.get('turns', '?'):>6} "
+                  f"{h.get('tokens_seen', '?'):>8} {r['bytes']:>12,}  {upd}")
         return 0
-    state = ModelState.load(args.state, model=model, device="cpu")
-    if args.mem_command == "show":
-        header = ModelState.read_header(Path(args.state).read_bytes(), args.state)
-        print(json.dumps({"file": args.state, "tokens_seen": state.pos.tolist(), "bytes": state.nbytes(),
-                          "saved_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(header.get("saved_at", 0))),
-                          "config_hash": header.get("config_hash"), "layers": _state_layers(state)}, indent=2))
+
+    if action == "fork":
+        store.fork(validate_session_id(args.source), validate_session_id(args.target))
+        print(f"forked {args.source} → {args.target}")
         return 0
-    state.save(args.dest)  # export/import: validated against the model, written atomically
-    print(f"{args.mem_command}ed {args.state} → {args.dest} ({state.nbytes():,} bytes)")
-    return 0
+    if action == "delete":
+        store.delete(validate_session_id(args.target))
+        print(f"deleted session {args.target}")
+        return 0
+
+    if action == "import":
+        data = _read_state_file(args.source, store.password)
+        ModelState.read_header(data, args.source)
+        if model is not None:
+            ModelState.from_bytes(data, model=model, where=args.source, device="cpu")
+        if _is_file_target(args.target):
+            from memlm.io import atomic_write_bytes
+
+            atomic_write_bytes(args.target, data)
+        else:
+            if store.exists(args.target) and not args.force:
+                raise UserError(f"session {args.target!r} already exists (use --force to replace it)")
+            store.write_file(args.target, data)
+        print(f"imported {args.source} → {args.target}")
+        return 0
+
+    file_target = _is_file_target(args.target)
+    if action == "reset":
+        if file_target:
+            if model is None:
+                raise UserError("resetting a state file needs --model (the fresh state is made for it)")
+            model.init_state(args.batch, device="cpu").save(args.target)
+            print(f"fresh state written to {args.target}")
+        else:
+            store.reset(args.target)
+            print(f"session {args.target}: memory and transcript forgotten")
+        return 0
+
+    if file_target:
+        data, where = _read_state_file(args.target, store.password), args.target
+    else:
+        data, _, _ = store.read_bytes(args.target, model=model)
+        where = f"session {args.target!r}"
+    if action == "show":
+        out = {"file" if file_target else "session": args.target} | _describe_state(data, where, model)
+        if not file_target:
+            info = store.info(args.target)
+            out["encrypted"] = info["encrypted"]
+            out["stored_bytes"] = info["bytes"]
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    if action == "export":
+        from memlm.inference.store import encrypt_bytes
+        from memlm.io import atomic_write_bytes
+
+        ModelState.read_header(data, where)
+        if model is not None:
+            ModelState.from_bytes(data, model=model, where=where, device="cpu")
+        encrypted = not file_target and store.info(args.target)["encrypted"]
+        if encrypted and not args.plain:
+            h = ModelState.read_header(data, where)
+            data = encrypt_bytes(data, store.password, meta={"format_version": h.get("format_version"),
+                                                             "config_hash": h.get("config_hash")}, n=store.kdf_n)
+        atomic_write_bytes(args.dest, data)
+        print(f"exported {args.target} → {args.dest} ({len(data):,} bytes{', encrypted' if encrypted and not args.plain else ''})")
+        return 0
+    raise UserError(f"unknown memory action {action!r}")
 
 
 def cmd_demo(args) -> int:

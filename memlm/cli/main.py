@@ -11,13 +11,14 @@ from memlm.errors import UserError
 EXAMPLES = {
     "train": "memlm train --preset transformer-debug --data ../shared/data/corpus/books.jsonl.xz --out runs/tiny",
     "generate": "memlm generate runs/tiny --prompt 'It is a truth' --max-new-tokens 100 --temperature 0.8",
-    "chat": "memlm chat runs/tiny",
+    "chat": "memlm chat runs/tiny --memory persistent --session my-chat",
     "data": "memlm data prepare corpus/*.jsonl.xz --tokenizer byte --out shards/",
     "tokenizer": "memlm tokenizer train corpus/books.jsonl.xz --vocab-size 16384 --out tok/",
     "presets": "memlm presets --family transformer",
     "info": "memlm info runs/tiny",
     "demo": "memlm demo --out runs/demo",
-    "memory": "memlm memory show state.safetensors --model runs/tiny",
+    "memory": ("memlm memory list\n  memlm memory show my-chat\n  memlm memory fork my-chat my-chat-2\n"
+               "  memlm memory show state.safetensors --model runs/tiny"),
 }
 
 
@@ -47,10 +48,21 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--state", default=None, help="continue from a saved memory state file")
     g.add_argument("--save-state", default=None, help="save the memory state after generation to this file")
 
-    c = cmd("chat", "multi-turn chat in the terminal; the memory state is carried between turns")
+    c = cmd("chat", "multi-turn streaming chat in the terminal with memory modes (type /help inside)")
     _model_args(c)
     _sampling_args(c)
     c.add_argument("--system", default=None, help="a system message")
+    c.add_argument("--memory", choices=("stateless", "session", "persistent", "readonly"), default=None,
+                   help="memory mode (default: persistent with --session, else session)")
+    c.add_argument("--session", default=None, metavar="ID", help="session id in the store ([A-Za-z0-9_-]{1,64})")
+    c.add_argument("--store", default=None, metavar="DIR", help="session store (default: $MEMLM_HOME/sessions or "
+                   "~/.memlm/sessions)")
+    c.add_argument("--password", default=None, help="encrypt/decrypt the stored session (default: $MEMLM_PASSWORD; "
+                   "prefer the variable: arguments are visible to other users)")
+    c.add_argument("--learning", action=argparse.BooleanOptionalAction, default=True,
+                   help="test-time memory updates (default: on)")
+    c.add_argument("--target-surprise", type=float, default=None, metavar="NATS",
+                   help="sample with the surprise-targeting controller aiming at this surprise per token")
 
     d = cmd("data", "data tools")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
@@ -82,18 +94,41 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("--steps", type=int, default=None)
     dm.add_argument("--preset", default="transformer-debug")
 
-    m = cmd("memory", "inspect and move memory state files")
+    m = cmd("memory", "inspect and manage stored sessions and memory state files")
     msub = m.add_subparsers(dest="mem_command", metavar="ACTION")
-    for name, hlp in (("show", "per-layer kinds, bytes, norms, tokens seen"), ("reset", "write a fresh state"),
-                      ("export", "copy a state file (validated) to another path"),
-                      ("import", "validate a state file against a model and store it at a path")):
-        a = msub.add_parser(name, help=hlp)
-        a.add_argument("state", help="state file (safetensors)")
-        a.add_argument("--model", required=True, help="the model folder / checkpoint the state belongs to")
-        if name in ("export", "import"):
-            a.add_argument("dest")
+    target = "a session id in the store, or a state file path (anything with '/' or '.', or an existing file)"
+    for name, hlp in (("list", "list the sessions in the store"),
+                      ("show", "per-layer kinds, bytes, norms, tokens seen, last update"),
+                      ("export", "write a session's (or file's) memory state to a file"),
+                      ("import", "validate a state file and store it as a session (or at a path)"),
+                      ("fork", "copy a session to a new id"),
+                      ("reset", "forget a session's memory and transcript (a file: write a fresh state)"),
+                      ("delete", "delete a session from the store")):
+        a = msub.add_parser(name, help=hlp, description=hlp)
+        if name in ("show", "export", "reset"):
+            a.add_argument("target", metavar="TARGET", help=target)
+        if name == "export":
+            a.add_argument("dest", metavar="DEST", help="output state file")
+            a.add_argument("--plain", action="store_true", help="decrypt an encrypted session into a plain file")
+        if name == "import":
+            a.add_argument("source", metavar="SOURCE", help="a state file (plain or encrypted)")
+            a.add_argument("target", metavar="TARGET", help=target)
+            a.add_argument("--force", action="store_true", help="replace an existing session")
+        if name == "fork":
+            a.add_argument("source", metavar="SRC", help="existing session id")
+            a.add_argument("target", metavar="DST", help="new session id")
+        if name == "delete":
+            a.add_argument("target", metavar="ID", help="session id")
+        if name in ("show", "export", "import", "reset"):
+            a.add_argument("--model", default=None, help="the model the state belongs to (checks that it fits; "
+                           "required to reset a state file)")
         if name == "reset":
-            a.add_argument("--batch", type=int, default=1)
+            a.add_argument("--batch", type=int, default=1, help="batch rows of a fresh state file")
+        if name == "list":
+            a.add_argument("--json", action="store_true", help="machine-readable output")
+        a.add_argument("--store", default=None, metavar="DIR",
+                       help="session store (default: $MEMLM_HOME/sessions or ~/.memlm/sessions)")
+        a.add_argument("--password", default=None, help="for encrypted sessions/files (default: $MEMLM_PASSWORD)")
     # Further commands live in their own modules memlm/cli/cmd_<name>.py, each defining
     #   HELP: str, EXAMPLE: str, add_arguments(parser) and run(args) -> int
     for name, mod in _extension_modules():

@@ -287,6 +287,10 @@ class Session:
         entries = [{"role": m["role"], "content": m["content"]} for m in msgs]
         return self._turn(ids, chat=True, entries=entries, max_new=max_new_tokens, sampling=sampling, stop=stop)
 
+    def ask(self, message: str | Sequence[dict], **kwargs) -> TurnResult:
+        """``send`` without streaming: run the turn and return its ``TurnResult``."""
+        return self.send(message, **kwargs).result
+
     def complete(self, text: str, *, max_new_tokens: int | None = None, sampling: SamplingConfig | None = None,
                  stop: Sequence[str] | None = None) -> Turn:
         """Continue raw ``text`` (no chat template) on top of the memory; the memory rules of ``send`` apply."""

@@ -54,7 +54,7 @@ def observed(session: Session, n: int = 300) -> list[float]:
     out: list[float] = []
     i = 0
     while len(out) < n:
-        out += session.send(f"Tell me story number {i}.").result.surprise
+        out += session.ask(f"Tell me story number {i}.").surprise
         i += 1
     return out
 
@@ -94,7 +94,7 @@ def test_tracking_on_a_synthetic_stream():
 def test_penalties_still_apply_under_the_controller(model, tok):
     s = Session(model, tok, sampling=SamplingConfig(seed=0, no_repeat_ngram=1), controller=ControllerConfig(target=1.0),
                 max_new_tokens=30)
-    ids = s.send("go").result.token_ids
+    ids = s.ask("go").token_ids
     body = ids[:-1] if ids and ids[-1] == tok.special_tokens["<|end|>"] else ids
     assert len(set(body)) == len(body)  # no token repeated
 
@@ -103,7 +103,7 @@ def test_controller_state_is_saved_with_the_session(model, tok, tmp_path):
     store = SessionStore(tmp_path)
     s = Session(model, tok, mode="persistent", store=store, session_id="c", sampling=SamplingConfig(seed=0),
                 controller=ControllerConfig(target=2.0, lr=0.2), max_new_tokens=40)
-    s.send("hello").result
+    assert s.ask("hello").completion_tokens > 0
     saved = s.controller.state_dict()
     assert saved["steps"] > 0
     again = Session(model, tok, mode="persistent", store=store, session_id="c")  # no controller given: restored
@@ -112,8 +112,8 @@ def test_controller_state_is_saved_with_the_session(model, tok, tmp_path):
     assert again.stats()["controller"]["steps"] == saved["steps"]
 
 
-@pytest.mark.parametrize("bad", [dict(target=0), dict(target=float("nan")), dict(lr=0), dict(ema=1.0),
-                                 dict(temperature=3.0), dict(max_top_k=-1), dict(exit_threshold=0.1)])
+@pytest.mark.parametrize("bad", [{"target": 0}, {"target": float("nan")}, {"lr": 0}, {"ema": 1.0},
+                                 {"temperature": 3.0}, {"max_top_k": -1}, {"exit_threshold": 0.1}])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         ControllerConfig(**bad)

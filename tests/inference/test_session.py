@@ -80,7 +80,7 @@ def test_a_fact_changes_later_predictions_only_in_modes_that_carry_memory(preset
             for i, fact in enumerate(["My name is Zed.", "My name is Ann."]):
                 s = Session(model, tok, mode=mode, learning=learning, store=tmp_path / f"{mode}{learning}",
                             session_id=f"s{i}", sampling=GREEDY, max_new_tokens=4, cms_every=8)
-                s.send(fact).result
+                s.ask(fact)
                 logits.append(s.next_token_logits("What is my name?"))
             diffs[mode, learning] = (logits[0] - logits[1]).abs().max().item()
     for (mode, learning), d in diffs.items():
@@ -93,12 +93,12 @@ def test_a_fact_changes_later_predictions_only_in_modes_that_carry_memory(preset
 def test_stateless_forgets_each_turn(tok):
     model = model_for("transformer-debug", 3.0)
     s = Session(model, tok, mode="stateless", sampling=GREEDY, max_new_tokens=6)
-    r1 = s.send("hello").result
+    r1 = s.ask("hello")
     assert s.tokens_seen == 0 and s.turns == 1 and len(s.transcript) == 2
-    r2 = s.send("hello").result  # the same answer: nothing of turn 1 is left
+    r2 = s.ask("hello")  # the same answer: nothing of turn 1 is left
     assert r1.reply == r2.reply and r1.token_ids == r2.token_ids
     fresh = Session(model, tok, mode="session", sampling=GREEDY, max_new_tokens=6)
-    assert fresh.send("hello").result.token_ids == r1.token_ids
+    assert fresh.ask("hello").token_ids == r1.token_ids
 
 
 def test_session_carries_and_feeds_only_new_tokens(tok):
@@ -106,9 +106,9 @@ def test_session_carries_and_feeds_only_new_tokens(tok):
     conversation at once (the state really carries the past)."""
     model = model_for("deltanet-debug", 3.0)
     s = Session(model, tok, mode="session", sampling=GREEDY, max_new_tokens=5, system="Be brief.")
-    r1 = s.send("first message").result
+    r1 = s.ask("first message")
     n1 = s.tokens_seen
-    r2 = s.send("second").result
+    r2 = s.ask("second")
     assert r2.prompt_tokens == len(render_prompt(tok, [{"role": "user", "content": "second"}]))
     assert r1.prompt_tokens == len(render_prompt(tok, [{"role": "system", "content": "Be brief."},
                                                         {"role": "user", "content": "first message"}]))
@@ -129,7 +129,7 @@ def test_session_carries_and_feeds_only_new_tokens(tok):
 def test_reply_cut_short_is_closed_before_the_next_turn(tok):
     model = model_for("transformer-debug")
     s = Session(model, tok, mode="session", sampling=GREEDY, max_new_tokens=3)
-    r = s.send("hi").result
+    r = s.ask("hi")
     assert r.finish_reason == "length" and len(r.token_ids) == 3
     end = marker_ids(tok, END)
     assert s.tokens_seen == r.prompt_tokens + 3 + len(end)  # the end marker was fed after the cut reply
@@ -138,14 +138,14 @@ def test_reply_cut_short_is_closed_before_the_next_turn(tok):
 def test_learning_off_keeps_memory_bit_identical(tok):
     model = model_for("titans-mag-debug")
     s = Session(model, tok, mode="session", sampling=GREEDY, max_new_tokens=4)
-    s.send("remember this").result
+    s.ask("remember this")
     h = s.state_hash()
     s.set_learning(False)
-    r = s.send("and this?").result
+    r = s.ask("and this?")
     assert len(r.token_ids) == 4 and r.reply is not None  # the turn was answered ...
     assert s.state_hash() == h and r.state_hash == h  # ... and left no trace
     s.set_learning(True)
-    s.send("now keep it").result
+    s.ask("now keep it")
     assert s.state_hash() != h
 
 
@@ -153,13 +153,13 @@ def test_readonly_never_writes(tok, tmp_path):
     model = model_for("transformer-debug")
     store = SessionStore(tmp_path)
     w = Session(model, tok, mode="persistent", store=store, session_id="r", sampling=GREEDY, max_new_tokens=4)
-    w.send("a fact").result
+    w.ask("a fact")
     before = snapshot(tmp_path)
     ro = Session(model, tok, mode="readonly", store=store, session_id="r", sampling=GREEDY, max_new_tokens=4,
                  learning=True)
     assert ro.loaded and ro.turns == 1 and ro.state_hash() == w.state_hash()
     for msg in ("question one", "question two"):
-        ro.send(msg).result
+        ro.ask(msg)
         assert ro.state_hash() == w.state_hash()
     assert not ro.writes_memory
     for bad in (ro.save, ro.reset):
@@ -173,7 +173,7 @@ def test_persistent_saves_every_turn_and_reloads_identically(tok, tmp_path):
     store = SessionStore(tmp_path)
     a = Session(model, tok, mode="persistent", store=store, session_id="p", sampling=GREEDY, max_new_tokens=5)
     for i, msg in enumerate(["one", "two"], 1):
-        a.send(msg).result
+        a.ask(msg)
         b = Session(model, tok, mode="persistent", store=store, session_id="p", sampling=GREEDY, max_new_tokens=5)
         assert b.turns == i and b.state_hash() == a.state_hash() and b.transcript == a.transcript
     assert torch.equal(a.next_token_logits("three"), b.next_token_logits("three"))
@@ -184,7 +184,7 @@ def test_persistent_saves_every_turn_and_reloads_identically(tok, tmp_path):
 def test_cancelled_turn_changes_nothing(tok, tmp_path):
     model = model_for("transformer-debug", 3.0)
     s = Session(model, tok, mode="persistent", store=tmp_path, session_id="c", sampling=GREEDY, max_new_tokens=40)
-    s.send("hello").result
+    s.ask("hello")
     h, turns, tx = s.state_hash(), s.turns, list(s.transcript)
     before = snapshot(tmp_path)
     turn = s.send("go on and on")
@@ -193,16 +193,16 @@ def test_cancelled_turn_changes_nothing(tok, tmp_path):
     assert turn.cancelled and s.state_hash() == h and s.turns == turns and s.transcript == tx
     assert snapshot(tmp_path) == before
     with pytest.raises(RuntimeError, match="cancelled"):
-        turn.result
+        _ = turn.result
 
 
 def test_fork_save_reset(tok, tmp_path):
     model = model_for("transformer-debug")
     s = Session(model, tok, mode="session", store=tmp_path, sampling=GREEDY, max_new_tokens=3)
-    s.send("base").result
+    s.ask("base")
     assert s.save("base") == "base" and s.session_id == "base"
     s.fork("branch")
-    s.send("only in branch").result
+    s.ask("only in branch")
     old = Session(model, tok, mode="readonly", store=tmp_path, session_id="base")
     assert old.turns == 1 and s.session_id == "branch"
     s.save()
@@ -222,7 +222,7 @@ def test_cms_online_learning_is_per_session_and_persisted(tok, tmp_path):
     store = SessionStore(tmp_path)
     s = Session(model, tok, mode="persistent", store=store, session_id="c", sampling=GREEDY, max_new_tokens=8,
                 cms_every=8, cms_lr=1e-2)
-    r = s.send("teach me something about the sea").result
+    r = s.ask("teach me something about the sea")
     assert r.cms_loss is not None and math.isfinite(r.cms_loss)
     assert s.cms and all(n in dict(cms_online_params(model)) for n in s.cms)
     assert max(d.abs().max().item() for d in s.cms.values()) > 0
@@ -240,7 +240,7 @@ def test_cms_online_learning_is_per_session_and_persisted(tok, tmp_path):
     # with learning off, no CMS step is taken
     deltas = {k: v.clone() for k, v in s.cms.items()}
     s.set_learning(False)
-    assert s.send("more words that would otherwise be learned").result.cms_loss is None
+    assert s.ask("more words that would otherwise be learned").cms_loss is None
     assert all(torch.equal(s.cms[k], deltas[k]) for k in deltas)
 
 
@@ -254,12 +254,12 @@ def test_chat_cli_persistent_survives_a_process_restart(tok, tmp_path, capsys):
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     store = tmp_path / "store"
-    script = "\n".join(["My name is Zed.", "/help", "/stats", "/set temperature=0.5", "/set nope=1", "/mode bogus",
-                        "/learning off", "/learning on", "/set temperature=0", "/fork side", "/mode session",
-                        "/save", "/exit"]) + "\n"
+    script = "".join(f"{line}\n" for line in ["My name is Zed.", "/help", "/stats", "/set temperature=0.5",
+                                                "/set nope=1", "/mode bogus", "/learning off", "/learning on",
+                                                "/set temperature=0", "/fork side", "/mode session", "/save", "/exit"])
     r = subprocess.run([sys.executable, "-m", "memlm.cli.main", "chat", str(model_dir), "--session", "zed",
                         "--store", str(store), "--temperature", "0", "--max-new-tokens", "6"],
-                       input=script, capture_output=True, text=True, timeout=120,
+                       input=script, capture_output=True, text=True, timeout=120, check=False,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("model>") == 1
@@ -271,7 +271,7 @@ def test_chat_cli_persistent_survives_a_process_restart(tok, tmp_path, capsys):
     assert loaded.loaded and loaded.turns == 1
     assert [m["role"] for m in loaded.transcript] == ["user", "assistant"]
     replay = Session(model, tok, mode="session", sampling=GREEDY, max_new_tokens=6)
-    rr = replay.send("My name is Zed.").result
+    rr = replay.ask("My name is Zed.")
     assert loaded.transcript[1]["content"] == rr.reply
     for k, v in replay.state.state_dict().items():
         assert_close(loaded.state.state_dict()[k].float(), v.float(), tol=1e-5, name=k)

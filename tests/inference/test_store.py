@@ -20,8 +20,14 @@ import memlm
 from memlm.cli.main import main
 from memlm.errors import UserError
 from memlm.inference.session import Session, state_hash
-from memlm.inference.store import (MAGIC, SessionStore, decrypt_bytes, encrypt_bytes, read_envelope_header,
-                                   validate_session_id)
+from memlm.inference.store import (
+    MAGIC,
+    SessionStore,
+    decrypt_bytes,
+    encrypt_bytes,
+    read_envelope_header,
+    validate_session_id,
+)
 from memlm.models.state import HEADER_KEY, ModelState
 
 pytest.importorskip("cryptography")
@@ -241,7 +247,8 @@ def test_no_pickle_anywhere():
     import memlm.inference.store as store_mod
 
     for mod in (store_mod, s_mod):
-        src = open(mod.__file__, encoding="utf-8").read()
+        with open(mod.__file__, encoding="utf-8") as f:
+            src = f.read()
         assert "pickle" not in src.replace("No pickle", "") and "torch.load" not in src
 
 
