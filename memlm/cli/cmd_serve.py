@@ -6,6 +6,7 @@ import ipaddress
 import os
 import socket
 import sys
+from pathlib import Path
 
 from memlm.errors import UserError
 
@@ -86,7 +87,7 @@ def run(args) -> int:
         controller = None if args.target_surprise is None else ControllerConfig(target=args.target_surprise)
     except ValueError as e:
         raise UserError(str(e)) from None
-    name = args.model_name or (path.name if path is not None else args.model)
+    name = args.model_name or (Path(args.model).resolve().name if path is not None else args.model)
     cfg = ServerConfig(model_name=name, store=store, default_mode=mode, default_learning=args.learning,
                        api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
                        default_max_tokens=args.max_tokens, max_sessions=args.max_sessions, workers=args.workers,

@@ -262,15 +262,18 @@ def test_empty_password_refused(tmp_path):
 
 def test_kill_9_during_saves_leaves_a_loadable_state(tmp_path, model):
     """A child saves two alternating ~1 MB states in a loop; SIGKILL right after it announces a write; the session
-    must then load and equal one of the two states (never a torn mix, never an unreadable file)."""
+    must then load and equal one of the two states (never a torn mix, never an unreadable file). The child also
+    checks that importing memlm with its sessions and store pulled in none of the `serve` extras."""
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     store_dir = tmp_path / "store"
     child = textwrap.dedent(f"""
-        import torch, memlm
+        import sys, torch, memlm
         torch.set_num_threads(1)
         from memlm.inference.session import state_hash
         from memlm.inference.store import SessionStore
+        # core memlm, sessions and plain stores need none of the serve extras
+        assert not {{"fastapi", "uvicorn", "httpx", "cryptography"}} & set(sys.modules), sys.modules.keys()
         model = memlm.load_model({str(model_dir)!r})
         store = SessionStore({str(store_dir)!r})
         states = []

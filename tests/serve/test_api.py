@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
-import os
-import re
 import socket
-import subprocess
-import sys
-import threading
 import time
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 import memlm
 from memlm.data.chat import render_prompt
@@ -33,57 +25,9 @@ N_SESSIONS, N_REQUESTS = 20, 10
 N_REPLAY = 8  # sessions replayed sequentially for the exact-memory check (all 20 are checked for turns/transcripts)
 
 
-def _sharp_model() -> memlm.MemoryLM:
-    """transformer-debug redrawn at gain 3, so greedy replies vary with the context (a leak would show)."""
-    torch.manual_seed(0)
-    m = memlm.build_model("transformer-debug").eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 3.0 / math.sqrt(p.shape[-1]))
-    return m
-
-
-def start_server(workdir, *extra: str) -> SimpleNamespace:
-    """Start `memlm serve` on a free loopback port; return url, process, paths. Caller stops it (stop_server)."""
-    model_dir = workdir / "model"
-    if not model_dir.exists():
-        _sharp_model().save_pretrained(model_dir)
-    store = workdir / "store"
-    cmd = [sys.executable, "-m", "memlm.cli.main", "serve", str(model_dir), "--port", "0", "--threads", "1",
-           "--workers", "4", "--temperature", "0", "--max-tokens", "4", "--max-tokens-limit", "64",
-           "--max-body-bytes", "20000", "--store", str(store), "--memory", "session", *extra]
-    with open(workdir / "server.log", "w") as err:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "MEMLM_PASSWORD": ""})
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=90)
-    m = re.search(r"http://127\.0\.0\.1:(\d+)/", line[0] if line else "")
-    if not m:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"server did not start: {line} {(workdir / 'server.log').read_text()[-2000:]}")
-    return SimpleNamespace(url=f"http://127.0.0.1:{m.group(1)}", port=int(m.group(1)), proc=proc, store=store,
-                           model_dir=model_dir, workdir=workdir)
-
-
-def stop_server(srv) -> None:
-    srv.proc.terminate()
-    try:
-        srv.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        srv.proc.kill()
-        srv.proc.wait()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("serve"))
-    yield srv
-    stop_server(srv)
+def server(tmp_path_factory, live_server):
+    return live_server(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture()

@@ -96,6 +96,7 @@ async function refreshStats() {
   const r = await api(`/v1/sessions/${encodeURIComponent(current)}`);
   if (!r.ok) { ui.stats.append(dtdd("state", r.status === 404 ? "empty (no turns yet)" : await errorText(r))); return; }
   const s = await r.json();
+  ui.stats.dataset.turns = String(s.turns);
   ui.mode.value = s.mode;
   ui.learning.checked = s.learning;
   const rows = [["mode", s.mode], ["learning", s.learning ? "on" : "off"], ["turns", s.turns],
