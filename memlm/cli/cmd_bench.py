@@ -16,7 +16,7 @@ def parse_count(s: str, what: str = "--tokens") -> int:
     mult = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000, "g": 1_000_000_000}
     try:
         if t and t[-1] in mult:
-            return int(round(float(t[:-1]) * mult[t[-1]]))
+            return round(float(t[:-1]) * mult[t[-1]])
         return int(t)
     except ValueError:
         raise UserError(f"{what} {s!r}: expected a count like 20M, 500k or 123456") from None

@@ -19,9 +19,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -234,8 +235,8 @@ def write_leaderboard(rows: list[dict], out: Path, b: BenchConfig) -> Path:
             r["headline"] = headline(r, _eval_records(r), T)
     ok = [r for r in rows if r.get("status") == "ok"]
     md = ["# memlm leaderboard", "",
-          f"Every preset trained on the same data order with the `{b.tokenizer}` tokenizer for {b.tokens:,} tokens "
-          f"(batch {b.batch_size} × {T} tokens), then evaluated by `memlm eval` (lengths {b.eval.lengths}).", ""]
+          (f"Every preset trained on the same data order with the `{b.tokenizer}` tokenizer for {b.tokens:,} tokens "
+           f"(batch {b.batch_size} × {T} tokens), then evaluated by `memlm eval` (lengths {b.eval.lengths})."), ""]
     main = []
     for r in rows:
         if r.get("status") != "ok":
@@ -252,11 +253,11 @@ def write_leaderboard(rows: list[dict], out: Path, b: BenchConfig) -> Path:
                      "Δ NLL reset−carried", "passkey rank " + " ".join(f"{L / T:g}x" for L in b.eval.lengths),
                      "MQAR acc", "x-session session / persistent / stateless", "train tok/s", f"state/seq @{T}",
                      "status"], main), ""]
-    md += ["Columns: val loss = validation NLL (nats/token) on the held-out split after training; ppl ≤T / >T = "
+    md += [("Columns: val loss = validation NLL (nats/token) on the held-out split after training; ppl ≤T / >T = "
            "perplexity at positions inside / beyond the training length (state carried); Δ NLL = streaming loss "
            "with the state reset per segment minus carried (> 0: the carried memory helps); passkey rank = "
            "likelihood ranking accuracy per length multiple (chance 0.2); MQAR acc = mean over widths and pair "
-           "counts; x-session = cross-session recall rank (stateless is the control, at chance ≈ 0.2).", ""]
+           "counts; x-session = cross-session recall rank (stateless is the control, at chance ≈ 0.2)."), ""]
     for task in ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey", "babilong_qa1", "vt"):
         lines = [[r["preset"]] + [fmt(v) for v in r["headline"].get(task, {}).values()] for r in ok
                  if task in r["headline"]]

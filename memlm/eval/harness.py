@@ -139,7 +139,7 @@ if HAVE_LM_EVAL:  # `lm_eval --model memlm` works once this module is imported (
 
 
 def run_lm_eval(lm: MemlmLM, tasks: list[str], *, include_path: str | None = None, include_defaults: bool | None = None,
-                limit: int | float | None = None, num_fewshot: int | None = None, **kwargs: Any) -> dict:
+                limit: float | None = None, num_fewshot: int | None = None, **kwargs: Any) -> dict:
     """Run lm-eval tasks on ``lm`` and return its results dict. ``include_path`` adds a folder of task YAMLs;
     with it, lm-eval's own task catalogue is only indexed when ``include_defaults`` (indexing it takes seconds)."""
     if not HAVE_LM_EVAL:

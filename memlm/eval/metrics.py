@@ -5,6 +5,7 @@ Notation: T tokens, n n-gram order, k number of candidates tied at the top score
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
@@ -30,7 +31,7 @@ def first_line(text: str) -> str:
     return text.lstrip("\n").split("\n", 1)[0]
 
 
-_SENT_END = re.compile(r"\.(\s|$)")
+_SENT_END = re.compile(r"\.(?=\s|$|[A-Z\"'])")
 
 
 def answer_span(text: str) -> str:
@@ -101,7 +102,7 @@ def bucket_sums(nll: Tensor, edges: Sequence[int]) -> list[tuple[float, int]]:
     """nll [T] (target position t = token t+1 of the document) → (sum, count) per bucket [edges[i], edges[i+1])."""
     out = []
     T = nll.shape[0]
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in itertools.pairwise(edges):
         if a >= T:
             out.append((0.0, 0))
             continue

@@ -205,9 +205,9 @@ def write_report(records: list[dict], out_dir: str | Path, *, meta: dict | None 
     md = ["# memlm eval report", ""]
     if meta:
         md += [md_table(["key", "value"], [[k, v] for k, v in meta.items()]), ""]
-    md += ["Scores: **rank** = likelihood ranking of the true answer against distractors (1 = always first; "
-           "chance is given), **em** = exact match of the greedy answer's first line, **contains** = fraction of "
-           "expected answers found in the greedy output (RULER-style).", ""]
+    md += [("Scores: **rank** = likelihood ranking of the true answer against distractors (1 = always first; "
+            "chance is given), **em** = exact match of the greedy answer span (first line, first sentence), "
+            "**contains** = fraction of expected answers found in the greedy output (RULER-style)."), ""]
     if plots and plt is None:
         md += ["_Plots skipped: matplotlib is not installed (pip install matplotlib)._", ""]
     qa = [t for t, rows in by_task.items() if rows and _is_qa(rows[0]) and t != "reversal"]
@@ -245,9 +245,10 @@ def _ppl_section(by_task: dict, plt, out: Path) -> list[str]:
     overall = [r for r in ppl if r.get("kind") == "overall"]
     if overall:
         o = overall[0]
-        md += ["## Perplexity", "", f"{o['docs']} documents, {o['tokens']:,} predicted tokens, up to {o['max_len']} "
-               f"tokens each, state carried: NLL {o['nll']:.3f} (ppl {o['ppl']:.2f}); within the training length "
-               f"({o['train_len']}): NLL {o['nll_train_len']:.3f} (ppl {o['ppl_train_len']:.2f}).", ""]
+        md += ["## Perplexity", "",
+               (f"{o['docs']} documents, {o['tokens']:,} predicted tokens, up to {o['max_len']} tokens each, state "
+                f"carried: NLL {o['nll']:.3f} (ppl {o['ppl']:.2f}); at positions below the training length "
+                f"({o['train_len']}): NLL {o['nll_train_len']:.3f} (ppl {o['ppl_train_len']:.2f})."), ""]
         pos = [r for r in ppl if r.get("kind") == "position"]
         md += [md_table(["positions", "tokens", "NLL", "ppl"], [[f"[{r['lo']}, {r['hi']})", r["tokens"], r["nll"],
                                                                 r["ppl"]] for r in pos]), ""]
@@ -256,8 +257,9 @@ def _ppl_section(by_task: dict, plt, out: Path) -> list[str]:
                                "token position (bucket end)", "perplexity", "perplexity by position", logx=True,
                                vline=o.get("train_len"))
             md += [f"![perplexity by position]({name})", ""]
-    for task, (a, b), title in (("stream", ("carried", "reset"), "Streaming perplexity (state carried vs reset per "
-                                 "segment)"), ("probe", ("on", "off"), "Memory on/off probe")):
+    titles = (("stream", ("carried", "reset"), "Streaming perplexity (state carried vs reset per segment)"),
+              ("probe", ("on", "off"), "Memory on/off probe"))
+    for task, (a, b), title in titles:
         rows = [r for r in by_task.get(task, []) if "error" not in r]
         seg = [r for r in rows if r.get("kind") == "segment"]
         ov = [r for r in rows if r.get("kind") == "overall"]
@@ -267,8 +269,8 @@ def _ppl_section(by_task: dict, plt, out: Path) -> list[str]:
         md += [f"## {title}", ""]
         if task == "probe":
             md += [f"_{o['label']}_", ""]
-        md += [f"{o['docs']} documents, segments of {o['segment_len']} tokens: NLL {a} {o[f'nll_{a}']:.3f}, {b} "
-               f"{o[f'nll_{b}']:.3f} (Δ = {o['delta_nll']:+.3f} nats/token).", ""]
+        md += [(f"{o['docs']} documents, segments of {o['segment_len']} tokens: NLL {a} {o[f'nll_{a}']:.3f}, {b} "
+                f"{o[f'nll_{b}']:.3f} (Δ = {o['delta_nll']:+.3f} nats/token)."), ""]
         md += [md_table(["segment", "start", f"NLL {a}", f"NLL {b}", "tokens"],
                         [[r["segment"], r["start"], r.get(f"nll_{a}"), r.get(f"nll_{b}"), r["tokens"]] for r in seg]),
                ""]

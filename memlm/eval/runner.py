@@ -246,7 +246,7 @@ class EvalContext:
     def score(self, ex: Example) -> dict[str, Any]:
         """Score one retrieval example by ranking (every probe) and, with cfg.generate, by greedy generation."""
         sc, t0 = self.scorer, time.perf_counter()
-        last_c, st_c = sc.feed(sc.encode(ex.context))
+        _, st_c = sc.feed(sc.encode(ex.context))
         probe_scores, chances, cache = [], [], {}
         for p in ex.probes:
             if p.question not in cache:
@@ -289,7 +289,7 @@ def parse_lengths(specs: Sequence[str | int], train_len: int, *, minimum: int = 
                                 f"training length (2x)") from None
             if v < minimum:
                 raise UserError(f"length {part!r}: must be ≥ {minimum} tokens")
-            out.add(int(round(v)))
+            out.add(round(v))
     return sorted(out)
 
 
@@ -323,7 +323,7 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = Non
                             f.write(json.dumps(clean_json(rec)) + "\n")
             except UserError:
                 raise
-            except Exception as e:  # noqa: BLE001 — with keep_going a broken task becomes a row, not a crash
+            except Exception as e:
                 if not cfg.keep_going:
                     raise
                 rec = {"task": name, "error": f"{type(e).__name__}: {e}"}

@@ -13,11 +13,12 @@ pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import memlm  # noqa: E402
-from eval_oracle import InductionOracle  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-from memlm.data.tokenizer import load_tokenizer  # noqa: E402
-from memlm.eval.harness import MemlmLM, run_lm_eval  # noqa: E402
+from eval_oracle import InductionOracle
+from lm_eval.api.instance import Instance
+
+import memlm
+from memlm.data.tokenizer import load_tokenizer
+from memlm.eval.harness import MemlmLM, run_lm_eval
 
 
 @pytest.fixture(autouse=True)

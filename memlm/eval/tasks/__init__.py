@@ -3,14 +3,17 @@ names ("niah", "babilong", "ppl", "default", "all") into task names."""
 from __future__ import annotations
 
 from memlm.errors import UserError
+
 # Import order is registry order is report order.
-from memlm.eval.tasks import perplexity  # noqa: F401, I001 (registers tasks)
-from memlm.eval.tasks import niah  # noqa: F401, I001
-from memlm.eval.tasks import babilong  # noqa: F401, I001
-from memlm.eval.tasks import reversal  # noqa: F401, I001
-from memlm.eval.tasks import cross_session  # noqa: F401, I001
-from memlm.eval.tasks import mqar  # noqa: F401, I001
-from memlm.eval.tasks import degeneration  # noqa: F401, I001
+from memlm.eval.tasks import (
+    babilong,  # noqa: F401
+    cross_session,  # noqa: F401
+    degeneration,  # noqa: F401
+    mqar,  # noqa: F401
+    niah,  # noqa: F401
+    perplexity,  # noqa: F401 (registers tasks)
+    reversal,  # noqa: F401
+)
 from memlm.eval.tasks.base import TASKS, Example, Probe, TaskSpec, example_rng, register_task
 
 # "default" is everything that needs no training; mqar trains small models and runs only when asked.

@@ -65,12 +65,12 @@ def _memory_after_sessions(ctx, store, mode: str, sid: str, texts: list[str]):
         for t in texts:
             s = Session(ctx.model, ctx.tok, mode="persistent", store=store, session_id=sid)
             if t:
-                s.complete(t, max_new_tokens=0).result  # saved to the store when the turn completes
+                _ = s.complete(t + "\n", max_new_tokens=0).result  # saved to the store when the turn completes
         return Session(ctx.model, ctx.tok, mode="persistent", store=store, session_id=sid).state
     s = Session(ctx.model, ctx.tok, mode=mode)
     for t in texts:
         if t:
-            s.complete(t, max_new_tokens=0).result
+            _ = s.complete(t + "\n", max_new_tokens=0).result
     # A stateless session never keeps a turn: its state is the fresh memory every turn starts from.
     return s.state
 

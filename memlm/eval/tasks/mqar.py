@@ -42,7 +42,7 @@ class MQARSettings:
     seed: int = 0
 
     @classmethod
-    def from_overrides(cls, d: dict) -> "MQARSettings":
+    def from_overrides(cls, d: dict) -> MQARSettings:
         names = {f.name for f in fields(cls)}
         bad = sorted(set(d) - names)
         if bad:
@@ -116,7 +116,7 @@ def train_mqar(cfg: ModelConfig, s: MQARSettings, device, log=print) -> tuple[Me
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 10 == 0 or step == s.steps - 1:
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     return model.eval(), losses
 
 

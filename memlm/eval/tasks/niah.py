@@ -19,6 +19,8 @@ has them — the values of the other needles (those are in the context: only bin
 """
 from __future__ import annotations
 
+import itertools
+
 from memlm.eval.tasks.base import Example, Probe, example_rng, register_task
 from memlm.eval.tasks.text import Haystack, build_context, distinct_values, made_up_words, number, uuid_value
 
@@ -103,7 +105,7 @@ def _make_vt(tok, haystack: Haystack, length: int, seed: int, index: int, n_dist
     nums = distinct_values(rng, lambda r: number(r, 5), 2, avoid=set())
 
     def statements(ch: list[str], n: str) -> list[str]:
-        return [f"VAR {ch[0]} = {n}."] + [f"VAR {b} = VAR {a}." for a, b in zip(ch, ch[1:])]
+        return [f"VAR {ch[0]} = {n}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(ch)]
 
     main, dist = statements(chain, nums[0]), statements(other, nums[1])
     # Each chain in order at sorted random depths, the two chains interleaved.

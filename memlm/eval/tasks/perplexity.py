@@ -14,6 +14,7 @@ Segment-first tokens are excluded from both sides of ``stream`` and ``probe`` (a
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -50,7 +51,7 @@ def run_ppl(ctx):
     yield {"task": "ppl", "kind": "overall", "nll": tot / n, "ppl": M.ppl(tot / n), "tokens": n, "docs": docs,
            "max_len": L, "nll_train_len": tot_in / max(n_in, 1), "ppl_train_len": M.ppl(tot_in / max(n_in, 1)),
            "train_len": ctx.train_len}
-    for (a, b), (s, c) in zip(zip(edges[:-1], edges[1:]), sums):
+    for (a, b), (s, c) in zip(itertools.pairwise(edges), sums):
         if c:
             yield {"task": "ppl", "kind": "position", "lo": a, "hi": b, "nll": s / c, "ppl": M.ppl(s / c),
                    "tokens": c}
