@@ -68,6 +68,7 @@ from memlm.layers.cms import (
     cms_online_step,
     cms_snapshot,
 )
+from memlm.memory.episodic import load_session_indexes, save_session_indexes, session_indexes
 from memlm.models.state import ModelState
 
 __all__ = ["MODES", "Session", "Turn", "TurnResult", "layer_stats", "state_hash"]
@@ -249,6 +250,7 @@ class Session:
         self.cms: dict[str, Tensor] = {}  # online-learned CMS deltas (θ − θ_base) of this session
         self.cms_buffer: list[int] = []  # conversation ids not yet learned from
         self.state: ModelState = self._fresh()
+        self.episodic = None  # FAISS indexes of the retrieval layers' memory (memlm.memory.episodic), per session
         self.loaded = False
         self._check_mode(mode)
         self.mode = mode
@@ -341,8 +343,11 @@ class Session:
     @contextlib.contextmanager
     def _weights(self, *, apply: bool, learn: bool):
         """Swap this session's CMS deltas into the shared model for the duration of a turn (and learn); yields the
-        base snapshot (None for a model without CMS). The base weights are restored bit-exactly afterwards."""
-        if not self.has_cms or not (learn or (apply and self.cms)):
+        base snapshot (None for a model without CMS). The base weights are restored bit-exactly afterwards.
+
+        Every turn on a CMS model holds the model's lock, even one that applies and learns nothing: another
+        session's deltas may be in the weights until its turn ends."""
+        if not self.has_cms:
             yield None
             return
         with _weights_lock(self.model):
@@ -387,7 +392,7 @@ class Session:
         surprise: list[float] = []
         entropy: list[float] = []
         reason = "length"
-        with self._weights(apply=carry, learn=learn_cms) as base:
+        with session_indexes(self), self._weights(apply=carry, learn=learn_cms) as base:
             logits, st = eng.prefill(torch.tensor([ids], dtype=torch.long), self._start_state())
             while len(out) < max_new:
                 t, lp, ent = self._choose(logits[:, :eng.sample_vocab], history, cfg, gen)
@@ -524,6 +529,7 @@ class Session:
 
     def _save(self, sid: str) -> None:
         self.store.save(sid, self.state, extra_header=self._header(), cms=self.cms, transcript=self.transcript)
+        save_session_indexes(self, self.store.session_dir(sid), sid)
 
     def _load(self) -> None:
         stored = self.store.load(self.session_id, model=self.model, device=self.engine.device)
@@ -554,6 +560,7 @@ class Session:
         self.created = float(h.get("created", self.created))
         self.updated = h.get("updated")
         self.transcript = stored.transcript
+        load_session_indexes(self, self.store.session_dir(self.session_id), self.session_id)
         self.loaded = True
 
     # ------------------------------------------------------------------------------------------ stats

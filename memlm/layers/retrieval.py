@@ -213,7 +213,7 @@ class Retrieval(Mixer):
 
 def _gather_heads(mem: Tensor, idx: Tensor, G: int) -> Tensor:
     """mem [B, Hk, M, Dh], idx [B, Hq, T, k] (Hq = G·Hk, query head h reads KV head h // G) -> [B, Hq, T, k, Dh]."""
-    B, Hk, M, Dh = mem.shape
+    B, Hk, _, Dh = mem.shape
     _, Hq, T, k = idx.shape
     flat = idx.reshape(B, Hk, G * T * k)
     out = torch.gather(mem, 2, flat[..., None].expand(-1, -1, -1, Dh))

@@ -27,9 +27,10 @@ import contextvars
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -213,7 +214,7 @@ class EpisodicStore:
         header = {"format": FORMAT, "session_id": self.session_id, "dim": self.dim, "value_dim": self.value_dim,
                   "capacity": self.capacity, "eviction": self.eviction, "kind": self.kind, "next_id": self.next_id,
                   "clock": self.clock, "trained_at": self.trained_at, "ivf_threshold": self.ivf_threshold,
-                  "nprobe": self.nprobe, "count": int(len(used)), "index_sha256": hashlib.sha256(blob).hexdigest()}
+                  "nprobe": self.nprobe, "count": len(used), "index_sha256": hashlib.sha256(blob).hexdigest()}
         tensors = {"keys": self.keys[used], "values": self.values[used], "positions": self.positions[used],
                    "ids": self.ids[used], "last_used": self.last_used[used]}
         atomic_write_bytes(folder / f"{name}.safetensors", st_save(tensors, metadata={"memlm_episodic": json.dumps(header)}))
@@ -229,7 +230,7 @@ class EpisodicStore:
         try:
             with safe_open(str(meta_path), "np") as f:
                 header = json.loads((f.metadata() or {})["memlm_episodic"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except FileNotFoundError:
             raise UserError(f"{meta_path}: no episodic store here") from None
         except Exception as e:  # noqa: BLE001 — safetensors/json raise several types on corrupt files
