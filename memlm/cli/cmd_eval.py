@@ -68,10 +68,10 @@ def _value(v: str):
 
 def run(args: argparse.Namespace) -> int:
     from memlm.eval.runner import EvalConfig, parse_lengths, run_eval, validation_documents
-    from memlm.eval.tasks import TASKS, expand_tasks, groups
+    from memlm.eval.tasks import TASKS, expand_tasks, groups, ordered
 
     if args.list:
-        for name, spec in TASKS.items():
+        for name, spec in ((n, TASKS[n]) for n in ordered()):
             print(f"{name:<18} {spec.group:<10} {spec.description}")
         print("\ngroups: " + "; ".join(f"{g}: {', '.join(v)}" for g, v in sorted(groups().items())
                                        if g not in ("all", "default")) + "; default: all but mqar; all: everything")

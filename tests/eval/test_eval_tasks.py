@@ -9,7 +9,7 @@ import pytest
 from memlm.data import demo_corpus_path
 from memlm.data.tokenizer import load_tokenizer
 from memlm.errors import UserError
-from memlm.eval.tasks import TASKS, expand_tasks
+from memlm.eval.tasks import ORDER, TASKS, expand_tasks
 from memlm.eval.tasks.babilong import make_babilong
 from memlm.eval.tasks.base import example_rng
 from memlm.eval.tasks.cross_session import make_item
@@ -174,7 +174,8 @@ def test_build_context_places_inserts_and_rejects_bad_depths():
 
 def test_task_registry_and_groups():
     assert "mqar" not in expand_tasks("default") and "mqar" in expand_tasks("all")
-    assert expand_tasks(["niah", "passkey"]) == [k for k in TASKS if TASKS[k].group == "niah"]
+    assert expand_tasks(["niah", "passkey"]) == [k for k in ORDER if k in TASKS and TASKS[k].group == "niah"]
+    assert set(ORDER) == set(TASKS)  # every task has its place in the report
     assert expand_tasks("babilong_qa2,ppl") == ["ppl", "babilong_qa2"]
     with pytest.raises(UserError, match="unknown eval task"):
         expand_tasks(["nope"])
