@@ -311,7 +311,7 @@ class SessionStore:
             tensors[f"cms.{name}"] = t.detach().contiguous().cpu()
         blob = st_save(tensors, metadata={HEADER_KEY: json.dumps(header)})
         tx = None if transcript is None else "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in transcript)
-        d.mkdir(parents=True, exist_ok=True)
+        self._mkdir(d)
         if self.password is None:
             atomic_write_bytes(d / STATE_FILE, blob)
             if tx is not None:
@@ -329,6 +329,11 @@ class SessionStore:
                                                  _keys=keys, _salt=salt))
             self._remove(d / STATE_FILE, d / TRANSCRIPT_FILE)  # no plaintext copy survives an upgrade
         return header
+
+    def _mkdir(self, d: Path) -> None:
+        """Create the store and a session folder readable by the owner only (files are 0600 already)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        d.mkdir(exist_ok=True, mode=0o700)
 
     @staticmethod
     def _remove(*paths: Path) -> None:
@@ -451,7 +456,7 @@ class SessionStore:
         tmp = d.with_name(f".{dst}.forking")
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        self._mkdir(tmp)
         for f in s.iterdir():
             if f.is_file() and not f.name.startswith("."):  # skip temporary files of an interrupted save
                 atomic_write_bytes(tmp / f.name, f.read_bytes())
@@ -461,7 +466,7 @@ class SessionStore:
         """Store already-serialised state bytes (and transcript) under ``session_id`` (import), encrypting when the
         store has a password."""
         d = self.session_dir(session_id)
-        d.mkdir(parents=True, exist_ok=True)
+        self._mkdir(d)
         if self.password is None:
             atomic_write_bytes(d / STATE_FILE, plain_state)
             if transcript is not None:

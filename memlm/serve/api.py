@@ -273,6 +273,11 @@ class _Server:
     def lock(self, sid: str) -> asyncio.Lock:
         lk = self.locks.get(sid)
         if lk is None:
+            if len(self.locks) > 4 * self.cfg.max_sessions:  # ids come from clients: keep the table bounded
+                with self.guard:
+                    live = set(self.sessions)
+                for k in [k for k, v in self.locks.items() if k not in live and not v.locked()]:
+                    del self.locks[k]
             lk = self.locks[sid] = asyncio.Lock()
         return lk
 

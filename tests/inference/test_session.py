@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -237,6 +238,18 @@ def test_cms_online_learning_is_per_session_and_persisted(tok, tmp_path):
     assert again.cms.keys() == s.cms.keys() and all(torch.equal(again.cms[k], s.cms[k]) for k in s.cms)
     assert again.cms_buffer == s.cms_buffer
     assert torch.equal(again.next_token_logits("what now?"), s.next_token_logits("what now?"))
+    # while a turn of s is streaming (its deltas are in the weights), another session waits for the weights
+    reference = other.next_token_logits("y")
+    turn = s.send("and now a long reply please")
+    next(turn)
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("logits", other.next_token_logits("y")))
+    t.start()
+    t.join(timeout=0.5)
+    assert t.is_alive()  # blocked on the model's lock, not reading s's deltas
+    _ = turn.result
+    t.join(timeout=60)
+    assert torch.equal(box["logits"], reference)
     # with learning off, no CMS step is taken
     deltas = {k: v.clone() for k, v in s.cms.items()}
     s.set_learning(False)

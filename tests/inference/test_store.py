@@ -118,6 +118,8 @@ def test_round_trip_bit_exact(tmp_path, model, password):
     assert h["tokens_seen"] == 37 and h["format_version"] == 1 and h["created"] <= h["updated"]
     assert loaded.encrypted == (password is not None)
     files = sorted(p.name for p in (tmp_path / "s1").iterdir())
+    assert (tmp_path / "s1").stat().st_mode & 0o777 == 0o700  # owner only
+    assert all((tmp_path / "s1" / f).stat().st_mode & 0o777 == 0o600 for f in files)
     if password is None:
         assert files == ["state.safetensors", "transcript.jsonl"]
         # the plain store file is an ordinary ModelState file
