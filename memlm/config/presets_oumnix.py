@@ -39,14 +39,14 @@ def _oumnix_debug() -> RunConfig:
 
 
 @register_preset("oumnix-tiny", "oumnix", "Oumnix d256 L6 H4, window 128, stride 64, WEAVE rank 64, exits after "
-                 "layers 1 and 3, vocab 16384 (PLACEHOLDER parameters)")
+                 "layers 1 and 3, vocab 16384 (13,121,180 parameters)")
 def _oumnix_tiny() -> RunConfig:
     return RunConfig(model=oumnix(256, 6, 4, 16384, window=128, stride=64, ssm_head=64, d_state=64, chunk=64, conv=4,
                                   weave_rank=64, exits=[1, 3]), train=_gpu_train())
 
 
 @register_preset("oumnix-small", "oumnix", "Oumnix d512 L8 H8, window 256, stride 64, WEAVE rank 128, exits after "
-                 "layers 3 and 5, vocab 16384 (PLACEHOLDER parameters)")
+                 "layers 3 and 5, vocab 16384 (55,355,280 parameters)")
 def _oumnix_small() -> RunConfig:
     return RunConfig(model=oumnix(512, 8, 8, 16384, window=256, stride=64, ssm_head=64, d_state=64, chunk=64, conv=4,
                                   weave_rank=128, exits=[3, 5]), train=_gpu_train())

@@ -70,7 +70,7 @@ class WeaveLinear(nn.Module):
             else:
                 m.U.normal_(0.0, m.out_features ** -0.5)
                 m.V.normal_(0.0, m.in_features ** -0.5)
-                m.s.fill_(float(w.float().norm()) / math.sqrt(r))
+                m.s.copy_((w.float().norm() / math.sqrt(r)).expand(r))  # a tensor op: also works on "meta"
             if m.bias is not None:
                 m.bias.copy_(lin.bias.detach())
         return m

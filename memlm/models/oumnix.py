@@ -270,13 +270,14 @@ class EarlyExitDecoder:
 
 @torch.no_grad()
 def measure_early_exit(model, ids: Tensor, thresholds: list[float | None], *, prompt_len: int = 1,
-                       repeats: int = 1) -> list[dict]:
+                       repeats: int = 1, clock=time.perf_counter) -> list[dict]:
     """Loss and decode speed at each threshold (None: full depth). ids [B, T] (B = 1 keeps exits per token).
 
     loss: mean next-token CE of a one-pass eval forward under ``early_exit`` (teacher forcing);
     tok_s: tokens per second of ``EarlyExitDecoder`` feeding ids[:, prompt_len:] one at a time after a prefill of
     the first prompt_len tokens (the None row decodes with plain full-depth steps); exit_rate: share of decode steps
-    that exited early. The model is put in eval mode."""
+    that exited early. ``clock``: time.perf_counter (wall) or time.process_time (CPU time, steadier on a busy
+    machine with one thread). The model is put in eval mode."""
     model.eval()
     tgt = ids[:, 1:]
     out = []
@@ -288,18 +289,18 @@ def measure_early_exit(model, ids: Tensor, thresholds: list[float | None], *, pr
         for _ in range(repeats):
             if tau is None:
                 _, st = model(ids[:, :prompt_len])
-                t0 = time.perf_counter()
+                t0 = clock()
                 for t in range(prompt_len, ids.shape[1]):
                     _, st = model(ids[:, t:t + 1], st)
-                dt = time.perf_counter() - t0
+                dt = clock() - t0
             else:
                 dec = EarlyExitDecoder(model, tau)
                 dec.prefill(ids[:, :prompt_len])
-                t0 = time.perf_counter()
+                t0 = clock()
                 for t in range(prompt_len, ids.shape[1]):
                     dec.step(ids[:, t])
                 dec.flush()
-                dt = time.perf_counter() - t0
+                dt = clock() - t0
                 rate = dec.exits / max(dec.steps, 1)
             best = min(best, dt)
         n = ids.shape[1] - prompt_len

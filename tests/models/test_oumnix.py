@@ -114,6 +114,13 @@ def test_each_feature_switches_off_with_set():
     assert m(x)[0].shape == (2, 20, 263)
 
 
+def test_preset_param_counts_match_descriptions():
+    for name in ("oumnix-tiny", "oumnix-small"):
+        with torch.device("meta"):
+            n = memlm.build_model(name).num_params()
+        assert f"{n:,}" in memlm.preset(name).description, (name, n)
+
+
 def test_config_validation():
     with pytest.raises(UserError, match="exit_layers"):
         build("model.exit_layers=[3]")
