@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-map", default=None, metavar="I,J,…",
                    help="new index of each old layer (default: old layers keep their place, new ones are appended)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new weights' initialisation")
+    p.add_argument("--optimizer-state", choices=("remap", "reset"), default="remap",
+                   help="grown parameters: scatter their optimizer moments like the weights (remap, no loss spike) "
+                        "or start them fresh (reset); unchanged parameters always keep theirs")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
             layer_map = [int(x) for x in args.layer_map.split(",")]
         except ValueError:
             raise UserError(f"--layer-map {args.layer_map!r}: expected comma-separated integers") from None
-    summary = grow_checkpoint(args.checkpoint, args.to, args.out, layer_map=layer_map, seed=args.seed)
+    summary = grow_checkpoint(args.checkpoint, args.to, args.out, layer_map=layer_map, seed=args.seed,
+                              optimizer_state=args.optimizer_state)
     print(json.dumps(summary, indent=2))
     return 0

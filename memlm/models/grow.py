@@ -297,6 +297,7 @@ def grow_model(model: MemoryLM, target: ModelConfig, *, layer_map: Sequence[int]
     D, D2 = model.config.d_model, cfg.d_model
     scale = math.sqrt(D / D2)
     done: dict[str, Tensor] = {}
+    plan: dict[str, tuple[str, list]] = {}  # grown tensors: key → (old key, index maps), for optimizer states
     generic = []
     for item in _rules(model, new, inv):
         if item[0] == "generic":
@@ -304,9 +305,11 @@ def grow_model(model: MemoryLM, target: ModelConfig, *, layer_map: Sequence[int]
             continue
         key, okey, maps, fill = item
         done[key] = _remap_named(key, old_sd[okey], new_sd[key], maps, fill, scale)
+        plan[key] = (okey, maps)
     for key, okey, maps, fill in generic:
         if key not in done:
             done[key] = _remap_named(key, old_sd[okey], new_sd[key], maps, fill, scale)
+            plan[key] = (okey, maps)
     inv_names = _old_names(new_sd, inv)
     out = {}
     for key, value in new_sd.items():
@@ -322,7 +325,9 @@ def grow_model(model: MemoryLM, target: ModelConfig, *, layer_map: Sequence[int]
             raise UserError(f"{key}: shape {tuple(old_sd[okey].shape)} → {tuple(value.shape)} has no growth rule "
                             f"(layer kind without width growth?)")
         out[key] = old_sd[okey].to(value.dtype).clone()
+        plan[key] = (okey, [None] * value.ndim)
     new.load_state_dict(out)
+    new.growth_plan = plan  # read by carry_optimizer_state
     new.train(model.training)
     if verify:
         err = growth_error(model, new)
@@ -366,34 +371,48 @@ def _inner_optimizers(opt) -> list:
     return list(getattr(opt, "optimizers", [opt]))
 
 
-def carry_optimizer_state(old_opt, old_model: MemoryLM, new_opt, new_model: MemoryLM,
-                          layer_map: Sequence[int] | None = None) -> tuple[int, int]:
-    """Copy each parameter's optimizer state (moments, step counters) from ``old_opt`` to ``new_opt`` where the
-    parameter kept its shape (names follow ``layer_map``); grown and new parameters start fresh. Returns
-    (kept, fresh) parameter counts."""
-    lmap = list(layer_map) if layer_map is not None else default_layer_map(old_model.config.n_layers,
-                                                                           new_model.config.n_layers)
-    inv = {j: i for i, j in enumerate(lmap)}
+def carry_optimizer_state(old_opt, old_model: MemoryLM, new_opt, new_model: MemoryLM, *,
+                          mode: str = "remap") -> dict[str, int]:
+    """Give ``new_opt`` (built over the grown ``new_model``) the optimizer state of ``old_opt``.
+
+    Parameters whose shape is unchanged keep their state as it was (moments, step counters). Grown parameters:
+    mode "remap" (default) scatters every state tensor shaped like the old parameter through the same index maps as
+    the weights (new entries 0) and keeps step counters — old entries continue exactly, new entries start with zero
+    moments, which under Adam's bias correction makes their first steps ≈ 0.45·η instead of η (no loss spike);
+    mode "reset" gives them a fresh state. Parameters of new layers / levels always start fresh. Needs
+    ``new_model.growth_plan`` (set by ``grow_model``). Returns counts {"kept", "remapped", "fresh"}.
+    """
+    if mode not in ("remap", "reset"):
+        raise ValueError(f"optimizer state mode {mode!r}: use 'remap' or 'reset'")
+    plan = getattr(new_model, "growth_plan", None)
+    if plan is None:
+        raise ValueError("new_model has no growth_plan: build it with grow_model")
     old_params = dict(old_model.named_parameters())
     old_state = {}
     for o in _inner_optimizers(old_opt):
         old_state.update(o.state)
-    names = _old_names(dict(new_model.named_parameters()), inv)
     by_id = {id(p): n for n, p in new_model.named_parameters()}
-    kept = fresh = 0
+    counts = {"kept": 0, "remapped": 0, "fresh": 0}
     for o in _inner_optimizers(new_opt):
         for group in o.param_groups:
             for p in group["params"]:
-                on = names.get(by_id[id(p)])
-                po = old_params.get(on) if on else None
+                okey, maps = plan.get(by_id[id(p)], (None, None))
+                po = old_params.get(okey) if okey else None
                 st = old_state.get(po) if po is not None else None
-                if st and po.shape == p.shape:
-                    o.state[p] = {k: (v.detach().clone().to(p.device) if isinstance(v, Tensor) else v)
-                                  for k, v in st.items()}
-                    kept += 1
-                else:
-                    fresh += 1
-    return kept, fresh
+                if not st or (po.shape != p.shape and mode == "reset"):
+                    counts["fresh"] += 1
+                    continue
+                same = po.shape == p.shape
+                new_st = {}
+                for k, v in st.items():
+                    if isinstance(v, Tensor) and v.shape == po.shape and not same:
+                        v = _remap(v.detach(), torch.zeros_like(p, dtype=v.dtype), maps, 0.0, 1.0)
+                    elif isinstance(v, Tensor):
+                        v = v.detach().clone()
+                    new_st[k] = v.to(p.device) if isinstance(v, Tensor) else v
+                o.state[p] = new_st
+                counts["kept" if same else "remapped"] += 1
+    return counts
 
 
 class _CopyFiles:
@@ -442,7 +461,7 @@ def _opt_kwargs(t) -> dict:
 
 
 def grow_checkpoint(src: str, to: Sequence[str], out: str, *, layer_map: Sequence[int] | None = None,
-                    seed: int = 0, log=print) -> dict:
+                    seed: int = 0, optimizer_state: str = "remap", log=print) -> dict:
     """Grow the model of ``src`` (a run, checkpoint or model folder) to ``to`` (see ``parse_target``) and write
     ``out``: for a training checkpoint a resumable run folder (``out/checkpoints/step_N``: grown weights, the
     optimizer state carried where shapes are unchanged, the same step, data cursor and RNG), else a model folder.
@@ -487,9 +506,9 @@ def grow_checkpoint(src: str, to: Sequence[str], out: str, *, layer_map: Sequenc
     if (path / ckpt.OPTIMIZER).is_file():
         old_opt.load_state_dict(torch.load(path / ckpt.OPTIMIZER, map_location="cpu", weights_only=True))
     new_opt = build_optimizer(new, **_opt_kwargs(run.train))
-    kept, fresh = (0, 0)
+    counts = {"kept": 0, "remapped": 0, "fresh": sum(1 for p in new.parameters() if p.requires_grad)}
     if run.train.optimizer == t_old.optimizer:
-        kept, fresh = carry_optimizer_state(old_opt, old, new_opt, new, layer_map)
+        counts = carry_optimizer_state(old_opt, old, new_opt, new, mode=optimizer_state)
     st = json.loads((path / ckpt.TRAINER_STATE).read_text())
     st = {k: v for k, v in st.items() if k != "saved_at"} | {"grown_from": str(path)}
     rng = torch.load(path / ckpt.RNG, weights_only=True) if (path / ckpt.RNG).is_file() else None
@@ -498,7 +517,8 @@ def grow_checkpoint(src: str, to: Sequence[str], out: str, *, layer_map: Sequenc
                                            "train": run.train.to_dict()},
                                    trainer_state=st, rng=rng, keep_last=run.train.keep_last,
                                    tokenizer=_CopyFiles(tok_files))
-    log(f"optimizer state kept for {kept} parameters, fresh for {fresh}")
+    log(f"optimizer state: kept for {counts['kept']} parameters, remapped for {counts['remapped']}, "
+        f"fresh for {counts['fresh']}")
     return summary | {"out": str(written), "resumable": True, "step": int(st["step"]),
-                      "optimizer_state_kept": kept, "optimizer_state_fresh": fresh,
+                      **{f"optimizer_state_{k}": v for k, v in counts.items()},
                       "resume": f"memlm train --config {written / ckpt.CONFIG} --out {out_p} --resume"}
