@@ -412,18 +412,23 @@ class SessionStore:
         return StoredSession(header=header, tensors=tensors, state=state, cms=cms,
                              transcript=_parse_transcript(tx, where), encrypted=enc)
 
-    def info(self, session_id: str) -> dict:
-        """A summary readable without the password: id, encrypted, bytes, modified; plus the header when plain (or
-        when the store's password opens it)."""
+    def info(self, session_id: str, *, decrypt: bool = True) -> dict:
+        """A summary readable without the password: id, encrypted, bytes, modified; plus the header when plain (or,
+        with ``decrypt``, when the store's password opens it — one key derivation per encrypted session)."""
+        from memlm.models.state import ModelState
+
         files = self._files(session_id)
         if files is None:
             raise UserError(f"session {session_id!r} not found in {self.root}")
         state_path, _, enc = files
         st = state_path.stat()
         out = {"id": session_id, "encrypted": enc, "bytes": st.st_size, "modified": st.st_mtime}
-        if not enc or self.password is not None:
+        if not enc or (decrypt and self.password is not None):
             try:
-                out["header"] = self.load(session_id).header
+                data = _read(state_path)
+                if enc:
+                    data = decrypt_bytes(data, self.password, str(state_path), _keys=_KeyMaker(self.password, self.kdf_n))
+                out["header"] = ModelState.read_header(data, str(state_path))
             except UserError as e:
                 out["error"] = str(e)
         return out

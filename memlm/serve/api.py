@@ -585,7 +585,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None):
         if s is not None:
             return {"id": sid, "loaded": True, "mode": s.mode, "learning": s.learning, "turns": s.turns,
                     "tokens_seen": s.tokens_seen, "updated": s.updated, "stored": bool(cfg.store and cfg.store.exists(sid))}
-        info = cfg.store.info(sid)
+        info = cfg.store.info(sid, decrypt=False)  # listing must not run a key derivation per session
         h = info.get("header") or {}
         return {"id": sid, "loaded": False, "mode": h.get("mode"), "learning": h.get("learning"),
                 "turns": h.get("turns"), "tokens_seen": h.get("tokens_seen"), "updated": h.get("updated",
@@ -594,10 +594,13 @@ def create_app(model, tokenizer, config: ServerConfig | None = None):
 
     @app.get("/v1/sessions")
     async def list_sessions():
-        with srv.guard:
-            loaded = dict(srv.sessions)
-        ids = set(loaded) | set(cfg.store.ids() if cfg.store else [])
-        return {"object": "list", "data": [summary(sid, loaded.get(sid)) for sid in sorted(ids)]}
+        def work():  # file reads: off the event loop
+            with srv.guard:
+                loaded = dict(srv.sessions)
+            ids = set(loaded) | set(cfg.store.ids() if cfg.store else [])
+            return {"object": "list", "data": [summary(sid, loaded.get(sid)) for sid in sorted(ids)]}
+
+        return await srv.run_locked(None, work)
 
     def path_id(sid: str) -> str:
         try:
