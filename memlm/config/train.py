@@ -50,11 +50,17 @@ class TrainConfig(Config):
     wandb_project: str = "memlm"
     seed: int = 1337
     device: str = "auto"
+    # several processes (launched by torchrun / memlm train --nproc N); train.batch_size is then rows per process
+    parallel: str = "auto"  # auto: ddp when WORLD_SIZE > 1; ddp; fsdp (FSDP2 fully_shard per block + root); none
+    mixed_precision: str = "auto"  # FSDP params + gradient reduce (DDP: reduce only); auto: bfloat16 on CUDA, else fp32
+    activation_checkpointing: bool = False  # recompute every Block's forward in backward (also in one process)
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, ("adamw", "lion", "muon", "m3"))
         check_choice("schedule", self.schedule, ("cosine", "constant", "wsd"))
         check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
+        check_choice("mixed_precision", self.mixed_precision, ("auto", "float32", "bfloat16", "bfloat16-reduce-float32"))
         for n in ("seq_len", "batch_size", "grad_accum", "steps", "detach_every", "keep_last", "log_every"):
             check_positive(n, getattr(self, n))
         check_positive("lr", self.lr)

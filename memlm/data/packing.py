@@ -321,7 +321,8 @@ class Packer:
     def load_state_dict(self, state: dict) -> None:
         for k, v in (("mode", self.mode), ("batch_size", self.B), ("seq_len", self.T), ("seed", self.seed)):
             if state.get(k) != v:
-                raise UserError(f"data cursor was saved with {k}={state.get(k)!r}, this run has {k}={v!r}")
+                hint = " (with several processes: train.batch_size × world size)" if k == "batch_size" else ""
+                raise UserError(f"data cursor was saved with {k}={state.get(k)!r}, this run has {k}={v!r}{hint}")
         want = {(r[0], r[1]) for r in state["rows"] if r is not None}
         items = self.feed.seek(tuple(state["next"]), want)  # type: ignore[arg-type]
         for row, r in zip(self.rows, state["rows"]):
@@ -332,6 +333,25 @@ class Packer:
                 row.offset = r[2]
         self.batches = state["batches"]
         self._done = False
+
+
+def shard_rows(batch: Any, rank: int, world: int) -> Batch:
+    """Rows ``rank::world`` of a global batch (anything with input_ids, labels, reset [B, T]) → Batch [B / world, T].
+
+    Data parallelism over W processes: every rank packs the same global batch (the same Packer, batch_size = rows per
+    rank × W) and keeps its own rows. The W slices are disjoint and together are exactly the batch one process would
+    train on, and the cursor (``Packer.state_dict``) is the same on every rank, so a checkpoint resumes at any world
+    size with the same global batch. In "streams" mode row b of every batch continues row b, so rank r always holds
+    the same streams and its carried memory state stays row-aligned.
+    """
+    B = batch.input_ids.shape[0]
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard_rows: rank {rank} is not in [0, {world})")
+    if B % world:
+        raise UserError(f"a global batch of {B} rows cannot be split over {world} processes; give the data stream "
+                        f"rows per rank × world size rows per batch")
+    reset = getattr(batch, "reset", None)  # None (no document starts) stays None
+    return Batch(batch.input_ids[rank::world], batch.labels[rank::world], None if reset is None else reset[rank::world])
 
 
 def pack(source: Iterable[Any], tokenizer: Tokenizer | None = None, **kwargs: Any) -> Packer:

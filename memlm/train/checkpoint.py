@@ -11,6 +11,10 @@ Layout of ``out_dir/checkpoints/step_000123/`` (the same model files as ``Memory
     tbptt_state.safetensors   the ModelState carried across steps (TBPTT runs only)
     memlm_tokenizer.json (+ tokenizer.json)   the tokenizer, so ``memlm.load_tokenizer(ckpt_dir)`` works
 
+A run of several processes (train/parallel.py) writes the same files plus ``dcp/`` (model + optimizer as
+torch.distributed.checkpoint shards, instead of optimizer.pt) and ``rng_rank{r}.pt``; model.safetensors is then
+the consolidated copy rank 0 writes, and ``load_checkpoint`` reads the optimizer from ``dcp/``.
+
 ``out_dir/checkpoints/latest`` names the newest complete checkpoint; it is replaced atomically after the folder
 is in place, so a crash at any point leaves the previous checkpoint and ``latest`` intact.
 """
@@ -40,6 +44,7 @@ OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
 RNG = "rng.pt"
 TBPTT_STATE = "tbptt_state.safetensors"
+DCP_DIR = "dcp"  # torch.distributed.checkpoint folder of a multi-process checkpoint
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -123,9 +128,12 @@ def _fsync_file(path: Path) -> None:
 
 
 def _write_files(tmp: Path, *, model: torch.nn.Module, optimizer: Any, config: dict, trainer_state: dict,
-                 rng: dict | None, tbptt_state: Any | None, tokenizer: Any | None = None) -> None:
-    """Write every file of a checkpoint into ``tmp`` (a separate function so tests can make it fail midway)."""
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+                 rng: dict | None, tbptt_state: Any | None, tokenizer: Any | None = None,
+                 weights: dict | None = None) -> None:
+    """Write every file of a checkpoint into ``tmp`` (a separate function so tests can make it fail midway).
+
+    weights: the full state dict to write instead of ``model.state_dict()`` (a sharded model's, gathered)."""
+    sd = weights if weights is not None else {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     cfg_hash = getattr(getattr(model, "config", None), "config_hash", lambda: "")()
     save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt", "memlm_config_hash": cfg_hash})
     (tmp / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -230,7 +238,11 @@ def load_checkpoint(ckpt: str | os.PathLike, *, model: torch.nn.Module, optimize
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise UserError(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if optimizer is not None:
+    if optimizer is not None and not (ckpt / OPTIMIZER).is_file() and (ckpt / DCP_DIR).is_dir():
+        from memlm.train.parallel import load_dcp_optimizer  # a multi-process checkpoint: any world size → 1
+
+        load_dcp_optimizer(ckpt / DCP_DIR, model, optimizer)
+    elif optimizer is not None:
         if not (ckpt / OPTIMIZER).is_file():
             raise UserError(f"{ckpt}: no {OPTIMIZER} (weights-only folder?); cannot resume training from it")
         try:

@@ -28,11 +28,13 @@ import numpy as np
 import torch
 
 from memlm.config.train import RunConfig, TrainConfig
+from memlm.data.packing import shard_rows
 from memlm.errors import UserError
 from memlm.layers.cms import cms_gate_gradients
 from memlm.models.lm import MemoryLM
 from memlm.models.state import ModelState
 from memlm.train import checkpoint as ckpt
+from memlm.train import parallel
 from memlm.train.metrics import MetricsLogger, progress_line
 from memlm.train.optim import build_optimizer
 from memlm.train.schedule import apply_lr, lr_at
@@ -68,11 +70,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_data(t: TrainConfig, tok: Any) -> tuple[Any, Any]:
+def build_data(t: TrainConfig, tok: Any, world: int = 1) -> tuple[Any, Any]:
     """(training batch stream, validation source or None) from train.data / train.val_data (default: demo corpus).
 
     A prepared shard folder (``memlm data prepare``) is read by random access with its own validation split;
     anything else is read as documents, and without train.val_data every val_every_doc-th one is held out.
+    With ``world`` processes the streams yield global batches of batch_size × world rows (each rank keeps its own).
     """
     from memlm.data import demo_corpus_path
     from memlm.data.packing import Packer
@@ -90,8 +93,8 @@ def build_data(t: TrainConfig, tok: Any) -> tuple[Any, Any]:
         if val is None:
             train_docs, val = split_documents(train_docs, t.val_every_doc)
     mode = "streams" if t.tbptt else "packed"
-    stream = Packer(train_docs, tok, batch_size=t.batch_size, seq_len=t.seq_len, mode=mode, seed=t.seed)
-    val_stream = Packer(val, tok, batch_size=t.batch_size, seq_len=t.seq_len, mode=mode, seed=t.seed,
+    stream = Packer(train_docs, tok, batch_size=t.batch_size * world, seq_len=t.seq_len, mode=mode, seed=t.seed)
+    val_stream = Packer(val, tok, batch_size=t.batch_size * world, seq_len=t.seq_len, mode=mode, seed=t.seed,
                         shuffle=False, loop=False)
     return stream, val_stream
 
@@ -120,6 +123,9 @@ class Trainer:
 
     resume: None/False — a fresh run (refused if out_dir already holds checkpoints); True — the latest checkpoint
     in out_dir (must exist); "auto" — the latest if any, else fresh; a path — that run or checkpoint folder.
+
+    Launched by torchrun with WORLD_SIZE > 1, ``self.dist`` holds the process group (train/parallel.py): data and
+    val_data then yield global batches (batch_size × world rows) of which each rank trains on rows rank::world.
     """
 
     def __init__(self, cfg: RunConfig, *, out_dir: str | os.PathLike | None = None,
@@ -130,9 +136,14 @@ class Trainer:
         self.out_dir = Path(out_dir if out_dir is not None else t.out_dir)
         self.ckpt_root = self.out_dir / ckpt.CKPT_DIR
         self.device = resolve_device(t.device)
+        self.dist = parallel.setup(t, self.device)  # None in a single process: nothing below changes
+        if self.dist is not None:
+            self.device = self.dist.device
+            self.log = log = log if self.dist.is_main else (lambda s: None)
         self.amp = autocast_dtype(t.dtype, self.device)
         seed_everything(t.seed)
         self.model = MemoryLM(cfg.model).to(self.device)
+        wrapped = parallel.prepare_model(self.model, t, self.dist)  # activation checkpointing, DDP / FSDP2
         if tokenizer is None:
             from memlm.data.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(t.tokenizer)
@@ -142,9 +153,9 @@ class Trainer:
                             f"{cfg.model.vocab_size}; raise model.vocab_size or pick another tokenizer")
         self.optimizer = build_optimizer(self.model, name=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                                          betas=tuple(t.betas), eps=t.eps, lr_scales=t.lr_scales)
-        self._module = torch.compile(self.model) if t.compile else self.model
+        self._module = torch.compile(wrapped) if t.compile else wrapped
         if data is None:
-            data, built_val = build_data(t, tokenizer)
+            data, built_val = build_data(t, tokenizer, self.dist.world if self.dist else 1)
             val_data = built_val if val_data is None else val_data
         self.data, self._val_source = data, val_data
         self._val_batches: list | None = None
@@ -155,6 +166,7 @@ class Trainer:
         self.tbptt_state: ModelState | None = None
         self.elapsed, self.started_at = 0.0, time.time()
         self._stop: str | None = None
+        self._agreed_stop: str | None = None  # with several processes: a stop any rank asked for, agreed per step
         self._last_saved = -1
         self.resumed_from: Path | None = None
         if t.tbptt and any(getattr(lc, "kind", "") == "attention" and getattr(lc, "window", 0) is None
@@ -178,7 +190,8 @@ class Trainer:
             path = ckpt.find_checkpoint(self.out_dir)
         else:
             path = ckpt.find_checkpoint(resume)
-        loaded = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, device=self.device)
+        load = self.dist.load_checkpoint if self.dist else ckpt.load_checkpoint
+        loaded = load(path, model=self.model, optimizer=self.optimizer, device=self.device)
         st = loaded["trainer_state"]
         self.step, self.tokens = int(st["step"]), int(st["tokens"])
         self.best_val_loss = _num(st.get("best_val_loss"))
@@ -194,6 +207,8 @@ class Trainer:
             self.data.load_state_dict(st["data"])
         if loaded["tbptt_state_path"] is not None and self.t.tbptt:
             self.tbptt_state = ModelState.load(loaded["tbptt_state_path"], model=self.model, device=self.device)
+            if self.dist is not None:
+                self.tbptt_state = self.dist.local_rows(self.tbptt_state)
         if loaded["rng"] is not None:
             ckpt.set_rng_state(loaded["rng"])
         self._last_saved = self.step
@@ -212,6 +227,8 @@ class Trainer:
     def _segments(self, batches: Sequence[Any]) -> list[tuple]:
         out = []
         for b in batches:
+            if self.dist is not None:
+                b = shard_rows(b, self.dist.rank, self.dist.world)
             reset = getattr(b, "reset", None)
             if reset is not None and not self.t.tbptt and not reset[:, 1:].any():
                 # A fresh state restarts at t=0 anyway: without a document start inside the rows, attention can use
@@ -220,6 +237,9 @@ class Trainer:
             out.append((b.input_ids.to(self.device, non_blocking=True), b.labels.to(self.device, non_blocking=True),
                         None if reset is None else reset.to(self.device, non_blocking=True)))
         return out
+
+    def _grad_sync(self, enabled: bool):
+        return contextlib.nullcontext() if self.dist is None else self.dist.grad_sync(enabled)
 
     @property
     def micro_per_step(self) -> int:
@@ -231,21 +251,33 @@ class Trainer:
         segs = self._segments(batch if isinstance(batch, (list, tuple)) else [batch])
         self.model.train()
         n_valid = count_valid([s[1] for s in segs])
+        world = 1 if self.dist is None else self.dist.world
+        if self.dist is not None:
+            n_valid = self.dist.sum_int(n_valid)  # every rank normalises by N over all ranks (module docstring)
         lr = lr_at(self.step, base_lr=t.lr, warmup=t.warmup, total=t.steps, schedule=t.schedule,
                    min_lr_ratio=t.min_lr_ratio)
         apply_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
-        kw = {"normalizer": n_valid, "backward": True, "scale": self.loss_scale, "autocast": self._autocast}
+        # × world: DDP / FSDP average gradients over ranks, which turns Σ_r W·CE_r/N back into Σ CE/N
+        kw = {"normalizer": n_valid, "backward": True, "scale": self.loss_scale * world, "autocast": self._autocast}
         if t.tbptt:
             results = [run_segments(self._forward, segs, self.tbptt_state, detach_every=t.detach_every, **kw)]
         else:
-            results = [run_segments(self._forward, [s], None, aux_weight=1 / len(segs), **kw) for s in segs]
+            results = []
+            for i, s in enumerate(segs):
+                with self._grad_sync(i == len(segs) - 1):  # communicate gradients once, after the last micro-batch
+                    results.append(run_segments(self._forward, [s], None, aux_weight=1 / len(segs), **kw))
         loss = sum(r.loss for r in results)
         ce = sum(r.ce_sum for r in results)
+        if self.dist is not None:
+            loss, ce, stop = self.dist.global_loss(loss, ce, n_valid, self._stop is not None)
+            self._agreed_stop = (self._stop or "stop requested by another rank") if stop else None
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.loss_scale != 1.0:
             torch._foreach_div_([p.grad for p in params], self.loss_scale)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip if t.clip > 0 else math.inf)
+        if self.dist is not None:
+            grad_norm = self.dist.replicated(grad_norm)
         loss_f, gn_f = float(loss), float(grad_norm)  # the one host sync of a step
         finite = math.isfinite(loss_f) and math.isfinite(gn_f)
         if finite:
@@ -267,7 +299,7 @@ class Trainer:
                 self.nonfinite_total += 1
                 self.log(f"warning: non-finite loss/gradient at step {self.step + 1} (loss {loss_f}, grad norm "
                          f"{gn_f}); step skipped ({self.nonfinite_in_row}/{t.max_nonfinite} in a row)")
-        n_tokens = sum(s[0].numel() for s in segs)
+        n_tokens = sum(s[0].numel() for s in segs) * world
         self.step += 1
         self.tokens += n_tokens
         out = {"loss": float(ce) / max(n_valid, 1), "loss_total": loss_f, "lr": lr, "grad_norm": gn_f,
@@ -317,13 +349,18 @@ class Trainer:
             n += count_valid(seg[1])
             state = r.state
         self.model.train()
+        if self.dist is not None:  # each rank evaluated its rows of the same batches
+            ce, n = (float(v) for v in self.dist.all_sum([ce, n]))
         loss = ce / max(n, 1)
         self.last_val_loss = loss
         self.best_val_loss = min(self.best_val_loss, loss)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
 
     def sample(self) -> str:
-        return sample_text(self.model, self.tok, self.t.sample_prompt, self.t.sample_tokens, seed=self.t.seed + self.step)
+        model = self.model if self.dist is None else self.dist.sampling_model(self.model)  # rank 0 samples
+        if model is None:
+            return ""
+        return sample_text(model, self.tok, self.t.sample_prompt, self.t.sample_tokens, seed=self.t.seed + self.step)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict[str, Any]:
@@ -335,14 +372,21 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         config = {"memlm_version": 1, "model": self.cfg.model.to_dict(), "train": self.t.to_dict()}
-        path = ckpt.save_checkpoint(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
-                                    config=config, trainer_state=self.trainer_state(), rng=ckpt.rng_state(),
-                                    tbptt_state=self.tbptt_state if self.t.tbptt else None, keep_last=self.t.keep_last,
-                                    tokenizer=self.tok)
+        if self.dist is None:
+            save, rng = ckpt.save_checkpoint, {"rng": ckpt.rng_state()}
+        else:  # every rank writes its shards and its RNG state; rank 0 the rest
+            save, rng = self.dist.save_checkpoint, {}
+        path = save(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer, config=config,
+                    trainer_state=self.trainer_state(), tbptt_state=self.tbptt_state if self.t.tbptt else None,
+                    keep_last=self.t.keep_last, tokenizer=self.tok, **rng)
         self._last_saved = self.step
         return path
 
     # -------------------------------------------------------------------------------------------------- signals
+    def _stopping(self) -> str | None:
+        # several processes stop together, after the step at which any of them had been signalled
+        return self._stop if self.dist is None else self._agreed_stop
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._stop is not None:  # second signal: abort now (checkpoints on disk stay intact)
             raise KeyboardInterrupt
@@ -375,17 +419,19 @@ class Trainer:
         total, non_emb = self.model.num_params(), self.model.num_params(non_embedding=True)
         log(f"model {self.cfg.model.name or '(unnamed)'}: {total:,} parameters ({non_emb:,} non-embedding); "
             f"device {self.device}, {'fp32' if self.amp is None else str(self.amp).split('.')[-1] + ' autocast'}; "
-            f"{t.batch_size * t.seq_len * self.micro_per_step:,} tokens/step; out_dir {self.out_dir}")
+            f"{t.batch_size * t.seq_len * self.micro_per_step * (self.dist.world if self.dist else 1):,} tokens/step; "
+            f"out_dir {self.out_dir}" + (f"; {self.dist.describe()}" if self.dist else ""))
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLogger(self.out_dir, tensorboard=t.tensorboard, wandb=t.wandb, wandb_project=t.wandb_project,
-                                run_config={"model": self.cfg.model.to_dict(), "train": t.to_dict()}, log=log,
-                                resume_step=self.step if self.resumed_from else None)
+        metrics = parallel.NullMetrics() if self.dist and not self.dist.is_main else MetricsLogger(
+            self.out_dir, tensorboard=t.tensorboard, wandb=t.wandb, wandb_project=t.wandb_project,
+            run_config={"model": self.cfg.model.to_dict(), "train": t.to_dict()}, log=log,
+            resume_step=self.step if self.resumed_from else None)
         last: dict[str, Any] = {}
         val: dict[str, float] = {}
         stopped = None
         window_t, window_tok, t0 = time.perf_counter(), 0, time.perf_counter()
         with metrics, self._signals():
-            while self.step < t.steps and self._stop is None:
+            while self.step < t.steps and self._stopping() is None:
                 batches = self._next_batches()
                 if batches is None:
                     stopped = "data exhausted"
@@ -415,8 +461,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 if t.save_every > 0 and s % t.save_every == 0:
                     self.save_checkpoint()
-            if self._stop is not None:
-                stopped = self._stop
+            if self._stopping() is not None:
+                stopped = self._stopping()
             if self.step != self._last_saved:
                 path = self.save_checkpoint()
                 log(f"saved {path}")
