@@ -109,10 +109,19 @@ def build_run_config(args):
 # ---------------------------------------------------------------------------------------------- commands
 
 def cmd_train(args) -> int:
+    from memlm.train import parallel
     from memlm.train.trainer import train
 
-    cfg = build_run_config(args)
-    train(cfg, resume=args.resume)
+    cfg = build_run_config(args)  # checked once here, before any process is started
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        raise UserError(f"--nproc {nproc}: must be ≥ 1")
+    if nproc is not None and nproc > 1:
+        return parallel.launch(args.argv, nproc)
+    try:
+        train(cfg, resume=args.resume)
+    finally:
+        parallel.shutdown()  # leave the process group of a torchrun launch (a no-op in one process)
     return 0
 
 

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="optimizer steps")
     t.add_argument("--resume", nargs="?", const=True, default=None, help="resume from the latest (or given) checkpoint")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train in N processes on this node (one per GPU) by re-running this command under "
+                        "`torchrun --standalone --nproc-per-node N`; --set train.parallel=fsdp for FSDP2 "
+                        "(default ddp); train.batch_size is then rows per process (docs/distributed.md)")
 
     g = cmd("generate", "generate text from a trained model")
     _model_args(g)
@@ -172,6 +176,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` re-runs the command under torchrun
     if args.command is None:
         parser.print_help()
         return 2

@@ -228,6 +228,32 @@ def test_distributed_checkpoint_is_a_plain_model_folder(runs, capsys):
     assert not list((runs / "fsdp-2" / "checkpoints").glob(".step_*"))  # no temporary folder left behind
 
 
+def test_cli_nproc_launches_torchrun(tmp_path, capsys):
+    """`memlm train --nproc 2` re-runs itself under torchrun (FSDP2 on gloo here); the checkpoint is sharded and
+    `memlm generate` reads it in one process."""
+    from memlm.cli.main import main
+
+    out = tmp_path / "run"
+    sets = ["train.seq_len=32", "train.batch_size=2", "train.eval_every=0", "train.sample_every=0",
+            "train.tensorboard=false", "train.parallel=fsdp", "train.log_every=1"]
+    cmd = [sys.executable, "-m", "memlm", "train", "--nproc", str(W), "--preset", "transformer-debug", "--steps", "2",
+           "--device", "cpu", "--out", str(out)] + [a for kv in sets for a in ("--set", kv)]
+    root = str(Path(memlm.__file__).resolve().parent.parent)
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                        "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        env.pop(k, None)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "fsdp over 2 processes (gloo" in r.stdout  # logged once, by rank 0
+    assert r.stdout.count("tokens/step") == 1
+    path = find_checkpoint(out)
+    assert (path / DCP_DIR).is_dir() and json.loads((path / "trainer_state.json").read_text())["world_size"] == W
+    assert [rec["step"] for rec in read_jsonl(out / "metrics.jsonl") if "loss" in rec] == [1, 2]
+    assert main(["generate", str(out), "--prompt", "The", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+
+
 # ------------------------------------------------------------------------------------------ single-process pieces
 
 def test_shard_rows_partitions_the_global_batch():
@@ -249,7 +275,7 @@ def test_activation_checkpointing_recomputes_blocks_with_identical_results(tmp_p
     results = {}
     for ac in (False, True):
         tr = make_trainer("ddp", 1, tmp_path / str(ac), parallel="none", activation_checkpointing=ac)
-        handle = tr.model.blocks[0].mixer.register_forward_hook(lambda *a: calls.append(ac))
+        handle = tr.model.blocks[0].mixer.register_forward_hook(lambda *a, _ac=ac: calls.append(_ac))
         out = [tr.train_step(tr._next_batches()) for _ in range(2)]
         handle.remove()
         grads = torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None])
