@@ -14,15 +14,9 @@ from memlm.errors import UserError
 # ---------------------------------------------------------------------------------------------- helpers
 
 def pick_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device (use cpu, cuda, cuda:1 …)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return dev
+    from memlm.train.trainer import resolve_device
+
+    return resolve_device(name or "auto")
 
 
 def resolve_model_path(spec: str) -> Path:
