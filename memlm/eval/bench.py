@@ -130,7 +130,8 @@ def bench_one(name: str, b: BenchConfig, tok, log: Callable[[str], None] = print
     state_bytes = st.nbytes()
     rows = _metrics(run_dir)
     tok_s = [r["tok_s"] for r in rows if "tok_s" in r]
-    tok_s = tok_s[len(tok_s) // 2:] or tok_s  # the second half: past warm-up and compilation
+    # Median of the second half: past warm-up and compilation, and robust to the windows that held a validation.
+    tok_s = sorted(tok_s[len(tok_s) // 2:] or tok_s)
     eval_dir = run_dir / "eval"
     meta = {"preset": name, "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
             "train_tokens": trainer.tokens, "train_len": b.seq_len, "tokenizer": b.tokenizer}
@@ -140,7 +141,7 @@ def bench_one(name: str, b: BenchConfig, tok, log: Callable[[str], None] = print
     row = {"preset": name, "status": "ok", "family": cfg.family, "params": meta["params"],
            "non_embedding_params": meta["non_embedding_params"], "steps": trainer.step, "tokens": trainer.tokens,
            "tokens_budget": b.tokens, "val_loss": val.get("val_loss"), "val_ppl": val.get("val_ppl"),
-           "tok_s": sum(tok_s) / len(tok_s) if tok_s else None, "state_bytes": state_bytes,
+           "tok_s": tok_s[len(tok_s) // 2] if tok_s else None, "state_bytes": state_bytes,
            "train_seconds": trainer.elapsed, "seconds": time.time() - t0, "eval_dir": str(eval_dir),
            "curve": [{"step": r["step"], **{k: r[k] for k in ("loss", "val_loss") if k in r}} for r in rows
                      if "loss" in r or "val_loss" in r]}

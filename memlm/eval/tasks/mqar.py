@@ -139,7 +139,11 @@ def run_mqar(base: ModelConfig, s: MQARSettings, device, log=print) -> list[dict
     for w in s.widths:
         t0 = time.perf_counter()
         try:
-            cfg = width_variant(base, w, vocab_size=s.vocab_size, max_seq_len=s.seq_len, n_layers=s.n_layers)
+            try:
+                cfg = width_variant(base, w, vocab_size=s.vocab_size, max_seq_len=s.seq_len, n_layers=s.n_layers)
+            except (ValueError, UserError):
+                # Model-level settings may name layer indices (e.g. which layers hold a cell): keep every layer.
+                cfg = width_variant(base, w, vocab_size=s.vocab_size, max_seq_len=s.seq_len, n_layers=None)
             model, losses = train_mqar(cfg, s, device, log)
         except (ValueError, UserError) as e:  # a width the architecture cannot take (head counts, windows)
             out.append({"task": "mqar", "width": w, "error": f"{type(e).__name__}: {e}"})
@@ -149,6 +153,7 @@ def run_mqar(base: ModelConfig, s: MQARSettings, device, log=print) -> list[dict
         for P in s.pairs:
             acc = eval_mqar(model, s, P, device)
             out.append({"task": "mqar", "width": w, "pairs": P, "acc": acc, "state_bytes": sb, "params": n_params,
+                        "layers": len(cfg.layers),
                         "seq_len": s.seq_len, "steps": s.steps, "final_loss": losses[-1],
                         "chance": 1.0 / (s.vocab_size - 1 - (s.vocab_size - 1) // 2),
                         "seconds": round(time.perf_counter() - t0, 2)})
