@@ -244,7 +244,8 @@ class TieredAttention(nn.Module):
         anchors = (kw.view(B, self.hk, nn_, A, w // A, self.dh) * sub).sum(4) / sub.sum(4).clamp_min(1)
         mu = (vw * okw).sum(3) / okw.sum(3).clamp_min(1)                      # [B, Hk, n, Dh]
         vc = (vw - mu[:, :, :, None]) * okw
-        _, _, vh = torch.linalg.svd(vc, full_matrices=False)                  # vh [B, Hk, n, min(w, Dh), Dh]
+        _, _, vh = torch.linalg.svd(vc.double(), full_matrices=False)         # vh [B, Hk, n, min(w, Dh), Dh]
+        vh = vh.float()  # (float64: exact enough, and LAPACK on small float32 batches is pathologically slow)
         r = min(c.rank, vh.shape[-2])
         basis = vh[..., :r, :]
         sign = torch.sign(torch.gather(basis, -1, basis.abs().argmax(-1, keepdim=True)))   # canonical signs
@@ -435,14 +436,14 @@ def collect_keys(model, ids: Tensor, max_keys: int = 50_000) -> dict[int, Tensor
     return {i: torch.cat(v, 1)[:, :max_keys] for i, v in out.items()}
 
 
-def calibrate(model, ids: Tensor, cfg: KVTierConfig) -> dict[int, Tensor]:
-    """PQ codebooks per attention layer, trained with FAISS on the model's own keys over ids [B, T]:
-    {layer: centroids [Hk, M, K, Dh/M]}."""
+def calibrate(model, ids: Tensor, cfg: KVTierConfig, max_keys: int = 8192) -> dict[int, Tensor]:
+    """PQ codebooks per attention layer, trained with FAISS on the model's own keys over ids [B, T] (at most
+    ``max_keys`` per head): {layer: centroids [Hk, M, K, Dh/M]}."""
     from memlm.memory.episodic import require_faiss
 
     faiss = require_faiss()
     books = {}
-    for i, keys in collect_keys(model, ids).items():
+    for i, keys in collect_keys(model, ids, max_keys).items():
         Hk, n, Dh = keys.shape
         M = cfg.pq or max(1, Dh // 4)
         if Dh % M:
