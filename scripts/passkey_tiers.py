@@ -1,0 +1,98 @@
+"""Passkey retrieval at 4–16× the hot window, with and without warm tiers (docs/infinity-window.md).
+
+    python scripts/passkey_tiers.py --model runs/iw-small                 # the model scripts/infinity_window_eval.py trains
+    python scripts/passkey_tiers.py --model runs/iw-small --hot 128 --trials 12 --json out/passkey.jsonl
+
+A prompt of L tokens is book filler (held-out books) with " The pass key is NNNNN. Remember it. NNNNN is the pass
+key. " at a random depth (always more than --hot tokens before the question), ending with " What is the pass key?
+The pass key is"; the model decodes 6 tokens greedily, and a trial counts when they begin with " NNNNN". Variants: "full"
+(exact attention over the whole prompt), "swa" (a sliding window of --hot tokens: no warm tier), "tiers" (--hot exact
+tokens + warm tiers, tree search) and "tiers-flat" (warm tiers, every window scored). L = 4, 8, 16 × --hot.
+Notation: L prompt tokens, W_h hot tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import memlm
+from memlm.inference.engine import Engine
+from memlm.inference.sampling import SamplingConfig
+from memlm.memory.kvtiers import KVTierConfig, apply_kv_tiers, calibrate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from infinity_window_eval import BOOKS, HELD_OUT, load_books, sliding
+
+
+def prompt(rng: random.Random, filler: str, length: int, hot: int, tok) -> tuple[list[int], str, int]:
+    """(ids, key, distance in tokens from the key to the end of the prompt)."""
+    key = f"{rng.randrange(10000, 100000)}"
+    needle = tok.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+    ask = tok.encode(" What is the pass key? The pass key is")
+    n_fill = length - len(needle) - len(ask)
+    start = rng.randrange(0, len(filler) - 2 * n_fill)
+    fill = tok.encode(filler[start:start + 2 * n_fill])[:n_fill]
+    at = rng.randrange(0, n_fill - hot)  # the needle ends more than W_h tokens before the question
+    ids = fill[:at] + needle + fill[at:] + ask
+    return ids, key, len(ids) - (at + len(needle) // 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/iw-small")
+    ap.add_argument("--hot", type=int, default=128)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--ratios", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = memlm.load_model(args.model)
+    tok = memlm.load_tokenizer("byte")
+    books = load_books(BOOKS)
+    filler = "\n\n".join(books[-HELD_OUT:])
+    calib = torch.tensor([tok.encode(books[0][:40_000])[:16_384]])
+    base_cfg = {"hot": args.hot, "window": args.window, "topk": args.topk, "rank": 8, "pq": 8, "anchors": 4,
+                "fanout": 8, "beam": 4}
+    cb = calibrate(model, calib, KVTierConfig(**base_cfg))
+    variants = {"full": model, "swa": sliding(model, args.hot),
+                "tiers": apply_kv_tiers(model, KVTierConfig(**base_cfg), codebooks=cb),
+                "tiers-flat": apply_kv_tiers(model, KVTierConfig(**base_cfg, search="flat"), codebooks=cb)}
+    rows = []
+    for ratio in args.ratios:
+        L = ratio * args.hot
+        rng = random.Random(ratio)
+        trials = [prompt(rng, filler, L, args.hot, tok) for _ in range(args.trials)]
+        for name, m in variants.items():
+            eng = Engine(m, tok, prefill_chunk=256)
+            t0, ok = time.time(), 0
+            for ids, key, _ in trials:
+                gen = eng.generate_ids([ids], max_new_tokens=6, sampling=SamplingConfig(temperature=0)).run()
+                text = tok.decode(gen.rows[0].token_ids)
+                ok += text.strip().startswith(key)
+            row = {"variant": name, "hot": args.hot, "ratio": ratio, "length": L, "trials": args.trials,
+                   "accuracy": ok / args.trials, "mean_distance": sum(t[2] for t in trials) / len(trials),
+                   "seconds": round(time.time() - t0, 1)}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    names = list(variants)
+    print("| prompt length | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for ratio in args.ratios:
+        acc = {r["variant"]: r["accuracy"] for r in rows if r["ratio"] == ratio}
+        print(f"| {ratio}× hot = {ratio * args.hot} | " + " | ".join(f"{acc[n]:.0%}" for n in names) + " |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
