@@ -20,10 +20,15 @@ Notation: N distractor sessions, G distractor tokens in all (G/N per session).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from memlm.eval import metrics as M
 from memlm.eval.tasks.base import example_rng, register_task
 from memlm.eval.tasks.text import distinct_values, number, person_names
+
+if TYPE_CHECKING:
+    from memlm.eval.runner import EvalContext
 
 MODES = ("stateless", "session", "persistent")
 
@@ -77,7 +82,7 @@ def _memory_after_sessions(ctx, store, mode: str, sid: str, texts: list[str]):
 
 @register_task("cross_session", "memory", "a fact in session 1, N distractor sessions, question in session N+2, "
                "through Session (stateless / session / persistent), plus an overwritten fact", uses_lengths=False)
-def run_cross_session(ctx):
+def run_cross_session(ctx: EvalContext) -> Iterator[dict]:
     from memlm.inference.store import SessionStore
 
     gaps = ctx.cfg.session_gaps if ctx.cfg.session_gaps is not None else [0, ctx.train_len]

@@ -10,9 +10,15 @@ Notation: P prompts, N new tokens per sample, n n-gram order.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from memlm.eval import metrics as M
 from memlm.eval.tasks.base import register_task
 from memlm.inference.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from memlm.eval.runner import EvalContext
 
 PROMPT_TOKENS = 32
 DECODINGS = {"greedy": SamplingConfig(temperature=0.0),
@@ -33,7 +39,7 @@ def _stats(seqs: list[list], kind: str, decoding: str, words: list[list[str]]) -
 
 @register_task("degeneration", "generation", "distinct-n, repeated n-grams, longest run/loop of greedy and sampled "
                "continuations", uses_lengths=False)
-def run_degeneration(ctx):
+def run_degeneration(ctx: EvalContext) -> Iterator[dict]:
     N = ctx.cfg.degen_tokens
     docs = [d for d in ctx.docs() if len(d) > PROMPT_TOKENS + 8][:ctx.cfg.degen_prompts]
     if not docs:

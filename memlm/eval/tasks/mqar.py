@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,9 @@ from memlm.data.synthetic import mqar_batch
 from memlm.errors import UserError
 from memlm.eval.tasks.base import register_task
 from memlm.models.lm import MemoryLM
+
+if TYPE_CHECKING:
+    from memlm.eval.runner import EvalContext
 
 
 @dataclass(kw_only=True)
@@ -165,7 +170,7 @@ def run_mqar(base: ModelConfig, s: MQARSettings, device, log=print) -> list[dict
 
 @register_task("mqar", "mqar", "multi-query associative recall (trained): accuracy vs pairs and width / state bytes",
                uses_lengths=False)
-def run_mqar_task(ctx):
+def run_mqar_task(ctx: EvalContext) -> Iterator[dict]:
     s = MQARSettings.from_overrides(dict(ctx.cfg.mqar))
     if not math.isfinite(s.lr) or s.steps < 1:
         raise UserError("MQAR needs steps ≥ 1 and a finite lr")

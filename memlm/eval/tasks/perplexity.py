@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from memlm.eval import metrics as M
 from memlm.eval.tasks.base import register_task
 
+if TYPE_CHECKING:
+    from memlm.eval.runner import EvalContext
+
 PROBE_LABEL = ("memory on/off probe: same weights and text; on = update=True (memory written as tokens arrive and "
                "carried across segments), off = update=False (memory read, never written); not an ablation")
 
 
 @register_task("ppl", "ppl", "perplexity with the state carried: overall, within the training length, by position")
-def run_ppl(ctx):
+def run_ppl(ctx: EvalContext) -> Iterator[dict]:
     L = max(ctx.lengths + [ctx.train_len])
     edges = M.bucket_edges(L)
     sums = [[0.0, 0] for _ in edges[:-1]]
@@ -99,12 +104,12 @@ def _segments(ctx, modes: tuple[str, str], names: tuple[str, str], task: str, ex
 
 
 @register_task("stream", "ppl", "streaming perplexity over long documents: state carried vs reset per segment")
-def run_stream(ctx):
+def run_stream(ctx: EvalContext) -> Iterator[dict]:
     yield from _segments(ctx, ("carry", "reset"), ("carried", "reset"), "stream", {})
 
 
 @register_task("probe", "ppl", "memory on/off probe (update=True vs update=False), labelled as exactly that")
-def run_probe(ctx):
+def run_probe(ctx: EvalContext) -> Iterator[dict]:
     yield from _segments(ctx, ("carry", "frozen"), ("on", "off"), "probe", {"label": PROBE_LABEL})
 
 

@@ -11,8 +11,14 @@ Notation: L context length in tokens (fact + filler), A/B the two names of an it
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from memlm.eval.tasks.base import Example, Probe, example_rng, register_task
 from memlm.eval.tasks.text import build_context, person_names
+
+if TYPE_CHECKING:
+    from memlm.eval.runner import EvalContext
 
 # (fact, forward question → B, reverse question → A)
 TEMPLATES = (
@@ -55,7 +61,7 @@ def make_reversal(tok, haystack, length: int, seed: int, index: int, n_distracto
 
 
 @register_task("reversal", "reversal", "reversal curse in memory: fact written, asked forward and in reverse (no leak)")
-def run_reversal(ctx):
+def run_reversal(ctx: EvalContext) -> Iterator[dict]:
     hay = ctx.haystack("filler")
     for L in ctx.lengths:
         for i in range(ctx.samples):
