@@ -7,8 +7,10 @@ B = b·W rows of a global micro-batch, N valid target tokens of one optimizer st
 token cross-entropy of rank r's rows, A_r the auxiliary losses rank r's mixers report.
 
 Exact data parallelism. Every rank packs the same global batch and keeps rows r::W (``data.packing.shard_rows``).
-Rank r backpropagates W·CE_r/N (+ W·A_r); DDP's all-reduce and FSDP's reduce-scatter average over ranks, so every
-rank ends up with (1/W)·Σ_r W·∇CE_r/N = ∇(Σ_r CE_r)/N: the gradient one process computes on the global batch.
+Rank r backpropagates W·CE_r/N + A_r; DDP's all-reduce and FSDP's reduce-scatter average over ranks, so every
+rank ends up with (1/W)·Σ_r W·∇CE_r/N = ∇(Σ_r CE_r)/N — the gradient one process computes on the global batch —
+plus the mean over ranks of the auxiliary gradients (the trainer weights them 1/W): exact for auxiliary losses that
+are means over rows, an approximation for nonlinear batch statistics (a router's load balance).
 Memory states are per row, so no row ever needs another rank's rows: the split is exact for every mixer, TBPTT
 included (rank r always holds the same streams). Reported losses and the non-finite guard use all-reduced values,
 and a stop signal is agreed by all-reduce, so every rank takes the same decisions at the same step.
@@ -173,11 +175,28 @@ def prepare_model(model: nn.Module, t: Any, par: Distributed | None) -> nn.Modul
 
 
 def _init_state_reads_params(block: nn.Module, device: torch.device) -> bool:
-    """True when the mixer's initial state is computed from parameters (a learned initial memory)."""
+    """True when the mixer's initial state is computed from its parameters (a learned initial memory, even detached).
+
+    MemoryLM.forward builds every layer's initial state before the first block runs; under FSDP such a block's
+    parameters would still be sharded then. Detected by watching every torch call init_state makes."""
+    from torch.overrides import TorchFunctionMode
     from torch.utils._pytree import tree_leaves
 
-    st = block.mixer.init_state(1, device=device)
-    return any(isinstance(x, Tensor) and x.requires_grad for x in tree_leaves(st))
+    ids = {id(p) for p in block.parameters()}
+    metadata = {"__get__", "dim", "size", "numel", "element_size", "is_floating_point", "get_device"}  # not values
+
+    class Watch(TorchFunctionMode):
+        hit = False
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") not in metadata and any(id(a) in ids for a in tree_leaves((args, kwargs))):
+                Watch.hit = True
+            return func(*args, **kwargs)
+
+    with Watch():
+        st = block.mixer.init_state(1, device=device)
+    return Watch.hit or any(isinstance(x, Tensor) and id(x) in ids for x in tree_leaves(st))
 
 
 def optimizers_of(optimizer: Any) -> list:
@@ -214,8 +233,11 @@ class Distributed:
             cuda = self.device.type == "cuda"
             # Buffers (rotary tables, CMS accumulators fed by synced gradients) are equal on every rank by
             # construction: no broadcast before every forward.
-            ddp = DDP(model, device_ids=[self.device.index] if cuda else None, broadcast_buffers=False,
-                      gradient_as_bucket_view=True)
+            import inspect
+
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                       else {"broadcast_buffers": False})  # the name changed in torch 2.13
+            ddp = DDP(model, device_ids=[self.device.index] if cuda else None, gradient_as_bucket_view=True, **no_sync)
             if self.reduce_dtype == torch.bfloat16 and cuda:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -224,13 +246,19 @@ class Distributed:
             return ddp
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from memlm.layers.cms import cms_modules
+
+        if any(True for _ in cms_modules(model)):
+            raise UserError("train.parallel=fsdp does not support mlp=cms yet (its gradient gate keeps unsharded "
+                            "accumulators); use train.parallel=ddp")
         # cast_forward_inputs=False: the ModelState passed in must stay float32 (recurrent memories).
         mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype,
                                   cast_forward_inputs=False)
         for block in model.blocks:
-            # MemoryLM.forward builds the initial state of every layer before the first block runs; a block whose
-            # initial state reads its parameters would see them sharded, so its parameters join the root unit.
-            if not _init_state_reads_params(block, self.device):
+            # A block's parameters are gathered only while the block runs. Blocks used outside their own forward
+            # (a learned initial state read by MemoryLM.forward; Oumnix switches calling block.norm1 directly)
+            # stay in the root unit, gathered for the whole forward.
+            if getattr(model, "oumnix", None) is None and not _init_state_reads_params(block, self.device):
                 fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         self.wrapped = model
@@ -263,11 +291,11 @@ class Distributed:
         return int(self.all_sum([n])[0].item())
 
     def global_loss(self, loss: Tensor, ce: Tensor, n: int, stop: bool) -> tuple[Tensor, Tensor, bool]:
-        """This rank's step loss (Σ CE_r / N + A_r) and CE_r → the global (Σ_r CE_r / N + mean_r A_r, Σ_r CE_r) and
+        """This rank's step loss (CE_r / N + A_r / W) and CE_r → the global (Σ_r CE_r / N + mean_r A_r, Σ_r CE_r) and
         whether any rank wants to stop — one all-reduce."""
         n = max(int(n), 1)
         s = self.all_sum([ce, loss.detach() - ce.detach() / n, float(stop)])
-        return s[0] / n + s[1] / self.world, s[0], bool(s[2] > 0)
+        return s[0] / n + s[1], s[0], bool(s[2] > 0)
 
     @staticmethod
     def replicated(x: Tensor) -> Tensor:

@@ -258,15 +258,17 @@ class Trainer:
                    min_lr_ratio=t.min_lr_ratio)
         apply_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
-        # × world: DDP / FSDP average gradients over ranks, which turns Σ_r W·CE_r/N back into Σ CE/N
-        kw = {"normalizer": n_valid, "backward": True, "scale": self.loss_scale * world, "autocast": self._autocast}
+        # DDP / FSDP average gradients over ranks: × world turns Σ_r W·CE_r/N back into Σ CE/N, and the auxiliary
+        # losses (a mean over forwards) get weight 1/(forwards · world) so that they average over ranks too
+        kw = {"normalizer": n_valid, "backward": True, "scale": self.loss_scale * world, "autocast": self._autocast,
+              "aux_weight": 1 / (len(segs) * world)}
         if t.tbptt:
             results = [run_segments(self._forward, segs, self.tbptt_state, detach_every=t.detach_every, **kw)]
         else:
             results = []
             for i, s in enumerate(segs):
                 with self._grad_sync(i == len(segs) - 1):  # communicate gradients once, after the last micro-batch
-                    results.append(run_segments(self._forward, [s], None, aux_weight=1 / len(segs), **kw))
+                    results.append(run_segments(self._forward, [s], None, **kw))
         loss = sum(r.loss for r in results)
         ce = sum(r.ce_sum for r in results)
         if self.dist is not None:

@@ -38,11 +38,14 @@ TEXT = ("Memory is the treasury and guardian of all things. The river keeps its 
         "ships are for. Every morning the baker counts the loaves, and every evening he counts the coins. ")
 
 # name: (preset, global rows B, steps, save_every, train overrides). grad_accum=2 exercises no_sync /
-# set_requires_gradient_sync; the FSDP case also checkpoints activations; deltanet carries a recurrent state (TBPTT).
+# set_requires_gradient_sync; the FSDP case also checkpoints activations; deltanet carries a recurrent state (TBPTT);
+# atlas-mag reports an auxiliary loss (must average over ranks, not add up) and reads its parameters in init_state
+# (its blocks join FSDP's root unit).
 CASES = {
     "ddp": ("transformer-debug", 4, 6, 3, {"parallel": "ddp", "grad_accum": 2}),
     "fsdp": ("transformer-debug", 4, 6, 3, {"parallel": "fsdp", "grad_accum": 2, "activation_checkpointing": True}),
     "tbptt": ("deltanet-debug", 4, 4, 2, {"parallel": "ddp", "tbptt": True, "detach_every": 2}),
+    "aux": ("atlas-mag-debug", 4, 4, 2, {"parallel": "fsdp"}),
 }
 
 
