@@ -299,7 +299,10 @@ def cmd_data(args) -> int:
 
     tok = load_tokenizer(args.tokenizer)
     t0 = time.time()
-    info = prepare(open_sources(args.sources), tok, args.out)
+    if args.val_every < 0:
+        raise UserError(f"--val-every {args.val_every}: must be ≥ 0")
+    info = prepare(open_sources(args.sources), tok, args.out, val_every=args.val_every or None,
+                   max_tokens=args.max_tokens)
     print(json.dumps(info if isinstance(info, dict) else {"out": args.out}, indent=2, default=str))
     print(f"done in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0

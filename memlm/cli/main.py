@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("sources", nargs="+", help="files, folders or globs (.txt/.json/.jsonl/.parquet, .gz/.xz/.zst)")
     dp.add_argument("--tokenizer", default="byte", help="'byte', a tokenizer.json or a tokenizer folder")
     dp.add_argument("--out", required=True, help="output folder for the shards")
+    dp.add_argument("--val-every", type=int, default=50,
+                    help="hold out every k-th document as the validation split (0: none; default 50)")
+    dp.add_argument("--max-tokens", type=int, default=None, help="stop after about this many tokens")
 
     k = cmd("tokenizer", "tokenizer tools")
     ksub = k.add_subparsers(dest="tok_command", metavar="ACTION")
