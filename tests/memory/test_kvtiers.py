@@ -274,3 +274,17 @@ def test_engine_and_session(base, books, tmp_path):
     assert torch.equal(back.next_token_logits("and?"), s.next_token_logits("and?"))
     with pytest.raises(UserError, match="another model"):
         ModelState.load(tmp_path / "kv" / "state.safetensors", model=base)
+
+
+def test_cli_helper(base):
+    from memlm.memory.kvtiers import kv_tiers_from_flag
+
+    tok = memlm.load_tokenizer("byte")
+    text = "It was the best of times, it was the worst of times. " * 20
+    m = kv_tiers_from_flag(base, tok, "hot=32,window=8,bits=4,pq=4,topk=2", calibration_text=text)
+    assert m.kv_tiers.hot == 32 and isinstance(m.blocks[0].mixer, TieredAttention)
+    assert m.blocks[0].mixer.centroids.shape == (2, 4, 16, 4)
+    assert not isinstance(base.blocks[0].mixer, TieredAttention), "the original model must be left as it was"
+    assert m.blocks[0].mixer.core is base.blocks[0].mixer.core, "parameters are shared, not copied"
+    with pytest.raises(UserError, match="no attention layers"):
+        kv_tiers_from_flag(memlm.build_model("deltanet-debug"), tok, "hot=32,window=8", calibration_text=text)
