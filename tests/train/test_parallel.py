@@ -246,7 +246,7 @@ def test_cli_nproc_launches_torchrun(tmp_path, capsys):
                         "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(k, None)
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    r = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "fsdp over 2 processes (gloo" in r.stdout  # logged once, by rank 0
     assert r.stdout.count("tokens/step") == 1
