@@ -27,6 +27,7 @@ nodes the run folder must be on a filesystem every node sees.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -233,8 +234,6 @@ class Distributed:
             cuda = self.device.type == "cuda"
             # Buffers (rotary tables, CMS accumulators fed by synced gradients) are equal on every rank by
             # construction: no broadcast before every forward.
-            import inspect
-
             no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                        else {"broadcast_buffers": False})  # the name changed in torch 2.13
             ddp = DDP(model, device_ids=[self.device.index] if cuda else None, gradient_as_bucket_view=True, **no_sync)
