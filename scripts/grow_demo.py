@@ -3,8 +3,8 @@ with the real CLI commands (`memlm train`, `memlm grow`, `memlm train --resume`)
 
     python scripts/grow_demo.py --data PATH/books.jsonl.xz --out runs/growth --plot docs/img/growth.png
 
---sizes picks the chain (default onyx-11m onyx-16m onyx-24m; e.g. `--sizes onyx-debug d_ff=256 n_heads=8,d_model=128`
-grows by overrides). Writes OUT/growth.json (per-step losses, the validation loss just before and just after each
+--sizes picks the chain (default onyx-11m onyx-16m onyx-24m; e.g. `--sizes onyx-debug "d_ff=256;n_layers=4"
+"d_model=128;n_heads=8"` grows by `memlm grow --to` words, separated by ';'). Writes OUT/growth.json (per-step losses, the validation loss just before and just after each
 growth, parameter counts) and the plot.
 """
 from __future__ import annotations
@@ -44,13 +44,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--sizes", nargs="+", default=["onyx-11m", "onyx-16m", "onyx-24m"],
-                   help="first a preset, then growth targets (presets or comma-separated KEY=VALUE lists)")
+                   help="first a preset, then growth targets (presets or ';'-separated KEY=VALUE lists)")
     p.add_argument("--steps", type=int, nargs="+", default=[40, 40, 40], help="training steps per stage")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--optimizer-state", choices=("remap", "reset"), default="remap")
     p.add_argument("--out", default="runs/growth")
     p.add_argument("--plot", default=None)
     args = p.parse_args()
@@ -62,7 +64,7 @@ def main() -> None:
               "--set", "train.schedule=constant", "--set", "train.log_every=1", "--set", "train.eval_every=0",
               "--set", "train.sample_every=0", "--set", "train.save_every=0", "--set", "train.tensorboard=false",
               "--set", f"train.eval_batches={args.eval_batches}", "--set", "train.val_every_doc=10",
-              "--set", "train.device=cpu"]
+              "--set", f"train.device={args.device}"]
     stages, commands, total = [], [], 0
     t_start = time.time()
     for i, (size, steps) in enumerate(zip(args.sizes, args.steps)):
@@ -72,8 +74,9 @@ def main() -> None:
             cmd = ["train", "--preset", size, "--data", *args.data, "--steps", str(total), "--out", str(run), *common]
         else:
             prev = ckpt.find_checkpoint(out / f"stage{i - 1}")
-            to = [size] if "=" not in size else size.split(",")
-            grow_cmd = ["grow", str(prev), "--to", *to, f"train.steps={total}", "--out", str(run)]
+            to = size.split(";")
+            grow_cmd = ["grow", str(prev), "--to", *to, f"train.steps={total}", "--out", str(run),
+                        "--optimizer-state", args.optimizer_state]
             commands.append("memlm " + " ".join(grow_cmd))
             if cli(grow_cmd) != 0:
                 raise SystemExit("memlm grow failed")

@@ -431,7 +431,7 @@ class _CopyFiles:
 def parse_target(to: Sequence[str], src_model: ModelConfig) -> tuple[ModelConfig, list[str]]:
     """``--to`` words → (target model config, train overrides): one optional preset name (its model section is the
     target; default: the source model) and KEY=VALUE overrides (``model.d_ff=512``, bare ``d_ff=512`` means model.*;
-    ``train.*`` keys are returned for the run config)."""
+    ``n_layers=N`` appends copies of the last layer's config; ``train.*`` keys are returned for the run config)."""
     from memlm.config.base import apply_overrides
     from memlm.config.presets import preset
 
@@ -442,16 +442,27 @@ def parse_target(to: Sequence[str], src_model: ModelConfig) -> tuple[ModelConfig
     if not names:  # a changed model must not keep passing for the preset it came from
         base.name = f"{src_model.name}-grown" if src_model.name and not src_model.name.endswith("-grown") \
             else src_model.name
-    model_sets, train_sets = [], []
+    model_sets, train_sets, n_layers = [], [], None
     for w in to:
         if "=" not in w:
             continue
-        key = w.split("=", 1)[0]
+        key, value = w.split("=", 1)
         if key.startswith("train."):
             train_sets.append(w)
+        elif key.removeprefix("model.") == "n_layers":  # shorthand: append copies of the last layer's config
+            try:
+                n_layers = int(value)
+            except ValueError:
+                raise UserError(f"--to {w}: n_layers must be an integer") from None
         else:
-            model_sets.append(w[len("model."):] if key.startswith("model.") else w)
-    return apply_overrides(base, model_sets), train_sets
+            model_sets.append(w.removeprefix("model."))
+    cfg = apply_overrides(base, model_sets)
+    if n_layers is not None:
+        if n_layers < cfg.n_layers:
+            raise UserError(f"--to n_layers={n_layers}: the model already has {cfg.n_layers} layers")
+        extra = [type(cfg.layers[-1]).from_dict(cfg.layers[-1].to_dict()) for _ in range(n_layers - cfg.n_layers)]
+        cfg = cfg.replace(layers=[*cfg.layers, *extra])
+    return cfg, train_sets
 
 
 def _opt_kwargs(t) -> dict:

@@ -162,10 +162,11 @@ def test_grown_checkpoint_resumes_with_carried_optimizer_state(tmp_path):
 def test_cli_grow_model_folder(tmp_path, capsys):
     m = _model("transformer-debug")
     m.save_pretrained(tmp_path / "m")
-    assert cli(["grow", str(tmp_path / "m"), "--to", "d_ff=256", "n_heads=8", "d_model=128",
+    assert cli(["grow", str(tmp_path / "m"), "--to", "d_ff=256", "n_heads=8", "d_model=128", "n_layers=3",
                 "--out", str(tmp_path / "g")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["resumable"] is False and summary["params_after"] > summary["params_before"]
     g = memlm.load_model(tmp_path / "g")
+    assert g.config.n_layers == 3 and g.config.name == "transformer-debug-grown"
     assert_close(g(_ids())[0], m(_ids())[0], tol=1e-5, name="CLI-grown model")
     assert cli(["grow", str(tmp_path / "m"), "--to", "vocab_size=300", "--out", str(tmp_path / "h")]) == 2
