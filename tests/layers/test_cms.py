@@ -24,6 +24,14 @@ from memlm.ops.testing import assert_close
 from memlm.train.optim import build_optimizer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _batches(n, B=2, T=12, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(B, T, d, generator=g), torch.randn(B, T, d, generator=g)) for _ in range(n)]
@@ -165,7 +173,7 @@ def test_online_step_lowers_loss_and_touches_only_fast_levels():
     fast = {n for n, _ in cms_online_params(model)}
     assert fast and all(".levels.0." in n for n in fast)
     with torch.no_grad():  # a chat loop runs under no_grad: online learning must still work
-        losses = [cms_online_step(model, ids, lr=0.05) for _ in range(15)]
+        losses = [cms_online_step(model, ids, lr=0.1) for _ in range(8)]
     assert losses[-1] < losses[0] - 0.05, losses
     for k, v in model.state_dict().items():
         if k in fast:
