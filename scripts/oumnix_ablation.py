@@ -32,6 +32,7 @@ VARIANTS = {
     "no PFP": ["model.residual=sequential"],
     "no WEAVE (dense MLP)": ["model.weave_rank=0"],
     "no cell": ["model.cell_layers=[]"],
+    "MoOp top-4 (learned dense mix)": [f"model.layers.{i}.top_k=4" for i in range(4)],
 }
 
 
@@ -71,6 +72,7 @@ def main() -> None:
     p.add_argument("--thresholds", default="0.6,0.4,0.25")
     p.add_argument("--decode-rows", type=int, default=4, help="validation rows decoded one token at a time per τ")
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    p.add_argument("--no-exits", action="store_true", help="skip the dynamic-depth measurement")
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,7 +92,7 @@ def main() -> None:
             if name == "full":
                 full_tr = tr
         exit_rows = []
-        if full_tr is not None:
+        if full_tr is not None and not args.no_exits:
             model = full_tr.model.eval()
             ids = val_ids(full_tr, args.decode_rows)
             taus = [None, *[float(t) for t in args.thresholds.split(",")]]

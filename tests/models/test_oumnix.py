@@ -121,6 +121,16 @@ def test_preset_param_counts_match_descriptions():
         assert f"{n:,}" in memlm.preset(name).description, (name, n)
 
 
+@torch.no_grad()
+def test_save_load_roundtrip(tmp_path):
+    m = build()
+    m.save_pretrained(tmp_path / "m")
+    m2 = memlm.load_model(tmp_path / "m")
+    x = rand_ids(B=2, T=20)
+    assert torch.equal(m(x)[0], m2(x)[0])
+    assert any(k.endswith(".U") for k in m2.state_dict()) and "oumnix.cells.1.verify_bias" in m2.state_dict()
+
+
 def test_config_validation():
     with pytest.raises(UserError, match="exit_layers"):
         build("model.exit_layers=[3]")
