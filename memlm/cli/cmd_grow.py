@@ -7,9 +7,8 @@ import json
 from memlm.errors import UserError
 
 HELP = "grow a checkpoint (wider d_ff / heads / d_model, more layers) without changing its outputs"
-EXAMPLE = ("memlm grow runs/onyx11/checkpoints/step_000200 --to onyx-16m --out runs/onyx16  &&  "
-           "memlm train --config runs/onyx16/checkpoints/step_000200/config.json --out runs/onyx16 --resume "
-           "--steps 400")
+EXAMPLE = ("memlm grow runs/onyx11 --to onyx-16m train.steps=2000 --out runs/onyx16  &&  "
+           "memlm train --config runs/onyx16/checkpoints/step_001000/config.json --out runs/onyx16 --resume")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

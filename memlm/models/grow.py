@@ -487,6 +487,8 @@ def grow_checkpoint(src: str, to: Sequence[str], out: str, *, layer_map: Sequenc
     from memlm.train.optim import build_optimizer
 
     out_p, src_p = Path(out), Path(src)
+    if not src_p.exists():
+        raise UserError(f"{src}: no such run, checkpoint or model folder")
     try:
         path = ckpt.find_checkpoint(src_p)
     except UserError:
