@@ -34,7 +34,7 @@ def resolve_model_path(spec: str) -> Path:
         raise UserError(f"{p}: not a memlm run, checkpoint or model folder (no config.json or checkpoints/)") from None
 
 
-def load_for_inference(spec: str, device: str | None = None, tokenizer: str | None = None):
+def load_for_inference(spec: str, device: str | None = None, tokenizer: str | None = None, adapter: str | None = None):
     """(model, tokenizer, path) from a path or a preset name (a preset gives an untrained model, for trying things)."""
     import memlm
     from memlm.data.tokenizer import load_tokenizer
@@ -43,7 +43,7 @@ def load_for_inference(spec: str, device: str | None = None, tokenizer: str | No
     if not Path(spec).exists() and spec in memlm.list_presets():
         cfg = memlm.preset(spec)
         model = memlm.build_model(cfg).to(dev).eval()
-        return model, load_tokenizer(tokenizer or cfg.train.tokenizer), None
+        return _with_adapter(model, adapter), load_tokenizer(tokenizer or cfg.train.tokenizer), None
     path = resolve_model_path(spec)
     model = memlm.load_model(path, device=dev)
     tok_name = tokenizer
@@ -56,8 +56,17 @@ def load_for_inference(spec: str, device: str | None = None, tokenizer: str | No
     tok = load_tokenizer(tok_name)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer {tok_name!r} has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
-    return model, tok, path
+    return _with_adapter(model, adapter), tok, path
 
+
+
+def _with_adapter(model, adapter: str | None):
+    if adapter:
+        from memlm.layers.lora import load_lora
+
+        load_lora(model, adapter)
+        model.eval()
+    return model
 
 def sampling_from_args(args):
     from memlm.inference.sampling import SamplingConfig
@@ -73,6 +82,11 @@ def build_run_config(args):
     from memlm.config.base import apply_overrides
     from memlm.config.train import RunConfig
 
+    if args.resume and not args.config and not args.preset and args.out:
+        # `memlm train --resume --out RUN`: continue with the configuration the run was saved with
+        from memlm.train.checkpoint import find_checkpoint
+
+        args.config = str(find_checkpoint(args.resume if isinstance(args.resume, str) else args.out) / "config.json")
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -123,7 +137,7 @@ def cmd_generate(args) -> int:
     from memlm.inference.engine import generate
     from memlm.models.state import ModelState
 
-    model, tok, _ = load_for_inference(args.model, args.device, args.tokenizer)
+    model, tok, _ = load_for_inference(args.model, args.device, args.tokenizer, args.adapter)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     state = ModelState.load(args.state, model=model) if args.state else None
     gen = generate(model, tok, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling_from_args(args),
@@ -166,7 +180,7 @@ def cmd_chat(args) -> int:
     from memlm.inference.controller import ControllerConfig
     from memlm.inference.session import Session
 
-    model, tok, _ = load_for_inference(args.model, args.device, args.tokenizer)
+    model, tok, _ = load_for_inference(args.model, args.device, args.tokenizer, getattr(args, "adapter", None))
     store = open_store(args)
     mode = args.memory or ("persistent" if args.session else "session")
     sid = args.session

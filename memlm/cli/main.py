@@ -160,6 +160,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a checkpoint / model folder, a run folder (uses its latest checkpoint) or a preset name")
     p.add_argument("--device", default=None)
     p.add_argument("--tokenizer", default=None, help="override the tokenizer saved with the model")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (from `memlm finetune`) to apply")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from memlm.config.base import Config, check_choice, check_positive
 from memlm.config.model import ModelConfig
@@ -28,6 +29,8 @@ class TrainConfig(Config):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     lr_scales: dict[str, float] = field(default_factory=dict)  # fnmatch pattern on parameter names -> LR scale
+    # optimizer-specific settings passed to build_optimizer, e.g. {"muon_lr": 0.02} or {"slow_every": 8, "alpha": 1.0}
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
     clip: float = 1.0
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False

@@ -6,7 +6,8 @@ import importlib
 from memlm.layers.base import MIXERS, MixerConfig, build_mixer
 
 # One module per layer family; optional families that are not written yet are skipped quietly.
-FAMILIES = ("attention", "delta", "compressive", "hope", "neural_memory", "ssm", "conv", "moop", "retrieval")
+FAMILIES = ("attention", "sparse_attention", "delta", "compressive", "hope", "neural_memory", "ssm", "conv", "moop",
+            "retrieval")
 
 for _name in FAMILIES:
     try:

@@ -162,7 +162,7 @@ class FinetuneTrainer(Trainer):
         if lora is not None:
             apply_lora(self.model, lora.rank, lora.alpha, lora.targets, lora.dropout)
         self.optimizer = build_optimizer(self.model, name=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
-                                         betas=tuple(t.betas), eps=t.eps, lr_scales=t.lr_scales)
+                                         betas=tuple(t.betas), eps=t.eps, lr_scales=t.lr_scales, **t.optimizer_options)
         self._module = torch.compile(self.model) if t.compile else self.model
         self._ft_ready = True
         Trainer._maybe_resume(self, resume)

@@ -151,8 +151,11 @@ class Trainer:
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise UserError(f"tokenizer {t.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is "
                             f"{cfg.model.vocab_size}; raise model.vocab_size or pick another tokenizer")
-        self.optimizer = build_optimizer(self.model, name=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
-                                         betas=tuple(t.betas), eps=t.eps, lr_scales=t.lr_scales)
+        try:
+            self.optimizer = build_optimizer(self.model, name=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+                                             betas=tuple(t.betas), eps=t.eps, lr_scales=t.lr_scales, **t.optimizer_options)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"train.optimizer={t.optimizer!r} / train.optimizer_options: {e}") from None
         self._module = torch.compile(wrapped) if t.compile else wrapped
         if data is None:
             data, built_val = build_data(t, tokenizer, self.dist.world if self.dist else 1)

@@ -61,8 +61,15 @@ def test_train_generate_chat_memory_flow(tmp_path):
     # a second fresh run into the same folder is refused, resume is accepted
     code, _, err = run("train", "--preset", "transformer-debug", "--data", str(data), "--out", str(run_dir), "--steps", "6")
     assert code == 2 and "resume" in err
+    # resuming needs no preset: the run's own config is used
+    code, out, err = run("train", "--resume", "--out", str(run_dir), "--steps", "8", "--set", "train.sample_every=0")
+    assert code == 0, err
+    # a bad optimizer option is one line, not a traceback
+    code, _, err = run("train", "--preset", "transformer-debug", "--out", str(tmp_path / "r2"), "--steps", "1",
+                       "--set", 'train.optimizer_options={"bogus": 1}')
+    assert code == 2 and "optimizer_options" in err and len(err.strip().splitlines()) == 1, err
     code, out, err = run("info", str(run_dir))
-    assert code == 0 and json.loads(out)["trainer_state"]["step"] == 6
+    assert code == 0 and json.loads(out)["trainer_state"]["step"] == 8
     code, out, err = run("generate", str(run_dir), "--prompt", "The quick", "--max-new-tokens", "12", "--seed", "0",
                          "--save-state", str(tmp_path / "s.safetensors"))
     assert code == 0 and out.startswith("The quick"), err
