@@ -2,6 +2,11 @@
 
     python scripts/passkey_tiers.py --model runs/iw-small                 # the model scripts/infinity_window_eval.py trains
     python scripts/passkey_tiers.py --model runs/iw-small --hot 128 --trials 12 --json out/passkey.jsonl
+    python scripts/passkey_tiers.py --model runs/iw-small --train-minutes 7 --out-model runs/iw-passkey --hot 64
+
+--train-minutes first fine-tunes --model on passkey prompts of 4 × --hot tokens (next-token loss on every token plus
+the answer digits' loss again, so the retrieval is learned quickly), saving it to --out-model; the evaluation then
+uses the fine-tuned weights. Full attention therefore sees 4× prompts in distribution and 8×, 16× beyond it.
 
 A prompt of L tokens is book filler (held-out books) with " The pass key is NNNNN. Remember it. NNNNN is the pass
 key. " at a random depth (always more than --hot tokens before the question), ending with " What is the pass key?
@@ -43,6 +48,51 @@ def prompt(rng: random.Random, filler: str, length: int, hot: int, tok) -> tuple
     return ids, key, len(ids) - (at + len(needle) // 2)
 
 
+def finetune(model, tok, filler: str, length: int, minutes: float, out: Path, batch: int = 16, seed: int = 0):
+    """AdamW on passkey prompts followed by their answer: loss = mean CE over all tokens + mean CE over the digits."""
+    import torch.nn.functional as F
+
+    rng = random.Random(seed + 1000)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    t0, step = time.time(), 0
+    while time.time() - t0 < minutes * 60:
+        rows, answers = [], []
+        for _ in range(batch):
+            ids, key, _ = prompt(rng, filler, length - 6, min(32, length // 8), tok)
+            ans = tok.encode(f" {key}")
+            rows.append((ids + ans)[:length + 1])
+            answers.append(len(ids) - 1)
+        T = max(len(r) for r in rows)
+        x = torch.zeros(batch, T, dtype=torch.long)
+        m = torch.zeros(batch, T - 1, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            x[b, :len(r)] = torch.tensor(r)
+            m[b, answers[b]:answers[b] + 6] = True
+        valid = torch.zeros(batch, T - 1, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            valid[b, :len(r) - 1] = True
+        logits, _ = model(x[:, :-1])
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="none")
+        ce = ce.view(batch, T - 1)
+        loss = ce[valid].mean() + ce[m & valid].mean()
+        lr = 1e-3 * min(1.0, (step + 1) / 20)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0:
+            print(f"passkey step {step} loss {loss.item():.3f} answer {ce[m & valid].mean().item():.3f} "
+                  f"{time.time() - t0:.0f}s", file=sys.stderr)
+        step += 1
+    model.eval()
+    model.save_pretrained(out)
+    (out / "train.json").write_text(json.dumps({"finetune_steps": step, "minutes": minutes, "length": length}))
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/iw-small")
@@ -52,6 +102,8 @@ def main() -> None:
     ap.add_argument("--ratios", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-minutes", type=float, default=0.0, help="fine-tune on passkey prompts first")
+    ap.add_argument("--out-model", default="runs/iw-passkey")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,6 +111,9 @@ def main() -> None:
     tok = memlm.load_tokenizer("byte")
     books = load_books(BOOKS)
     filler = "\n\n".join(books[-HELD_OUT:])
+    if args.train_minutes > 0:  # fine-tune on training books only; evaluate on held-out filler
+        model = finetune(model, tok, "\n\n".join(books[:-HELD_OUT]), 4 * args.hot, args.train_minutes,
+                         Path(args.out_model))
     calib = torch.tensor([tok.encode(books[0][:40_000])[:16_384]])
     base_cfg = {"hot": args.hot, "window": args.window, "topk": args.topk, "rank": 8, "pq": 8, "anchors": 4,
                 "fanout": 8, "beam": 4}
