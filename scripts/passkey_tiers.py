@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -35,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from infinity_window_eval import BOOKS, HELD_OUT, load_books, sliding
 
 
-def prompt(rng: random.Random, filler: str, length: int, hot: int, tok) -> tuple[list[int], str, int]:
-    """(ids, key, distance in tokens from the key to the end of the prompt)."""
+def prompt(rng: random.Random, filler: str, length: int, hot: int, tok) -> tuple[list[int], str, int, tuple[int, int]]:
+    """(ids, key, distance in tokens from the key to the end of the prompt, the needle's [start, end))."""
     key = f"{rng.randrange(10000, 100000)}"
     needle = tok.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
     ask = tok.encode(" What is the pass key? The pass key is")
@@ -45,7 +46,41 @@ def prompt(rng: random.Random, filler: str, length: int, hot: int, tok) -> tuple
     fill = tok.encode(filler[start:start + 2 * n_fill])[:n_fill]
     at = rng.randrange(0, n_fill - hot)  # the needle ends more than W_h tokens before the question
     ids = fill[:at] + needle + fill[at:] + ask
-    return ids, key, len(ids) - (at + len(needle) // 2)
+    return ids, key, len(ids) - (at + len(needle) // 2), (at, at + len(needle))
+
+
+@torch.no_grad()
+def needle_teleported(m, ids: list[int], span: tuple[int, int]) -> tuple[float, float]:
+    """Mechanism check, independent of whether the model can copy: at the prompt's last token, the share of
+    (layer, head) pairs whose teleported windows include a window of the needle, and the share of layers where
+    at least one head fetched it."""
+    xs: dict[int, torch.Tensor] = {}
+    hooks = [b.mixer.register_forward_pre_hook(lambda mod, a, i=i: xs.__setitem__(i, a[0]))
+             for i, b in enumerate(m.blocks)]
+    try:
+        _, st = m(torch.tensor([ids[:-1]]))
+        m(torch.tensor([ids[-1:]]), st)
+    finally:
+        for h in hooks:
+            h.remove()
+    t, per_head, per_layer = len(ids) - 1, [], []
+    for i, b in enumerate(m.blocks):
+        layer, s = b.mixer, st.layers[i]
+        core = layer.core
+        q, _, _ = core.project(xs[i])
+        if core.q_norm is not None:
+            q = core.q_norm(q)
+        G = layer.hq // layer.hk
+        qw = core.rotary._rotate(q.float(), torch.full((1, 1), layer.cfg.dist), 1.0) if core.rotary else q.float()
+        sel = layer.teleport(qw.reshape(1, layer.hk, G, layer.dh), s, torch.full((1, G), t),
+                             torch.zeros(1, G, dtype=torch.long))[0]           # [Hk, G, k]
+        w = layer.cfg.window
+        wpos = torch.cat([s.wpos[0], s.wpos.new_full((1,), -10 ** 9)])
+        start = wpos[sel.clamp_min(-1)]                                         # −1 -> the sentinel
+        hit = ((start <= span[1] - 1) & (start + w > span[0]) & (sel >= 0)).any(-1)   # [Hk, G]
+        per_head.append(hit.float().mean().item())
+        per_layer.append(float(hit.any()))
+    return sum(per_head) / len(per_head), sum(per_layer) / len(per_layer)
 
 
 def finetune(model, tok, filler: str, length: int, minutes: float, out: Path, batch: int = 16, seed: int = 0):
@@ -59,7 +94,7 @@ def finetune(model, tok, filler: str, length: int, minutes: float, out: Path, ba
     while time.time() - t0 < minutes * 60:
         rows, answers = [], []
         for _ in range(batch):
-            ids, key, _ = prompt(rng, filler, length - 6, min(32, length // 8), tok)
+            ids, key, _, _ = prompt(rng, filler, length - 6, min(32, length // 8), tok)
             ans = tok.encode(f" {key}")
             rows.append((ids + ans)[:length + 1])
             answers.append(len(ids) - 1)
@@ -128,14 +163,24 @@ def main() -> None:
         trials = [prompt(rng, filler, L, args.hot, tok) for _ in range(args.trials)]
         for name, m in variants.items():
             eng = Engine(m, tok, prefill_chunk=256)
-            t0, ok = time.time(), 0
-            for ids, key, _ in trials:
+            t0, ok, fetched, chance = time.time(), 0, [], []
+            for ids, key, _, span in trials:
                 gen = eng.generate_ids([ids], max_new_tokens=6, sampling=SamplingConfig(temperature=0)).run()
                 text = tok.decode(gen.rows[0].token_ids)
                 ok += text.strip().startswith(key)
+                if name.startswith("tiers"):
+                    fetched.append(needle_teleported(m, ids, span))
+                    c = m.kv_tiers
+                    n = (len(ids) - 1 - c.hot) // c.window + 1                # windows the last query may see
+                    hit_w = span[1] // c.window - span[0] // c.window + 1    # windows holding the needle
+                    chance.append(1 - math.comb(n - hit_w, min(c.topk, n)) / math.comb(n, min(c.topk, n)))
             row = {"variant": name, "hot": args.hot, "ratio": ratio, "length": L, "trials": args.trials,
                    "accuracy": ok / args.trials, "mean_distance": sum(t[2] for t in trials) / len(trials),
                    "seconds": round(time.time() - t0, 1)}
+            if fetched:
+                row["needle_fetched_heads"] = sum(f[0] for f in fetched) / len(fetched)
+                row["needle_fetched_layers"] = sum(f[1] for f in fetched) / len(fetched)
+                row["needle_chance_per_head"] = sum(chance) / len(chance)  # k windows picked at random
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     names = list(variants)
