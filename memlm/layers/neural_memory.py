@@ -236,7 +236,7 @@ class NeuralMemory(Mixer):
         """Document-aligned chunk grid [B, N, C] of [pending; new tokens], fed to the op as a stream of N·C tokens
         with a reset on the first slot of every chunk that starts a document."""
         B, T, H, K = q.shape
-        C, N = self.C, None
+        C = self.C
         lay = chunk_layout(state.pos, state.doc_start, reset, T, C)
         N = lay.N
         tok = torch.cat([k.float(), v.float(), gates], dim=-1).reshape(B, T, H * (2 * K + 4))
