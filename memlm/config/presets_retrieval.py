@@ -29,9 +29,9 @@ def _transformer_retrieval_debug() -> RunConfig:
 
 @register_preset("transformer-retrieval-34m", "transformer-retrieval",
                  "Llama-style d512 L8 H8, vocab 16384; layer 6 is kNN retrieval attention (window 512, segments "
-                 "512, memory 16384 entries per head, top 32)")
+                 "512, memory 8192 entries per head, top 32)")
 def _transformer_retrieval_34m() -> RunConfig:
-    m = with_retrieval(transformer(512, 8, 8, 8, 16384), 6, window=512, segment_size=512, memory_size=16384,
+    m = with_retrieval(transformer(512, 8, 8, 8, 16384), 6, window=512, segment_size=512, memory_size=8192,
                        top_k=32)
     return RunConfig(model=m, train=_gpu_train())
 

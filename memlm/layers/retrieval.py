@@ -39,6 +39,9 @@ from memlm.layers.base import LayerState, Mixer, register_mixer, stream_position
 from memlm.ops.compressive import chunk_layout, gather_chunks, pending_tail
 
 
+READ_BLOCK = 512  # queries per block of the memory read
+
+
 @dataclass(kw_only=True)
 class RetrievalConfig(AttentionConfig):
     kind: str = "retrieval"
@@ -154,7 +157,12 @@ class Retrieval(Mixer):
         vis_new = before & (new_pos[:, None, :] >= doc_tok[:, :, None]) & (new_widx[:, None, :] >= lo[:, :, None])
 
         qm = F.normalize(q.float(), dim=-1) * self.log_tau.float().exp()[None, :, None, None]
-        a_mem, has = self._read(qm, state, new_k, new_v, vis_old, vis_new)
+        # queries in blocks: the [B, Hq, block, N + E] score matrix is the peak memory of training (topk keeps
+        # only indices for backward, so one block's scores are freed before the next)
+        blk = READ_BLOCK
+        reads = [self._read(qm[:, :, a:a + blk], state, new_k, new_v, vis_old[:, a:a + blk], vis_new[:, a:a + blk])
+                 for a in range(0, T, blk)]
+        a_mem, has = torch.cat([r[0] for r in reads], 2), torch.cat([r[1] for r in reads], 2)
         g = torch.sigmoid(self.gate.float())[None, :, None, None] * has[..., None]
         a = (g * a_mem + (1 - g) * a_loc.float()).to(x.dtype)
         y = core.o_proj(a.transpose(1, 2).reshape(B, T, self.hq * self.dh))
