@@ -38,7 +38,6 @@ from memlm.layers.attention import AttentionConfig, KVState, core_from_config
 from memlm.layers.base import LayerState, Mixer, register_mixer, stream_positions
 from memlm.ops.compressive import chunk_layout, gather_chunks, pending_tail
 
-
 READ_BLOCK = 512  # queries per block of the memory read
 
 
