@@ -60,6 +60,15 @@ def load_for_inference(spec: str, device: str | None = None, tokenizer: str | No
 
 
 
+def with_kv_tiers(model, tok, spec: str | None):
+    """Wrap attention layers in Infinity-Window tiers when --kv-tiers is given (memlm/memory/kvtiers.py)."""
+    if not spec:
+        return model
+    from memlm.memory.kvtiers import kv_tiers_from_flag
+
+    return kv_tiers_from_flag(model, tok, spec)
+
+
 def _with_adapter(model, adapter: str | None):
     if adapter:
         from memlm.layers.lora import load_lora
@@ -138,6 +147,7 @@ def cmd_generate(args) -> int:
     from memlm.models.state import ModelState
 
     model, tok, _ = load_for_inference(args.model, args.device, args.tokenizer, args.adapter)
+    model = with_kv_tiers(model, tok, args.kv_tiers)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     state = ModelState.load(args.state, model=model) if args.state else None
     gen = generate(model, tok, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling_from_args(args),
@@ -181,6 +191,7 @@ def cmd_chat(args) -> int:
     from memlm.inference.session import Session
 
     model, tok, _ = load_for_inference(args.model, args.device, args.tokenizer, getattr(args, "adapter", None))
+    model = with_kv_tiers(model, tok, getattr(args, "kv_tiers", None))
     store = open_store(args)
     mode = args.memory or ("persistent" if args.session else "session")
     sid = args.session

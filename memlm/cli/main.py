@@ -161,6 +161,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--tokenizer", default=None, help="override the tokenizer saved with the model")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (from `memlm finetune`) to apply")
+    p.add_argument("--kv-tiers", default=None, metavar="SPEC",
+                   help="Infinity-Window KV tiers for attention layers, e.g. hot=4096,warm=65536 (docs/infinity-window.md)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

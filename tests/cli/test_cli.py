@@ -33,6 +33,8 @@ def test_help_has_an_example(cmd, capsys):
     (["generate", "no/such/dir"], "no such model"),
     (["info", "no/such/dir"], "no such model"),
     (["presets", "--family", "zzz"], "no such family"),
+    (["generate", "transformer-debug", "--kv-tiers", "hot=abc"], "--kv-tiers"),
+    (["generate", "transformer-debug", "--adapter", "no/such/adapter"], "adapter"),
 ])
 def test_user_mistakes_are_one_line_exit_2(argv, words, capsys):
     assert main(argv) == 2
