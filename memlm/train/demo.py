@@ -45,7 +45,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, preset_name: 
     from memlm.inference.engine import generate
     from memlm.train.trainer import Trainer
 
-    steps = steps or 500
+    steps = steps or 400
     cfg = demo_config(preset_name, steps)
     out = _fresh_dir(out_dir)
     print(f"memlm demo: training {cfg.model.name or 'the demo model'} on {Path(cfg.train.data[0]).name} "
