@@ -53,26 +53,32 @@ class SegmentResult:
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
 
 
-def _detached(v: Any) -> Tensor | float:
-    """A reported value without its graph; tensors stay on their device (no host sync inside the loop)."""
-    return v.detach().float().mean() if isinstance(v, Tensor) else float(v)
+def _detached(v: Any, *, keep_shape: bool = False) -> Tensor | float:
+    """A reported value without its graph; tensors stay on their device (no host sync inside the loop).
+    Losses are reduced to their mean; metrics keep their shape (a gate histogram stays its bin counts)."""
+    if isinstance(v, Tensor):
+        v = v.detach().float()
+        return v if keep_shape and v.numel() > 1 else v.mean()
+    return float(v)
 
 
-def to_floats(d: dict[str, Tensor | float]) -> dict[str, float]:
-    return {k: float(v) for k, v in d.items()}
+def to_floats(d: dict[str, Tensor | float]) -> dict[str, float | list[float]]:
+    """Numbers for logging: scalars as floats, multi-element metrics (histograms) as lists."""
+    return {k: v.tolist() if isinstance(v, Tensor) and v.numel() > 1 else float(v) for k, v in d.items()}
 
 
 def run_segments(forward: Callable, segments: Sequence[tuple[Tensor, Tensor, Tensor | None]],
                  state: ModelState | None = None, *, detach_every: int = 1, normalizer: int | None = None,
                  aux_weight: float | None = None, backward: bool = False, scale: float = 1.0,
-                 autocast: Callable[[], Any] = contextlib.nullcontext) -> SegmentResult:
+                 autocast: Callable[[], Any] = contextlib.nullcontext, step: int | None = None) -> SegmentResult:
     """Run ``segments`` = [(ids [B, T], labels [B, T], reset [B, T] or None), ...] through ``forward`` in order.
 
     forward(ids, state, reset) -> (logits [B, T, V], state) — the model, or its compiled version.
     state: carried in (None: fresh). normalizer: N (default: the valid tokens of these segments; pass the
     count over a whole optimizer step to accumulate gradients across calls). backward: call (scale · window
     loss).backward() at the end of every window, freeing its graph (what the trainer does); otherwise the
-    returned loss keeps the graph of every window (what tests differentiate).
+    returned loss keeps the graph of every window (what tests differentiate). step: the optimizer step, given to
+    mixers whose auxiliary-loss weight follows a schedule (``memlm.layers.base.current_step``).
     """
     if detach_every < 1:
         raise ValueError(f"detach_every must be ≥ 1, got {detach_every}")
@@ -85,7 +91,7 @@ def run_segments(forward: Callable, segments: Sequence[tuple[Tensor, Tensor, Ten
     aux: dict[str, Tensor | float] = {}
     metrics: dict[str, Tensor | float] = {}
     for i, (ids, labels, reset) in enumerate(segments):
-        with collect_aux() as box, autocast():
+        with collect_aux(step) as box, autocast():
             logits, state = forward(ids, state, reset)
         ce = token_ce_sum(logits, labels)
         seg_loss = ce / n
@@ -93,7 +99,7 @@ def run_segments(forward: Callable, segments: Sequence[tuple[Tensor, Tensor, Ten
             seg_loss = seg_loss + w * value
             aux[name] = aux.get(name, 0.0) + _detached(value) / len(segments)
         for name, value in box["metrics"].items():
-            metrics[name] = metrics.get(name, 0.0) + _detached(value) / len(segments)
+            metrics[name] = metrics.get(name, 0.0) + _detached(value, keep_shape=True) / len(segments)
         ce_total = ce_total + ce.detach()
         window = window + seg_loss
         if (i + 1) % detach_every == 0 or i == len(segments) - 1:

@@ -264,7 +264,7 @@ class Trainer:
         # DDP / FSDP average gradients over ranks: × world turns Σ_r W·CE_r/N back into Σ CE/N, and the auxiliary
         # losses (a mean over forwards) get weight 1/(forwards · world) so that they average over ranks too
         kw = {"normalizer": n_valid, "backward": True, "scale": self.loss_scale * world, "autocast": self._autocast,
-              "aux_weight": 1 / (len(segs) * world)}
+              "aux_weight": 1 / (len(segs) * world), "step": self.step}
         if t.tbptt:
             results = [run_segments(self._forward, segs, self.tbptt_state, detach_every=t.detach_every, **kw)]
         else:
@@ -313,7 +313,11 @@ class Trainer:
             for k, v in to_floats(r.aux).items():
                 out[f"aux/{k}"] = out.get(f"aux/{k}", 0.0) + v
             for k, v in to_floats(r.metrics).items():
-                out[f"mixer/{k}"] = out.get(f"mixer/{k}", 0.0) + v / len(results)
+                prev = out.get(f"mixer/{k}")
+                if isinstance(v, list):  # histogram bins: summed elementwise over micro-batches
+                    out[f"mixer/{k}"] = v if prev is None else [a + b for a, b in zip(prev, v)]
+                else:
+                    out[f"mixer/{k}"] = (prev or 0.0) + v / len(results)
         if self.nonfinite_in_row >= t.max_nonfinite:
             raise NonFiniteError(f"training stopped at step {self.step}: {self.nonfinite_in_row} non-finite steps in "
                                  f"a row (train.max_nonfinite); lower train.lr, raise train.warmup or check the data "

@@ -368,3 +368,34 @@ def test_cuda_tbptt_and_accumulation(tmp_path):
     res = tr.fit()
     assert res["step"] == 6 and tr.tbptt_state.pos.tolist() == [6 * 4 * 32] * 4
     assert tr.tbptt_state.pos.device.type == "cuda"
+
+
+def test_mixers_see_the_training_step_and_histograms_stay_bins(monkeypatch, tmp_path):
+    """Scheduled auxiliary losses (gate polarization) need the optimizer step inside the forward; histogram metrics
+    (gate values) must be logged as bin counts, not averaged into one number."""
+    import torch
+
+    import memlm
+    from memlm.data.packing import Batch
+    from memlm.layers import attention
+    from memlm.layers.base import add_metric, current_step
+    from memlm.train.trainer import Trainer
+
+    seen = []
+    orig = attention.Attention.forward
+
+    def spy(self, x, state=None, *, reset=None, update=True):
+        if self.layer_idx == 0:
+            seen.append(current_step())
+            add_metric("hist", torch.tensor([1.0, 2.0, 3.0]))
+        return orig(self, x, state, reset=reset, update=update)
+
+    monkeypatch.setattr(attention.Attention, "forward", spy)
+    cfg = memlm.preset("transformer-debug")
+    cfg.train = cfg.train.replace(steps=3, eval_every=0, sample_every=0, save_every=0, tensorboard=False)
+    ids = torch.randint(0, 64, (2, 17))
+    batch = Batch(input_ids=ids[:, :-1], labels=ids[:, 1:], reset=torch.zeros(2, 16, dtype=torch.bool))
+    tr = Trainer(cfg, out_dir=tmp_path, data=iter([batch] * 5), val_data=[], log=lambda s: None)
+    outs = [tr.train_step(batch) for _ in range(3)]
+    assert seen == [0, 1, 2]
+    assert outs[-1]["mixer/hist"] == [1.0, 2.0, 3.0]
