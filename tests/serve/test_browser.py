@@ -64,7 +64,8 @@ def test_web_chat_in_headless_chromium(tmp_path, live_server):
             expect(page.locator("#stats")).to_contain_text("turns")
             stats = page.inner_text("#stats")
             assert "persistent" in stats or "session" in stats
-            assert page.locator("#layers tbody tr").count() == 2  # one row per layer of the debug model
+            expect(page.locator("#layers tbody tr")).to_have_count(2)  # one row per layer of the debug model (polled:
+            # the stats text and the layer table are filled by the same refresh but may render a moment apart)
             # learning toggle goes to the server and back into the panel
             page.click("#learning")
             expect(page.locator("#stats")).to_contain_text("off")
