@@ -338,7 +338,8 @@ class Trainer:
                 try:
                     self._val_batches = list(islice(iter(self._val_source), self.t.eval_batches))
                 except UserError as e:
-                    self.log(f"warning: no validation data ({e}); skipping validation")
+                    self.log(f"warning: no validation data ({e}); skipping validation — hold out more often with "
+                             f"--set train.val_every_doc=N (now {self.t.val_every_doc}) or give train.val_data")
         return self._val_batches
 
     @torch.no_grad()
