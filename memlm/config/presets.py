@@ -70,7 +70,7 @@ def _load_all() -> None:
 
 def _debug_train(**kw) -> TrainConfig:
     base = dict(seq_len=128, batch_size=8, steps=200, lr=3e-3, warmup=20, eval_every=50, eval_batches=4,
-                sample_every=100, save_every=100)
+                sample_every=100, save_every=100, val_every_doc=10)  # small corpora (49 books) still hold some out
     return TrainConfig(**(base | kw))
 
 
