@@ -159,6 +159,15 @@ def param_groups(model: nn.Module, *, weight_decay: float, lr_scales: dict[str, 
 
 # ----------------------------------------------------------------------------------------------------------
 # Lion
+
+def _run_closure(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """The optimizer-step closure protocol: re-evaluate the loss with gradients enabled, if a closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 # ----------------------------------------------------------------------------------------------------------
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
@@ -176,10 +185,7 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         for group in self.param_groups:
             lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
             for p in group["params"]:
@@ -225,10 +231,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -282,10 +285,7 @@ class M3(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         for group in self.param_groups:
             lr, (b1, b2), wd, eps = group["lr"], group["betas"], group["weight_decay"], group["eps"]
             for p in group["params"]:
@@ -353,10 +353,7 @@ class MultiOptimizer:
         return self.optimizers[0].defaults
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         for opt in self.optimizers:
             opt.step()
         return loss
