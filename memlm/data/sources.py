@@ -513,6 +513,15 @@ class DocumentSource:
                 yield doc
 
 
+def merged_stats(sources: list[Any]) -> SourceStats:
+    """The skip/count statistics of several sources added together (sources without stats contribute nothing)."""
+    out = SourceStats()
+    for s in sources:
+        if isinstance(getattr(s, "stats", None), SourceStats):
+            out = out.merge(s.stats)
+    return out
+
+
 class Mixture:
     """Deterministic weighted interleaving of re-iterable document sources.
 
@@ -542,11 +551,7 @@ class Mixture:
 
     @property
     def stats(self) -> SourceStats:
-        out = SourceStats()
-        for s in self.sources:
-            if isinstance(getattr(s, "stats", None), SourceStats):
-                out = out.merge(s.stats)
-        return out
+        return merged_stats(self.sources)
 
     def __iter__(self) -> Iterator[Document]:
         rng = random.Random(self.seed)
@@ -639,11 +644,7 @@ class Concat:
 
     @property
     def stats(self) -> SourceStats:
-        out = SourceStats()
-        for s in self.sources:
-            if isinstance(getattr(s, "stats", None), SourceStats):
-                out = out.merge(s.stats)
-        return out
+        return merged_stats(self.sources)
 
     def __iter__(self) -> Iterator[Document]:
         for s in self.sources:
