@@ -12,6 +12,7 @@ Notation: none.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -62,8 +63,7 @@ def test_web_chat_in_headless_chromium(tmp_path, live_server):
             # (waits use expect(), which polls from outside: the page's CSP forbids eval, so wait_for_function
             # with a JS string would be refused — which also shows the CSP is enforced)
             expect(page.locator("#stats")).to_contain_text("turns")
-            stats = page.inner_text("#stats")
-            assert "persistent" in stats or "session" in stats
+            expect(page.locator("#stats")).to_contain_text(re.compile("persistent|session"))  # polled, like all waits
             expect(page.locator("#layers tbody tr")).to_have_count(2)  # one row per layer of the debug model (polled:
             # the stats text and the layer table are filled by the same refresh but may render a moment apart)
             # learning toggle goes to the server and back into the panel

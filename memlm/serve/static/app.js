@@ -89,13 +89,22 @@ async function createSession(id) {
 
 function fmtBytes(n) { return n < 1024 ? n + " B" : n < 1 << 20 ? (n / 1024).toFixed(1) + " KiB" : (n / (1 << 20)).toFixed(2) + " MiB"; }
 
+let statsEpoch = 0;  // refreshes can overlap (a reply ends while a setting is saved): only the newest one paints
+
 async function refreshStats() {
-  ui.stats.replaceChildren();
-  ui.layers.replaceChildren();
-  if (!current) return;
+  const epoch = ++statsEpoch;
+  // build both panels off-screen and swap them in at once, so the panel is never seen empty or half filled
+  const dl = [], rowsOut = [];
+  const paint = () => { if (epoch === statsEpoch) { ui.stats.replaceChildren(...dl); ui.layers.replaceChildren(...rowsOut); } };
+  if (!current) { paint(); return; }
   const r = await api(`/v1/sessions/${encodeURIComponent(current)}`);
-  if (!r.ok) { ui.stats.append(dtdd("state", r.status === 404 ? "empty (no turns yet)" : await errorText(r))); return; }
+  if (!r.ok) {
+    dl.push(...dtdd("state", r.status === 404 ? "empty (no turns yet)" : await errorText(r)));
+    paint();
+    return;
+  }
   const s = await r.json();
+  if (epoch !== statsEpoch) return;
   ui.stats.dataset.turns = String(s.turns);
   ui.mode.value = s.mode;
   ui.learning.checked = s.learning;
@@ -105,7 +114,7 @@ async function refreshStats() {
   if (s.controller) rows.push(["controller", `target ${s.controller.target} · T ${s.controller.temperature} · ` +
     `k ${s.controller.top_k} · μ ${s.controller.mu} · exit θ ${s.controller.exit_threshold}`]);
   if (s.cms) rows.push(["CMS deltas", `${s.cms.deltas} tensors · ‖δ‖ ${s.cms.delta_norm} · buffer ${s.cms.buffer}`]);
-  for (const [k, v] of rows) ui.stats.append(...dtdd(k, String(v)));
+  for (const [k, v] of rows) dl.push(...dtdd(k, String(v)));
   for (const l of s.layers) {
     const tr = document.createElement("tr");
     const norm = Object.values(l.norms).reduce((a, b) => Math.max(a, b), 0);
@@ -113,8 +122,9 @@ async function refreshStats() {
       const td = document.createElement("td"); td.textContent = v; if (cls) td.className = cls; tr.appendChild(td);
     }
     tr.title = Object.entries(l.norms).map(([k, v]) => `${k}: ${v}`).join("\n");
-    ui.layers.appendChild(tr);
+    rowsOut.push(tr);
   }
+  paint();
 }
 
 function dtdd(k, v) {
