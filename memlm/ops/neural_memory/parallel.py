@@ -10,6 +10,7 @@ Notation:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as Fn
@@ -17,7 +18,8 @@ from torch import Tensor
 
 from .common import NeuralMemoryState, Pending, check_args, compute_dtype, features, newton_schulz5
 
-__all__ = ["neural_memory", "omega_grad", "memory_read"]
+__all__ = ["Prelude", "Stream", "chunk_gates", "finish", "memory_read", "neural_memory", "omega_grad", "prepare",
+           "read_only", "stream"]
 
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -71,6 +73,134 @@ def _bh(x: Tensor) -> Tensor:
     return x.movedim(2, 1).contiguous()
 
 
+class Prelude(NamedTuple):
+    """One call's inputs checked and cast to the compute dtype dt (shared by every backend of the op).
+
+    W1, W2, S1, S2 [B, H, ...] in dt; W1i [B, H, E, F], W2i [B, H, Dv, E] the expanded W_init (None if not given);
+    qf [B, H, T, F] query features, qraw [B, H, T, Dv] raw queries (the residual; None when Dk != Dv);
+    reset [B, T] bool (all False when not given); pending with defaults filled in.
+    """
+
+    c: int
+    C: int
+    dt: torch.dtype
+    out_dtype: torch.dtype
+    residual: bool
+    poly: bool
+    W1: Tensor
+    W2: Tensor
+    S1: Tensor
+    S2: Tensor
+    W1i: Tensor | None
+    W2i: Tensor | None
+    qf: Tensor
+    qraw: Tensor | None
+    reset: Tensor
+    pending: Pending
+
+
+class Stream(NamedTuple):
+    """The stream of one call = pending tokens (already read) + its T tokens; chunk j is stream[jC : jC + C].
+
+    p pending tokens, L = p + T, n_full complete chunks, n_chunks = ceil(L / C). Sequence-first [B, L, H, ·]:
+    ks, vs, gs, es, ts, als (γ η θ α), rs [B, L] (bool). Head-first [B, H, L, ·]: kf (φ of the keys), kraw (raw
+    keys, the residual; None when Dk != Dv), vb, and the gates gb, eb, tb, ab [B, H, L]. any_reset: a reset lies in
+    the stream; then after, valid [B, n_chunks, C] and has [B, n_chunks] (see _reset_masks), else None.
+    """
+
+    p: int
+    L: int
+    n_full: int
+    n_chunks: int
+    ks: Tensor
+    vs: Tensor
+    gs: Tensor
+    es: Tensor
+    ts: Tensor
+    als: Tensor
+    rs: Tensor
+    kf: Tensor
+    kraw: Tensor | None
+    vb: Tensor
+    gb: Tensor
+    eb: Tensor
+    tb: Tensor
+    ab: Tensor
+    any_reset: bool
+    after: Tensor | None
+    valid: Tensor | None
+    has: Tensor | None
+
+
+def prepare(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor, W1: Tensor,
+            W2: Tensor, S1: Tensor | None, S2: Tensor | None, pending: Pending | None, chunk_size: int,
+            window: int | None, optimizer: str, poly: bool, reset: Tensor | None, W1_init: Tensor | None,
+            W2_init: Tensor | None) -> Prelude:
+    """Check the arguments of `neural_memory` and cast them (the part of a call before any chunk is touched)."""
+    c, S1, S2, pending = check_args(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size,
+                                    window, optimizer, poly, reset, W1_init, W2_init)
+    B, T, H, Dk = q.shape
+    dt = compute_dtype(q, k, v, W1)
+    residual = Dk == v.shape[-1]
+    W1i = W2i = None
+    if W1_init is not None:
+        W1i, W2i = W1_init.to(dt).expand(B, *W1_init.shape), W2_init.to(dt).expand(B, *W2_init.shape)
+    qd = q.to(dt)
+    reset = torch.zeros(B, T, dtype=torch.bool, device=q.device) if reset is None else reset
+    return Prelude(c, chunk_size, dt, q.dtype, residual, poly, W1.to(dt), W2.to(dt), S1.to(dt), S2.to(dt), W1i, W2i,
+                   _bh(features(qd, poly)), _bh(qd) if residual else None, reset, pending)
+
+
+def read_only(pre: Prelude) -> tuple[Tensor, NeuralMemoryState]:
+    """update=False: every token reads the current W (W_init after a reset, pending resets included)."""
+    o = memory_read(pre.W1, pre.W2, pre.qf, pre.qraw)
+    after = (pre.pending.reset.any(1, keepdim=True) | (pre.reset.cumsum(1) > 0))  # [B, T]
+    if bool(after.any()):
+        o = torch.where(after[:, None, :, None], memory_read(pre.W1i, pre.W2i, pre.qf, pre.qraw), o)
+    return o.movedim(1, 2).to(pre.out_dtype), NeuralMemoryState(pre.W1, pre.W2, pre.S1, pre.S2, pre.pending)
+
+
+def stream(pre: Prelude, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor) -> Stream:
+    """Prepend the pending tokens to this call's and lay the stream out for the chunk loop (see Stream)."""
+    dt, C, pending = pre.dt, pre.C, pre.pending
+    p = pending.length
+    L = p + k.shape[1]
+    cat = (lambda old, new: torch.cat([old.to(new.dtype), new], dim=1))
+    ks, vs = cat(pending.k, k.to(dt)), cat(pending.v, v.to(dt))
+    gs, es, ts, als = (cat(getattr(pending, n), x.to(dt)) for n, x in
+                       (("gamma", gamma), ("eta", eta), ("theta", theta), ("alpha", alpha)))
+    rs = torch.cat([pending.reset, pre.reset], dim=1)
+    n_full, n_chunks = L // C, -(-L // C)
+    any_reset = bool(rs.any())
+    after, valid, has = _reset_masks(rs, n_chunks, C) if any_reset else (None, None, None)
+    return Stream(p, L, n_full, n_chunks, ks, vs, gs, es, ts, als, rs, _bh(features(ks, pre.poly)),
+                  _bh(ks) if pre.residual else None, _bh(vs), _bh(gs), _bh(es), _bh(ts), _bh(als), any_reset,
+                  after, valid, has)
+
+
+def chunk_gates(st: Stream, C: int, c: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per complete chunk j: window weights w [B, H, n_full, c] (γ, zero before the chunk's last reset) and the
+    optimizer gates η, θ, α [B, H, n_full] (means over the chunk's tokens from its last reset on)."""
+    n = st.n_full
+    B, H = st.gb.shape[:2]
+    g, e, t, a = (x[..., :n * C].reshape(B, H, n, C) for x in (st.gb, st.eb, st.tb, st.ab))
+    w = g[..., C - c:]
+    if not st.any_reset:
+        return w, e.mean(-1), t.mean(-1), a.mean(-1)
+    m = st.valid[:, None, :n].to(g.dtype)                                       # [B, 1, n, C]
+    cnt = m.sum(-1)
+    return (w * m[..., C - c:], *((x * m).sum(-1) / cnt for x in (e, t, a)))
+
+
+def finish(o: Tensor, pre: Prelude, st: Stream, W1: Tensor, W2: Tensor, S1: Tensor, S2: Tensor
+           ) -> tuple[Tensor, NeuralMemoryState]:
+    """o [B, H, T, Dv] -> (o [B, T, H, Dv] in the output dtype, the state with the new pending buffer)."""
+    rest = slice(st.n_full * pre.C, st.L)
+    # clone: a slice would keep the whole stream's storage alive inside the carried state
+    new_pending = Pending(*(x[:, rest].clone() for x in (st.ks, st.vs, st.gs, st.es, st.ts, st.als, st.rs)))
+    return o.movedim(1, 2).to(pre.out_dtype), NeuralMemoryState(W1, W2, S1, S2, new_pending)
+
+
 def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
                   W1: Tensor, W2: Tensor, S1: Tensor | None = None, S2: Tensor | None = None, *,
                   pending: Pending | None = None, chunk_size: int = 64, window: int | None = None,
@@ -98,83 +228,42 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
     Returns:
       o [B, T, H, Dv] (dtype of q) and NeuralMemoryState(W1, W2, S1, S2, pending) in float32 (float64 if given).
     """
-    c, S1, S2, pending = check_args(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size,
-                                    window, optimizer, poly, reset, W1_init, W2_init)
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    C = chunk_size
-    dt = compute_dtype(q, k, v, W1)
-    out_dtype = q.dtype
-    residual = Dk == Dv
-    W1, W2, S1, S2 = W1.to(dt), W2.to(dt), S1.to(dt), S2.to(dt)
-    if W1_init is not None:
-        W1i, W2i = W1_init.to(dt).expand(B, *W1_init.shape), W2_init.to(dt).expand(B, *W2_init.shape)
-    qd = q.to(dt)
-    qf = _bh(features(qd, poly))
-    qraw = _bh(qd) if residual else None
-    reset_cur = torch.zeros(B, T, dtype=torch.bool, device=q.device) if reset is None else reset
-
+    pre = prepare(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size, window, optimizer, poly,
+                  reset, W1_init, W2_init)
     if not update:
-        o = memory_read(W1, W2, qf, qraw)
-        after = (pending.reset.any(1, keepdim=True) | (reset_cur.cumsum(1) > 0))  # [B, T]
-        if bool(after.any()):
-            o = torch.where(after[:, None, :, None], memory_read(W1i, W2i, qf, qraw), o)
-        return o.movedim(1, 2).to(out_dtype), NeuralMemoryState(W1, W2, S1, S2, pending)
-
-    # The stream = pending tokens (already read) followed by this call's tokens; chunk j is stream[jC : jC + C].
-    p = pending.length
-    L = p + T
-    cat = (lambda old, new: torch.cat([old.to(new.dtype), new], dim=1))
-    ks, vs = cat(pending.k, k.to(dt)), cat(pending.v, v.to(dt))
-    gs, es, ts, als = (cat(getattr(pending, n), x.to(dt)) for n, x in
-                       (("gamma", gamma), ("eta", eta), ("theta", theta), ("alpha", alpha)))
-    rs = torch.cat([pending.reset, reset_cur], dim=1)
-    n_full, n_chunks = L // C, -(-L // C)
-    any_reset = bool(rs.any())
-    if any_reset:
-        after, valid, has = _reset_masks(rs, n_chunks, C)
-    kf, kraw, vb = _bh(features(ks, poly)), (_bh(ks) if residual else None), _bh(vs)
-    gb, eb, tb, ab = _bh(gs), _bh(es), _bh(ts), _bh(als)      # [B, H, L]
-
+        return read_only(pre)
+    st = stream(pre, k, v, gamma, eta, theta, alpha)
+    C, c, p, L = pre.C, pre.c, st.p, st.L
+    qf, qraw, W1i, W2i = pre.qf, pre.qraw, pre.W1i, pre.W2i
+    W1, W2, S1, S2 = pre.W1, pre.W2, pre.S1, pre.S2
+    gw, ge, gt, ga = chunk_gates(st, C, c)
     outs = []
-    for j in range(n_chunks):
+    for j in range(st.n_chunks):
         s0, s1 = j * C, min(j * C + C, L)
         r0 = max(s0, p)
         if r0 < s1:  # this call's tokens in chunk j read W_j (W_init after a reset in the chunk)
             sl = slice(r0 - p, s1 - p)
             o_j = memory_read(W1, W2, qf[:, :, sl], None if qraw is None else qraw[:, :, sl])
-            if any_reset:
-                ar = after[:, j, r0 - s0:s1 - s0]
+            if st.any_reset:
+                ar = st.after[:, j, r0 - s0:s1 - s0]
                 if bool(ar.any()):
                     o_init = memory_read(W1i, W2i, qf[:, :, sl], None if qraw is None else qraw[:, :, sl])
                     o_j = torch.where(ar[:, None, :, None], o_init, o_j)
             outs.append(o_j)
         if s1 - s0 < C:
             break  # incomplete last chunk: buffered, not written
-        w = gb[..., s1 - c:s1]
-        e_j, t_j, a_j = eb[..., s0:s1], tb[..., s0:s1], ab[..., s0:s1]
         W1s, W2s, S1s, S2s = W1, W2, S1, S2
-        if any_reset and bool(has[:, j].any()):
-            m = valid[:, j, :].to(dt)[:, None, :]                                   # [B, 1, C]
-            w = w * m[..., C - c:]
-            cnt = m.sum(-1)
-            e_j, t_j, a_j = ((x * m).sum(-1) / cnt for x in (e_j, t_j, a_j))     # [B, H]
-            h = has[:, j, None, None, None]
+        if st.any_reset and bool(st.has[:, j].any()):  # the write starts from (W_init, 0) in rows with a reset
+            h = st.has[:, j, None, None, None]
             W1s, W2s = torch.where(h, W1i, W1), torch.where(h, W2i, W2)
             S1s, S2s = S1.masked_fill(h, 0.0), S2.masked_fill(h, 0.0)
-        else:
-            e_j, t_j, a_j = e_j.mean(-1), t_j.mean(-1), a_j.mean(-1)
         win = slice(s1 - c, s1)
-        G1, G2 = omega_grad(W1s, W2s, kf[:, :, win], None if kraw is None else kraw[:, :, win], vb[:, :, win], w)
-        e_j, t_j, a_j = e_j[..., None, None], t_j[..., None, None], a_j[..., None, None]
+        G1, G2 = omega_grad(W1s, W2s, st.kf[:, :, win], None if st.kraw is None else st.kraw[:, :, win],
+                            st.vb[:, :, win], gw[:, :, j])
+        e_j, t_j, a_j = ge[:, :, j, None, None], gt[:, :, j, None, None], ga[:, :, j, None, None]
         S1 = e_j * S1s - t_j * G1
         S2 = e_j * S2s - t_j * G2
         U1, U2 = (newton_schulz5(S1), newton_schulz5(S2)) if optimizer == "muon" else (S1, S2)
         W1 = (1 - a_j) * W1s + U1
         W2 = (1 - a_j) * W2s + U2
-
-    o = torch.cat(outs, dim=2).movedim(1, 2).to(out_dtype)
-    rest = slice(n_full * C, L)
-    # clone: a slice would keep the whole stream's storage alive inside the carried state
-    new_pending = Pending(*(x[:, rest].clone() for x in (ks, vs, gs, es, ts, als, rs)))
-    return o, NeuralMemoryState(W1, W2, S1, S2, new_pending)
+    return finish(torch.cat(outs, dim=2), pre, st, W1, W2, S1, S2)
