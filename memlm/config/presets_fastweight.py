@@ -48,32 +48,36 @@ def _gated_deltanet_34m() -> RunConfig:
 
 def onyx(d: int, n_layers: int, heads: int, kv_heads: int, d_ff: int, vocab: int, *, read: str = "attention",
          chunk: int = 64, head_dim: int = 64) -> ModelConfig:
-    """Onyx (SPEC.md): HOPE mixers (Hope attention by default) with GQA, RoPE base 5e5, RMSNorm, SwiGLU, tied."""
+    """Onyx (SPEC.md): HOPE mixers (Hope attention by default) with GQA, RoPE base 5e5, RMSNorm, tied embeddings,
+    and CMS feed-forwards (the seed's "CMS FFN": three SwiGLU levels, each d_ff wide, updated every 1 / 4 / 16
+    optimizer steps with their summed gradients)."""
     layers = [HopeConfig(read=read, n_kv_heads=kv_heads, head_dim=head_dim, chunk_size=chunk) for _ in range(n_layers)]
-    return ModelConfig(vocab_size=vocab, d_model=d, n_heads=heads, layers=layers, norm="rmsnorm", mlp="swiglu",
-                       d_ff=d_ff, position="rope", rope_base=5e5, max_seq_len=4096, tie_embeddings=True)
+    return ModelConfig(vocab_size=vocab, d_model=d, n_heads=heads, layers=layers, norm="rmsnorm", mlp="cms",
+                       cms_levels=[1, 4, 16], d_ff=d_ff, position="rope", rope_base=5e5,
+                       max_seq_len=4096, tie_embeddings=True)
 
 
 def _onyx_train(**kw) -> TrainConfig:
     return _gpu_train(**({"optimizer": "m3", "seq_len": 4096, "batch_size": 8} | kw))
 
 
-@register_preset("onyx-11m", "onyx", "Onyx: 6 HOPE-attention layers, d384, 6 query / 2 KV heads of 64, d_ff 1024, "
-                 "context 4096, vocab 16384 — 9,250,200 non-embedding parameters (15,541,656 in all)")
+@register_preset("onyx-11m", "onyx", "Onyx: 6 HOPE-attention layers, d384, 6 query / 2 KV heads of 64, CMS "
+                 "feed-forwards of 3 × 432 (periods 1/4/16), context 4096, vocab 16384 — 11,130,264 non-embedding "
+                 "parameters (17,421,720 in all)")
 def _onyx_11m() -> RunConfig:
-    return RunConfig(model=onyx(384, 6, 6, 2, 1024, 16384), train=_onyx_train())
+    return RunConfig(model=onyx(384, 6, 6, 2, 432, 16384), train=_onyx_train())
 
 
-@register_preset("onyx-16m", "onyx", "Onyx growth target: d384, 8 layers, d_ff 1408 — 15,872,416 non-embedding "
-                 "parameters (22,163,872 in all)")
+@register_preset("onyx-16m", "onyx", "Onyx growth target: d384, 8 layers, CMS 3 × 480 — 16,167,328 "
+                 "non-embedding parameters (22,458,784 in all)")
 def _onyx_16m() -> RunConfig:
-    return RunConfig(model=onyx(384, 8, 6, 2, 1408, 16384), train=_onyx_train())
+    return RunConfig(model=onyx(384, 8, 6, 2, 480, 16384), train=_onyx_train())
 
 
-@register_preset("onyx-24m", "onyx", "Onyx growth target: d512, 8 layers, 8 query / 2 KV heads, d_ff 1600 — "
-                 "24,525,344 non-embedding parameters (32,913,952 in all)")
+@register_preset("onyx-24m", "onyx", "Onyx growth target: d512, 8 layers, 8 query / 2 KV heads, CMS 3 × 512 — "
+                 "23,738,912 non-embedding parameters (32,127,520 in all)")
 def _onyx_24m() -> RunConfig:
-    return RunConfig(model=onyx(512, 8, 8, 2, 1600, 16384), train=_onyx_train())
+    return RunConfig(model=onyx(512, 8, 8, 2, 512, 16384), train=_onyx_train())
 
 
 @register_preset("onyx-debug", "onyx", "Onyx (HOPE attention, GQA 4/2), debug size")

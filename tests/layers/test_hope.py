@@ -142,8 +142,11 @@ def test_config_validation():
 
 def test_onyx_presets():
     cfg = memlm.preset("onyx-11m").model
-    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.rope_base, cfg.norm) == (384, 6, 6, 1024, 5e5,
-                                                                                          "rmsnorm")
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.rope_base, cfg.norm) == (384, 6, 6, 5e5, "rmsnorm")
+    # the seed's CMS FFN: three levels at update periods 1 / 4 / 16, sized so the model is ~11M without embeddings
+    assert (cfg.mlp, cfg.cms_levels, cfg.d_ff) == ("cms", [1, 4, 16], 432)
+    n = sum(p.numel() for p in memlm.build_model(cfg).parameters()) - cfg.vocab_size * cfg.d_model
+    assert 10.5e6 < n < 11.5e6
     assert cfg.tie_embeddings and cfg.max_seq_len == 4096
     assert all(lc.kind == "hope" and lc.read == "attention" and lc.n_kv_heads == 2 and lc.head_dim == 64
                for lc in cfg.layers)
