@@ -22,6 +22,7 @@ from memlm.config.base import check_choice
 from memlm.layers.base import LayerState, Mixer, MixerConfig, register_mixer, stream_positions
 from memlm.layers.norm import RMSNorm
 from memlm.layers.rotary import Rotary
+from memlm.layers.static import in_static_decode
 
 
 @dataclass(kw_only=True)
@@ -118,9 +119,12 @@ class AttentionCore(nn.Module):
         abs_pos, doc_tok = stream_positions(state.pos, state.doc_start, reset, T)
         if self.rotary is not None:
             q, k = self.rotary(q, k, abs_pos - doc_tok)
-        o = self._attend(q, k, v, state, abs_pos, doc_tok, reset)
+        if update and in_static_decode():
+            o, new_state = self._static_step(q, k, v, state, abs_pos, doc_tok)
+        else:
+            o = self._attend(q, k, v, state, abs_pos, doc_tok, reset)
+            new_state = self._write(state, k, v, abs_pos, doc_tok) if update else state
         o = o.transpose(1, 2).reshape(B, T, self.hq * self.dh)
-        new_state = self._write(state, k, v, abs_pos, doc_tok) if update else state
         return self.o_proj(o), new_state
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, state: KVState, abs_pos: Tensor, doc_tok: Tensor,
@@ -165,6 +169,65 @@ class AttentionCore(nn.Module):
                        kpos=state.kpos.scatter(1, slot, p_new), pos=new_pos, doc_start=new_doc)
 
 
+    # ------------------------------------------------------------------------------ static decode (layers/static.py)
+    def static_kv(self, state: KVState, max_len: int) -> KVState:
+        """A copy of ``state`` in static layout: full attention gets a buffer of ``max_len`` slots (the token at stream
+        position p in slot p, empty slots kpos = −1); a window keeps its ring of W slots."""
+        if self.window is not None:
+            return state.map(torch.clone)
+        B, _, L, _ = state.k.shape
+        top = int(state.kpos.max()) + 1 if L else 0
+        if top > max_len:
+            raise ValueError(f"static KV buffer of {max_len} slots cannot hold position {top - 1}")
+        # one extra dump slot (dropped below) receives the empty source slots
+        k = state.k.new_zeros(B, self.hk, max_len + 1, self.dh)
+        v = torch.zeros_like(k)
+        kpos = state.kpos.new_full((B, max_len + 1), -1)
+        if L:
+            ok = state.kpos >= 0
+            slot = torch.where(ok, state.kpos, max_len)   # slot = position
+            idx = slot[:, None, :, None].expand(-1, self.hk, -1, self.dh)
+            k.scatter_(2, idx, state.k.to(k.dtype))
+            v.scatter_(2, idx, state.v.to(v.dtype))
+            kpos.scatter_(1, slot, state.kpos)
+        return KVState(k=k[:, :, :max_len].contiguous(), v=v[:, :, :max_len].contiguous(),
+                       kpos=kpos[:, :max_len].contiguous(), pos=state.pos.clone(), doc_start=state.doc_start.clone())
+
+    def compact_kv(self, state: KVState) -> KVState:
+        """Static layout -> dynamic: a full-attention buffer is cut after the last written slot."""
+        if self.window is not None or state.k.shape[2] == 0:
+            return state
+        n = int(state.kpos.max()) + 1
+        return KVState(k=state.k[:, :, :n].clone(), v=state.v[:, :, :n].clone(), kpos=state.kpos[:, :n].clone(),
+                       pos=state.pos, doc_start=state.doc_start)
+
+    def _static_step(self, q: Tensor, k: Tensor, v: Tensor, state: KVState, abs_pos: Tensor, doc_tok: Tensor
+                     ) -> tuple[Tensor, KVState]:
+        """Write k, v into the buffer in place at their slots (stream position, mod W for a ring), then attend over the
+        buffer alone: no concatenation, so one step costs no copy of the cache and has fixed shapes. For a ring this
+        needs T = 1 (a longer write could overwrite keys that earlier queries of the call still see)."""
+        T, L = q.shape[2], state.k.shape[2]
+        if self.window is not None and T > 1:
+            raise ValueError(f"static decode feeds one token per step; got {T} with a sliding window")
+        slot = abs_pos % L if self.window is not None else abs_pos   # full buffer: out of range is an error
+        idx = slot[:, None, :, None].expand(-1, self.hk, -1, self.dh)
+        state.k.scatter_(2, idx, k.to(state.k.dtype))
+        state.v.scatter_(2, idx, v.to(state.v.dtype))
+        state.kpos.scatter_(1, slot, abs_pos)
+        keys, vals, kp = state.k.to(q.dtype), state.v.to(q.dtype), state.kpos[:, None, :]
+        qp = abs_pos[:, :, None]
+        mask = (kp >= 0) & (kp <= qp) & (kp >= doc_tok[:, :, None])   # the masks of _attend, by position
+        if self.window is not None:
+            mask &= qp - kp < self.window
+        if self.persist_k is not None:
+            B, n = q.shape[0], self.persist_k.shape[1]
+            keys = torch.cat([self.persist_k.to(keys.dtype).expand(B, -1, -1, -1), keys], dim=2)
+            vals = torch.cat([self.persist_v.to(vals.dtype).expand(B, -1, -1, -1), vals], dim=2)
+            mask = torch.cat([mask.new_ones(B, T, n), mask], dim=2)
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None], enable_gqa=self.hq != self.hk)
+        return o, KVState(k=state.k, v=state.v, kpos=state.kpos, pos=state.pos + T, doc_start=doc_tok[:, -1])
+
+
 def core_from_config(cfg: AttentionConfig, model_cfg) -> AttentionCore:
     """Build an AttentionCore with the model's defaults filled in (used by attention-based mixers)."""
     hq = cfg.n_heads or model_cfg.n_heads
@@ -184,9 +247,17 @@ class Attention(Mixer):
         super().__init__(cfg, model_cfg, layer_idx)
         self.core = core_from_config(cfg, model_cfg)
 
+    static_decode = True
+
     def init_state(self, batch_size: int, *, device=None) -> KVState:
         p = self.core.o_proj.weight
         return self.core.init_state(batch_size, device or p.device, p.dtype)
+
+    def static_state(self, state: KVState, max_len: int) -> KVState:
+        return self.core.static_kv(state, max_len)
+
+    def compact_state(self, state: KVState) -> KVState:
+        return self.core.compact_kv(state)
 
     def forward(self, x: Tensor, state: KVState | None = None, *, reset: Tensor | None = None,
                 update: bool = True) -> tuple[Tensor, KVState]:

@@ -102,6 +102,7 @@ class Compressive(Mixer):
     """Infini-attention: segment-local causal softmax attention plus a per-sequence compressive memory."""
 
     custom_init = True
+    static_decode = True  # T = 1 keeps every state shape and never syncs (layers/static.py)
 
     def __init__(self, cfg: CompressiveConfig, model_cfg, layer_idx: int) -> None:
         super().__init__(cfg, model_cfg, layer_idx)

@@ -50,6 +50,7 @@ class ConvMixer(Mixer):
     """Gated causal depthwise conv mixer x [B, T, D] -> [B, T, D]."""
 
     custom_init = True
+    static_decode = True  # T = 1 keeps every state shape and never syncs (layers/static.py)
 
     def __init__(self, cfg: ConvConfig, model_cfg, layer_idx: int) -> None:
         super().__init__(cfg, model_cfg, layer_idx)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from memlm.layers.base import LayerState, Mixer, MixerConfig, register_mixer
 from memlm.layers.norm import RMSNorm
 from memlm.layers.shortconv import ShortConv
-from memlm.ops.delta_rule import delta_rule
+from memlm.ops.delta_rule import delta_rule, delta_rule_step
 
 
 @dataclass(kw_only=True)
@@ -66,6 +66,7 @@ class DeltaNet(Mixer):
 
     gated = False
     custom_init = True
+    static_decode = True  # T = 1 keeps every state shape and never syncs (layers/static.py)
 
     def __init__(self, cfg: DeltaNetConfig, model_cfg, layer_idx: int) -> None:
         super().__init__(cfg, model_cfg, layer_idx)
@@ -124,9 +125,13 @@ class DeltaNet(Mixer):
         g = None
         if self.gated:
             g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        o, S = delta_rule(q, k, v, beta.to(q.dtype), None if g is None else g.to(q.dtype), initial_state=state.S,
-                          reset=reset, chunk_size=self.cfg.chunk_size, scale=self.dk ** -0.5,
-                          backend=self.cfg.backend)
+        g = None if g is None else g.to(q.dtype)
+        if T == 1 and self.cfg.backend is None:
+            # decode: the recurrence once (a handful of kernels), not the chunked machinery on a chunk of one
+            o, S = delta_rule_step(q, k, v, beta.to(q.dtype), g, state.S, reset, scale=self.dk ** -0.5)
+        else:
+            o, S = delta_rule(q, k, v, beta.to(q.dtype), g, initial_state=state.S, reset=reset,
+                              chunk_size=self.cfg.chunk_size, scale=self.dk ** -0.5, backend=self.cfg.backend)
         o = self.o_norm(o)
         if self.g_proj is not None:
             o = o * F.silu(self.g_proj(x)).view(B, T, self.h, self.dv)

@@ -25,6 +25,7 @@ attention read only).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from memlm.layers.attention import AttentionConfig, KVState, core_from_config
 from memlm.layers.base import LayerState, Mixer, MixerConfig, register_mixer
 from memlm.layers.norm import RMSNorm
 from memlm.layers.shortconv import ShortConv
+from memlm.layers.static import in_static_decode
 from memlm.ops.compressive.segments import ChunkLayout, chunk_layout, gather_chunks, gather_tokens, pending_tail
 from memlm.ops.delta_rule import delta_rule
 
@@ -108,6 +110,7 @@ class Hope(Mixer):
     """Self-modifying matrix memories with delta-gradient-descent updates; x [B, T, D] -> [B, T, D]."""
 
     custom_init = True
+    static_decode = True  # T = 1 keeps every state shape and never syncs (layers/static.py)
 
     def __init__(self, cfg: HopeConfig, model_cfg, layer_idx: int) -> None:
         super().__init__(cfg, model_cfg, layer_idx)
@@ -169,6 +172,12 @@ class Hope(Mixer):
         conv = torch.zeros(batch_size, max(self.cfg.conv_size - 1, 0), self.conv_ch, device=device,
                            dtype=self.u_proj.weight.dtype)
         return HopeState(mem=mem, pend=pend, conv=conv, pos=z, doc_start=z.clone(), kv=kv)
+
+    def static_state(self, state: HopeState, max_len: int) -> HopeState:
+        return state if state.kv is None else dataclasses.replace(state, kv=self.core.static_kv(state.kv, max_len))
+
+    def compact_state(self, state: HopeState) -> HopeState:
+        return state if state.kv is None else dataclasses.replace(state, kv=self.core.compact_kv(state.kv))
 
     # --------------------------------------------------------------------------------------------- memory
     def produce(self, M0: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -242,7 +251,8 @@ class Hope(Mixer):
         for n in range(lay.N):
             M0 = torch.where(lay.starts_doc[:, n, None, None, None], init, M)   # a document restarts the memory
             valid = lay.slot_valid[:, n]
-            need_write = qg is not None or bool(lay.complete[:, n].any())
+            # a static step always computes the write (no host sync) and commits it where the chunk completed
+            need_write = qg is not None or in_static_decode() or bool(lay.complete[:, n].any())
             if need_write:
                 M1, read, k, v = self.write(M0, ug[:, n], None if qg is None else qg[:, n], valid)
                 M = torch.where(lay.complete[:, n, None, None, None], M1, M0)   # only complete chunks commit

@@ -69,6 +69,7 @@ class SSM(Mixer):
     """Mamba-2 mixer x [B, T, D] -> [B, T, D] with a (conv cache, SSM state) state."""
 
     custom_init = True
+    static_decode = True  # T = 1 keeps every state shape and never syncs (layers/static.py)
 
     def __init__(self, cfg: SSMConfig, model_cfg, layer_idx: int) -> None:
         super().__init__(cfg, model_cfg, layer_idx)

@@ -6,7 +6,6 @@ one einsum against the pre-segment memories and each write one σ(K)ᵀ V produc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["segment_memory"]
@@ -29,7 +28,8 @@ def segment_memory(sq: Tensor, sk: Tensor, v: Tensor, *, M0: Tensor, z0: Tensor,
         zs.append(z)
         nums.append(torch.einsum("bchk,bhrkv->bchrv", sq[:, n], M))
         dens.append(torch.einsum("bchk,bhrk->bchr", sq[:, n], z))
-        onehot = F.one_hot(write_slot[:, n], R).float()                  # [B, R]
+        # a comparison, not F.one_hot: one_hot validates its input on the host (a sync that breaks CUDA graphs)
+        onehot = (write_slot[:, n, None] == torch.arange(R, device=M.device)).float()   # [B, R]
         k, val = sk[:, n], v[:, n]                                       # [B, C, H, K], [B, C, H, V]
         if delta:
             Mr = torch.einsum("br,bhrkv->bhkv", onehot, M)

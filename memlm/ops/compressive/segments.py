@@ -67,7 +67,9 @@ def chunk_layout(pos: Tensor, doc_start: Tensor, reset: Tensor | None, T: int, C
     slot = rel.remainder(C)
     start = valid & (slot == 0)
     ci = torch.cumsum(start.to(torch.long), dim=1) - 1                   # chunk index, ≥ 0 on valid slots
-    N = max(int(start.sum(1).max().item()), 1)
+    # One new token always lies in exactly one chunk (its pending tokens are that chunk's head): no host sync for
+    # decode steps, whose grid must have a fixed shape (static decode, CUDA graphs).
+    N = 1 if T == 1 else max(int(start.sum(1).max().item()), 1)
     flat = torch.where(valid, ci * C + slot, torch.full_like(ci, N * C))  # N·C is a dump column
     src = torch.arange(P + T, device=dev).expand(B, -1)
     gather_idx = torch.full((B, N * C + 1), P + T, dtype=torch.long, device=dev).scatter(1, flat, src)[:, :-1]
