@@ -42,9 +42,11 @@ from memlm.layers.base import (
 )
 from memlm.layers.norm import RMSNorm
 from memlm.layers.shortconv import ShortConv
+from memlm.layers.static import in_static_decode
 from memlm.ops import dispatch
 from memlm.ops.compressive.segments import chunk_layout, gather_chunks, gather_tokens, pending_tail
 from memlm.ops.neural_memory import feature_dim, memory_read, poly_features
+from memlm.ops.neural_memory.step import decode_step
 
 __all__ = ["MAG", "MAL", "HybridState", "MAGConfig", "MALConfig", "NeuralMemory", "NeuralMemoryConfig",
            "NeuralMemoryLayerState", "polarization_weight"]
@@ -147,6 +149,7 @@ class NeuralMemory(Mixer):
     """MLP fast-weight memory that learns at test time (x [B, T, D] -> y [B, T, D])."""
 
     custom_init = True  # W_init and the gate biases are set by reset_parameters after the generic init (defect 4)
+    static_decode = True
 
     def __init__(self, cfg: NeuralMemoryConfig, model_cfg, layer_idx: int) -> None:
         super().__init__(cfg, model_cfg, layer_idx)
@@ -223,7 +226,14 @@ class NeuralMemory(Mixer):
             state = self.init_state(B, device=x.device)
         q, k, v, gates, conv = self.inputs(x, state.conv, reset)
         W = (state.W1, state.W2, state.S1, state.S2)
-        if not update:  # every token reads the weights of the open chunk (W_init after a reset); nothing is written
+        if T == 1 and in_static_decode():   # fixed shapes, no host sync (layers/static.py; ops/neural_memory/step.py)
+            o, W, pend, pos, doc = decode_step(q, k, v, gates, W, state.pend, state.pos, state.doc_start, reset,
+                                               chunk_size=self.C, window=self.c, optimizer=self.cfg.optimizer,
+                                               poly=self.cfg.poly, W1_init=self.W1_init, W2_init=self.W2_init,
+                                               update=update)
+            new_state = NeuralMemoryLayerState(*W, pend=pend, conv=conv if update else state.conv, pos=pos,
+                                               doc_start=doc)
+        elif not update:  # every token reads the weights of the open chunk (W_init after a reset); nothing is written
             o, _ = self._op(q, k, v, gates, W, reset=reset, update=False)
             new_state = state
         else:
@@ -321,6 +331,14 @@ class _Hybrid(Mixer):
         self.core = core_from_config(acfg, model_cfg)
         on = cfg.memory and not getattr(model_cfg, "memory_off", False)
         self.memory = NeuralMemory(cfg, model_cfg, layer_idx) if on else None
+
+    static_decode = True
+
+    def static_state(self, state: HybridState, max_len: int) -> HybridState:
+        return HybridState(kv=self.core.static_kv(state.kv, max_len), mem=state.mem)
+
+    def compact_state(self, state: HybridState) -> HybridState:
+        return HybridState(kv=self.core.compact_kv(state.kv), mem=state.mem)
 
     def init_state(self, batch_size: int, *, device=None) -> HybridState:
         p = self.core.o_proj.weight
