@@ -1,0 +1,600 @@
+"""Neural memory with the sequential chunk writes in Triton: backend "triton" of op "neural_memory".
+
+Notation as in parallel.py (NOTES.md): per batch·head, chunk j, window of c tokens X = φ(K) [c, F], V [c, Dv],
+w [c] (γ, zero before the chunk's last reset), gates η, θ, α of the chunk; (Ws, Ss) = (W_j, S_j), or (W_init, 0)
+in a row whose chunk j holds a reset;
+  Z = X W1ᵀ, A = gelu(Z), Y = [Kraw] + A W2ᵀ, R = 2 w ⊙ (Y − V), U = R W2, dZ = U ⊙ gelu'(Z)
+  G1 = dZᵀ X [E, F], G2 = Rᵀ A [Dv, E];   S_{j+1} = η Ss − θ G;   W_{j+1} = (1 − α) Ws + NS5(S_{j+1}) or + S_{j+1}.
+
+What runs where. The chunked form spends its time in ~100 small launches per chunk forward (five matmuls and a
+dozen elementwise ops for G, the momentum step, about 70 for the two Newton–Schulz maps) and more backward, plus a
+full-size zero-fill for every per-chunk slice of the stream in the backward. Here one chunk's write is one kernel
+(`_step_fwd`, one program per batch·head, tiles over F), Newton–Schulz one kernel per matrix (`_ns5_fwd`, the Gram
+matrix in registers, X streamed over column tiles from an L2-resident scratch); the backward walks the chunks in
+reverse with the matching `_step_bwd` / `_ns5_bwd` (closed-form second-order terms of the inner gradient,
+Newton–Schulz iterates recomputed). Both are wrapped in one torch.autograd.Function (`_Scan`) per stretch of at
+most MAX_SCAN chunks that returns the stacked weights W_j of every chunk; the reads o_t = M_{W_j}(q_t) of all
+chunks are then one batched PyTorch matmul pair (autograd differentiates them). Everything before the loop
+(stream, features, gate means) is parallel.py's, shared.
+
+Kernel math is float32 with IEEE dots (DOT_PRECISION; no TF32) whatever the input dtype, like the chunked form.
+CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests without a GPU).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as Fn
+from torch import Tensor
+
+from .common import NS5_COEFFS, NS5_EPS, NS5_STEPS, NeuralMemoryState, Pending
+from .parallel import Prelude, Stream, chunk_gates, finish, memory_read, prepare, read_only, stream
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: the backend reports unsupported and is never picked
+    triton = None
+    tl = None
+
+__all__ = ["AVAILABLE", "MAX_DIM", "MAX_SCAN", "interpreting", "neural_memory", "supports"]
+
+AVAILABLE = triton is not None
+MAX_DIM = 128   # window c, hidden E, value width Dv, and min of each Newton–Schulz matrix's sides: register tiles
+MAX_SCAN = 64   # chunks per autograd Function call: bounds the stacked W_j kept for the reads (long prefill)
+DOT_PRECISION = "ieee"
+
+
+def interpreting() -> bool:
+    """True when the kernels may run on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
+             W1: Tensor, W2: Tensor, *_: object, chunk_size: int = 64, window: int | None = None,
+             optimizer: str = "momentum", **__: object) -> bool:
+    """CUDA tensors (or CPU under TRITON_INTERPRET=1), Triton importable, no float64, c, E, Dv ≤ MAX_DIM (and
+    min(E, F) ≤ MAX_DIM for Muon). Malformed shapes are accepted here so that the op's own check names them."""
+    if not AVAILABLE or not (q.is_cuda or (q.device.type == "cpu" and interpreting())):
+        return False
+    if any(t.dtype == torch.float64 for t in (q, k, v, W1)):
+        return False
+    if q.dim() != 4 or v.dim() != 4 or W1.dim() != 4:
+        return True
+    E, F, Dv = W1.shape[2], W1.shape[3], v.shape[-1]
+    c = chunk_size if window is None else window
+    small = E <= MAX_DIM and Dv <= MAX_DIM and isinstance(c, int) and c <= MAX_DIM
+    return small and (optimizer != "muon" or min(E, F) <= MAX_DIM)
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+# Plain functions, made Triton kernels on first use (`_kernels`): compiled for CUDA tensors, interpreted for CPU
+# ones, so whether TRITON_INTERPRET was set before `import triton` does not matter. No helper functions (a kernel
+# may only call jitted ones), hence the GELU lines appear in both step kernels. Only builtins are used: tl.reduce
+# with the standard sum combiner for tl.sum and tl.full for tl.zeros (those two are jitted helpers, which the
+# interpreter only runs when TRITON_INTERPRET was set before `import triton`).
+# Layouts (all contiguous float32): X [B·H, L, F], XR, V [B·H, L, Dv] (the stream); Wg [B·H, NJ, c];
+# Eta/Theta/Alpha [B·H, NJ]; Has [B, NJ] int8; stacks W1s, S1s [B·H, K1, E, F], W2s, S2s [B·H, K1, Dv, E]
+# (slot i holds W_{j0+i}); W1i [H, E, F], W2i [H, Dv, E]; carried gradients gW1, gS1 [B·H, E, F], gW2, gS2
+# [B·H, Dv, E]. A program handles chunk j (stack slot i -> i + 1) of batch·head bh.
+
+def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
+              j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
+              HAS_XR: tl.constexpr, HAS_RESET: tl.constexpr, MUON: tl.constexpr,
+              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
+    """Grid (B·H,). Writes S_{j+1} into slot i + 1 of S1s/S2s and W_{j+1} (MUON: only (1 − α) Ws; _ns5_fwd adds
+    NS5(S_{j+1})) into slot i + 1 of W1s/W2s."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, BC)
+    re = tl.arange(0, BE)
+    rv = tl.arange(0, BV)
+    rf = tl.arange(0, BF)
+    mc, me, mv = rc < c, re < E, rv < Dv
+    m_cv = mc[:, None] & mv[None, :]
+    m_ve = mv[:, None] & me[None, :]
+    off2 = rv[:, None] * E + re[None, :]                                     # [BV, BE] inside a W2-like matrix
+    rows = bh * L + j * C + C - c + rc                                       # the window's rows of the stream
+    gi = bh * NJ + j
+    eta = tl.load(Eta + gi)
+    theta = tl.load(Theta + gi)
+    alpha = tl.load(Alpha + gi)
+    w = tl.load(Wg + gi * c + rc, mask=mc, other=0.0)
+    cur = bh * K1 + i
+    src1 = W1s + cur * E * F
+    src2 = W2s + cur * Dv * E
+    keep = 1.0
+    if HAS_RESET:
+        if tl.load(Has + b * NJ + j) != 0:                                   # the write starts from (W_init, 0)
+            src1 = W1i + h * E * F
+            src2 = W2i + h * Dv * E
+            keep = 0.0
+    z = tl.full([BC, BE], 0.0, tl.float32)
+    for fi in range(NF):                                                     # Z = X W1ᵀ over F tiles
+        cf = fi * BF + rf
+        mf = cf < F
+        x = tl.load(X + rows[:, None] * F + cf[None, :], mask=mc[:, None] & mf[None, :], other=0.0)
+        w1 = tl.load(src1 + re[:, None] * F + cf[None, :], mask=me[:, None] & mf[None, :], other=0.0)
+        z += tl.dot(x, tl.trans(w1), input_precision=PREC)
+    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    a = z * cdf                                                              # gelu(Z)
+    h1 = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327                # gelu'(Z)
+    w2 = tl.load(src2 + off2, mask=m_ve, other=0.0)                          # [BV, BE]
+    y = tl.dot(a, tl.trans(w2), input_precision=PREC)                        # [BC, BV]
+    if HAS_XR:
+        y += tl.load(XR + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0)
+    r = 2.0 * w[:, None] * (y - tl.load(V + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0))
+    g2 = tl.dot(tl.trans(r), a, input_precision=PREC)                        # G2 [BV, BE]
+    s2 = eta * keep * tl.load(S2s + cur * Dv * E + off2, mask=m_ve, other=0.0) - theta * g2
+    tl.store(S2s + (cur + 1) * Dv * E + off2, s2, mask=m_ve)
+    w2n = (1.0 - alpha) * w2
+    if not MUON:
+        w2n += s2
+    tl.store(W2s + (cur + 1) * Dv * E + off2, w2n, mask=m_ve)
+    dz = tl.dot(r, w2, input_precision=PREC) * h1                           # ∂L/∂Z [BC, BE]
+    for fi in range(NF):                                                     # G1 = dZᵀ X, and the step, per F tile
+        cf = fi * BF + rf
+        mf = cf < F
+        m_ef = me[:, None] & mf[None, :]
+        off1 = re[:, None] * F + cf[None, :]
+        x = tl.load(X + rows[:, None] * F + cf[None, :], mask=mc[:, None] & mf[None, :], other=0.0)
+        g1 = tl.dot(tl.trans(dz), x, input_precision=PREC)                   # [BE, BF]
+        s1 = eta * keep * tl.load(S1s + cur * E * F + off1, mask=m_ef, other=0.0) - theta * g1
+        tl.store(S1s + (cur + 1) * E * F + off1, s1, mask=m_ef)
+        w1n = (1.0 - alpha) * tl.load(src1 + off1, mask=m_ef, other=0.0)
+        if not MUON:
+            w1n += s1
+        tl.store(W1s + (cur + 1) * E * F + off1, w1n, mask=m_ef)
+
+
+def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
+              gW1, gW2, gS1, gS2, R1, R2, dX, dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
+              j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
+              HAS_XR: tl.constexpr, HAS_RESET: tl.constexpr, MUON: tl.constexpr,
+              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
+    """Grid (B·H,). On entry gW, gS hold ∂L/∂W_{j+1}, ∂L/∂S_{j+1} (MUON: gS already includes the Newton–Schulz
+    path, added by _ns5_bwd); on exit ∂L/∂W_j (plus R's slot i, the reads' gradient), ∂L/∂S_j. Writes the window
+    rows of dX, dXR, dV and dWg, dEta, dTheta, dAlpha of chunk j; rows with a reset add ∂L/∂Ws to dW1i/dW2i
+    [B·H, ...] and pass nothing to (W_j, S_j) through the write."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, BC)
+    re = tl.arange(0, BE)
+    rv = tl.arange(0, BV)
+    rf = tl.arange(0, BF)
+    mc, me, mv = rc < c, re < E, rv < Dv
+    m_cv = mc[:, None] & mv[None, :]
+    m_ve = mv[:, None] & me[None, :]
+    off2 = rv[:, None] * E + re[None, :]
+    rows = bh * L + j * C + C - c + rc
+    gi = bh * NJ + j
+    eta = tl.load(Eta + gi)
+    theta = tl.load(Theta + gi)
+    alpha = tl.load(Alpha + gi)
+    w = tl.load(Wg + gi * c + rc, mask=mc, other=0.0)
+    cur = bh * K1 + i
+    src1 = W1s + cur * E * F
+    src2 = W2s + cur * Dv * E
+    keep = 1.0
+    if HAS_RESET:
+        if tl.load(Has + b * NJ + j) != 0:
+            src1 = W1i + h * E * F
+            src2 = W2i + h * Dv * E
+            keep = 0.0
+    # pass 1: Z = X W1ᵀ, Q = X gS1ᵀ (so that Σ G1 ⊙ gS1 = Σ dZ ⊙ Q and X dG1ᵀ = −θ Q), and the gate sums
+    z = tl.full([BC, BE], 0.0, tl.float32)
+    q = tl.full([BC, BE], 0.0, tl.float32)
+    acc_eta = tl.full([BE, BF], 0.0, tl.float32)
+    acc_alpha = tl.full([BE, BF], 0.0, tl.float32)
+    for fi in range(NF):
+        cf = fi * BF + rf
+        mf = cf < F
+        m_ef = me[:, None] & mf[None, :]
+        off1 = re[:, None] * F + cf[None, :]
+        x = tl.load(X + rows[:, None] * F + cf[None, :], mask=mc[:, None] & mf[None, :], other=0.0)
+        w1 = tl.load(src1 + off1, mask=m_ef, other=0.0)
+        gw = tl.load(gW1 + bh * E * F + off1, mask=m_ef, other=0.0)
+        gs = tl.load(gS1 + bh * E * F + off1, mask=m_ef, other=0.0)
+        if not MUON:
+            gs += gw                                                         # U = identity: W_{j+1} ∋ S_{j+1}
+        z += tl.dot(x, tl.trans(w1), input_precision=PREC)
+        q += tl.dot(x, tl.trans(gs), input_precision=PREC)
+        acc_eta += keep * tl.load(S1s + cur * E * F + off1, mask=m_ef, other=0.0) * gs
+        acc_alpha += w1 * gw
+    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+    a = z * cdf
+    h1 = cdf + z * pdf
+    w2 = tl.load(src2 + off2, mask=m_ve, other=0.0)
+    gw2 = tl.load(gW2 + bh * Dv * E + off2, mask=m_ve, other=0.0)
+    gs2 = tl.load(gS2 + bh * Dv * E + off2, mask=m_ve, other=0.0)
+    if not MUON:
+        gs2 += gw2
+    s2 = keep * tl.load(S2s + cur * Dv * E + off2, mask=m_ve, other=0.0)
+    y = tl.dot(a, tl.trans(w2), input_precision=PREC)
+    if HAS_XR:
+        y += tl.load(XR + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0)
+    diff = y - tl.load(V + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0)
+    r = 2.0 * w[:, None] * diff
+    u = tl.dot(r, w2, input_precision=PREC)                                  # R W2 [BC, BE]
+    dz = u * h1
+    g2 = tl.dot(tl.trans(r), a, input_precision=PREC)
+    sum_ = tl.standard._sum_combine
+    d_theta = -(tl.reduce(dz * q, None, sum_) + tl.reduce(g2 * gs2, None, sum_))
+    d_eta = tl.reduce(acc_eta, None, sum_) + tl.reduce(s2 * gs2, None, sum_)
+    d_alpha = -(tl.reduce(acc_alpha, None, sum_) + tl.reduce(w2 * gw2, None, sum_))
+    # backward through G1 = dZᵀ X (dG1 = −θ gS1), G2 = Rᵀ A (dG2 = −θ gS2), dZ = U ⊙ gelu'(Z), U = R W2,
+    # R = 2 w (Y − V), Y = [XR] + A W2ᵀ, A = gelu(Z)
+    ddz = -theta * q                                                         # ∂/∂dZ
+    dg2 = -theta * gs2
+    dr = tl.dot(a, tl.trans(dg2), input_precision=PREC)                      # [BC, BV]
+    da = tl.dot(r, dg2, input_precision=PREC)                                # [BC, BE]
+    du = ddz * h1
+    dzt = ddz * u * pdf * (2.0 - z * z)                                      # through gelu''(Z) = φ(Z)(2 − Z²)
+    dr += tl.dot(du, tl.trans(w2), input_precision=PREC)
+    dw2 = tl.dot(tl.trans(r), du, input_precision=PREC)                      # [BV, BE]
+    dy = 2.0 * w[:, None] * dr
+    tl.store(dWg + gi * c + rc, 2.0 * tl.reduce(diff * dr, 1, sum_), mask=mc)
+    tl.store(dV + rows[:, None] * Dv + rv[None, :], -dy, mask=m_cv)
+    if HAS_XR:
+        tl.store(dXR + rows[:, None] * Dv + rv[None, :], dy, mask=m_cv)
+    da += tl.dot(dy, w2, input_precision=PREC)
+    dw2 += tl.dot(tl.trans(dy), a, input_precision=PREC)
+    dzt += da * h1                                                           # ∂L/∂Z in total
+    tl.store(dEta + gi, d_eta)
+    tl.store(dTheta + gi, d_theta)
+    tl.store(dAlpha + gi, d_alpha)
+    dws2 = (1.0 - alpha) * gw2 + dw2                                         # ∂L/∂Ws2
+    rd2 = tl.load(R2 + cur * Dv * E + off2, mask=m_ve, other=0.0)
+    tl.debug_barrier()                                                       # every read of gW, gS is done
+    if HAS_RESET:
+        p2 = dW2i + bh * Dv * E + off2
+        tl.store(p2, tl.load(p2, mask=m_ve, other=0.0) + (1.0 - keep) * dws2, mask=m_ve)
+    tl.store(gW2 + bh * Dv * E + off2, rd2 + keep * dws2, mask=m_ve)
+    tl.store(gS2 + bh * Dv * E + off2, keep * eta * gs2, mask=m_ve)
+    # pass 2: dX = dZt W1 + dZ dG1, ∂L/∂Ws1 = (1 − α) gW1 + dZtᵀ X, ∂L/∂Ss1 = η gS1 (tile by tile, in place)
+    for fi in range(NF):
+        cf = fi * BF + rf
+        mf = cf < F
+        m_ef = me[:, None] & mf[None, :]
+        m_cf = mc[:, None] & mf[None, :]
+        off1 = re[:, None] * F + cf[None, :]
+        x = tl.load(X + rows[:, None] * F + cf[None, :], mask=m_cf, other=0.0)
+        w1 = tl.load(src1 + off1, mask=m_ef, other=0.0)
+        gw = tl.load(gW1 + bh * E * F + off1, mask=m_ef, other=0.0)
+        gs = tl.load(gS1 + bh * E * F + off1, mask=m_ef, other=0.0)
+        if not MUON:
+            gs += gw
+        dx = tl.dot(dzt, w1, input_precision=PREC) - theta * tl.dot(dz, gs, input_precision=PREC)
+        tl.store(dX + rows[:, None] * F + cf[None, :], dx, mask=m_cf)
+        dws1 = (1.0 - alpha) * gw + tl.dot(tl.trans(dzt), x, input_precision=PREC)
+        if HAS_RESET:
+            p1 = dW1i + bh * E * F + off1
+            tl.store(p1, tl.load(p1, mask=m_ef, other=0.0) + (1.0 - keep) * dws1, mask=m_ef)
+        rd1 = tl.load(R1 + cur * E * F + off1, mask=m_ef, other=0.0)
+        tl.store(gW1 + bh * E * F + off1, rd1 + keep * dws1, mask=m_ef)
+        tl.store(gS1 + bh * E * F + off1, keep * eta * gs, mask=m_ef)
+
+
+def _ns5_fwd(S, Out, Xs, s_bh, o_bh, sr, sc, M, N, NT, EPS2,
+             A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (B·H,). Out += NS5(S) for one matrix per program, seen as [M, N] (M ≤ N) through strides (sr, sc)
+    (a tall matrix is passed transposed); S at S + bh·s_bh, Out at Out + bh·o_bh, scratch Xs [B·H, M, N]."""
+    bh = tl.program_id(0).to(tl.int64)
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    mm = rm < M
+    sum_ = tl.standard._sum_combine
+    acc = tl.full([BM, BN], 0.0, tl.float32)
+    for t in range(NT):
+        cn = t * BN + rn
+        m = mm[:, None] & (cn < N)[None, :]
+        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        acc += s * s
+    scale = 1.0 / tl.sqrt(tl.reduce(acc, None, sum_) + EPS2)
+    for t in range(NT):
+        cn = t * BN + rn
+        m = mm[:, None] & (cn < N)[None, :]
+        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        tl.store(Xs + bh * M * N + rm[:, None] * N + cn[None, :], s * scale, mask=m)
+    for _ in range(STEPS):
+        tl.debug_barrier()
+        g = tl.full([BM, BM], 0.0, tl.float32)
+        for t in range(NT):
+            cn = t * BN + rn
+            m = mm[:, None] & (cn < N)[None, :]
+            x = tl.load(Xs + bh * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
+            g += tl.dot(x, tl.trans(x), input_precision=PREC)
+        p = B_ * g + C_ * tl.dot(g, g, input_precision=PREC)
+        tl.debug_barrier()
+        for t in range(NT):
+            cn = t * BN + rn
+            m = mm[:, None] & (cn < N)[None, :]
+            ptr = Xs + bh * M * N + rm[:, None] * N + cn[None, :]
+            x = tl.load(ptr, mask=m, other=0.0)
+            tl.store(ptr, A_ * x + tl.dot(p, x, input_precision=PREC), mask=m)
+    tl.debug_barrier()
+    for t in range(NT):
+        cn = t * BN + rn
+        m = mm[:, None] & (cn < N)[None, :]
+        x = tl.load(Xs + bh * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
+        po = Out + bh * o_bh + rm[:, None] * sr + cn[None, :] * sc
+        tl.store(po, tl.load(po, mask=m, other=0.0) + x, mask=m)
+
+
+def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
+             A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (B·H,). dS += (∂NS5/∂S)ᵀ dOut for one matrix per program (layout as _ns5_fwd; dOut, dS at bh·g_bh).
+    Recomputes the iterates X_0 … X_{STEPS−1} into Xs [B·H, STEPS, M, N], walks them back with dY [B·H, M, N]:
+    Y = a X + P X, P = b G + c G², G = X Xᵀ  =>  dX = a dY + P dY + (dG + dGᵀ) X, dG = b dP + c (dP G + G dP),
+    dP = dY Xᵀ; finally X_0 = S / n, n = sqrt(‖S‖² + ε²)  =>  dS = dX_0 / n − ⟨dX_0, S⟩ S / n³."""
+    bh = tl.program_id(0).to(tl.int64)
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    mm = rm < M
+    sum_ = tl.standard._sum_combine
+    xb = Xs + bh * STEPS * M * N
+    yb = dY + bh * M * N
+    acc = tl.full([BM, BN], 0.0, tl.float32)
+    for t in range(NT):
+        cn = t * BN + rn
+        m = mm[:, None] & (cn < N)[None, :]
+        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        acc += s * s
+    scale = 1.0 / tl.sqrt(tl.reduce(acc, None, sum_) + EPS2)
+    for t in range(NT):
+        cn = t * BN + rn
+        m = mm[:, None] & (cn < N)[None, :]
+        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        tl.store(xb + rm[:, None] * N + cn[None, :], s * scale, mask=m)
+        go = tl.load(dOut + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        tl.store(yb + rm[:, None] * N + cn[None, :], go, mask=m)
+    for it in range(STEPS - 1):                                              # X_{it+1} from X_it
+        tl.debug_barrier()
+        g = tl.full([BM, BM], 0.0, tl.float32)
+        for t in range(NT):
+            cn = t * BN + rn
+            m = mm[:, None] & (cn < N)[None, :]
+            x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
+            g += tl.dot(x, tl.trans(x), input_precision=PREC)
+        p = B_ * g + C_ * tl.dot(g, g, input_precision=PREC)
+        for t in range(NT):
+            cn = t * BN + rn
+            m = mm[:, None] & (cn < N)[None, :]
+            x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
+            tl.store(xb + (it + 1) * M * N + rm[:, None] * N + cn[None, :],
+                     A_ * x + tl.dot(p, x, input_precision=PREC), mask=m)
+    for k in range(STEPS):
+        it = STEPS - 1 - k
+        tl.debug_barrier()
+        g = tl.full([BM, BM], 0.0, tl.float32)
+        dp = tl.full([BM, BM], 0.0, tl.float32)
+        for t in range(NT):
+            cn = t * BN + rn
+            m = mm[:, None] & (cn < N)[None, :]
+            x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
+            dy = tl.load(yb + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
+            g += tl.dot(x, tl.trans(x), input_precision=PREC)
+            dp += tl.dot(dy, tl.trans(x), input_precision=PREC)
+        p = B_ * g + C_ * tl.dot(g, g, input_precision=PREC)
+        dg = B_ * dp + C_ * (tl.dot(dp, g, input_precision=PREC) + tl.dot(g, dp, input_precision=PREC))
+        dgs = dg + tl.trans(dg)
+        tl.debug_barrier()
+        for t in range(NT):
+            cn = t * BN + rn
+            m = mm[:, None] & (cn < N)[None, :]
+            x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
+            dy = tl.load(yb + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
+            dy = A_ * dy + tl.dot(p, dy, input_precision=PREC) + tl.dot(dgs, x, input_precision=PREC)
+            tl.store(yb + rm[:, None] * N + cn[None, :], dy, mask=m)
+    tl.debug_barrier()
+    acc = tl.full([BM, BN], 0.0, tl.float32)
+    for t in range(NT):
+        cn = t * BN + rn
+        m = mm[:, None] & (cn < N)[None, :]
+        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        acc += s * tl.load(yb + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
+    inner = tl.reduce(acc, None, sum_)
+    for t in range(NT):
+        cn = t * BN + rn
+        m = mm[:, None] & (cn < N)[None, :]
+        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        dy = tl.load(yb + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
+        pd = dS + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc
+        tl.store(pd, tl.load(pd, mask=m, other=0.0) + scale * dy - scale * scale * scale * inner * s, mask=m)
+
+
+@functools.cache
+def _kernels(interpret: bool) -> dict:
+    """The four kernels, compiled for the GPU or wrapped for the interpreter (CPU tensors)."""
+    fns = {"step_fwd": _step_fwd, "step_bwd": _step_bwd, "ns5_fwd": _ns5_fwd, "ns5_bwd": _ns5_bwd}
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+        return {n: InterpretedFunction(f) for n, f in fns.items()}
+    return {n: triton.jit(f) for n, f in fns.items()}
+
+
+def _count(n: int, interpret: bool):
+    """A loop bound. The Triton 3.6 interpreter turns int arguments into 1-element arrays, which NumPy ≥ 2.4
+    will not int(); a 0-d array converts, so the interpreter gets one."""
+    if not interpret:
+        return n
+    import numpy as np
+    from triton.runtime.interpreter import TensorHandle
+    return tl.tensor(TensorHandle(np.array(n, dtype=np.int32), tl.int32), tl.int32)
+
+
+def _empty(like: Tensor, *shape: int) -> Tensor:
+    """Uninitialised float32 buffer for kernel outputs and scratch (tests NaN-poison it by patching this)."""
+    return like.new_empty(shape)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))       # tl.dot needs every dimension ≥ 16
+
+
+def _step_config(c: int, E: int, Dv: int, F: int) -> dict:
+    BC, BE, BV = _pow2(c), _pow2(E), _pow2(Dv)
+    big = BC * BE >= 64 * 64
+    return {"BC": BC, "BE": BE, "BV": BV, "BF": min(32 if big else 64, _pow2(F)), "num_warps": 8 if big else 4}
+
+
+class _NS5:
+    """Launch geometry of Newton–Schulz on every [rows, cols] matrix of a [B·H, ...] batch (wide orientation)."""
+
+    def __init__(self, rows: int, cols: int, BH: int, device: torch.device):
+        self.M, self.N = min(rows, cols), max(rows, cols)
+        self.sr, self.sc = (cols, 1) if rows <= cols else (1, cols)          # a tall matrix is read transposed
+        BM = _pow2(self.M)
+        BN = min(64 if BM <= 64 else 32, _pow2(self.N))
+        self.cfg = {"BM": BM, "BN": BN, "num_warps": 8 if BM >= 64 else 4}
+        self.NT = triton.cdiv(self.N, BN)
+        self.BH, self.device = BH, device
+
+    def consts(self) -> dict:
+        a, b, c = NS5_COEFFS
+        return {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "PREC": DOT_PRECISION, **self.cfg}
+
+
+class _Scan(torch.autograd.Function):
+    """Chunks j0 … j1−1 of the stream written one after another (see the module docstring).
+
+    Inputs: X [B, H, L, F], XR [B, H, L, Dv] or None, V [B, H, L, Dv] (contiguous); Wg [B, H, NJ, c]; Eta, Theta,
+    Alpha [B, H, NJ]; W1, S1 [B, H, E, F], W2, S2 [B, H, Dv, E] (state before chunk j0); W1i [H, E, F], W2i
+    [H, Dv, E] or None; has int8 [B, NJ] or None; j0, j1, C, muon (not differentiable).
+    Outputs: W1all [B, H, K1, E, F], W2all [B, H, K1, Dv, E] with K1 = j1 − j0 + 1 (slot i: W_{j0+i}), and the
+    final S1, S2. All float32.
+    """
+
+    @staticmethod
+    def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon):
+        B, H, L, F = X.shape
+        E, Dv, NJ, c = W1.shape[2], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
+        BH, K1 = B * H, j1 - j0 + 1
+        interpret = X.device.type == "cpu"
+        kern = _kernels(interpret)
+        W1all, S1all = (_empty(X, B, H, K1, E, F) for _ in range(2))
+        W2all, S2all = (_empty(X, B, H, K1, Dv, E) for _ in range(2))
+        W1all[:, :, 0], W2all[:, :, 0], S1all[:, :, 0], S2all[:, :, 0] = W1, W2, S1, S2
+        cfg = _step_config(c, E, Dv, F)
+        flags = {"HAS_XR": XR is not None, "HAS_RESET": has is not None, "MUON": muon, "PREC": DOT_PRECISION}
+        if muon:
+            ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
+            scratch = [_empty(X, BH, g.M * g.N) for g in ns]
+        for i, j in enumerate(range(j0, j1)):
+            kern["step_fwd"][(BH,)](
+                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, Eta if has is None else has,
+                W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
+                j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg)
+            if muon:
+                for g, Sa, Wa, xs in zip(ns, (S1all, S2all), (W1all, W2all), scratch):
+                    s, o = Sa[:, :, i + 1], Wa[:, :, i + 1]
+                    kern["ns5_fwd"][(BH,)](s, o, xs, s.stride(1), o.stride(1), g.sr, g.sc, g.M, g.N,
+                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts())
+        ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has)
+        ctx.meta = (j0, j1, C, muon)
+        return W1all, W2all, S1all[:, :, -1].clone(), S2all[:, :, -1].clone()
+
+    @staticmethod
+    def backward(ctx, dW1all, dW2all, dS1, dS2):
+        X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has = ctx.saved_tensors
+        j0, j1, C, muon = ctx.meta
+        B, H, L, F = X.shape
+        E, Dv, NJ, c = W1all.shape[3], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
+        BH = B * H
+        interpret = X.device.type == "cpu"
+        kern = _kernels(interpret)
+        R1, R2 = dW1all.float().contiguous(), dW2all.float().contiguous()
+        gW1, gW2 = R1[:, :, -1].clone(), R2[:, :, -1].clone()        # carried ∂L/∂W_j, ∂L/∂S_j [B, H, ...]
+        gS1, gS2 = dS1.float().contiguous().clone(), dS2.float().contiguous().clone()
+        dX, dV, dWg = torch.zeros_like(X), torch.zeros_like(V), torch.zeros_like(Wg)
+        dXR = None if XR is None else torch.zeros_like(XR)
+        dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
+        dW1i = dW2i = None
+        if has is not None:
+            dW1i, dW2i = X.new_zeros(B, H, E, F), X.new_zeros(B, H, Dv, E)
+        cfg = _step_config(c, E, Dv, F)
+        flags = {"HAS_XR": XR is not None, "HAS_RESET": has is not None, "MUON": muon, "PREC": DOT_PRECISION}
+        if muon:
+            ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
+            scratch = [(_empty(X, BH, NS5_STEPS, g.M * g.N), _empty(X, BH, g.M * g.N)) for g in ns]
+        for i in reversed(range(j1 - j0)):
+            if muon:   # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1}
+                for g, Sa, gw, gs, (xs, dy) in zip(ns, (S1all, S2all), (gW1, gW2), (gS1, gS2), scratch):
+                    s = Sa[:, :, i + 1]
+                    kern["ns5_bwd"][(BH,)](s, gw, gs, xs, dy, s.stride(1), gw.stride(1), g.sr, g.sc, g.M, g.N,
+                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts())
+            kern["step_bwd"][(BH,)](
+                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, Eta if has is None else has,
+                W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
+                gW1, gW2, gS1, gS2, R1, R2, dX, dX if XR is None else dXR, dV, dWg, dEta, dTheta, dAlpha,
+                gW1 if dW1i is None else dW1i, gW2 if dW2i is None else dW2i,
+                j0 + i, i, H, L, NJ, j1 - j0 + 1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret),
+                **flags, **cfg)
+        if dW1i is not None:
+            dW1i, dW2i = dW1i.sum(0), dW2i.sum(0)
+        return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
+                None, None, None, None, None)
+
+
+def _read_chunks(pre: Prelude, st: Stream, j0: int, j1: int, W1: Tensor, W2: Tensor) -> Tensor:
+    """Reads of this call's tokens in chunks j0 … j1−1, chunk j with W1[:, :, j − j0] [B, H, ·, E, F] (and W2),
+    W_init after a reset in the chunk -> [B, H, t, Dv] (t: this call's tokens in those chunks, maybe 0)."""
+    C, p = pre.C, st.p
+    s0, s1 = max(j0 * C, p), min(j1 * C, st.L)
+    B, H = pre.qf.shape[:2]
+    if s1 <= s0:
+        return pre.qf.new_zeros(B, H, 0, W2.shape[-2])
+    sl = slice(s0 - p, s1 - p)
+    front, n = s0 - j0 * C, s1 - s0
+    qf = Fn.pad(pre.qf[:, :, sl], (0, 0, front, j1 * C - s1)).unflatten(2, (j1 - j0, C))   # [B, H, n, C, F]
+    o = memory_read(W1, W2, qf, None).flatten(2, 3)[:, :, front:front + n]
+    if pre.qraw is not None:
+        o = o + pre.qraw[:, :, sl]
+    if st.any_reset:
+        after = st.after[:, j0:j1].flatten(1)[:, front:front + n]                            # [B, n]
+        if bool(after.any()):
+            qraw = None if pre.qraw is None else pre.qraw[:, :, sl]
+            o = torch.where(after[:, None, :, None], memory_read(pre.W1i, pre.W2i, pre.qf[:, :, sl], qraw), o)
+    return o
+
+
+def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
+                  W1: Tensor, W2: Tensor, S1: Tensor | None = None, S2: Tensor | None = None, *,
+                  pending: Pending | None = None, chunk_size: int = 64, window: int | None = None,
+                  optimizer: str = "momentum", update: bool = True, poly: bool = False, reset: Tensor | None = None,
+                  W1_init: Tensor | None = None, W2_init: Tensor | None = None) -> tuple[Tensor, NeuralMemoryState]:
+    """Same contract as parallel.neural_memory (see there): q, k [B, T, H, Dk]; v [B, T, H, Dv]; gates [B, T, H];
+    W1 [B, H, E, F], W2 [B, H, Dv, E] -> o [B, T, H, Dv] (dtype of q), NeuralMemoryState (float32)."""
+    if not supports(q, k, v, gamma, eta, theta, alpha, W1, W2, chunk_size=chunk_size, window=window,
+                    optimizer=optimizer):
+        raise ValueError(f"neural_memory backend 'triton' needs Triton, CUDA tensors (or CPU with TRITON_INTERPRET=1), "
+                         f"no float64, and window, E, Dv ≤ {MAX_DIM} (min(E, F) ≤ {MAX_DIM} for muon); "
+                         f"use backend 'chunked' otherwise")
+    pre = prepare(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size, window, optimizer, poly,
+                  reset, W1_init, W2_init)
+    if not update:
+        return read_only(pre)
+    st = stream(pre, k, v, gamma, eta, theta, alpha)
+    W1, W2, S1, S2 = pre.W1, pre.W2, pre.S1, pre.S2
+    outs = []
+    if st.n_full:
+        gw, ge, gt, ga = chunk_gates(st, pre.C, pre.c)
+        has = st.has[:, :st.n_full].to(torch.int8).contiguous() if st.any_reset else None
+        W1i, W2i = (None, None) if pre.W1i is None else (pre.W1i[0].contiguous(), pre.W2i[0].contiguous())
+        for j0 in range(0, st.n_full, MAX_SCAN):
+            j1 = min(j0 + MAX_SCAN, st.n_full)
+            W1all, W2all, S1, S2 = _Scan.apply(st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2,
+                                               W1i, W2i, has, j0, j1, pre.C, optimizer == "muon")
+            outs.append(_read_chunks(pre, st, j0, j1, W1all[:, :, :-1], W2all[:, :, :-1]))
+            # clone: a view would keep the whole stack alive inside the carried state
+            W1, W2 = W1all[:, :, -1].clone(), W2all[:, :, -1].clone()
+    if st.n_chunks > st.n_full:   # the open chunk reads the latest weights
+        outs.append(_read_chunks(pre, st, st.n_full, st.n_chunks, W1[:, :, None], W2[:, :, None]))
+    return finish(torch.cat(outs, dim=2), pre, st, W1, W2, S1, S2)

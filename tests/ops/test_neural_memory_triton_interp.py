@@ -1,0 +1,172 @@
+"""Triton neural-memory kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), tiny shapes.
+
+Notation: B batch, T tokens, H heads, Dk, Dv key/value widths, E hidden width, C chunk size, c window,
+W1 [B, H, E, F], W2 [B, H, Dv, E] fast weights, S1, S2 momenta, γ η θ α gates, W_init learned initial weights.
+
+The kernels are built lazily per device (interpreted for CPU tensors), so the variable only has to be set while
+these tests run (it gates `supports` on CPU). Ground truth is the chunked form in float64 (itself pinned to the
+token-loop reference by test_neural_memory.py); the Triton path runs in float32. Its error may be at most
+max(1e-5, 4 × the chunked form's own float32 error): the Muon gradients are ill-conditioned enough that float32
+PyTorch itself misses 1e-5 on them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_neural_memory import GATES, make, scalar_loss, state_tensors
+
+from memlm.ops import dispatch
+from memlm.ops.neural_memory import neural_memory, triton_memory
+from memlm.ops.testing import rel_err
+
+pytest.importorskip("triton")
+
+LEAVES = ("q", "k", "v", *GATES, "W1", "W2", "S1", "S2", "W1_init", "W2_init")
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # NaN-poison every buffer the backend allocates without initialising: unwritten reads show up
+    monkeypatch.setattr(triton_memory, "_empty", lambda like, *shape: like.new_full(shape, float("nan")))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def inputs(*, B=2, T=21, H=2, Dk=4, Dv=4, E=8, poly=False, seed=0) -> dict[str, torch.Tensor]:
+    """make()'s tokens and W_init plus a non-trivial starting state W1, W2 (≠ W_init), S1, S2 (≠ 0)."""
+    x = make(B=B, T=T, H=H, Dk=Dk, Dv=Dv, E=E, poly=poly, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+
+    def r(t, s):
+        return s * torch.randn(t.shape, generator=g, dtype=t.dtype)
+
+    W1, W2 = x["W1_init"].expand(B, -1, -1, -1), x["W2_init"].expand(B, -1, -1, -1)
+    return {**x, "W1": W1 + r(W1, 0.1), "W2": W2 + r(W2, 0.1), "S1": r(W1, 0.01), "S2": r(W2, 0.01)}
+
+
+def run(fn, x, dtype, *, split=None, reset=None, **kw) -> dict[str, torch.Tensor]:
+    """Outputs, final state and gradients of a random functional of both w.r.t. every input. split: run the tokens
+    in two calls at that position, the state (pending tokens included) carried."""
+    leaves = {n: t.detach().to(dtype).requires_grad_(True) for n, t in x.items()}
+    T = x["q"].shape[1]
+    cuts = [0, T] if split is None else [0, split, T]
+    state = (leaves["W1"], leaves["W2"], leaves["S1"], leaves["S2"], None)
+    outs = []
+    for a, b in zip(cuts, cuts[1:]):
+        seq = [leaves[n][:, a:b] for n in ("q", "k", "v", *GATES)]
+        o, s = fn(*seq, *state[:4], pending=state[4], reset=None if reset is None else reset[:, a:b],
+                  W1_init=leaves["W1_init"], W2_init=leaves["W2_init"], **kw)
+        outs.append(o)
+        state = s
+    o = torch.cat(outs, 1)
+    d = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+    s64 = type(state)(*(d(t) for t in state[:4]), type(state.pending)(*(d(t) for t in state.pending)))
+    loss = scalar_loss(o.double(), s64)
+    gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    got = {"o": o, **state_tensors(state)}
+    got.update({f"d{n}": torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), gs)})
+    return got
+
+
+def compare(got, want, base, *, nonzero=()):
+    """Every tensor of got within max(1e-5, 4 × base's error) of want (base: the chunked form in float32)."""
+    for n, w in want.items():
+        if w.dtype == torch.bool:
+            assert torch.equal(got[n], w), n
+            continue
+        assert got[n].shape == w.shape, n
+        if not w.numel():
+            continue
+        assert torch.isfinite(got[n]).all(), f"{n}: non-finite"
+        err, tol = rel_err(got[n], w), max(1e-5, 4 * rel_err(base[n], w))
+        assert err <= tol, f"{n}: relative error {err:.2e} > {tol:.2e}"
+    for n in nonzero:
+        assert want[n].abs().max() > 0, f"{n}: zero reference gradient, the comparison would be vacuous"
+
+
+def check(x, *, nonzero=LEAVES, **kw):
+    want = run(neural_memory, x, torch.float64, **kw)
+    base = run(neural_memory, x, torch.float32, **kw)
+    got = run(triton_memory.neural_memory, x, torch.float32, **kw)
+    compare(got, want, base, nonzero=[f"d{n}" for n in nonzero])
+    return got
+
+
+def resets(B, T, positions):
+    r = torch.zeros(B, T, dtype=torch.bool)
+    for b, ts in enumerate(positions):
+        r[b, [t for t in ts if t < T]] = True
+    return r
+
+
+@pytest.mark.parametrize("poly,Dv", [(False, 4), (True, 4), (False, 6)])
+def test_momentum_resets_pending_all_gradients(poly, Dv):
+    """Residual / poly features / no residual (Dv ≠ Dk); resets mid-chunk, on a chunk boundary, in the pending
+    tokens; a window shorter than the chunk; two calls with the pending buffer carried."""
+    x = inputs(T=37, Dv=Dv, poly=poly, seed=Dv + poly)
+    reset = resets(2, 37, [(5, 16, 30), (13, 19)])    # row 1: 19 lies in the pending tokens of the first call
+    check(x, chunk_size=8, window=6, optimizer="momentum", poly=poly, reset=reset, split=21)
+
+
+def test_muon_resets_pending_all_gradients():
+    x = inputs(T=21, poly=True, seed=7)
+    reset = resets(2, 21, [(9,), (16,)])
+    check(x, chunk_size=8, window=5, optimizer="muon", poly=True, reset=reset, split=11)
+
+
+def test_muon_tall_and_wide_matrices_no_reset():
+    # Dv = 6 > E = 4 and F = 5 > E: both Newton–Schulz maps run on a tall matrix (read transposed)
+    x = inputs(T=17, Dk=5, Dv=6, E=4, seed=8)
+    check(x, chunk_size=8, optimizer="muon", nonzero=("q", "k", "v", "gamma", "theta", "alpha", "W1", "W2", "S1"))
+
+
+@pytest.mark.parametrize("T", [1, 7, 8, 9])
+def test_awkward_lengths(T):
+    """Shorter than a chunk (no write at all), one token short, exactly one chunk, one token over."""
+    x = inputs(T=T, seed=T)
+    got = check(x, chunk_size=8, optimizer="momentum", nonzero=("q", "W1", "W2"))
+    assert got["pending.k"].shape[1] == T % 8
+
+
+def test_several_scans(monkeypatch):
+    """More chunks than MAX_SCAN: the weights are carried from one autograd Function call to the next."""
+    monkeypatch.setattr(triton_memory, "MAX_SCAN", 2)
+    x = inputs(T=45, seed=11)
+    check(x, chunk_size=8, window=4, optimizer="momentum", reset=resets(2, 45, [(20,), ()]))
+
+
+def test_update_false_and_bf16():
+    x = inputs(T=19, seed=12)
+    reset = resets(2, 19, [(4,), ()])
+    got = run(triton_memory.neural_memory, x, torch.float32, chunk_size=8, update=False, reset=reset)
+    want = run(neural_memory, x, torch.float64, chunk_size=8, update=False, reset=reset)
+    compare(got, want, want)
+    xb = {n: (t.bfloat16() if n in ("q", "k", "v") else t.float()) for n, t in x.items()}
+    kw = dict(chunk_size=8, window=6, reset=reset)
+    o, s = triton_memory.neural_memory(*(xb[n] for n in ("q", "k", "v", *GATES, "W1", "W2")), W1_init=xb["W1_init"],
+                                       W2_init=xb["W2_init"], **kw)
+    o_ref, s_ref = neural_memory(*(xb[n].double() for n in ("q", "k", "v", *GATES, "W1", "W2")),
+                                 W1_init=xb["W1_init"].double(), W2_init=xb["W2_init"].double(), **kw)
+    assert o.dtype == torch.bfloat16 and s.W1.dtype == torch.float32
+    assert rel_err(o, o_ref) <= 5e-3 and rel_err(s.W1, s_ref.W1) <= 1e-5
+
+
+def test_dispatch_opt_in_and_errors(monkeypatch):
+    x = {n: t.float() for n, t in inputs(T=9).items()}
+    args = tuple(x[n] for n in ("q", "k", "v", *GATES, "W1", "W2"))
+    kw = {"chunk_size": 8}
+    assert dispatch.get("neural_memory", args=args, kwargs=kw) is neural_memory   # opt-in while priority < 0
+    with dispatch.force_backend("neural_memory", "triton"):
+        assert dispatch.get("neural_memory", args=args, kwargs=kw) is triton_memory.neural_memory
+    assert not triton_memory.supports(*args, chunk_size=200)                          # window > MAX_DIM
+    assert not triton_memory.supports(*(t.double() for t in args), **kw)
+    with pytest.raises(ValueError, match="float64"):
+        triton_memory.neural_memory(*(t.double() for t in args), **kw)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="does not support"):
+        dispatch.get("neural_memory", "triton", args=args, kwargs=kw)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        triton_memory.neural_memory(*args, **kw)
