@@ -11,29 +11,42 @@ Memories learn at test time in generation exactly as in training: the engine nei
 ``Engine(inference_mode=False)``, for a layer that takes its inner gradients with autograd). The mode is entered
 around each model call, never across a ``yield``, so code between iterations runs in the caller's own mode.
 The ``.state`` a generation hands back is converted to ordinary tensors, usable anywhere.
+
+Decoding modes (opt-in): ``static_cache=True`` converts the state after the prompt into static layout (fixed shapes,
+updated in place by each step; memlm.inference.static) and ``cuda_graph=True`` additionally replays one captured CUDA
+graph per token (memlm.inference.cuda_graph; CUDA only — elsewhere it decodes statically, eagerly, and says so).
+Both compute exactly what the default dynamic path computes. A model with a layer that has no static path decodes
+dynamically; the reason is logged once (``engine.notes``) and ``engine.decode_mode`` tells which path ran last.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from memlm.inference.sampling import SamplingConfig, make_generator, sample
+from memlm.inference.static import compact, static_step, static_unsupported, to_static
 from memlm.layers.residual import collect_uncertainty
 from memlm.models.state import ModelState, model_device
 
 FINISH_REASONS = ("stop", "length", "eos", "cancelled")
+log = logging.getLogger("memlm.inference")
+_MARGIN = 4  # spare static KV slots: the final state step and a CUDA graph's warm-up steps
 
 
 class Engine:
     """Token-id level inference for a MemoryLM-like model ``model(ids [B, T], state, reset) -> (logits, state)``."""
 
     def __init__(self, model, tokenizer=None, *, device: torch.device | str | None = None, prefill_chunk: int = 512,
-                 inference_mode: bool = True) -> None:
+                 inference_mode: bool = True, static_cache: bool = False, cuda_graph: bool = False,
+                 max_len: int | None = None) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk} must be ≥ 1")
+        if max_len is not None and max_len < 1:
+            raise ValueError(f"max_len={max_len} must be ≥ 1")
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else model_device(model)
@@ -48,6 +61,20 @@ class Engine:
         pad = getattr(tokenizer, "pad_id", None)
         # Left padding is masked out by reset, so its id only has to be a valid embedding row.
         self.pad_id = pad if pad is not None and 0 <= pad < self.vocab_size else 0
+        # Static decoding: max_len = static KV slots (None: the prompt plus the new tokens, rounded up to 256).
+        self.static_cache, self.cuda_graph, self.max_len = static_cache or cuda_graph, cuda_graph, max_len
+        self.notes: list[str] = []
+        self.decode_mode = "dynamic"
+        self._graphs = None
+        if cuda_graph and self.device.type != "cuda":
+            self.cuda_graph = False
+            self._note(f"cuda_graph ignored on {self.device.type}: CUDA graphs need a CUDA device (decoding with static "
+                       "states, eagerly)")
+
+    def _note(self, msg: str) -> None:
+        if msg not in self.notes:
+            self.notes.append(msg)
+            log.warning(msg)
 
     def _mode(self):
         return torch.inference_mode() if self.inference_mode else torch.no_grad()
@@ -81,6 +108,52 @@ class Engine:
         with self._mode():
             logits, state = self.model(tokens, state)
             return logits[:, -1], state
+
+    # --------------------------------------------------------------------------------------- static
+    def step_static(self, tokens: Tensor | Sequence[int], state: ModelState) -> tuple[Tensor, ModelState]:
+        """``step`` for a state from ``decode_plan``/``to_static``: the state is updated in place and returned."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1, 1)
+        with self._mode():
+            return static_step(self.model, tokens, state), state
+
+    def _graph_step(self, tokens: Tensor | Sequence[int], state: ModelState) -> tuple[Tensor, ModelState]:
+        from memlm.inference.cuda_graph import GraphCaptureError, GraphDecoder
+
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        with self._mode():
+            try:
+                if self._graphs is None:
+                    self._graphs = GraphDecoder(self.model)
+                return self._graphs.step(tokens, state)
+            except GraphCaptureError as e:  # the state is untouched: capture works on the graph's own buffers
+                self.cuda_graph, self._graphs = False, None
+                self._note(f"CUDA graph capture failed ({e}); decoding with static states, eagerly")
+                self.decode_mode = "static"
+        return self.step_static(tokens, state)
+
+    def decode_plan(self, state: ModelState, budget: int, *, graphs: bool = True
+                    ) -> tuple[ModelState, Callable, Callable[[ModelState], ModelState]]:
+        """How to decode up to ``budget`` more tokens after ``state``: (state to step, step function, and a function
+        turning a (selected) decoding state into an ordinary dynamic one). Dynamic unless static decoding is on and
+        every layer supports it; ``graphs=False`` keeps CUDA graphs out (e.g. while collecting PFP variances)."""
+        dynamic = (state, self.step, lambda s: s)
+        self.decode_mode = "dynamic"
+        if not self.static_cache:
+            return dynamic
+        why = static_unsupported(self.model)
+        if why is not None:
+            self._note(f"static decoding off: {why}; decoding dynamically")
+            return dynamic
+        need = int(state.pos.max()) + budget + _MARGIN
+        max_len = self.max_len if self.max_len is not None else -(-need // 256) * 256
+        if need > max_len:
+            self._note(f"static decoding off for this generation: it needs {need} KV slots, max_len={max_len}")
+            return dynamic
+        with self._mode():
+            st = to_static(self.model, state, max_len)
+        use_graph = self.cuda_graph and graphs
+        self.decode_mode = "cuda_graph" if use_graph else "static"
+        return st, (self._graph_step if use_graph else self.step_static), lambda s: compact(self.model, s)
 
     # ------------------------------------------------------------------------------------- generation
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]] | Tensor, max_new_tokens: int = 128,
@@ -285,6 +358,8 @@ class IdGeneration:
                     _, st = eng.prefill(torch.tensor([forced[r]]), st)
                 rows[r].finish_reason, rows[r]._state = "length", _plain(st)
             return
+        state, step, plain = eng.decode_plan(state, self.max_new_tokens + max(len(f) for f in forced),
+                                             graphs=not self.want_unc)
         gen = make_generator(cfg.seed, eng.device)
         use_hist = cfg.uses_history
         if use_hist:  # history columns grow one per step; the valid mask hides padding / unpenalised tokens
@@ -336,7 +411,7 @@ class IdGeneration:
                         res.tracker.finish()
                     # The state before this token plus the token itself; the one step joining them runs only when
                     # .state is read, so a batch whose last rows just finished needs no further forward pass.
-                    res._state, res._pending = state.select(i), t
+                    res._state, res._pending = plain(state.select(i)), t
             if use_hist:
                 col_ok = torch.tensor([cfg.penalize_prompt or not f for f in is_forced], device=eng.device)
                 hist = torch.cat([hist, next_tok[:, None]], 1)
@@ -353,7 +428,7 @@ class IdGeneration:
                 if use_hist:
                     hist, hmask = hist[idx], hmask[idx]
                 active = [active[i] for i in keep]
-            logits, state = self._fwd(eng.step, next_tok, state)
+            logits, state = self._fwd(step, next_tok, state)
         if self.return_state:
             for r in rows:
                 _ = r.state  # materialise now (the model may change afterwards)
@@ -537,7 +612,8 @@ def generate(model, tokenizer, prompt: str | Sequence[int] | Sequence[str] | Seq
              max_new_tokens: int = 128, state: ModelState | None = None, sampling: SamplingConfig | None = None,
              stop: str | Sequence[str] | None = None, stop_ids: Sequence[int] = (), return_state: bool = False,
              ignore_eos: bool = False, allow_special: bool = False, device: torch.device | str | None = None,
-             prefill_chunk: int = 512, return_uncertainty: bool = False, **sampling_kwargs) -> Generation:
+             prefill_chunk: int = 512, return_uncertainty: bool = False, static_cache: bool = False,
+             cuda_graph: bool = False, **sampling_kwargs) -> Generation:
     """Generate text from ``prompt`` (a string or token ids; a list of them for a batch), streaming.
 
     ``sampling`` or keyword overrides (``temperature=0``, ``top_p=0.9`` …) choose tokens. ``stop`` strings end a row
@@ -546,13 +622,16 @@ def generate(model, tokenizer, prompt: str | Sequence[int] | Sequence[str] | Seq
     only the prompt is fed. ``return_state=True`` computes ``.state`` at the end of iteration instead of on first
     access. Text pieces are complete UTF-8 characters (a multi-byte character split over tokens comes out whole).
     ``return_uncertainty=True`` (a model with residual="pfp") gives ``.uncertainty``: the per-token PFP variance.
-    ``model`` may also be an :class:`Engine`.
+    ``prefill_chunk`` tokens are fed per prefill call; ``static_cache`` / ``cuda_graph`` pick the decoding mode
+    (see the module docstring). ``model`` may also be an :class:`Engine` (then its own settings apply).
     """
     engine = model if isinstance(model, Engine) else Engine(model, tokenizer, device=device,
-                                                            prefill_chunk=prefill_chunk)
+                                                            prefill_chunk=prefill_chunk, static_cache=static_cache,
+                                                            cuda_graph=cuda_graph)
     if tokenizer is not None and engine.tokenizer is not tokenizer:
         engine = Engine(engine.model, tokenizer, device=engine.device, prefill_chunk=engine.prefill_chunk,
-                        inference_mode=engine.inference_mode)
+                        inference_mode=engine.inference_mode, static_cache=engine.static_cache,
+                        cuda_graph=engine.cuda_graph, max_len=engine.max_len)
     return engine.generate(prompt, max_new_tokens=max_new_tokens, state=state, sampling=sampling, stop=stop,
                            stop_ids=stop_ids, return_state=return_state, ignore_eos=ignore_eos,
                            allow_special=allow_special, return_uncertainty=return_uncertainty, **sampling_kwargs)

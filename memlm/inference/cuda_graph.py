@@ -1,0 +1,108 @@
+"""CUDA-graph captured decode steps: one graph per state layout (batch size and buffer shapes), replayed per token.
+
+Notation: B batch rows, V vocabulary.
+
+A captured step is ``static_step`` (memlm.inference.static) recorded once on fixed buffers: token ids [B, 1], a
+static ModelState (every tensor of it) and the logits [B, V] it leaves. Decoding one token is then: copy the ids in,
+replay the graph (one launch for the whole model), read the logits. Sampling stays outside, in the engine's sampler.
+Graphs are kept in a small LRU keyed by the state's layout, so batch sizes 1..N each get their own. A state that is
+not the one a graph handed back last (a new generation, rows dropped from the batch) is first copied into the
+graph's buffers.
+
+Rules: one generation at a time per decoder (the buffers are shared; a state whose buffers were taken over by
+another generation is refused); the model's parameters must stay the same tensors (in-place updates are seen;
+after replacing or moving parameters call ``clear()``). ``capture=False`` runs the same buffer logic eagerly — what
+CPU tests use to check it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from memlm.inference.static import copy_state_, fresh_view, static_step
+from memlm.models.state import ModelState
+
+__all__ = ["GraphCaptureError", "GraphDecoder"]
+
+
+class GraphCaptureError(RuntimeError):
+    """The step could not be captured (the engine then decodes eagerly and says why)."""
+
+
+def _layout(state: ModelState) -> tuple:
+    return tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in state.state_dict().items())
+
+
+class _Captured:
+    """Buffers and graph of one layout."""
+
+    def __init__(self, model, template: ModelState, *, capture: bool, warmup: int) -> None:
+        self.model = model
+        self.state = template.clone()                      # the graph's own state buffers
+        self.tokens = torch.zeros(template.batch_size, 1, dtype=torch.long, device=template.pos.device)
+        self.last: ModelState | None = None                # the view handed out by the latest replay
+        self.graph = None
+        if not capture:
+            return
+        try:
+            # Warm-up on a side stream (lazy library and allocator work must not happen during capture); it only
+            # advances the scratch buffers, which every new generation overwrites.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    static_step(model, self.tokens, self.state)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = static_step(model, self.tokens, self.state)
+        except Exception as e:  # noqa: BLE001 — any capture failure means: decode without a graph
+            self.graph = None
+            raise GraphCaptureError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+    def __call__(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        if state is not self.last:
+            owned = {t.data_ptr() for t in self.state.state_dict().values() if t.numel()}
+            if any(t.numel() and t.data_ptr() in owned for t in state.state_dict().values()):
+                raise RuntimeError("this state's buffers were taken over by another generation on the same CUDA-graph "
+                                   "decoder; decode one generation at a time per engine")
+            copy_state_(self.state, state)
+        self.tokens.copy_(tokens.reshape(-1, 1))
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = static_step(self.model, self.tokens, self.state)
+        self.last = fresh_view(self.state)
+        return logits, self.last
+
+
+class GraphDecoder:
+    """``step(tokens [B], state) -> (logits [B, V], state)`` through captured graphs (see the module docstring).
+
+    The returned logits and state live in the graph's buffers: read the logits before the next step and pass the
+    returned state back (``state.select`` / ``clone`` copy out of them).
+    """
+
+    def __init__(self, model, *, max_graphs: int = 4, warmup: int = 2, capture: bool = True) -> None:
+        if capture and not torch.cuda.is_available():
+            raise GraphCaptureError("CUDA graphs need a CUDA device")
+        self.model, self.max_graphs, self.warmup, self.capture = model, max_graphs, warmup, capture
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+
+    def step(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        key = _layout(state)
+        g = self.graphs.get(key)
+        if g is None:
+            g = _Captured(self.model, state, capture=self.capture, warmup=self.warmup)
+            self.graphs[key] = g
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        return g(tokens, state)
+
+    def clear(self) -> None:
+        """Drop every graph (after the model's parameters were replaced or moved)."""
+        self.graphs.clear()
