@@ -121,7 +121,10 @@ class forbid_host_sync(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in _SYNC_OPS and not (name == "repeat_interleave" and not isinstance(args[1], Tensor)):
+        bad = name in _SYNC_OPS and not (name == "repeat_interleave" and not isinstance(args[1], Tensor))
+        if name in ("index", "index_put", "index_put_"):   # boolean masks become nonzero() inside the kernel
+            bad = any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        if bad:
             raise HostSyncError(f"{func} synchronises with the host (not allowed in a static decode step)")
         return func(*args, **(kwargs or {}))
 

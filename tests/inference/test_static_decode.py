@@ -1,0 +1,223 @@
+"""Static decoding (memlm.inference.static) and CUDA-graph steps (memlm.inference.cuda_graph) equal the dynamic path.
+
+Notation: B batch rows, T prompt tokens, N decoded tokens, V vocabulary.
+
+The static path runs here on CPU without graphs, under ``forbid_host_sync`` (what a CUDA graph capture refuses), and
+must give the dynamic path's logits to 1e-5 (fp32) at every step, with its buffers updated in place. The GPU test
+(marker gpu) replays captured graphs.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import memlm
+from memlm.inference.cuda_graph import GraphDecoder
+from memlm.inference.engine import Engine
+from memlm.inference.sampling import SamplingConfig
+from memlm.inference.static import HostSyncError, compact, forbid_host_sync, static_unsupported, to_static
+from memlm.ops.testing import assert_close
+
+GREEDY = SamplingConfig(temperature=0)
+PRESETS = ["transformer-debug", "transformer-swa-debug", "gated-deltanet-debug", "deltanet-debug", "mamba2-debug",
+           "hope-debug", "onyx-debug", "atlas-mag-debug", "titans-mag-debug", "infini-pythia-70m-debug"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_MODELS: dict[str, memlm.MemoryLM] = {}
+
+
+def model_for(name: str) -> memlm.MemoryLM:
+    """Weights with a larger gain, so that greedy outputs vary (a broken cache cannot hide in a repeated token)."""
+    if name not in _MODELS:
+        torch.manual_seed(0)
+        m = memlm.build_model(name)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() >= 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * 2.0 / math.sqrt(p.shape[-1]))
+        _MODELS[name] = m
+    return _MODELS[name]
+
+
+def ragged_prompt(T: int, pad: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows; row 1 is left-padded by ``pad`` (its document starts there: a different chunk alignment)."""
+    ids = torch.randint(0, 250, (2, T), generator=torch.Generator().manual_seed(seed))
+    reset = torch.zeros(2, T, dtype=torch.bool)
+    reset[1, pad] = True
+    return ids, reset
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_static_steps_equal_dynamic(name):
+    """Prompt 30 then 40 greedy steps (crosses chunks of 16, windows of 32 and 64): logits to 1e-5 at every step,
+    the same tokens, no host sync, buffers written in place, and the compacted state equals the dynamic one."""
+    model = model_for(name)
+    assert static_unsupported(model) is None
+    eng = Engine(model, prefill_chunk=8)
+    ids, reset = ragged_prompt(30, 5, seed=1)
+    logits, dyn = eng.prefill(ids, reset=reset)
+    with torch.inference_mode():
+        st = to_static(model, dyn, 80)
+    ptrs = {k: t.data_ptr() for k, t in st.state_dict().items()}
+    tok = logits.argmax(-1)
+    for i in range(40):
+        ld, dyn = eng.step(tok, dyn)
+        with forbid_host_sync():
+            ls, st = eng.step_static(tok, st)
+        assert_close(ls, ld, tol=1e-5, name=f"{name} step {i}")
+        tok = ld.argmax(-1)
+        assert torch.equal(ls.argmax(-1), tok)
+    assert {k: t.data_ptr() for k, t in st.state_dict().items()} == ptrs, "static buffers were reallocated"
+    got, want = compact(model, st).state_dict(), dyn.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        assert_close(got[k].float(), want[k].float(), tol=1e-5, name=f"{name} state {k}")
+
+
+@pytest.mark.parametrize("name", ["gated-deltanet-debug", "mamba2-debug", "hope-debug", "onyx-debug",
+                                  "atlas-mag-debug", "infini-pythia-70m-debug"])
+def test_chunked_prefill_equals_one_shot(name):
+    """Prefill in chunks of N tokens (memory presets; attention is covered in test_engine) equals one call."""
+    model = model_for(name)
+    ids, reset = ragged_prompt(45, 3, seed=2)
+    with torch.no_grad():
+        full, s_full = model(ids, reset=reset)
+    for chunk in (7, 16, 45):
+        last, state = Engine(model, prefill_chunk=chunk).prefill(ids, reset=reset)
+        assert_close(last, full[:, -1], tol=1e-5, name=f"{name} prefill chunk {chunk}")
+        a, b = state.state_dict(), s_full.state_dict()
+        for k in b:
+            assert_close(a[k].float(), b[k].float(), tol=1e-5, name=f"{name} chunk {chunk} state {k}")
+
+
+@pytest.mark.parametrize("name", ["transformer-debug", "atlas-mag-debug"])
+def test_engine_static_generation_equals_dynamic(name):
+    """Ragged batch whose rows finish at different steps (the batch shrinks): same tokens, reasons and final states."""
+    model = model_for(name)
+    prompts = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 19, 12)]
+    dyn = Engine(model, prefill_chunk=8).generate_ids(prompts, 30, GREEDY, ignore_eos=True, return_state=True).run()
+    stop = {dyn.rows[0].token_ids[9], dyn.rows[2].token_ids[20]}
+    runs = {}
+    for mode in ("dynamic", "static"):
+        eng = Engine(model, prefill_chunk=8, static_cache=mode == "static")
+        runs[mode] = eng.generate_ids(prompts, 30, GREEDY, stop_ids=stop, ignore_eos=True, return_state=True).run()
+        assert eng.decode_mode == mode and not eng.notes
+    a, b = runs["dynamic"].rows, runs["static"].rows
+    assert len({len(r.token_ids) for r in a}) > 1, "rows should finish at different steps"
+    for ra, rb in zip(a, b):
+        assert ra.token_ids == rb.token_ids and ra.finish_reason == rb.finish_reason
+        sa, sb = ra.state.state_dict(), rb.state.state_dict()
+        for k in sa:
+            assert sa[k].shape == sb[k].shape, k
+            assert_close(sb[k].float(), sa[k].float(), tol=1e-5, name=f"{name} final state {k}")
+
+
+def test_unsupported_layer_falls_back_with_reason():
+    model = model_for("transformer-retrieval-debug")
+    why = static_unsupported(model)
+    assert why is not None and "retrieval" in why
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    want = Engine(model).generate_ids(prompt, 12, GREEDY, ignore_eos=True).run().rows[0].token_ids
+    eng = Engine(model, static_cache=True)
+    got = eng.generate_ids(prompt, 12, GREEDY, ignore_eos=True).run().rows[0].token_ids
+    assert got == want and eng.decode_mode == "dynamic"
+    assert any("retrieval" in n and "dynamically" in n for n in eng.notes)
+    with pytest.raises(ValueError, match="static decoding is not available"):
+        to_static(model, model.init_state(1), 16)
+
+
+def test_cuda_graph_on_cpu_is_ignored_with_a_note():
+    eng = Engine(model_for("transformer-debug"), cuda_graph=True)
+    assert eng.static_cache and not eng.cuda_graph
+    assert any("cuda_graph ignored on cpu" in n for n in eng.notes)
+    eng.generate_ids([[1, 2, 3]], 4, GREEDY, ignore_eos=True).run()
+    assert eng.decode_mode == "static"
+
+
+def test_max_len_too_small_decodes_dynamically():
+    eng = Engine(model_for("transformer-debug"), static_cache=True, max_len=16)
+    eng.generate_ids([list(range(10))], 20, GREEDY, ignore_eos=True).run()
+    assert eng.decode_mode == "dynamic" and any("max_len=16" in n for n in eng.notes)
+
+
+def test_host_sync_guard_catches_item_and_nonzero():
+    x = torch.arange(4)
+    with pytest.raises(HostSyncError), forbid_host_sync():
+        bool(x.any())
+    with pytest.raises(HostSyncError), forbid_host_sync():
+        x[x > 1]
+    with forbid_host_sync():
+        (x * 2).repeat_interleave(2, dim=0)
+
+
+def test_graph_decoder_buffer_logic_without_capture():
+    """The decoder's buffer handling (copy-in of a foreign state, reuse of the one it returned, one graph per batch
+    size, refusal of a state whose buffers another generation took) run eagerly on CPU."""
+    model = model_for("gated-deltanet-debug")
+    eng = Engine(model)
+    dec = GraphDecoder(model, capture=False)
+    ids, reset = ragged_prompt(12, 2, seed=3)
+    logits, dyn = eng.prefill(ids, reset=reset)
+    with torch.inference_mode():
+        st = to_static(model, dyn, 32)
+        tok = logits.argmax(-1)
+        for _ in range(5):
+            ld, dyn = eng.step(tok, dyn)
+            ls, st = dec.step(tok, st)
+            assert_close(ls, ld, tol=1e-5, name="graph decoder step")
+            tok = ld.argmax(-1)
+        one, dyn1 = st.select([1]), dyn.select([1])          # a row finished: batch 1 gets its own buffers
+        ls, one = dec.step(tok[1:], one)
+        ld, dyn1 = eng.step(tok[1:], dyn1)
+        assert_close(ls, ld, tol=1e-5, name="after the batch shrank")
+        assert len(dec.graphs) == 2
+        stale = one
+        dec.step(tok[1:], to_static(model, dyn1, 32))       # another generation takes the batch-1 buffers
+        with pytest.raises(RuntimeError, match="taken over"):
+            dec.step(tok[1:], stale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["transformer-debug", "gated-deltanet-debug"])
+def test_cuda_graph_equals_eager_on_gpu(name):
+    """Captured graphs replay what eager static steps compute (logits to 1e-5 fp32) and the dynamic path's tokens,
+    for a ragged batch of 3 whose rows finish at different steps (graphs for batch 3, 2 and 1)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = model_for(name).to("cuda")
+    prompts = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 19, 12)]
+    dyn = Engine(model).generate_ids(prompts, 40, GREEDY, ignore_eos=True).run()
+    stop = {dyn.rows[0].token_ids[9], dyn.rows[2].token_ids[25]}
+    runs = {}
+    for mode in ("dynamic", "static", "cuda_graph"):
+        eng = Engine(model, static_cache=mode == "static", cuda_graph=mode == "cuda_graph")
+        runs[mode] = eng.generate_ids(prompts, 40, GREEDY, stop_ids=stop, ignore_eos=True).run()
+        assert eng.decode_mode == mode and not eng.notes, eng.notes
+    for r in range(3):
+        toks = [runs[m].rows[r].token_ids for m in runs]
+        assert toks[0] == toks[1] == toks[2]
+    # logits step by step: graph replay vs eager static, batch 1
+    eng = Engine(model, cuda_graph=True)
+    logits, state = eng.prefill(torch.tensor([prompts[1]], device="cuda"))
+    st_graph, step, _ = eng.decode_plan(state, 32)
+    st_eager, _, _ = Engine(model, static_cache=True).decode_plan(state, 32)
+    tok = logits.argmax(-1)
+    for i in range(30):
+        lg, st_graph = step(tok, st_graph)
+        lg = lg.clone()
+        le, st_eager = eng.step_static(tok, st_eager)
+        assert_close(lg, le, tol=1e-5, name=f"{name} graph step {i}")
+        tok = le.argmax(-1)
+    assert eng.decode_mode == "cuda_graph" and not eng.notes, eng.notes
