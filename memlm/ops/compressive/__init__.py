@@ -1,21 +1,29 @@
 """Compressive memory (Infini-attention) over document-aligned segments, and the chunk layout shared by every
 memory that writes once per chunk (segments.py).
 
-Backends (memlm.ops.dispatch, op name "compressive_memory"): "chunked" (one step per segment, default) and
-"reference" (token loop, by name only). `segment_memory(...)` dispatches.
+Backends (memlm.ops.dispatch, op name "compressive_memory"): "chunked" (one step per segment, default),
+"triton" (the segment loop as Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1; opt-in while
+TRITON_PRIORITY < 0) and "reference" (token loop, by name only). `segment_memory(...)` dispatches.
 """
 from __future__ import annotations
 
 from torch import Tensor
 
 from .. import dispatch
-from . import chunked, reference
+from . import chunked, reference, triton_segments
 from .segments import ChunkLayout, chunk_layout, gather_chunks, gather_tokens, pending_tail
 
-__all__ = ["ChunkLayout", "chunk_layout", "chunked", "gather_chunks", "gather_tokens", "pending_tail", "reference",
-           "segment_memory"]
+__all__ = ["TRITON_PRIORITY", "ChunkLayout", "chunk_layout", "chunked", "gather_chunks", "gather_tokens", "pending_tail",
+           "reference", "segment_memory", "triton_segments"]
+
+# Negative = only by name (layer backend="triton", force_backend, MEMLM_BACKEND_COMPRESSIVE_MEMORY=triton). Raise
+# above 0 to make it the CUDA default once tests/ops/test_compressive_triton.py passes on the GPU (unverified
+# kernels: Triton 3.6 on Hopper has miscompiled delta-rule-like backward kernels).
+TRITON_PRIORITY = -50
 
 dispatch.register("compressive_memory", "chunked", chunked.segment_memory, priority=0)
+dispatch.register("compressive_memory", "triton", triton_segments.segment_memory, supports=triton_segments.supports,
+                  priority=TRITON_PRIORITY)
 dispatch.register("compressive_memory", "reference", reference.segment_memory, priority=-100)
 
 
