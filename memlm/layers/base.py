@@ -13,7 +13,6 @@ registered as pytrees so ``torch.compile`` and ``torch.utils._pytree`` see throu
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
@@ -23,6 +22,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from memlm.config.base import Config, check_choice
+from memlm.scoped import Scoped
 
 # --------------------------------------------------------------------------------------------- state
 
@@ -124,23 +124,22 @@ def cat_states(states: list[LayerState]) -> LayerState:
 
 # ----------------------------------------------------------------------------------- aux losses / metrics
 
-_AUX: contextvars.ContextVar[dict | None] = contextvars.ContextVar("memlm_aux", default=None)
+_AUX = Scoped()  # not a ContextVar: torch.compile traces Scoped reads without a graph break
 
 
 @contextlib.contextmanager
 def collect_aux(step: int | None = None) -> Iterator[dict]:
     """Collect auxiliary losses and metrics that mixers report during a forward pass.
 
-    Yields ``{"losses": {name: Tensor}, "metrics": {name: float | Tensor}, "step": step}``; losses with the same
-    name add up. ``step`` is the optimizer step, for losses whose weight follows a schedule (``current_step()``).
+    Yields ``{"losses": {name: Tensor}, "metrics": {name: float | Tensor}, "step": step, "step_tensor": ...}``;
+    losses with the same name add up. ``step`` is the optimizer step, for losses whose weight follows a schedule
+    (``current_step()``, or ``current_step_tensor()`` inside compiled code).
     Outside this context, reports are dropped (so inference pays nothing).
     """
-    box: dict = {"losses": {}, "metrics": {}, "step": step}
-    token = _AUX.set(box)
-    try:
+    box: dict = {"losses": {}, "metrics": {}, "step": step,
+                 "step_tensor": None if step is None else torch.tensor(step, dtype=torch.float64)}
+    with _AUX.scope(box):
         yield box
-    finally:
-        _AUX.reset(token)
 
 
 def add_aux_loss(name: str, value: Tensor) -> None:
@@ -159,6 +158,14 @@ def current_step() -> int | None:
     """The training step given to ``collect_aux`` (None outside training)."""
     box = _AUX.get()
     return None if box is None else box.get("step")
+
+
+def current_step_tensor() -> Tensor | None:
+    """The same step as a float64 CPU scalar tensor (None outside training). Schedules computed from it inside a
+    compiled forward see a graph input, not a Python int that torch.compile would specialise (one recompile per step).
+    """
+    box = _AUX.get()
+    return None if box is None else box.get("step_tensor")
 
 
 def aux_active() -> bool:

@@ -141,9 +141,10 @@ class Compressive(Mixer):
         """x [B, T, D]; reset bool [B, T] -> (y [B, T, D], new state)."""
         B, T, _ = x.shape
         H, K, N, P = self.h, self.dh, self.N, self.N - 1
+        fresh = state is None  # a known-empty state: the chunk grid's size follows from T alone (no host sync)
         if state is None:
             state = self.init_state(B, device=x.device)
-        lay = chunk_layout(state.pos, state.doc_start, reset, T, N)
+        lay = chunk_layout(state.pos, state.doc_start, reset, T, N, fresh=fresh)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         ke = torch.cat([state.pend_k.to(k.dtype), k], dim=1)                # [B, P+T, H·K]
         ve = torch.cat([state.pend_v.to(v.dtype), v], dim=1)

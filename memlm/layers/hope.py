@@ -210,9 +210,10 @@ class Hope(Mixer):
                 update: bool = True) -> tuple[Tensor, HopeState]:
         """x [B, T, D]; reset bool [B, T] -> (y [B, T, D], new state)."""
         B, T, _ = x.shape
+        fresh = state is None  # a known-empty state: the chunk grid's size follows from T alone (no host sync)
         if state is None:
             state = self.init_state(B, device=x.device)
-        lay = chunk_layout(state.pos, state.doc_start, reset, T, self.C)
+        lay = chunk_layout(state.pos, state.doc_start, reset, T, self.C, fresh=fresh)
         u = self.u_proj(x)
         if self.cfg.read == "memory":
             u = torch.cat([u, self.q_proj(x)], dim=-1)
@@ -251,8 +252,10 @@ class Hope(Mixer):
         for n in range(lay.N):
             M0 = torch.where(lay.starts_doc[:, n, None, None, None], init, M)   # a document restarts the memory
             valid = lay.slot_valid[:, n]
-            # a static step always computes the write (no host sync) and commits it where the chunk completed
-            need_write = qg is not None or in_static_decode() or bool(lay.complete[:, n].any())
+            # a static step or a compiled graph always computes the write (no host sync, no graph break) and commits
+            # it where the chunk completed
+            need_write = (qg is not None or in_static_decode() or torch.compiler.is_compiling()
+                          or bool(lay.complete[:, n].any()))
             if need_write:
                 M1, read, k, v = self.write(M0, ug[:, n], None if qg is None else qg[:, n], valid)
                 M = torch.where(lay.complete[:, n, None, None, None], M1, M0)   # only complete chunks commit

@@ -37,7 +37,7 @@ from memlm.layers.base import (
     add_aux_loss,
     add_metric,
     aux_active,
-    current_step,
+    current_step_tensor,
     register_mixer,
 )
 from memlm.layers.norm import RMSNorm
@@ -222,6 +222,7 @@ class NeuralMemory(Mixer):
                 update: bool = True) -> tuple[Tensor, NeuralMemoryLayerState]:
         """x [B, T, D]; reset bool [B, T] -> (y [B, T, D], new state)."""
         B, T, _ = x.shape
+        fresh = state is None  # a known-empty state: the chunk grid's size follows from T alone (no host sync)
         if state is None:
             state = self.init_state(B, device=x.device)
         q, k, v, gates, conv = self.inputs(x, state.conv, reset)
@@ -237,17 +238,21 @@ class NeuralMemory(Mixer):
             o, _ = self._op(q, k, v, gates, W, reset=reset, update=False)
             new_state = state
         else:
-            o, new_state = self._write(q, k, v, gates, state, W, conv, reset)
+            o, new_state = self._write(q, k, v, gates, state, W, conv, reset, fresh)
         o = self.o_norm(o.to(x.dtype)) * F.silu(self.g_proj(x)).view(B, T, self.h, self.dk)
         return self.o_proj(o.reshape(B, T, self.h * self.dk)), new_state
 
     def _write(self, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: NeuralMemoryLayerState, W: tuple,
-               conv: Tensor, reset: Tensor | None) -> tuple[Tensor, NeuralMemoryLayerState]:
+               conv: Tensor, reset: Tensor | None, fresh: bool = False) -> tuple[Tensor, NeuralMemoryLayerState]:
         """Document-aligned chunk grid [B, N, C] of [pending; new tokens], fed to the op as a stream of N·C tokens
-        with a reset on the first slot of every chunk that starts a document."""
+        with a reset on the first slot of every chunk that starts a document.
+
+        With a static layout (N from shapes: no host sync, no torch.compile graph break) the split into one op call and
+        chunk-by-chunk calls comes from shapes too (lay.min_complete), and in a compiled graph every chunk-by-chunk call
+        writes; rows keep the write only where their chunk completed, as before, so outputs and states are the same."""
         B, T, H, K = q.shape
         C = self.C
-        lay = chunk_layout(state.pos, state.doc_start, reset, T, C)
+        lay = chunk_layout(state.pos, state.doc_start, reset, T, C, fresh=fresh)
         N = lay.N
         tok = torch.cat([k.float(), v.float(), gates], dim=-1).reshape(B, T, H * (2 * K + 4))
         ext = torch.cat([state.pend, tok], dim=1)                                    # [B, P+T, H(2K+4)]
@@ -259,8 +264,11 @@ class NeuralMemory(Mixer):
         rs[:, :, 0] = lay.starts_doc
         rs = rs.view(B, N * C)
         complete, starts = lay.complete, lay.starts_doc
-        full = complete.all(0).tolist()
-        m = full.index(False) if False in full else N   # leading chunks complete in every row: one op call
+        if lay.static:
+            m = lay.min_complete
+        else:
+            full = complete.all(0).tolist()
+            m = full.index(False) if False in full else N   # leading chunks complete in every row: one op call
         outs = []
         if m:
             s = slice(0, m * C)
@@ -269,7 +277,7 @@ class NeuralMemory(Mixer):
         inits = (self.W1_init.float(), self.W2_init.float(), torch.zeros_like(W[2]), torch.zeros_like(W[3]))
         for j in range(m, N):   # the rest chunk by chunk, committing each row's write only where its chunk completed
             s = slice(j * C, j * C + C)
-            upd = bool(complete[:, j].any())
+            upd = torch.compiler.is_compiling() or bool(complete[:, j].any())  # compiled: always write, no sync
             o, Wn = self._op(qg[:, s], kg[:, s], vg[:, s], gg[:, s], W, reset=rs[:, s], update=upd)
             sel, st = complete[:, j].view(B, 1, 1, 1), starts[:, j].view(B, 1, 1, 1)
             W = tuple(torch.where(sel, wn, torch.where(st, wi, w)) for wn, wi, w in zip(Wn, inits, W))
@@ -286,33 +294,46 @@ class NeuralMemory(Mixer):
                            starts: Tensor) -> None:
         """Metric inner_loss/layer{i}: the γ-weighted Omega loss Σγ‖M_W(k) − v‖² / Σγ of the last chunk written in
         this call, under the weights right after its write; inner_loss_init/layer{i}: the same under W_init (what the
-        memory would answer without test-time learning)."""
-        done = complete.any(0).nonzero()
-        if done.numel() == 0:
-            return
-        j = int(done[-1])
+        memory would answer without test-time learning). Both are means over the rows that qualify, computed with
+        masks (no data-dependent shapes: torch.compile traces it whole); eager mode reports nothing when no row
+        qualifies (no chunk completed), a compiled graph reports 0 then."""
+        B, N = complete.shape
         C, c = self.C, self.c
-        rows = complete[:, j] & ~starts[:, j + 1:].any(1)                      # rows whose final W is chunk j's write
-        if not bool(rows.any()):
+        idx = torch.arange(N, device=complete.device)
+        j = torch.where(complete.any(0), idx, -1).max()                          # last chunk written (−1: none)
+        jj = j.clamp_min(0)
+        later = starts & (idx > j)                                               # [B, N] documents started after j
+        rows = complete[:, jj] & (j >= 0) & ~later.any(1)                       # rows whose final W is chunk j's write
+        if not torch.compiler.is_compiling() and not bool(rows.any()):
             return
-        s = slice(j * C + C - c, j * C + C)
-        k, v, g = kg[rows, s].transpose(1, 2), vg[rows, s].transpose(1, 2), gg[rows, s, :, 0].transpose(1, 2)
+        s = jj * C + C - c + torch.arange(c, device=kg.device)                 # its last c slots (the window)
+        k, v, g = kg[:, s].transpose(1, 2), vg[:, s].transpose(1, 2), gg[:, s, :, 0].transpose(1, 2)
         x = poly_features(k) if self.cfg.poly else k
+        w = rows.float()
+        n = w.sum().clamp_min(1.0)
 
         def loss(W1: Tensor, W2: Tensor) -> Tensor:
-            err = (memory_read(W1, W2, x, k) - v).square().sum(-1)              # [b, H, c]
-            return ((g * err).sum(-1) / g.sum(-1).clamp_min(1e-6)).mean()
+            err = (memory_read(W1, W2, x, k) - v).square().sum(-1)              # [B, H, c]
+            per_row = ((g * err).sum(-1) / g.sum(-1).clamp_min(1e-6)).mean(-1)  # [B]
+            return (per_row * w).sum() / n
 
-        add_metric(f"inner_loss/layer{self.layer_idx}", loss(W[0][rows], W[1][rows]))
+        add_metric(f"inner_loss/layer{self.layer_idx}", loss(W[0], W[1]))
         init = loss(self.W1_init.float()[None], self.W2_init.float()[None])
         add_metric(f"inner_loss_init/layer{self.layer_idx}", init)
 
 
-def polarization_weight(step: int | None, weight: float, warmup: int, hold: int, half_life: int) -> float:
+def polarization_weight(step: int | Tensor | None, weight: float, warmup: int, hold: int,
+                        half_life: int) -> float | Tensor:
     """λ(step): linear warm-up to ``weight`` over ``warmup`` steps, ``hold`` steps at ``weight``, then halving every
-    ``half_life`` steps (0: never). step None (no trainer step known) gives ``weight``."""
+    ``half_life`` steps (0: never). step None (no trainer step known) gives ``weight``. A tensor step (a float64
+    scalar, ``current_step_tensor``) gives the same schedule as a tensor: a compiled graph then reads the step as an
+    input instead of specialising on its value (one recompile per step)."""
     if step is None or weight == 0.0:
         return weight
+    if isinstance(step, Tensor):
+        s = step - warmup - hold
+        decayed = weight * 0.5 ** (s.clamp_min(0) / half_life) if half_life > 0 else torch.full_like(step, weight)
+        return torch.where(step < warmup, weight * (step + 1) / max(warmup, 1), torch.where(s <= 0, weight, decayed))
     if step < warmup:
         return weight * (step + 1) / warmup
     s = step - warmup - hold
@@ -357,12 +378,13 @@ class MAG(_Hybrid):
 
     def forward(self, x: Tensor, state: HybridState | None = None, *, reset: Tensor | None = None,
                 update: bool = True) -> tuple[Tensor, HybridState]:
+        fresh = state is None  # the memory gets None too: it then knows its state is empty without reading it
         if state is None:
             state = self.init_state(x.shape[0], device=x.device)
         a, kv = self.core(x, state.kv, reset, update)
         if self.memory is None:
             return a, HybridState(kv=kv, mem=None)
-        m, mem = self.memory(x, state.mem, reset=reset, update=update)
+        m, mem = self.memory(x, None if fresh else state.mem, reset=reset, update=update)
         g = torch.sigmoid(self.gate_norm(m))
         if aux_active():
             self._report_gate(g)
@@ -370,8 +392,12 @@ class MAG(_Hybrid):
 
     def _report_gate(self, g: Tensor) -> None:
         cfg = self.cfg
-        lam = polarization_weight(current_step(), cfg.polar_weight, cfg.polar_warmup, cfg.polar_hold, cfg.polar_decay)
-        if lam > 0:
+        if cfg.polar_weight > 0:  # λ(step) > 0 for every step then
+            lam = polarization_weight(current_step_tensor(), cfg.polar_weight, cfg.polar_warmup, cfg.polar_hold,
+                                      cfg.polar_decay)
+            # a CPU float64 scalar rounded once to float32 (as a Python float would be); it stays on the CPU: a 0-dim
+            # CPU tensor multiplies a CUDA one as a scalar, without a host-to-device copy
+            lam = lam.to(torch.float32) if isinstance(lam, Tensor) else lam
             add_aux_loss("gate_polarization", lam * (1.0 - (2.0 * g.float() - 1.0).abs()).mean())
         gd = g.detach().float()
         add_metric(f"gate_hist/layer{self.layer_idx}", torch.histc(gd, bins=cfg.gate_bins, min=0.0, max=1.0))
@@ -389,11 +415,12 @@ class MAL(_Hybrid):
 
     def forward(self, x: Tensor, state: HybridState | None = None, *, reset: Tensor | None = None,
                 update: bool = True) -> tuple[Tensor, HybridState]:
+        fresh = state is None  # the memory gets None too: it then knows its state is empty without reading it
         if state is None:
             state = self.init_state(x.shape[0], device=x.device)
         if self.memory is None:
             a, kv = self.core(x, state.kv, reset, update)
             return a, HybridState(kv=kv, mem=None)
-        m, mem = self.memory(x, state.mem, reset=reset, update=update)
+        m, mem = self.memory(x, None if fresh else state.mem, reset=reset, update=update)
         a, kv = self.core(self.attn_norm(x + m), state.kv, reset, update)
         return m + a, HybridState(kv=kv, mem=mem)

@@ -18,27 +18,24 @@ logits) and nothing else — no sampling, no extra loss. Everything is per token
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from memlm.scoped import Scoped
+
 __all__ = ["PFPHeads", "collect_uncertainty", "pfp_temperature", "report_uncertainty"]
 
-_UNC: contextvars.ContextVar[dict | None] = contextvars.ContextVar("memlm_uncertainty", default=None)
+_UNC = Scoped()  # not a ContextVar: read inside compiled forwards without a graph break
 
 
 @contextlib.contextmanager
 def collect_uncertainty() -> Iterator[dict]:
     """Collect the per-token variance v [B, T] of every PFP forward run inside: yields {"variance": last v or None}."""
-    box: dict = {"variance": None}
-    token = _UNC.set(box)
-    try:
+    with _UNC.scope({"variance": None}) as box:
         yield box
-    finally:
-        _UNC.reset(token)
 
 
 def report_uncertainty(var: Tensor) -> None:

@@ -117,6 +117,7 @@ class Retrieval(Mixer):
                 update: bool = True) -> tuple[Tensor, RetrievalState]:
         """x [B, T, D]; reset bool [B, T] -> (y [B, T, D], new state)."""
         B, T, _ = x.shape
+        fresh = state is None  # a known-empty state: the chunk grid's size follows from T alone (no host sync)
         if state is None:
             state = self.init_state(B, device=x.device)
         core = self.core
@@ -133,7 +134,7 @@ class Retrieval(Mixer):
         vm = v
         if self.cfg.detach_memory:
             km, vm = km.detach(), vm.detach()
-        lay = chunk_layout(pos, doc_start, reset, T, self.S)
+        lay = chunk_layout(pos, doc_start, reset, T, self.S, fresh=fresh)
         P = self.S - 1
         ke = torch.cat([state.pend_k.to(k.dtype), km.transpose(1, 2)], dim=1)   # [B, P+T, Hk, Dh]
         ve = torch.cat([state.pend_v.to(v.dtype), vm.transpose(1, 2)], dim=1)

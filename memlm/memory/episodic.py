@@ -23,7 +23,6 @@ faiss is optional for memlm: importing this module never imports it; using a sto
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import json
 import math
@@ -38,6 +37,7 @@ from torch import Tensor
 
 from memlm.errors import UserError
 from memlm.io import atomic_write_bytes, atomic_write_text
+from memlm.scoped import Scoped
 
 FORMAT = "memlm-episodic-v1"
 EVICTIONS = ("fifo", "lru")
@@ -388,17 +388,14 @@ class EpisodicIndexSet:
 
 # ------------------------------------------------------------------------------------------- activation
 
-_ACTIVE: contextvars.ContextVar[EpisodicIndexSet | None] = contextvars.ContextVar("memlm_episodic", default=None)
+_ACTIVE = Scoped()  # EpisodicIndexSet | None; not a ContextVar: read inside compiled forwards without a graph break
 
 
 @contextlib.contextmanager
 def use_indexes(index_set: EpisodicIndexSet | None) -> Iterator[EpisodicIndexSet | None]:
     """Retrieval layers search through ``index_set`` (large stores only, see RetrievalConfig.index_threshold)."""
-    token = _ACTIVE.set(index_set)
-    try:
+    with _ACTIVE.scope(index_set):
         yield index_set
-    finally:
-        _ACTIVE.reset(token)
 
 
 def current_indexes() -> EpisodicIndexSet | None:

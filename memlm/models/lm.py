@@ -58,7 +58,10 @@ class MemoryLM(nn.Module):
         """
         B, T = input_ids.shape
         if state is None:
-            state = self.init_state(B, device=input_ids.device)
+            # Mixers get state=None (the contract's fresh state): they know it is empty without reading it, which
+            # lets chunked memories size their work from shapes alone (no host sync, no torch.compile graph break).
+            z = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+            state = ModelState((None,) * len(self.blocks), z, z.clone(), self._config_hash, self._kinds)
         elif state.batch_size != B:
             raise ValueError(f"state has batch {state.batch_size}, input has {B}")
         x = self.embed(input_ids)

@@ -16,12 +16,13 @@ negative priority (only by name), Triton kernels later at a positive priority wi
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from memlm.scoped import Scoped
 
 __all__ = ["Backend", "backends", "call", "env_var", "force_backend", "get", "register", "unregister"]
 
@@ -40,9 +41,10 @@ class Backend:
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
 _counter = 0
-# op -> backend name; a ContextVar so that concurrent tests/threads do not see each other's forcing.
-# Holds an immutable mapping (a fresh dict per `set`, never mutated), default None = nothing forced.
-_FORCED: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("memlm_forced_backends", default=None)
+# op -> backend name, per thread so that concurrent tests/threads do not see each other's forcing; a Scoped value
+# (not a ContextVar) so that compiled models resolve backends without a graph break. Holds an immutable mapping (a
+# fresh dict per scope, never mutated), default None = nothing forced.
+_FORCED = Scoped()
 
 
 def _forced() -> dict[str, str]:
@@ -122,8 +124,5 @@ def call(op_name: str, *args: Any, backend: str | None = None, **kwargs: Any) ->
 def force_backend(op_name: str, backend_name: str) -> Iterator[None]:
     """Within the block, `get(op_name)` without an explicit backend returns backend_name (validated on entry)."""
     _lookup(op_name, backend_name, "force_backend")
-    token = _FORCED.set({**_forced(), op_name: backend_name})
-    try:
+    with _FORCED.scope({**_forced(), op_name: backend_name}):
         yield
-    finally:
-        _FORCED.reset(token)

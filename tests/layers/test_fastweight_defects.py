@@ -319,8 +319,8 @@ def test_decode_performs_the_training_writes(kind, monkeypatch):
     mod = hope_mod if kind == "hope" else comp_mod
     real = mod.chunk_layout
 
-    def per_token(pos, doc_start, reset, T, C):  # decode commits every token instead of every chunk
-        lay = real(pos, doc_start, reset, T, C)
+    def per_token(pos, doc_start, reset, T, C, **kw):  # decode commits every token instead of every chunk
+        lay = real(pos, doc_start, reset, T, C, **kw)
         if T == 1:
             lay.complete = lay.slot_valid.any(-1)
         return lay
