@@ -150,8 +150,11 @@ def cmd_generate(args) -> int:
     model = with_kv_tiers(model, tok, args.kv_tiers)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     state = ModelState.load(args.state, model=model) if args.state else None
+    if args.prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk {args.prefill_chunk}: must be ≥ 1")
     gen = generate(model, tok, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling_from_args(args),
-                   stop=args.stop or None, state=state)
+                   stop=args.stop or None, state=state, prefill_chunk=args.prefill_chunk,
+                   static_cache=args.static_cache, cuda_graph=args.cuda_graph)
     sys.stdout.write(prompt)
     for piece in gen:
         sys.stdout.write(piece)

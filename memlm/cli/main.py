@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_args(g)
     g.add_argument("--state", default=None, help="continue from a saved memory state file")
     g.add_argument("--save-state", default=None, help="save the memory state after generation to this file")
+    g.add_argument("--prefill-chunk", type=int, default=512, metavar="N", help="feed the prompt N tokens per call")
+    g.add_argument("--static-cache", action="store_true",
+                   help="decode with static-shape states updated in place (same tokens, fixed shapes)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="replay one captured CUDA graph per token (implies --static-cache; CUDA only, ignored "
+                        "elsewhere with a note)")
 
     c = cmd("chat", "multi-turn streaming chat in the terminal with memory modes (type /help inside)")
     _model_args(c)

@@ -221,3 +221,20 @@ def test_cuda_graph_equals_eager_on_gpu(name):
         assert_close(lg, le, tol=1e-5, name=f"{name} graph step {i}")
         tok = le.argmax(-1)
     assert eng.decode_mode == "cuda_graph" and not eng.notes, eng.notes
+
+
+def test_cli_generate_flags(capsys, caplog):
+    """--cuda-graph on CPU decodes statically with a note and prints what the default path prints; a bad
+    --prefill-chunk is a one-line error."""
+    from memlm.cli.main import main
+
+    argv = ["generate", "transformer-debug", "--prompt", "Hi there", "--max-new-tokens", "8", "--temperature", "0"]
+    torch.manual_seed(0)
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    torch.manual_seed(0)
+    assert main(argv + ["--cuda-graph", "--prefill-chunk", "3"]) == 0
+    assert capsys.readouterr().out == plain
+    assert "cuda_graph ignored on cpu" in caplog.text
+    assert main(argv + ["--prefill-chunk", "0"]) == 2
+    assert "--prefill-chunk 0" in capsys.readouterr().err
