@@ -303,7 +303,8 @@ class NeuralMemory(Mixer):
         j = torch.where(complete.any(0), idx, -1).max()                          # last chunk written (−1: none)
         jj = j.clamp_min(0)
         later = starts & (idx > j)                                               # [B, N] documents started after j
-        rows = complete[:, jj] & (j >= 0) & ~later.any(1)                       # rows whose final W is chunk j's write
+        done_j = complete.gather(1, jj.expand(B, 1))[:, 0]                      # [B] (a gather: no host read of j)
+        rows = done_j & (j >= 0) & ~later.any(1)                                # rows whose final W is chunk j's write
         if not torch.compiler.is_compiling() and not bool(rows.any()):
             return
         s = jj * C + C - c + torch.arange(c, device=kg.device)                 # its last c slots (the window)

@@ -12,6 +12,11 @@ landmarks of each row's current document, compacted in position order (rows padd
 the longest row), so its content is a function of the tokens seen — never of how the stream was split into calls.
 Attention cost per query is O(L + T/S) instead of O(L + T). The self key of a query that is not a landmark enters
 the softmax as one extra logit (it is never cached: a later query cannot see it).
+
+Inside torch.compile the compactions use widths known from shapes instead of the longest row (which needs a host
+read and breaks the graph): the new tokens' landmarks get ceil(T/S) + r columns (r = 0 without a reset, else the
+``reset_bound`` promise, else T columns) and the returned cache L + that many. Outputs are the same (padding slots are
+masked); the compiled cache just carries extra empty slots at the end.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from torch import Tensor
 
 from memlm.layers.attention import Attention, AttentionConfig, KVState, core_from_config
 from memlm.layers.base import Mixer, register_mixer, stream_positions
+from memlm.ops.compressive.segments import static_chunks
 
 __all__ = ["GlobalAttention", "GlobalAttentionConfig", "LocalAttention", "LocalAttentionConfig", "compact_keys"]
 
@@ -57,15 +63,19 @@ class GlobalAttentionConfig(AttentionConfig):
             raise ValueError("global_attention does not support n_persistent")
 
 
-def compact_keys(k: Tensor, v: Tensor, kpos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def compact_keys(k: Tensor, v: Tensor, kpos: Tensor, width: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Move the valid slots (kpos ≥ 0) of every row to the front in position order; drop columns no row needs.
 
-    k, v: [B, Hk, L, Dh]; kpos: [B, L] (−1 = empty) -> the same with L' = max valid count over rows ≤ L.
+    k, v: [B, Hk, L, Dh]; kpos: [B, L] (−1 = empty) -> the same with L' = max valid count over rows ≤ L, or
+    L' = ``width`` (a bound ≥ that count, known without reading the device: no host sync, no graph break).
     """
     valid = kpos >= 0
-    if bool(valid.all()):
-        return k, v, kpos  # nothing to drop; valid slots are already in position order (cache, then new keys)
-    n = int(valid.sum(1).max())
+    if width is None:
+        if bool(valid.all()):
+            return k, v, kpos  # nothing to drop; valid slots are already in position order (cache, then new keys)
+        n = int(valid.sum(1).max())
+    else:
+        n = min(width, kpos.shape[1])
     big = torch.iinfo(kpos.dtype).max
     order = torch.argsort(torch.where(valid, kpos, torch.full_like(kpos, big)), dim=1, stable=True)[:, :n]
     idx = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
@@ -102,7 +112,11 @@ class GlobalAttention(Mixer):
             q, k = core.rotary(q, k, abs_pos - doc_tok)
         is_land = (abs_pos - doc_tok) % self.stride == 0  # [B, T]
         # Landmarks among the new tokens, compacted per row (rows differ when documents start at different places).
-        k_l, v_l, p_l = compact_keys(k, v, torch.where(is_land, abs_pos, torch.full_like(abs_pos, -1)))
+        # Compiled: a width from shapes (module docstring); a bound on landmarks is a bound on chunks of S tokens.
+        width = None
+        if torch.compiler.is_compiling():
+            width = static_chunks(t_len, self.stride, reset, fresh=True) or t_len
+        k_l, v_l, p_l = compact_keys(k, v, torch.where(is_land, abs_pos, torch.full_like(abs_pos, -1)), width)
         keys = torch.cat([state.k.to(k.dtype), k_l], dim=2)
         vals = torch.cat([state.v.to(v.dtype), v_l], dim=2)
         kpos = torch.cat([state.kpos, p_l], dim=1)
@@ -113,7 +127,7 @@ class GlobalAttention(Mixer):
         # Keep the landmarks of each row's current document only (older documents can never be attended again).
         alive = (kpos >= 0) & (kpos >= doc_tok[:, -1:])
         kpos = torch.where(alive, kpos, torch.full_like(kpos, -1))
-        keys, vals, kpos = compact_keys(keys, vals, kpos)
+        keys, vals, kpos = compact_keys(keys, vals, kpos, None if width is None else kpos.shape[1])
         kd = state.k.dtype
         return y, KVState(k=keys.to(kd), v=vals.to(kd), kpos=kpos, pos=state.pos + t_len, doc_start=doc_tok[:, -1])
 

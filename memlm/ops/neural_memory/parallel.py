@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from .common import NeuralMemoryState, Pending, check_args, compute_dtype, features, newton_schulz5
+from .common import NeuralMemoryState, Pending, check_args, compute_dtype, features, maybe_any, newton_schulz5
 
 __all__ = ["Prelude", "Stream", "chunk_gates", "finish", "memory_read", "neural_memory", "omega_grad", "prepare",
            "read_only", "stream"]
@@ -155,7 +155,7 @@ def read_only(pre: Prelude) -> tuple[Tensor, NeuralMemoryState]:
     """update=False: every token reads the current W (W_init after a reset, pending resets included)."""
     o = memory_read(pre.W1, pre.W2, pre.qf, pre.qraw)
     after = (pre.pending.reset.any(1, keepdim=True) | (pre.reset.cumsum(1) > 0))  # [B, T]
-    if bool(after.any()):
+    if maybe_any(after):
         o = torch.where(after[:, None, :, None], memory_read(pre.W1i, pre.W2i, pre.qf, pre.qraw), o)
     return o.movedim(1, 2).to(pre.out_dtype), NeuralMemoryState(pre.W1, pre.W2, pre.S1, pre.S2, pre.pending)
 
@@ -171,7 +171,7 @@ def stream(pre: Prelude, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta
                        (("gamma", gamma), ("eta", eta), ("theta", theta), ("alpha", alpha)))
     rs = torch.cat([pending.reset, pre.reset], dim=1)
     n_full, n_chunks = L // C, -(-L // C)
-    any_reset = bool(rs.any())
+    any_reset = maybe_any(rs)  # compiled: the general (reset-masked) path, which equals the plain one without resets
     after, valid, has = _reset_masks(rs, n_chunks, C) if any_reset else (None, None, None)
     return Stream(p, L, n_full, n_chunks, ks, vs, gs, es, ts, als, rs, _bh(features(ks, pre.poly)),
                   _bh(ks) if pre.residual else None, _bh(vs), _bh(gs), _bh(es), _bh(ts), _bh(als), any_reset,
@@ -246,14 +246,14 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
             o_j = memory_read(W1, W2, qf[:, :, sl], None if qraw is None else qraw[:, :, sl])
             if st.any_reset:
                 ar = st.after[:, j, r0 - s0:s1 - s0]
-                if bool(ar.any()):
+                if maybe_any(ar):
                     o_init = memory_read(W1i, W2i, qf[:, :, sl], None if qraw is None else qraw[:, :, sl])
                     o_j = torch.where(ar[:, None, :, None], o_init, o_j)
             outs.append(o_j)
         if s1 - s0 < C:
             break  # incomplete last chunk: buffered, not written
         W1s, W2s, S1s, S2s = W1, W2, S1, S2
-        if st.any_reset and bool(st.has[:, j].any()):  # the write starts from (W_init, 0) in rows with a reset
+        if st.any_reset and maybe_any(st.has[:, j]):  # the write starts from (W_init, 0) in rows with a reset
             h = st.has[:, j, None, None, None]
             W1s, W2s = torch.where(h, W1i, W1), torch.where(h, W2i, W2)
             S1s, S2s = S1.masked_fill(h, 0.0), S2.masked_fill(h, 0.0)
