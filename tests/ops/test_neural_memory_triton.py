@@ -1,0 +1,96 @@
+"""Triton neural-memory backend on CUDA at the per-head shapes of atlas-mag-small (Dk = Dv = 32, E = 64, polynomial
+features F = 560, C = 64): outputs, final states and gradients w.r.t. every input vs the chunked form in float64
+(and the token-loop reference once), at awkward lengths, fp32 and bf16, with document resets and a carried
+pending buffer; and a two-layer atlas-mag-small model end to end. Marked gpu (deselected by default).
+
+Notation: B batch, T tokens, H heads, C chunk size, W1, W2 fast weights, S1, S2 momenta, γ η θ α gates.
+Tolerances: float32 within max(1e-5, NOISE × the chunked form's own float32 error) of float64 (the Muon gradients are
+ill-conditioned enough that float32 PyTorch itself misses 1e-5); bf16 inputs: outputs/states 5e-3, gradients 1e-2.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_neural_memory_triton_interp import LEAVES, NOISE, check, compare, inputs, resets, run
+
+import memlm
+from memlm.models.lm import MemoryLM
+from memlm.ops import dispatch
+from memlm.ops.neural_memory import neural_memory, neural_memory_reference, triton_memory
+from memlm.ops.testing import rel_err
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+DEVICE = "cuda"
+ATLAS = {"H": 2, "Dk": 32, "Dv": 32, "E": 64, "poly": True}   # atlas-mag-small: head_dim 32, expansion 2, poly
+C = 64
+LENGTHS = (1, 63, 64, 65, 100, 1000)
+
+
+def case(T: int):
+    """Inputs, resets (row 0 only: both write paths run in one launch; none at T = C + 1, the reset-free kernels),
+    and a split into two calls for T = LENGTHS[4] (C/2 + 5 tokens pending across the calls)."""
+    x = inputs(B=2, T=T, seed=T, device=DEVICE, **ATLAS)
+    positions = (C // 6, 2 * C + C // 3, 5 * C - 20, 10 * C)
+    reset = None if T == C + 1 else resets(2, T, [positions, ()], device=DEVICE)
+    split = C // 2 + 5 if T == LENGTHS[4] else None
+    nonzero = ("q", "W1", "W2") if T < C else LEAVES if reset is not None else LEAVES[:-2]   # no W_init w/o reset
+    return x, {"reset": reset, "split": split, "chunk_size": C, "poly": True}, nonzero
+
+
+@pytest.mark.parametrize("opt", ["momentum", "muon"])
+@pytest.mark.parametrize("T", LENGTHS)
+def test_fp32_matches_chunked_float64(T, opt):
+    x, kw, nonzero = case(T)
+    check(x, optimizer=opt, nonzero=nonzero, **kw)
+
+
+@pytest.mark.parametrize("opt", ["momentum", "muon"])
+@pytest.mark.parametrize("T", LENGTHS)
+def test_bf16_inputs(T, opt):
+    x, kw, _ = case(T)
+    low = ("q", "k", "v")
+    xr = {n: (t.bfloat16().double() if n in low else t) for n, t in x.items()}   # the values triton sees
+    want = run(neural_memory, xr, torch.float64, optimizer=opt, **kw)
+    base = run(neural_memory, xr, torch.float32, low=low, optimizer=opt, **kw)
+    got = run(triton_memory.neural_memory, xr, torch.float32, low=low, optimizer=opt, **kw)
+    assert got["o"].dtype == torch.bfloat16 and got["W1"].dtype == torch.float32
+    compare(got, want, base, floor=5e-3, grad_floor=1e-2)
+
+
+@pytest.mark.parametrize("opt", ["momentum", "muon"])
+def test_matches_token_reference(opt):
+    T = 2 * C + 2                                                    # two writes and an open chunk
+    x = inputs(B=2, T=T, seed=5, device=DEVICE, **ATLAS)
+    check(x, truth=neural_memory_reference, optimizer=opt, chunk_size=C, poly=True, split=C + 6,
+          reset=resets(2, T, [(C // 3, C), ()], device=DEVICE))
+
+
+def test_atlas_mag_small_model_two_layers():
+    """Logits and every parameter gradient of a two-layer atlas-mag-small (packed documents) with the triton
+    backend vs chunked in float64."""
+    cfg = memlm.preset("atlas-mag-small").model
+    cfg = dataclasses.replace(cfg, layers=cfg.layers[:2])
+    torch.manual_seed(0)
+    base = MemoryLM(cfg).to(DEVICE).double()
+    ids = torch.randint(0, cfg.vocab_size, (2, 200), device=DEVICE)
+    reset = torch.zeros(2, 200, dtype=torch.bool, device=DEVICE)
+    reset[0, 77] = True
+
+    def run_model(backend: str, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = MemoryLM(cfg).to(DEVICE, dtype)
+        m.load_state_dict(base.state_dict())
+        with dispatch.force_backend("neural_memory", backend):
+            logits, _ = m(ids, reset=reset)
+        logits.double().square().mean().backward()
+        return logits, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    want, gwant = run_model("chunked", torch.float64)
+    b, gb = run_model("chunked", torch.float32)
+    got, ggot = run_model("triton", torch.float32)
+    assert rel_err(got, want) <= max(1e-5, NOISE * rel_err(b, want))
+    assert ggot.keys() == gwant.keys()
+    for n in gwant:
+        assert rel_err(ggot[n], gwant[n]) <= max(1e-5, NOISE * rel_err(gb[n], gwant[n])), n
