@@ -74,11 +74,12 @@ def bench_memlm(name: str, model, ctx: int, args, dev: torch.device, dtype: torc
               "dtype": str(dtype).removeprefix("torch."), "prefill_s": round(time.perf_counter() - t0, 3)}
     rows = []
     for mode in args.modes:
-        eng = Engine(model, prefill_chunk=args.prefill_chunk, static_cache=mode != "eager",
-                     cuda_graph=mode == "cuda_graph")
+        base = mode.removesuffix("_compiled")   # "*_compiled": the static step through torch.compile
+        eng = Engine(model, prefill_chunk=args.prefill_chunk, static_cache=base != "eager",
+                     cuda_graph=base == "cuda_graph", compile_step=base != mode)
         with torch.inference_mode():
             st, step, _ = eng.decode_plan(after, args.new_tokens + args.warmup + 1)
-        if eng.decode_mode != {"eager": "dynamic"}.get(mode, mode):
+        if eng.decode_mode != {"eager": "dynamic"}.get(base, base):
             rows.append(emit(**common, mode=mode, skipped=f"ran as {eng.decode_mode}: {eng.notes}"))
             continue
         with torch.inference_mode():
@@ -181,7 +182,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--prefill-chunk", type=int, default=1024)
-    ap.add_argument("--modes", nargs="*", default=["eager", "static", "cuda_graph"])
+    ap.add_argument("--modes", nargs="*", default=["eager", "static", "cuda_graph"],
+                    choices=["eager", "static", "cuda_graph", "static_compiled", "cuda_graph_compiled"],
+                    help="*_compiled: torch.compile the static step first (fused kernels; compiling takes minutes)")
     ap.add_argument("--engine-modes", nargs="*", default=None, help="modes also timed through Engine.generate_ids "
                     "(default: all; --quick: cuda_graph only)")
     ap.add_argument("--hf", default=None, help="the preset whose shape HF Llama takes (default: the first "
@@ -201,9 +204,9 @@ def main() -> None:
     args.new_tokens = args.new_tokens or n
     if args.engine_modes is None:
         args.engine_modes = ["cuda_graph"] if args.quick else list(args.modes)
-    if "cuda_graph" in args.modes and dev.type != "cuda":
-        args.modes = [m for m in args.modes if m != "cuda_graph"]
-        args.engine_modes = [m if m != "cuda_graph" else "static" for m in args.engine_modes]
+    if any(m.startswith("cuda_graph") for m in args.modes) and dev.type != "cuda":
+        args.modes = [m for m in args.modes if not m.startswith("cuda_graph")]
+        args.engine_modes = [m.replace("cuda_graph", "static") for m in args.engine_modes]
         emit(bench="decode_note", note=f"no CUDA graphs on {dev.type}: cuda_graph mode skipped")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if dev.type == "cuda" else "fp32")]
     if dev.type == "cpu":

@@ -38,8 +38,8 @@ def _layout(state: ModelState) -> tuple:
 class _Captured:
     """Buffers and graph of one layout."""
 
-    def __init__(self, model, template: ModelState, *, capture: bool, warmup: int) -> None:
-        self.model = model
+    def __init__(self, model, template: ModelState, *, capture: bool, warmup: int, forward=None) -> None:
+        self.model, self.forward = model, forward
         self.state = template.clone()                      # the graph's own state buffers
         self.tokens = torch.zeros(template.batch_size, 1, dtype=torch.long, device=template.pos.device)
         self.last: ModelState | None = None                # the view handed out by the latest replay
@@ -53,11 +53,11 @@ class _Captured:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(warmup):
-                    static_step(model, self.tokens, self.state)
+                    static_step(model, self.tokens, self.state, forward)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = static_step(model, self.tokens, self.state)
+                self.logits = static_step(model, self.tokens, self.state, forward)
         except Exception as e:  # noqa: BLE001 — any capture failure means: decode without a graph
             self.graph = None
             raise GraphCaptureError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -74,7 +74,7 @@ class _Captured:
             self.graph.replay()
             logits = self.logits
         else:
-            logits = static_step(self.model, self.tokens, self.state)
+            logits = static_step(self.model, self.tokens, self.state, self.forward)
         self.last = fresh_view(self.state)
         return logits, self.last
 
@@ -86,17 +86,18 @@ class GraphDecoder:
     returned state back (``state.select`` / ``clone`` copy out of them).
     """
 
-    def __init__(self, model, *, max_graphs: int = 4, warmup: int = 2, capture: bool = True) -> None:
+    def __init__(self, model, *, max_graphs: int = 4, warmup: int = 2, capture: bool = True, forward=None) -> None:
         if capture and not torch.cuda.is_available():
             raise GraphCaptureError("CUDA graphs need a CUDA device")
         self.model, self.max_graphs, self.warmup, self.capture = model, max_graphs, warmup, capture
+        self.forward = forward  # e.g. torch.compile(model): fused kernels inside the graph (compiled in the warm-up)
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
 
     def step(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         key = _layout(state)
         g = self.graphs.get(key)
         if g is None:
-            g = _Captured(self.model, state, capture=self.capture, warmup=self.warmup)
+            g = _Captured(self.model, state, capture=self.capture, warmup=self.warmup, forward=self.forward)
             self.graphs[key] = g
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)

@@ -42,7 +42,7 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, device: torch.device | str | None = None, prefill_chunk: int = 512,
                  inference_mode: bool = True, static_cache: bool = False, cuda_graph: bool = False,
-                 max_len: int | None = None) -> None:
+                 max_len: int | None = None, compile_step: bool = False) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk} must be ≥ 1")
         if max_len is not None and max_len < 1:
@@ -61,8 +61,11 @@ class Engine:
         pad = getattr(tokenizer, "pad_id", None)
         # Left padding is masked out by reset, so its id only has to be a valid embedding row.
         self.pad_id = pad if pad is not None and 0 <= pad < self.vocab_size else 0
-        # Static decoding: max_len = static KV slots (None: the prompt plus the new tokens, rounded up to 256).
+        # Static decoding: max_len = static KV slots (None: the prompt plus the new tokens, rounded up to 256);
+        # compile_step runs the static step through torch.compile (fused kernels; compiles once per state layout).
         self.static_cache, self.cuda_graph, self.max_len = static_cache or cuda_graph, cuda_graph, max_len
+        self.compile_step = compile_step
+        self._compiled = None
         self.notes: list[str] = []
         self.decode_mode = "dynamic"
         self._graphs = None
@@ -114,7 +117,12 @@ class Engine:
         """``step`` for a state from ``decode_plan``/``to_static``: the state is updated in place and returned."""
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1, 1)
         with self._mode():
-            return static_step(self.model, tokens, state), state
+            return static_step(self.model, tokens, state, self._forward()), state
+
+    def _forward(self):
+        if self.compile_step and self._compiled is None:
+            self._compiled = torch.compile(self.model, dynamic=False)
+        return self._compiled
 
     def _graph_step(self, tokens: Tensor | Sequence[int], state: ModelState) -> tuple[Tensor, ModelState]:
         from memlm.inference.cuda_graph import GraphCaptureError, GraphDecoder
@@ -123,7 +131,7 @@ class Engine:
         with self._mode():
             try:
                 if self._graphs is None:
-                    self._graphs = GraphDecoder(self.model)
+                    self._graphs = GraphDecoder(self.model, forward=self._forward())
                 return self._graphs.step(tokens, state)
             except GraphCaptureError as e:  # the state is untouched: capture works on the graph's own buffers
                 self.cuda_graph, self._graphs = False, None
@@ -631,7 +639,7 @@ def generate(model, tokenizer, prompt: str | Sequence[int] | Sequence[str] | Seq
     if tokenizer is not None and engine.tokenizer is not tokenizer:
         engine = Engine(engine.model, tokenizer, device=engine.device, prefill_chunk=engine.prefill_chunk,
                         inference_mode=engine.inference_mode, static_cache=engine.static_cache,
-                        cuda_graph=engine.cuda_graph, max_len=engine.max_len)
+                        cuda_graph=engine.cuda_graph, max_len=engine.max_len, compile_step=engine.compile_step)
     return engine.generate(prompt, max_new_tokens=max_new_tokens, state=state, sampling=sampling, stop=stop,
                            stop_ids=stop_ids, return_state=return_state, ignore_eos=ignore_eos,
                            allow_special=allow_special, return_uncertainty=return_uncertainty, **sampling_kwargs)

@@ -82,7 +82,7 @@ def copy_state_(dst: ModelState, src: ModelState) -> None:
     d, s = dst.state_dict(), src.state_dict()
     if d.keys() != s.keys():
         raise RuntimeError(f"a static step changed the state's structure: {sorted(set(d) ^ set(s))[:4]}")
-    pairs = [(d[n], t, n) for n, t in s.items() if t is not d[n]]
+    pairs = [(d[n], t, n) for n, t in s.items() if not _same_memory(t, d[n])]
     for o, t, n in pairs:
         if t.shape != o.shape or t.dtype != o.dtype:
             raise RuntimeError(f"a static step changed state {n} from {o.dtype}{tuple(o.shape)} to "
@@ -94,10 +94,18 @@ def copy_state_(dst: ModelState, src: ModelState) -> None:
         o.copy_(t)
 
 
-def static_step(model, tokens: Tensor, state: ModelState) -> Tensor:
-    """One token per row (tokens [B, 1] or [B]) through a static ``state``, updated in place -> logits [B, V]."""
+def _same_memory(t: Tensor, o: Tensor) -> bool:
+    """t is o, or a view of exactly o's elements (what a compiled in-place update hands back)."""
+    return t is o or (t.data_ptr() == o.data_ptr() and t.shape == o.shape and t.stride() == o.stride()
+                      and t.dtype == o.dtype and t.numel() > 0)
+
+
+def static_step(model, tokens: Tensor, state: ModelState, forward=None) -> Tensor:
+    """One token per row (tokens [B, 1] or [B]) through a static ``state``, updated in place -> logits [B, V].
+
+    ``forward`` replaces ``model`` for the call (e.g. ``torch.compile(model)``): same signature and semantics."""
     with static_decode():
-        logits, new = model(tokens.view(-1, 1), state)
+        logits, new = (model if forward is None else forward)(tokens.view(-1, 1), state)
     copy_state_(state, new)
     return logits[:, -1]
 
