@@ -3,19 +3,28 @@
 Notation: S state [Dv, Dk]; α = exp(g) decay; β write strength; q, k, v query/key/value.
 
 Backends (memlm.ops.dispatch, op name "delta_rule"): "chunked" (WY/UT chunkwise form, default),
-"reference" (token loop, by name only). `delta_rule(...)` below dispatches; call a module directly to pin one.
+"triton" (chunked with the state recurrence as Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1; opt-in
+while TRITON_PRIORITY < 0), "reference" (token loop, by name only). `delta_rule(...)` below dispatches; call a
+module directly to pin one.
 """
 from __future__ import annotations
 
 from torch import Tensor
 
 from .. import dispatch
-from . import chunked, reference
+from . import chunked, reference, triton_impl
 from .reference import delta_rule_step
 
-__all__ = ["chunked", "delta_rule", "delta_rule_step", "reference"]
+__all__ = ["TRITON_PRIORITY", "chunked", "delta_rule", "delta_rule_step", "reference", "triton_impl"]
+
+# Negative = only by name (backend="triton" / MEMLM_BACKEND_DELTA_RULE=triton). Raise above 0 to make it the CUDA
+# default once tests/ops/test_delta_rule_triton.py passes on the GPU (Hopper miscompiled some delta-rule backward
+# kernels with Triton < 3.7.1).
+TRITON_PRIORITY = -50
 
 dispatch.register("delta_rule", "chunked", chunked.delta_rule, priority=0)
+dispatch.register("delta_rule", "triton", triton_impl.delta_rule, supports=triton_impl.supports,
+                  priority=TRITON_PRIORITY)
 dispatch.register("delta_rule", "reference", reference.delta_rule, priority=-100)
 
 

@@ -16,13 +16,15 @@ Notation (per batch b, head h, one chunk of C tokens, positions t, i ∈ [0, C);
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .reference import _compute_dtype, check_inputs
 
-__all__ = ["delta_rule"]
+__all__ = ["Chunks", "delta_rule", "outputs", "prepare", "state_recurrence"]
 
 
 def _segment_masks(reset: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -38,23 +40,26 @@ def _segment_masks(reset: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     return same[:, None], (seg == 0)[:, None]
 
 
-def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
-               initial_state: Tensor | None = None, reset: Tensor | None = None, chunk_size: int = 64,
-               scale: float | None = None, output_final_state: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Chunkwise-parallel (gated) delta rule; same contract as `reference.delta_rule`.
+class Chunks(NamedTuple):
+    """The parts of the chunkwise form that are batched over all chunks (shared by every backend that only
+    replaces the sequential state recurrence). N chunks of C tokens; compute dtype float32 (float64 inputs stay)."""
+    U: Tensor            # [B, H, N, C, Dv]  state-independent part of the pseudo values
+    Wk: Tensor           # [B, H, N, C, Dk]  W = U − Wk Sᵀ
+    k_end: Tensor        # [B, H, N, C, Dk]  e ⊙rows K
+    gamma_last: Tensor   # [B, H, N]         γ_{C−1}
+    q_eff: Tensor        # [B, H, N, C, Dk]  γ Q − P Wk, multiplies Sᵀ in O
+    o_intra: Tensor      # [B, H, N, C, Dv]  P U
+    S0: Tensor           # [B, H, Dv, Dk]    incoming state (zeros when none was given)
 
-    q, k [B, T, H, Dk]; v [B, T, H, Dv]; beta [B, T, H]; g [B, T, H] log-decay (≤ 0) or None;
-    initial_state [B, H, Dv, Dk] or None (zeros); reset bool [B, T] or None (token t starts a new document);
-    scale multiplies q (default 1). Returns o [B, T, H, Dv] in q's dtype and the final state [B, H, Dv, Dk]
-    float32 (None if output_final_state is False). Differentiable in every tensor input.
-    """
-    check_inputs(q, k, v, beta, g, initial_state, reset)
+
+def prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, *, initial_state: Tensor | None,
+            reset: Tensor | None, chunk_size: int, scale: float | None) -> Chunks:
+    """Everything except the state recurrence, batched over B, H and chunks (inputs as in `delta_rule`)."""
     if chunk_size < 1:
         raise ValueError(f"delta_rule: chunk_size must be ≥ 1, got {chunk_size}")
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     cd = _compute_dtype(q)
-    out_dtype = q.dtype
     dev = q.device
     # A sequence shorter than a chunk is one chunk of its own length: no padding work for decode-sized calls.
     C = min(chunk_size, T)
@@ -98,7 +103,6 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None =
     D = D.expand(B, H, N, C, C)
     D_strict = D * strict.to(cd)
     e = D[..., -1, :]                                                      # [B, H, N, C]
-    gamma_last = gamma[..., -1]                                            # [B, H, N]
 
     # UT transform: one unit-lower-triangular solve for both right-hand sides.
     A = (b_[..., :, None] * (k_ @ k_.transpose(-1, -2))) * D_strict
@@ -108,19 +112,44 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None =
     U, Wk = sol[..., :Dv], sol[..., Dv:]                                   # [B, H, N, C, Dv], [B, H, N, C, Dk]
 
     P = (q_ @ k_.transpose(-1, -2)) * D                                    # intra-chunk "attention"
-    q_eff = gamma[..., None] * q_ - P @ Wk                                 # what multiplies Sᵀ in O
-    o_intra = P @ U
-    k_end = e[..., None] * k_                                              # e ⊙rows K
+    S0 = (initial_state.to(cd) if initial_state is not None
+          else torch.zeros(B, H, Dv, Dk, dtype=cd, device=dev))
+    return Chunks(U=U, Wk=Wk, k_end=e[..., None] * k_, gamma_last=gamma[..., -1],
+                  q_eff=gamma[..., None] * q_ - P @ Wk, o_intra=P @ U, S0=S0)
 
-    # Only the state recurrence is sequential: two small matmuls per chunk.
-    S = (initial_state.to(cd) if initial_state is not None
-         else torch.zeros(B, H, Dv, Dk, dtype=cd, device=dev))
+
+def state_recurrence(U: Tensor, Wk: Tensor, k_end: Tensor, gamma_last: Tensor, S0: Tensor) -> tuple[Tensor, Tensor]:
+    """S_{n+1} = γ_n S_n + (U_n − Wk_n S_nᵀ)ᵀ (e ⊙ K)_n, a Python loop over chunks (autograd does the backward).
+
+    Shapes as in `Chunks`. Returns (S_all [B, H, N, Dv, Dk] the chunk-start states, S_N [B, H, Dv, Dk])."""
+    S = S0
     states = []
-    for n in range(N):
+    for n in range(U.shape[2]):
         states.append(S)
         W = U[:, :, n] - Wk[:, :, n] @ S.transpose(-1, -2)                 # [B, H, C, Dv]
         S = gamma_last[:, :, n, None, None] * S + W.transpose(-1, -2) @ k_end[:, :, n]
-    S_all = torch.stack(states, dim=2)                                     # [B, H, N, Dv, Dk]
-    o = q_eff @ S_all.transpose(-1, -2) + o_intra                          # [B, H, N, C, Dv]
-    o = o.reshape(B, H, N * C, Dv)[:, :, :T].transpose(1, 2).to(out_dtype)
-    return o, (S if output_final_state else None)
+    return torch.stack(states, dim=2), S
+
+
+def outputs(c: Chunks, S_all: Tensor, T: int, out_dtype: torch.dtype) -> Tensor:
+    """O = q_eff S_nᵀ + P U per chunk, back to [B, T, H, Dv] in out_dtype (padding dropped)."""
+    B, H, N, C, Dv = c.o_intra.shape
+    o = c.q_eff @ S_all.transpose(-1, -2) + c.o_intra                      # [B, H, N, C, Dv]
+    return o.reshape(B, H, N * C, Dv)[:, :, :T].transpose(1, 2).to(out_dtype)
+
+
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
+               initial_state: Tensor | None = None, reset: Tensor | None = None, chunk_size: int = 64,
+               scale: float | None = None, output_final_state: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise-parallel (gated) delta rule; same contract as `reference.delta_rule`.
+
+    q, k [B, T, H, Dk]; v [B, T, H, Dv]; beta [B, T, H]; g [B, T, H] log-decay (≤ 0) or None;
+    initial_state [B, H, Dv, Dk] or None (zeros); reset bool [B, T] or None (token t starts a new document);
+    scale multiplies q (default 1). Returns o [B, T, H, Dv] in q's dtype and the final state [B, H, Dv, Dk]
+    float32 (None if output_final_state is False). Differentiable in every tensor input.
+    """
+    check_inputs(q, k, v, beta, g, initial_state, reset)
+    c = prepare(q, k, v, beta, g, initial_state=initial_state, reset=reset, chunk_size=chunk_size, scale=scale)
+    # Only the state recurrence is sequential: two small matmuls per chunk.
+    S_all, S = state_recurrence(c.U, c.Wk, c.k_end, c.gamma_last, c.S0)
+    return outputs(c, S_all, q.shape[1], q.dtype), (S if output_final_state else None)

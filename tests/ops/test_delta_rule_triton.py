@@ -1,0 +1,117 @@
+"""Triton delta-rule backend on CUDA against the token-loop reference (float64) and the chunked backend.
+
+Notation: q, k, v, β (beta), g (log decay), S (state [B, H, Dv, Dk]), r (reset [B, T]), T sequence length.
+Run: python -m pytest -q -m gpu tests/ops/test_delta_rule_triton.py
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from test_delta_rule import make_inputs, make_reset
+
+from memlm.ops import dispatch
+from memlm.ops.delta_rule import chunked, reference, triton_impl
+from memlm.ops.testing import assert_close, poison_
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() or not triton_impl.AVAILABLE,
+                                 reason="needs CUDA and triton")]
+NAMES = ("q", "k", "v", "beta", "g", "initial_state")
+DIMS = [(64, 64), (32, 48)]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmuls():
+    # the fp32 tolerance (1e-5) is for IEEE fp32; TF32 in the PyTorch part would dominate the error
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@functools.cache
+def case(T: int, Dk: int, Dv: int, gated: bool, with_reset: bool) -> tuple[dict, torch.Tensor | None]:
+    """B=2, H=3 inputs rounded to bf16 values (so the fp32 and bf16 runs share one float64 reference), on CPU."""
+    inp = make_inputs(2, T, 3, Dk, Dv, gated=gated, init=True, seed=T + Dk, g_scale=0.3 if T < 1000 else 0.05)
+    inp = {n: (x.to(torch.bfloat16).float() if x is not None and n != "initial_state" else x) for n, x in inp.items()}
+    return inp, (make_reset(2, T, seed=T) if with_reset else None)
+
+
+def run(fn, inp: dict, reset, dtype: torch.dtype) -> dict:
+    """fn on CUDA copies of inp in dtype (initial state float32/64), as strided views into NaN-poisoned buffers;
+    returns o, S and the gradients of a fixed random functional of (o, S)."""
+    leaves = {}
+    for name, x in inp.items():
+        if x is None:
+            leaves[name] = None
+            continue
+        if name == "initial_state":
+            leaves[name] = x.to("cuda", torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+            continue
+        buf = poison_(torch.empty(x.shape[0], x.shape[1] + 3, *x.shape[2:], device="cuda", dtype=dtype))
+        buf[:, :x.shape[1]] = x.to("cuda", dtype)
+        leaves[name] = buf[:, :x.shape[1]].detach().requires_grad_()
+    o, S = fn(*(leaves[n] for n in NAMES[:5]), initial_state=leaves["initial_state"],
+              reset=None if reset is None else reset.cuda())
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    wo = torch.randn(o.shape, generator=gen, device="cuda", dtype=torch.float64)
+    ws = torch.randn(S.shape, generator=gen, device="cuda", dtype=torch.float64)
+    present = [n for n in NAMES if leaves[n] is not None]
+    grads = torch.autograd.grad((o.double() * wo).sum() + (S.double() * ws).sum(), [leaves[n] for n in present])
+    return {"o": o, "S": S, **{"d" + n: gr for n, gr in zip(present, grads)}}
+
+
+@functools.cache
+def reference_result(T: int, Dk: int, Dv: int, gated: bool, with_reset: bool) -> dict:
+    inp, reset = case(T, Dk, Dv, gated, with_reset)
+    return run(reference.delta_rule, inp, reset, torch.float64)
+
+
+def compare(got: dict, want: dict, dtype: torch.dtype, tag: str) -> None:
+    assert set(got) == set(want), tag
+    for key, w in want.items():
+        assert_close(got[key].float(), w, dtype=dtype, kind="out" if key in ("o", "S") else "grad", name=f"{tag} {key}")
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=lambda d: f"Dk{d[0]}Dv{d[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_reset", [False, True], ids=["noreset", "reset"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 100, 1000])
+def test_triton_matches_reference_and_chunked(T, gated, with_reset, dtype, dims):
+    Dk, Dv = dims
+    inp, reset = case(T, Dk, Dv, gated, with_reset)
+    tag = f"T={T} gated={gated} reset={with_reset} {dtype} Dk={Dk} Dv={Dv}"
+    got = run(triton_impl.delta_rule, inp, reset, dtype)
+    assert got["o"].dtype == dtype and got["S"].dtype == torch.float32 and got["dq"].dtype == dtype
+    compare(got, reference_result(T, Dk, Dv, gated, with_reset), dtype, "triton vs reference " + tag)
+    compare(got, run(chunked.delta_rule, inp, reset, dtype), dtype, "triton vs chunked " + tag)
+
+
+@pytest.mark.parametrize("B,H,Dk,Dv", [(8, 40, 64, 64), (2, 2, 128, 128), (1, 2, 256, 256), (2, 3, 16, 24)])
+def test_other_tile_configurations(B, H, Dk, Dv):
+    """Many heads (wider row blocks), large and tiny head dims; chunk_size 32 and a chunk shorter than the tile."""
+    T = 130
+    inp = make_inputs(B, T, H, Dk, Dv, gated=True, init=True, seed=Dk)
+    reset = make_reset(B, T, seed=1)
+    for chunk_size in (64, 32, 7):
+        got = run(functools.partial(triton_impl.delta_rule, chunk_size=chunk_size), inp, reset, torch.float32)
+        want = run(functools.partial(chunked.delta_rule, chunk_size=chunk_size), inp, reset, torch.float32)
+        compare(got, want, torch.float32, f"B={B} H={H} Dk={Dk} Dv={Dv} chunk={chunk_size}")
+
+
+def test_scale_no_initial_state_no_final_state_and_dispatch(monkeypatch):
+    inp = {n: (x.cuda() if x is not None else None) for n, x in make_inputs(2, 100, 2, 64, 64, gated=True,
+                                                                             init=False, seed=3).items()}
+    args = tuple(inp[n] for n in NAMES[:5])
+    o, S = triton_impl.delta_rule(*args, scale=0.125, output_final_state=False)
+    assert S is None
+    o_ref, _ = chunked.delta_rule(*args, scale=0.125)
+    assert_close(o, o_ref, name="scaled o")
+    assert triton_impl.supports(*args)
+    assert dispatch.get("delta_rule", args=args) is chunked.delta_rule  # opt-in while TRITON_PRIORITY < 0
+    assert dispatch.get("delta_rule", "triton", args=args) is triton_impl.delta_rule
+    monkeypatch.setenv("MEMLM_BACKEND_DELTA_RULE", "triton")
+    assert dispatch.get("delta_rule", args=args) is triton_impl.delta_rule
