@@ -36,7 +36,7 @@ __all__ = ["AVAILABLE", "MAX_CHUNK", "MAX_HEAD_DIM", "delta_rule", "interpreting
 
 AVAILABLE = triton is not None
 MAX_HEAD_DIM = 256   # Dk, Dv; padded to a power of two (≥ 16) inside the kernels
-MAX_CHUNK = 128      # min(chunk_size, T); one chunk is one register tile
+MAX_CHUNK = 128      # min(chunk_size, T); walked in SUB_ROWS sub-blocks, larger chunks are untested
 MAX_BV = 32          # largest block of state rows (Dv) per program
 SUB_ROWS = 16        # rows of a chunk per dot (16 is tl.dot's minimum; larger fp32 tiles spill registers)
 # "ieee": exact fp32 products (tests demand 1e-5 relative vs float64); "tf32x3" is the faster near-fp32 option.
@@ -207,6 +207,9 @@ class _Recurrence(torch.autograd.Function):
         B, H, N, C, Dv = U.shape
         Dk = Wk.shape[-1]
         BH = B * H
+        if any(x.dtype != torch.float32 for x in (U, Wk, Ke, GL, S0)):
+            raise ValueError("delta_rule[triton]: the state recurrence takes float32 tensors, got "
+                             f"{', '.join(str(x.dtype) for x in (U, Wk, Ke, GL, S0))}")
         U_, su = _rows(U)
         Wk_, sw = _rows(Wk)
         Ke_, se = _rows(Ke)
