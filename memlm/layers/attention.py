@@ -216,7 +216,8 @@ class AttentionCore(nn.Module):
         state.kpos.scatter_(1, slot, abs_pos)
         keys, vals, kp = state.k.to(q.dtype), state.v.to(q.dtype), state.kpos[:, None, :]
         qp = abs_pos[:, :, None]
-        mask = (kp >= 0) & (kp <= qp) & (kp >= doc_tok[:, :, None])   # the masks of _attend, by position
+        # the masks of _attend, by position; kp ≥ doc start ≥ 0 already excludes empty slots (kpos = −1)
+        mask = (kp <= qp) & (kp >= doc_tok[:, :, None])
         if self.window is not None:
             mask &= qp - kp < self.window
         if self.persist_k is not None:

@@ -41,4 +41,7 @@ class Rotary(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """q: [B, Hq, T, Dh], k: [B, Hk, T, Dh], pos: [B, T] -> rotated (q, k)."""
+        if q.shape[2] == 1 and not self.xpos and q.dtype == k.dtype:
+            # decode: a step is launch-bound, so rotate [q; k] once (angles computed once; the same numbers)
+            return self._rotate(torch.cat([q, k], dim=1), pos, 1.0).split([q.shape[1], k.shape[1]], dim=1)
         return self._rotate(q, pos, 1.0), self._rotate(k, pos, -1.0)

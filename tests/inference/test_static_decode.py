@@ -8,6 +8,7 @@ must give the dynamic path's logits to 1e-5 (fp32) at every step, with its buffe
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -196,7 +197,7 @@ def test_cuda_graph_equals_eager_on_gpu(name):
     for a ragged batch of 3 whose rows finish at different steps (graphs for batch 3, 2 and 1)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = model_for(name).to("cuda")
+    model = copy.deepcopy(model_for(name)).to("cuda")   # the cached CPU model stays on the CPU
     prompts = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 19, 12)]
     dyn = Engine(model).generate_ids(prompts, 40, GREEDY, ignore_eos=True).run()
     stop = {dyn.rows[0].token_ids[9], dyn.rows[2].token_ids[25]}
