@@ -33,7 +33,11 @@ class TrainConfig(Config):
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     clip: float = 1.0
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
+    compile: bool = False  # torch.compile the model's training forward (LM head and loss included)
+    # summed token cross-entropy: "chunked" computes LM head + CE ce_chunk tokens at a time (no [tokens, vocab] fp32
+    # logits kept; memlm/ops/cross_entropy.py), "plain" materialises the logits; "auto": chunked on CUDA
+    cross_entropy: str = "auto"
+    ce_chunk: int = 4096
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     # memory across steps
     tbptt: bool = False  # rows continue the same documents step after step; the ModelState is carried
@@ -62,9 +66,10 @@ class TrainConfig(Config):
         check_choice("optimizer", self.optimizer, ("adamw", "lion", "muon", "m3"))
         check_choice("schedule", self.schedule, ("cosine", "constant", "wsd"))
         check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("cross_entropy", self.cross_entropy, ("auto", "plain", "chunked"))
         check_choice("parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
         check_choice("mixed_precision", self.mixed_precision, ("auto", "float32", "bfloat16", "bfloat16-reduce-float32"))
-        for n in ("seq_len", "batch_size", "grad_accum", "steps", "detach_every", "keep_last", "log_every"):
+        for n in ("seq_len", "batch_size", "grad_accum", "steps", "detach_every", "keep_last", "log_every", "ce_chunk"):
             check_positive(n, getattr(self, n))
         check_positive("lr", self.lr)
 

@@ -21,6 +21,7 @@ from memlm.models.block import Block
 from memlm.models.init import init_weights
 from memlm.models.oumnix import attach_oumnix
 from memlm.models.state import ModelState
+from memlm.ops.cross_entropy import linear_ce_sum, token_ce_sum
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -51,10 +52,14 @@ class MemoryLM(nn.Module):
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: Tensor, state: ModelState | None = None, reset: Tensor | None = None,
-                update: bool = True, *, return_hidden: bool = False) -> tuple[Tensor, ModelState]:
+                update: bool = True, *, return_hidden: bool = False, labels: Tensor | None = None,
+                ce_chunk: int = 0) -> tuple[Tensor, ModelState]:
         """input_ids [B, T] → logits [B, T, V] (or final hidden [B, T, D] with return_hidden) and the new state.
 
         reset [B, T] marks document starts inside packed rows; update=False reads memories without writing.
+        labels [B, T] (already shifted, −100 skips): return the summed token cross-entropy (fp32 scalar) instead of
+        the logits — inside forward, so DDP/FSDP and torch.compile see the LM head and the loss as part of the model.
+        ce_chunk > 0 computes it ce_chunk tokens at a time without materialising the logits (ops/cross_entropy.py).
         """
         B, T = input_ids.shape
         if state is None:
@@ -80,6 +85,10 @@ class MemoryLM(nn.Module):
             new_state = ModelState(tuple(new_layers), state.pos + T, doc_tok[:, -1], state.config_hash, state.kinds)
         else:
             new_state = ModelState(tuple(new_layers), state.pos, state.doc_start, state.config_hash, state.kinds)
+        if labels is not None:
+            if ce_chunk > 0:
+                return linear_ce_sum(x, self.head_weight, labels, chunk=ce_chunk), new_state
+            return token_ce_sum(self.logits(x), labels), new_state
         return (x if return_hidden else self.logits(x)), new_state
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -20,6 +20,12 @@ nn.Embedding, whose name has no "embed", and which are not the output head. The 
 fnmatch on the parameter name, ``DEFAULT_HEAD_PATTERNS`` (top-level ``lm_head``/``head``/``output``, or any
 name containing ``lm_head``/``unembed``); a tied head shares the embedding's tensor and is an embedding.
 
+Multi-tensor paths: AdamW is fused (one kernel for all parameters) when every parameter is on CUDA, else torch's
+default (foreach on CUDA); Lion and our Muon take ``foreach`` (default: on when the parameters are on CUDA), which runs
+the element-wise updates as ``torch._foreach_*`` ops over a group and Muon's Newton–Schulz as one batched matmul chain
+per matrix shape; the results equal the per-tensor loop. ``describe_optimizer`` names what was picked (the trainer
+logs it).
+
 All optimizer states are plain tensors and Python numbers, so ``torch.save(opt.state_dict())`` loads back
 with ``torch.load(weights_only=True)``. States are kept in the parameter's dtype (torch's
 ``Optimizer.load_state_dict`` casts floating state to the parameter dtype, so anything else would not
@@ -37,7 +43,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "DEFAULT_HEAD_PATTERNS", "NS_COEFFICIENTS", "newton_schulz", "muon_lr_ratio", "param_groups",
-    "build_optimizer", "Lion", "Muon", "M3", "MultiOptimizer", "OPTIMIZERS",
+    "build_optimizer", "describe_optimizer", "Lion", "Muon", "M3", "MultiOptimizer", "OPTIMIZERS",
 ]
 
 OPTIMIZERS = ("adamw", "lion", "muon", "m3")
@@ -160,6 +166,12 @@ def param_groups(model: nn.Module, *, weight_decay: float, lr_scales: dict[str, 
 # ----------------------------------------------------------------------------------------------------------
 # Lion
 
+def _default_foreach(params: Iterable) -> bool:
+    """Multi-tensor updates pay off on CUDA (fewer kernel launches); the per-tensor loop is as fast on the CPU."""
+    params = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    return bool(params) and all(p.is_cuda for p in params)
+
+
 def _run_closure(closure: Callable[[], Tensor] | None) -> Tensor | None:
     """The optimizer-step closure protocol: re-evaluate the loss with gradients enabled, if a closure is given."""
     if closure is None:
@@ -178,16 +190,21 @@ class Lion(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, foreach: bool | None = None) -> None:
         if lr < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise ValueError(f"Lion: invalid lr={lr}, betas={betas} or weight_decay={weight_decay}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+        params = list(params)
+        foreach = _default_foreach(params) if foreach is None else foreach
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay, "foreach": foreach})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         loss = _run_closure(closure)
         for group in self.param_groups:
             lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
+            if group["foreach"]:
+                self._step_foreach(group)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -199,6 +216,24 @@ class Lion(torch.optim.Optimizer):
                 p.mul_(1 - lr * wd).add_(update, alpha=-lr)
                 m.mul_(b2).add_(p.grad, alpha=1 - b2)
         return loss
+
+    def _step_foreach(self, group: dict) -> None:
+        """The loop above as multi-tensor ops over the group: the same operations in the same order."""
+        lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            if "exp_avg" not in self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        ms = [self.state[p]["exp_avg"] for p in params]
+        update = torch._foreach_add(torch._foreach_mul(ms, b1), torch._foreach_mul(grads, 1 - b1))
+        torch._foreach_sign_(update)
+        torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_add_(params, update, alpha=-lr)
+        torch._foreach_mul_(ms, b2)
+        torch._foreach_add_(ms, grads, alpha=1 - b2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,13 +251,15 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None) -> None:
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
+                 foreach: bool | None = None) -> None:
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
             raise ValueError(f"Muon: invalid lr={lr}, momentum={momentum} or weight_decay={weight_decay}")
         muon_lr_ratio((1, 1), adjust_lr_fn)  # validates the name
+        params = list(params)
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
                     "ns_coefficients": tuple(ns_coefficients), "eps": eps, "ns_steps": ns_steps,
-                    "adjust_lr_fn": adjust_lr_fn}
+                    "adjust_lr_fn": adjust_lr_fn, "foreach": _default_foreach(params) if foreach is None else foreach}
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -234,6 +271,9 @@ class Muon(torch.optim.Optimizer):
         loss = _run_closure(closure)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            if group["foreach"]:
+                self._step_foreach(group)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -247,6 +287,30 @@ class Muon(torch.optim.Optimizer):
                                       eps=group["eps"])
                 p.mul_(1 - lr * wd).add_(ortho, alpha=-lr * muon_lr_ratio(p.shape, group["adjust_lr_fn"]))
         return loss
+
+    def _step_foreach(self, group: dict) -> None:
+        """The loop above with multi-tensor momentum/decay ops and one batched Newton–Schulz per matrix shape."""
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        updates = torch._foreach_add(grads, torch._foreach_mul(bufs, mu)) if group["nesterov"] else bufs
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(i)
+        torch._foreach_mul_(params, 1 - lr * wd)
+        for (shape, _, _), idx in by_shape.items():
+            ortho = newton_schulz(torch.stack([updates[i] for i in idx]), steps=group["ns_steps"],
+                                  coefficients=group["ns_coefficients"], eps=group["eps"])
+            torch._foreach_add_([params[i] for i in idx], list(ortho.unbind(0)),
+                                alpha=-lr * muon_lr_ratio(shape, group["adjust_lr_fn"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -389,21 +453,40 @@ _EXTRA = {
 
 
 def _adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-           fused: bool | None) -> torch.optim.AdamW:
+           fused: bool | None, foreach: bool | None = None) -> torch.optim.AdamW:
+    """Fused (one kernel) when every parameter is on CUDA unless fused=False; otherwise ``foreach`` (None: torch's
+    default, multi-tensor on CUDA, a per-tensor loop on the CPU)."""
     params = [p for g in groups for p in g["params"]]
     if fused is None:
         fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None,
+                             foreach=None if fused else foreach)
+
+
+def describe_optimizer(opt: Any) -> str:
+    """What runs the update, e.g. "AdamW(fused)", "MultiOptimizer(Muon(foreach) + AdamW(fused))", "M3(for-loop)"."""
+    if isinstance(opt, MultiOptimizer):
+        return "MultiOptimizer(" + " + ".join(describe_optimizer(o) for o in opt.optimizers) + ")"
+    g = opt.param_groups[0] if opt.param_groups else {}
+    if g.get("fused"):
+        mode = "fused"
+    elif g.get("foreach") or (g.get("foreach") is None and isinstance(opt, torch.optim.AdamW)
+                               and _default_foreach(opt.param_groups)):
+        mode = "foreach"
+    else:
+        mode = "for-loop"
+    return f"{type(opt).__name__}({mode})"
 
 
 def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                     lr_scales: dict[str, float] | None = None, fused: bool | None = None,
-                    **extra: Any) -> torch.optim.Optimizer | MultiOptimizer:
+                    foreach: bool | None = None, **extra: Any) -> torch.optim.Optimizer | MultiOptimizer:
     """Build the optimizer `name` (adamw, lion, muon, m3) over model's trainable parameters.
 
     Groups come from ``param_groups``; each group's initial lr is lr × lr_scale (``schedule.apply_lr``
-    keeps that relation). `fused` applies to AdamW (default: fused when every parameter is on CUDA).
+    keeps that relation). `fused` applies to AdamW (default: fused when every parameter is on CUDA); `foreach` to
+    AdamW when not fused, Lion and our Muon (default: on when every parameter is on CUDA; torch's default for AdamW).
     betas go to AdamW, Lion (its paper uses (0.9, 0.99)) and M3 (β1, β2).
 
     muon: a MultiOptimizer of Muon (hidden matrices) + AdamW (embeddings, head, norms, biases).
@@ -430,9 +513,9 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: flo
         g["lr"] = lr * g["lr_scale"]
 
     if name == "adamw":
-        return _adamw(groups, lr, betas, eps, fused)
+        return _adamw(groups, lr, betas, eps, fused, foreach)
     if name == "lion":
-        return Lion(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+        return Lion(groups, lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach)
     if name == "m3":
         return M3(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra)
 
@@ -455,7 +538,9 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: flo
     cls = torch_muon if impl == "torch" or (impl == "auto" and torch_muon is not None) else Muon
     optimizers: list[torch.optim.Optimizer] = []
     if matrices:
+        if cls is Muon:
+            extra["foreach"] = foreach
         optimizers.append(cls(matrices, lr=lr, weight_decay=weight_decay, **extra))
     if rest:
-        optimizers.append(_adamw(rest, lr, betas, eps, fused))
+        optimizers.append(_adamw(rest, lr, betas, eps, fused, foreach))
     return MultiOptimizer(optimizers)

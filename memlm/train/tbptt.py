@@ -20,18 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from memlm.layers.base import collect_aux
 from memlm.models.state import ModelState
+from memlm.ops.cross_entropy import IGNORE_INDEX as IGNORE
+from memlm.ops.cross_entropy import token_ce_sum
 
-IGNORE = -100
-
-
-def token_ce_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    """Summed next-token cross-entropy: logits [B, T, V] (any float dtype, computed in fp32), labels [B, T] (−100 skips)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+__all__ = ["IGNORE", "SegmentResult", "count_valid", "run_segments", "split_segments", "tbptt_loss", "to_floats",
+           "token_ce_sum"]
 
 
 def count_valid(labels: Sequence[Tensor] | Tensor) -> int:
@@ -70,10 +67,13 @@ def to_floats(d: dict[str, Tensor | float]) -> dict[str, float | list[float]]:
 def run_segments(forward: Callable, segments: Sequence[tuple[Tensor, Tensor, Tensor | None]],
                  state: ModelState | None = None, *, detach_every: int = 1, normalizer: int | None = None,
                  aux_weight: float | None = None, backward: bool = False, scale: float = 1.0,
-                 autocast: Callable[[], Any] = contextlib.nullcontext, step: int | None = None) -> SegmentResult:
+                 autocast: Callable[[], Any] = contextlib.nullcontext, step: int | None = None,
+                 loss_in_forward: bool = False) -> SegmentResult:
     """Run ``segments`` = [(ids [B, T], labels [B, T], reset [B, T] or None), ...] through ``forward`` in order.
 
-    forward(ids, state, reset) -> (logits [B, T, V], state) — the model, or its compiled version.
+    forward(ids, state, reset) -> (logits [B, T, V], state) — the model, or its compiled version; with
+    loss_in_forward, forward(ids, state, reset, labels) -> (summed token CE, state) instead (the trainer's path:
+    MemoryLM(..., labels=...) computes the LM head and the loss inside the model, chunked or plain).
     state: carried in (None: fresh). normalizer: N (default: the valid tokens of these segments; pass the
     count over a whole optimizer step to accumulate gradients across calls). backward: call (scale · window
     loss).backward() at the end of every window, freeing its graph (what the trainer does); otherwise the
@@ -92,8 +92,12 @@ def run_segments(forward: Callable, segments: Sequence[tuple[Tensor, Tensor, Ten
     metrics: dict[str, Tensor | float] = {}
     for i, (ids, labels, reset) in enumerate(segments):
         with collect_aux(step) as box, autocast():
-            logits, state = forward(ids, state, reset)
-        ce = token_ce_sum(logits, labels)
+            if loss_in_forward:
+                ce, state = forward(ids, state, reset, labels)
+            else:
+                logits, state = forward(ids, state, reset)
+        if not loss_in_forward:
+            ce = token_ce_sum(logits, labels)
         seg_loss = ce / n
         for name, value in box["losses"].items():
             seg_loss = seg_loss + w * value

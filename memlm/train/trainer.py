@@ -33,10 +33,11 @@ from memlm.errors import UserError
 from memlm.layers.cms import cms_gate_gradients
 from memlm.models.lm import MemoryLM
 from memlm.models.state import ModelState
+from memlm.ops.compressive.segments import reset_bound
 from memlm.train import checkpoint as ckpt
 from memlm.train import parallel
 from memlm.train.metrics import MetricsLogger, progress_line
-from memlm.train.optim import build_optimizer
+from memlm.train.optim import build_optimizer, describe_optimizer
 from memlm.train.schedule import apply_lr, lr_at
 from memlm.train.tbptt import count_valid, run_segments, to_floats
 
@@ -62,6 +63,19 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def resets_bucket(batches: Sequence[Any]) -> int | None:
+    """A promise for ``reset_bound``: the most document starts after the first token in any row of ``batches``,
+    rounded up to a power of two (few distinct values: one compiled graph each), from the host copies of reset.
+    None when no batch has a reset."""
+    most = None
+    for b in batches:
+        r = getattr(b, "reset", None)
+        if r is not None:
+            n = int(r[:, 1:].sum(1).max()) if r.shape[1] > 1 else 0
+            most = n if most is None else max(most, n)
+    return None if most is None else (0 if most == 0 else 1 << (most - 1).bit_length())
 
 
 def seed_everything(seed: int) -> None:
@@ -157,6 +171,11 @@ class Trainer:
         except (TypeError, ValueError) as e:
             raise UserError(f"train.optimizer={t.optimizer!r} / train.optimizer_options: {e}") from None
         self._module = torch.compile(wrapped) if t.compile else wrapped
+        # the summed CE is computed inside the model's forward (MemoryLM(labels=...)): chunked, or plain logits
+        chunked = t.cross_entropy == "chunked" or (t.cross_entropy == "auto" and self.device.type == "cuda")
+        self.ce_chunk = t.ce_chunk if chunked else 0
+        log(f"training path: torch.compile {'on' if t.compile else 'off'}; cross-entropy "
+            f"{f'chunked ({t.ce_chunk} tokens)' if chunked else 'plain'}; optimizer {describe_optimizer(self.optimizer)}")
         if data is None:
             data, built_val = build_data(t, tokenizer, self.dist.world if self.dist else 1)
             val_data = built_val if val_data is None else val_data
@@ -219,8 +238,10 @@ class Trainer:
         self.log(f"resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
 
     # ------------------------------------------------------------------------------------------------- step
-    def _forward(self, ids: torch.Tensor, state: ModelState | None, reset: torch.Tensor | None):
-        return self._module(ids, state, reset)
+    def _forward(self, ids: torch.Tensor, state: ModelState | None, reset: torch.Tensor | None,
+                 labels: torch.Tensor):
+        """(summed token CE, new state): the LM head and the loss run inside the (compiled / wrapped) model."""
+        return self._module(ids, state, reset, labels=labels, ce_chunk=self.ce_chunk)
 
     def _autocast(self):
         if self.amp is None:
@@ -264,14 +285,16 @@ class Trainer:
         # DDP / FSDP average gradients over ranks: × world turns Σ_r W·CE_r/N back into Σ CE/N, and the auxiliary
         # losses (a mean over forwards) get weight 1/(forwards · world) so that they average over ranks too
         kw = {"normalizer": n_valid, "backward": True, "scale": self.loss_scale * world, "autocast": self._autocast,
-              "aux_weight": 1 / (len(segs) * world), "step": self.step}
-        if t.tbptt:
-            results = [run_segments(self._forward, segs, self.tbptt_state, detach_every=t.detach_every, **kw)]
-        else:
-            results = []
-            for i, s in enumerate(segs):
-                with self._grad_sync(i == len(segs) - 1):  # communicate gradients once, after the last micro-batch
-                    results.append(run_segments(self._forward, [s], None, **kw))
+              "aux_weight": 1 / (len(segs) * world), "step": self.step, "loss_in_forward": True}
+        # chunked memories size their chunk grids from shapes and this promise: no host sync, no graph break
+        with reset_bound(resets_bucket(batch if isinstance(batch, (list, tuple)) else [batch])):
+            if t.tbptt:
+                results = [run_segments(self._forward, segs, self.tbptt_state, detach_every=t.detach_every, **kw)]
+            else:
+                results = []
+                for i, s in enumerate(segs):
+                    with self._grad_sync(i == len(segs) - 1):  # communicate gradients once, after the last micro-batch
+                        results.append(run_segments(self._forward, [s], None, **kw))
         loss = sum(r.loss for r in results)
         ce = sum(r.ce_sum for r in results)
         if self.dist is not None:
@@ -352,9 +375,14 @@ class Trainer:
             return {}
         self.model.eval()
         state, ce, n = None, 0.0, 0
-        for seg in self._segments(batches):
-            r = run_segments(self.model, [seg], state if self.t.tbptt else None, normalizer=1,
-                             autocast=self._autocast)
+
+        def forward(ids, st, reset, labels):
+            return self.model(ids, st, reset, labels=labels, ce_chunk=self.ce_chunk)
+
+        for b, seg in zip(batches, self._segments(batches)):
+            with reset_bound(resets_bucket([b])):
+                r = run_segments(forward, [seg], state if self.t.tbptt else None, normalizer=1,
+                                 autocast=self._autocast, loss_in_forward=True)
             ce += float(r.ce_sum)
             n += count_valid(seg[1])
             state = r.state

@@ -206,11 +206,12 @@ def test_trainer_tbptt_carries_state_across_steps(tmp_path):
 # ------------------------------------------------------------------------------------------------ resume, signals
 
 class NoisyTrainer(Trainer):
-    """Adds RNG-drawn noise to the logits (like dropout), so a resume that lost the RNG state would diverge."""
+    """Scales the loss by RNG-drawn noise (like dropout, it changes the gradients), so a resume that lost the RNG
+    state would diverge."""
 
-    def _forward(self, ids, state, reset):
-        logits, state = super()._forward(ids, state, reset)
-        return logits + 0.5 * torch.randn_like(logits), state
+    def _forward(self, ids, state, reset, labels):
+        ce, state = super()._forward(ids, state, reset, labels)
+        return ce * (1 + 0.5 * torch.rand(())), state
 
 
 def _kill_at(tr: Trainer, step: int, sig=signal.SIGTERM) -> None:
@@ -283,9 +284,9 @@ def test_nonfinite_step_is_skipped_then_training_stops(tmp_path):
     real = Trainer._forward
     poison = {"on": True}
 
-    def forward(ids, state, reset):
-        logits, state = real(tr, ids, state, reset)
-        return (logits * float("nan"), state) if poison["on"] else (logits, state)
+    def forward(ids, state, reset, labels):
+        ce, state = real(tr, ids, state, reset, labels)
+        return (ce * float("nan"), state) if poison["on"] else (ce, state)
 
     tr._forward = forward
     out = tr.train_step(random_batch(gen, 4, 32, 200))

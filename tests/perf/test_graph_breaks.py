@@ -1,0 +1,78 @@
+"""torch.compile sees the whole training forward of every preset: no graph breaks, no recompiles between batches.
+
+Each debug preset runs the trainer's own ``train_step`` (aux collection, the reset bound, LM head and chunked CE
+inside the model's forward, backward, optimizer step) with the model compiled through Dynamo onto a counting
+``eager`` backend (no code generation, so this stays fast on the CPU). Three batches: without a document start
+inside the rows (the trainer drops reset then), with document starts (packed rows), and the same kind again, which
+must reuse the compiled graphs.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from torch._dynamo.utils import counters
+
+import memlm
+from memlm.data.packing import Batch
+from memlm.train.trainer import Trainer
+
+DEBUG = [n for n in memlm.list_presets() if n.endswith("-debug")]
+# the slowest to trace on 2 CPU cores (10–35 s each); the default run keeps one preset of each family
+SLOW = {"atlas-mal-debug", "titans-lmm-debug", "titans-mag-debug", "oumnix-debug", "oumnix-retrieval-debug", "hope-debug",
+        "deltanet-debug", "infini-pythia-70m-hier4-debug", "infini-pythia-70m-multi4-debug"}
+B, T = 2, 40
+
+
+def _params():
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in DEBUG]
+
+
+def _batch(seed: int, docs: bool) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 250, (B, T + 1), generator=g)
+    labels = x[:, 1:].clone()
+    labels[0, :3] = -100  # masked targets (e.g. a prompt) go through the loss path too
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, 0] = True
+    if docs:
+        reset[0, 17 + seed % 5] = True       # packed rows: documents of different lengths per row
+        reset[1, 33 - seed % 3] = True
+        reset[1, 9] = True
+    return Batch(x[:, :-1].clone(), labels, reset)
+
+
+def _trainer(name: str, tmp_path) -> Trainer:
+    cfg = memlm.preset(name)
+    cfg.train = cfg.train.replace(seq_len=T, batch_size=B, steps=10, warmup=1, eval_every=0, sample_every=0,
+                                  save_every=0, log_every=1, tensorboard=False, device="cpu", compile=False,
+                                  cross_entropy="chunked", ce_chunk=37)
+    return Trainer(cfg, out_dir=tmp_path / name, data=iter([]), tokenizer=memlm.load_tokenizer(cfg.train.tokenizer),
+                   log=lambda s: None)
+
+
+@pytest.mark.parametrize("name", _params())
+def test_training_step_compiles_without_graph_breaks(name, tmp_path):
+    torch.manual_seed(0)
+    tr = _trainer(name, tmp_path)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    dynamo.reset()
+    counters.clear()
+    tr._module = torch.compile(tr._module, backend=backend)  # where the trainer puts torch.compile(model)
+    t0 = time.perf_counter()
+    outs = [tr.train_step(_batch(0, docs=False)), tr.train_step(_batch(1, docs=True))]
+    n_graphs = len(graphs)
+    outs += [tr.train_step(_batch(2, docs=False)), tr.train_step(_batch(3, docs=True))]
+    breaks = {k.split("\n")[0] + " | " + k.split("Developer debug context:")[-1].split("\n")[0].strip(): v
+              for k, v in counters["graph_break"].items()}
+    assert not breaks, f"{name}: graph breaks {breaks}"
+    assert len(graphs) == n_graphs, f"{name}: recompiled for a batch of a kind already seen ({dict(counters['recompiles'])})"
+    assert all(torch.isfinite(torch.tensor(o["loss"])) and not o["skipped"] for o in outs)
+    assert time.perf_counter() - t0 < 120
