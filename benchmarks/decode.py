@@ -84,7 +84,8 @@ def bench_memlm(name: str, model, ctx: int, args, dev: torch.device, dtype: torc
             continue
         with torch.inference_mode():
             s = device_loop(step, logits.argmax(-1), st, args.new_tokens, args.warmup, dev)
-        rows.append(emit(**common, mode=mode, loop="device", tokens_per_s=round(1 / s, 1), ms_per_token=round(s * 1e3, 3)))
+        rows.append(emit(**common, mode=mode, loop="device", tokens_per_s=round(1 / s, 1),
+                         ms_per_token=round(s * 1e3, 3)))
         if mode in args.engine_modes:
             stamps = []
             gen = eng.generate_ids([[int(ids[0, -1])]], args.new_tokens, GREEDY, state=before, ignore_eos=True)
@@ -139,7 +140,8 @@ def bench_hf(like: str, model, ctx: int, args, dev: torch.device, dtype: torch.d
             with torch.inference_mode():
                 model.generate(ids, generation_config=gc, streamer=clock)
         except Exception as e:  # noqa: BLE001 — an old/new transformers may refuse an option; report, go on
-            rows.append(emit(**common, mode=f"{cache}_cache", loop="generate", skipped=f"{type(e).__name__}: {e}"[:300]))
+            why = f"{type(e).__name__}: {e}"[:300]
+            rows.append(emit(**common, mode=f"{cache}_cache", loop="generate", skipped=why))
             continue
         s = per_token(clock.stamps)   # stamps[0]: the prompt, stamps[1]: the first token (after the prefill)
         rows.append(emit(**common, mode=f"{cache}_cache", loop="generate", tokens_per_s=round(1 / s, 1),

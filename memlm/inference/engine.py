@@ -71,8 +71,8 @@ class Engine:
         self._graphs = None
         if cuda_graph and self.device.type != "cuda":
             self.cuda_graph = False
-            self._note(f"cuda_graph ignored on {self.device.type}: CUDA graphs need a CUDA device (decoding with static "
-                       "states, eagerly)")
+            self._note(f"cuda_graph ignored on {self.device.type}: CUDA graphs need a CUDA device (decoding with "
+                       "static states, eagerly)")
 
     def _note(self, msg: str) -> None:
         if msg not in self.notes:
