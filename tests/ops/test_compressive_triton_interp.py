@@ -29,7 +29,7 @@ def interpret(monkeypatch):
     monkeypatch.setattr(triton_segments, "_empty", lambda like, *shape: like.new_full(shape, float("nan")))
 
 
-def op_inputs(B=2, N=4, C=5, H=2, K=3, V=4, R=1, seed=0):
+def op_inputs(B=2, N=4, C=5, H=2, K=3, V=4, R=1, seed=0, device="cpu"):
     """σ-mapped queries/keys (some empty slots), a non-zero initial memory, resets, an incomplete segment."""
     g = torch.Generator().manual_seed(seed)
     sq = elu1(torch.randn(B, N, C, H, K, generator=g))
@@ -42,7 +42,7 @@ def op_inputs(B=2, N=4, C=5, H=2, K=3, V=4, R=1, seed=0):
     complete = torch.ones(B, N, dtype=torch.bool)
     complete[:, -1] = False
     kw = {"write_slot": torch.arange(B * N).view(B, N) % R, "starts_doc": starts, "complete": complete}
-    return x, kw
+    return {n: t.to(device) for n, t in x.items()}, {n: t.to(device) for n, t in kw.items()}
 
 
 def run(fn, x, kw, *, grad=True):
@@ -51,7 +51,7 @@ def run(fn, x, kw, *, grad=True):
     got = dict(zip(OUTS, outs))
     if grad:
         g = torch.Generator().manual_seed(1)
-        loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+        loss = sum((o * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
         got.update({f"d{n}": d for n, d in zip(INS, torch.autograd.grad(loss, list(leaves.values())))})
     return got
 

@@ -13,8 +13,8 @@ from .. import dispatch
 from . import chunked, reference, triton_segments
 from .segments import ChunkLayout, chunk_layout, gather_chunks, gather_tokens, pending_tail
 
-__all__ = ["TRITON_PRIORITY", "ChunkLayout", "chunk_layout", "chunked", "gather_chunks", "gather_tokens", "pending_tail",
-           "reference", "segment_memory", "triton_segments"]
+__all__ = ["TRITON_PRIORITY", "ChunkLayout", "chunk_layout", "chunked", "gather_chunks", "gather_tokens",
+           "pending_tail", "reference", "segment_memory", "triton_segments"]
 
 # Negative = only by name (layer backend="triton", force_backend, MEMLM_BACKEND_COMPRESSIVE_MEMORY=triton). Raise
 # above 0 to make it the CUDA default once tests/ops/test_compressive_triton.py passes on the GPU (unverified

@@ -12,7 +12,7 @@ gradient for every per-segment slice (sq[:, n], ...) — O(N²) traffic for N se
 layouts inside each einsum. Here one program per batch·head walks all segments with its memories M_r [K, V] in
 registers (`_seg_fwd`), reading the segment's tokens in tiles of BC rows straight from the caller's
 [B, N, C, H, ·] layout; the backward (`_seg_bwd`) walks them in reverse from the saved pre-segment memories and
-writes every gradient once. Kernel math is float32 with IEEE dots (DOT_PRECISION), like the chunked form.
+writes every gradient once. Kernel math is float32 (IEEE dots by default, `precision()`), like the chunked form.
 
 CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests without a GPU).
 """
@@ -23,6 +23,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from ..neural_memory.triton_memory import precision
 
 try:
     import triton
@@ -35,7 +37,8 @@ __all__ = ["AVAILABLE", "MAX_DIM", "interpreting", "segment_memory", "supports"]
 
 AVAILABLE = triton is not None
 MAX_DIM = 128   # K, V: a memory M_r [K, V] is one register tile
-DOT_PRECISION = "ieee"
+# tl.dot precision: memlm.ops.neural_memory.triton_memory.precision(), shared by both backends ("ieee" unless
+# MEMLM_TRITON_PRECISION says "tf32x3" or "tf32").
 
 
 def interpreting() -> bool:
@@ -59,10 +62,10 @@ def supports(sq: Tensor, sk: Tensor, v: Tensor, *, M0: Tensor, **_: object) -> b
 # Mst [B, H, R, K, V], Zst [B, H, R, K] (the running memories, updated in place).
 
 def _seg_fwd(SQ, SK, Vv, Slot, Start, Comp, Num, Den, Zpre, Mpre, Mst, Zst,
-             H, N, C, R, K, V, NCT, eps,
-             DELTA: tl.constexpr, SAVE: tl.constexpr,
-             BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Grid (B·H,). Mst, Zst hold M0, z0 on entry and the final memories on exit."""
+             H, N, C, R, K, V, NCT, eps, save,
+             DELTA: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Grid (B·H,). Mst, Zst hold M0, z0 on entry and the final memories on exit; with save ≠ 0 the pre-segment
+    memories go to Mpre (for the backward)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -72,7 +75,6 @@ def _seg_fwd(SQ, SK, Vv, Slot, Start, Comp, Num, Den, Zpre, Mpre, Mst, Zst,
     mk, mv = rk < K, rv < V
     m_kv = mk[:, None] & mv[None, :]
     off_kv = rk[:, None] * V + rv[None, :]
-    sum_ = tl.standard._sum_combine
     for n in range(N):
         fresh = tl.load(Start + b * N + n) != 0
         comp = tl.load(Comp + b * N + n).to(tl.float32)
@@ -84,7 +86,7 @@ def _seg_fwd(SQ, SK, Vv, Slot, Start, Comp, Num, Den, Zpre, Mpre, Mst, Zst,
             m_r = tl.where(fresh, 0.0, m_r)          # where, not a multiply: a new document cuts the memory off
             z_r = tl.where(fresh, 0.0, z_r)
             tl.store(Zpre + ((seg * H + h) * R + r) * K + rk, z_r, mask=mk)
-            if SAVE:
+            if save != 0:
                 tl.store(Mpre + ((seg * H + h) * R + r) * K * V + off_kv, m_r, mask=m_kv)
             for ct in range(NCT):
                 c = ct * BC + rc
@@ -93,7 +95,7 @@ def _seg_fwd(SQ, SK, Vv, Slot, Start, Comp, Num, Den, Zpre, Mpre, Mst, Zst,
                 q = tl.load(SQ + tok[:, None] * K + rk[None, :], mask=mc[:, None] & mk[None, :], other=0.0)
                 num = tl.dot(q, m_r, input_precision=PREC)                   # [BC, BV]
                 tl.store(Num + (tok[:, None] * R + r) * V + rv[None, :], num, mask=mc[:, None] & mv[None, :])
-                tl.store(Den + tok * R + r, tl.reduce(q * z_r[None, :], 1, sum_), mask=mc)
+                tl.store(Den + tok * R + r, tl.reduce(q * z_r[None, :], 1, tl.standard._sum_combine), mask=mc)
             if r == slot:
                 dm = tl.full([BK, BV], 0.0, tl.float32)
                 dzz = tl.full([BK], 0.0, tl.float32)
@@ -105,10 +107,10 @@ def _seg_fwd(SQ, SK, Vv, Slot, Start, Comp, Num, Den, Zpre, Mpre, Mst, Zst,
                     val = tl.load(Vv + tok[:, None] * V + rv[None, :], mask=mc[:, None] & mv[None, :], other=0.0)
                     if DELTA:
                         ret = tl.dot(k, m_r, input_precision=PREC)
-                        nrm = tl.maximum(tl.reduce(k * z_r[None, :], 1, sum_), eps)
+                        nrm = tl.maximum(tl.reduce(k * z_r[None, :], 1, tl.standard._sum_combine), eps)
                         val = val - ret / nrm[:, None]
                     dm += tl.dot(tl.trans(k), val, input_precision=PREC)
-                    dzz += tl.reduce(k, 0, sum_)
+                    dzz += tl.reduce(k, 0, tl.standard._sum_combine)
                 m_r = m_r + comp * dm
                 z_r = z_r + comp * dzz
             tl.store(Mst + (bh * R + r) * K * V + off_kv, m_r, mask=m_kv)
@@ -129,7 +131,6 @@ def _seg_bwd(SQ, SK, Vv, Slot, Start, Comp, Zpre, Mpre, dNum, dDen, dZpre, dM, d
     mk, mv = rk < K, rv < V
     m_kv = mk[:, None] & mv[None, :]
     off_kv = rk[:, None] * V + rv[None, :]
-    sum_ = tl.standard._sum_combine
     for nn in range(N):
         n = N - 1 - nn
         fresh = tl.load(Start + b * N + n) != 0
@@ -156,7 +157,7 @@ def _seg_bwd(SQ, SK, Vv, Slot, Start, Comp, Zpre, Mpre, dNum, dDen, dZpre, dM, d
                 pq = dSQ + tok[:, None] * K + rk[None, :]
                 tl.store(pq, tl.load(pq, mask=m_ck, other=0.0) + dq, mask=m_ck)   # summed over r
                 acc_m += tl.dot(tl.trans(q), dnum, input_precision=PREC)
-                acc_z += tl.reduce(dden[:, None] * q, 0, sum_)
+                acc_z += tl.reduce(dden[:, None] * q, 0, tl.standard._sum_combine)
             if r == slot:                                # the write: M_r += comp Σ kᵀ val, z_r += comp Σ k
                 gc_m = comp * g_m
                 gc_z = comp * g_z
@@ -171,16 +172,17 @@ def _seg_bwd(SQ, SK, Vv, Slot, Start, Comp, Zpre, Mpre, dNum, dDen, dZpre, dM, d
                     dval = tl.dot(k, gc_m, input_precision=PREC)                      # [BC, BV]
                     if DELTA:
                         ret = tl.dot(k, m_r, input_precision=PREC)
-                        kz = tl.reduce(k * z_r[None, :], 1, sum_)
+                        kz = tl.reduce(k * z_r[None, :], 1, tl.standard._sum_combine)
                         nrm = tl.maximum(kz, eps)
                         val = val - ret / nrm[:, None]
                     dk = tl.dot(val, tl.trans(gc_m), input_precision=PREC) + gc_z[None, :]
                     if DELTA:
                         dret = -dval / nrm[:, None]
-                        dnrm = tl.where(kz >= eps, tl.reduce(dval * ret, 1, sum_) / (nrm * nrm), 0.0)
+                        dnrm = tl.reduce(dval * ret, 1, tl.standard._sum_combine) / (nrm * nrm)
+                        dnrm = tl.where(kz >= eps, dnrm, 0.0)                        # clamp_min's gradient
                         dk += tl.dot(dret, tl.trans(m_r), input_precision=PREC) + dnrm[:, None] * z_r[None, :]
                         acc_m += tl.dot(tl.trans(k), dret, input_precision=PREC)
-                        acc_z += tl.reduce(dnrm[:, None] * k, 0, sum_)
+                        acc_z += tl.reduce(dnrm[:, None] * k, 0, tl.standard._sum_combine)
                     tl.store(dSK + tok[:, None] * K + rk[None, :], dk, mask=m_ck)
                     tl.store(dV + tok[:, None] * V + rv[None, :], dval, mask=m_cv)
             # a segment that starts a document cleared the memories: nothing flows to the earlier segments
@@ -195,7 +197,8 @@ def _kernels(interpret: bool) -> tuple:
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
         return InterpretedFunction(_seg_fwd), InterpretedFunction(_seg_bwd)
-    return triton.jit(_seg_fwd), triton.jit(_seg_bwd)
+    varying = ["N", "R", "NCT", "save"]   # change from call to call: one compiled kernel for all values
+    return triton.jit(_seg_fwd, do_not_specialize=varying), triton.jit(_seg_bwd, do_not_specialize=varying)
 
 
 def _count(n: int, interpret: bool):
@@ -214,9 +217,11 @@ def _empty(like: Tensor, *shape: int) -> Tensor:
 
 
 def _config(C: int, K: int, V: int) -> dict:
+    """Tiles of 16 tokens: compiled for sm_90 without a GPU (cuobjdump -res-usage), the IEEE-dot kernels at K = V = 64
+    spill 0.1–0.4 KB a thread with 16-token tiles and 8 warps, 1–10 KB with 32–64-token tiles (FMA dots keep
+    per-thread operand panels as long as the contraction); K = V = 128 spills ~10 KB whatever the tile."""
     BK, BV = (max(16, triton.next_power_of_2(d)) for d in (K, V))
-    BC = min(max(16, triton.next_power_of_2(C)), 64 if BK * BV <= 64 * 64 else 32)
-    return {"BC": BC, "BK": BK, "BV": BV, "num_warps": 4 if BK * BV <= 64 * 64 else 8}
+    return {"BC": 16, "BK": BK, "BV": BV, "num_warps": 8 if BK * BV >= 64 * 64 else 4}
 
 
 class _Segments(torch.autograd.Function):
@@ -237,7 +242,7 @@ class _Segments(torch.autograd.Function):
         fwd, _ = _kernels(interpret)
         fwd[(B * H,)](sq, sk, v, slot, start, comp, num, den, z_pre, M_pre, M, z,
                       H, _count(N, interpret), C, _count(R, interpret), K, V,
-                      _count(triton.cdiv(C, cfg["BC"]), interpret), eps, DELTA=delta, SAVE=save, PREC=DOT_PRECISION,
+                      _count(triton.cdiv(C, cfg["BC"]), interpret), eps, int(save), DELTA=delta, PREC=precision(),
                       **cfg)
         if save:
             ctx.save_for_backward(sq, sk, v, slot, start, comp, z_pre, M_pre)
@@ -258,7 +263,7 @@ class _Segments(torch.autograd.Function):
         bwd[(B * H,)](sq, sk, v, slot, start, comp, z_pre, M_pre, dnum.float().contiguous(),
                       dden.float().contiguous(), dz_pre.float().contiguous(), dM0, dz0, dsq, dsk, dv,
                       H, _count(N, interpret), C, _count(R, interpret), K, V,
-                      _count(triton.cdiv(C, cfg["BC"]), interpret), eps, DELTA=delta, PREC=DOT_PRECISION, **cfg)
+                      _count(triton.cdiv(C, cfg["BC"]), interpret), eps, DELTA=delta, PREC=precision(), **cfg)
         return dsq, dsk, dv, dM0, dz0, None, None, None, None, None
 
 

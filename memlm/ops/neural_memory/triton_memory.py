@@ -17,7 +17,7 @@ most MAX_SCAN chunks that returns the stacked weights W_j of every chunk; the re
 chunks are then one batched PyTorch matmul pair (autograd differentiates them). Everything before the loop
 (stream, features, gate means) is parallel.py's, shared.
 
-Kernel math is float32 with IEEE dots (DOT_PRECISION; no TF32) whatever the input dtype, like the chunked form.
+Kernel math is float32 whatever the input dtype, like the chunked form, with IEEE dots by default (`precision()`).
 CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests without a GPU).
 """
 from __future__ import annotations
@@ -44,7 +44,18 @@ __all__ = ["AVAILABLE", "MAX_DIM", "MAX_SCAN", "interpreting", "neural_memory", 
 AVAILABLE = triton is not None
 MAX_DIM = 128   # window c, hidden E, value width Dv, and min of each Newton–Schulz matrix's sides: register tiles
 MAX_SCAN = 64   # chunks per autograd Function call: bounds the stacked W_j kept for the reads (long prefill)
+# tl.dot precision of every kernel: "ieee" (exact float32 products, like PyTorch without TF32; the tested default),
+# or, from the environment variable MEMLM_TRITON_PRECISION, "tf32x3" (three TF32 tensor-core products, near
+# float32) or "tf32". Read at every call, so one process can compare them (benchmarks/memory_kernels.py does).
 DOT_PRECISION = "ieee"
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def precision() -> str:
+    p = os.environ.get("MEMLM_TRITON_PRECISION", DOT_PRECISION)
+    if p not in PRECISIONS:
+        raise ValueError(f"MEMLM_TRITON_PRECISION={p!r}: expected one of {', '.join(PRECISIONS)}")
+    return p
 
 
 def interpreting() -> bool:
@@ -82,7 +93,7 @@ def supports(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta:
 
 def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
               j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
-              HAS_XR: tl.constexpr, HAS_RESET: tl.constexpr, MUON: tl.constexpr,
+              HAS_XR: tl.constexpr, MUON: tl.constexpr,
               BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
     """Grid (B·H,). Writes S_{j+1} into slot i + 1 of S1s/S2s and W_{j+1} (MUON: only (1 − α) Ws; _ns5_fwd adds
     NS5(S_{j+1})) into slot i + 1 of W1s/W2s."""
@@ -107,11 +118,10 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     src1 = W1s + cur * E * F
     src2 = W2s + cur * Dv * E
     keep = 1.0
-    if HAS_RESET:
-        if tl.load(Has + b * NJ + j) != 0:                                   # the write starts from (W_init, 0)
-            src1 = W1i + h * E * F
-            src2 = W2i + h * Dv * E
-            keep = 0.0
+    if tl.load(Has + b * NJ + j) != 0:                                       # the write starts from (W_init, 0)
+        src1 = W1i + h * E * F
+        src2 = W2i + h * Dv * E
+        keep = 0.0
     z = tl.full([BC, BE], 0.0, tl.float32)
     for fi in range(NF):                                                     # Z = X W1ᵀ over F tiles
         cf = fi * BF + rf
@@ -153,7 +163,7 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
 def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
               gW1, gW2, gS1, gS2, R1, R2, dX, dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
               j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
-              HAS_XR: tl.constexpr, HAS_RESET: tl.constexpr, MUON: tl.constexpr,
+              HAS_XR: tl.constexpr, MUON: tl.constexpr,
               BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
     """Grid (B·H,). On entry gW, gS hold ∂L/∂W_{j+1}, ∂L/∂S_{j+1} (MUON: gS already includes the Newton–Schulz
     path, added by _ns5_bwd); on exit ∂L/∂W_j (plus R's slot i, the reads' gradient), ∂L/∂S_j. Writes the window
@@ -180,11 +190,10 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     src1 = W1s + cur * E * F
     src2 = W2s + cur * Dv * E
     keep = 1.0
-    if HAS_RESET:
-        if tl.load(Has + b * NJ + j) != 0:
-            src1 = W1i + h * E * F
-            src2 = W2i + h * Dv * E
-            keep = 0.0
+    if tl.load(Has + b * NJ + j) != 0:
+        src1 = W1i + h * E * F
+        src2 = W2i + h * Dv * E
+        keep = 0.0
     # pass 1: Z = X W1ᵀ, Q = X gS1ᵀ (so that Σ G1 ⊙ gS1 = Σ dZ ⊙ Q and X dG1ᵀ = −θ Q), and the gate sums
     z = tl.full([BC, BE], 0.0, tl.float32)
     q = tl.full([BC, BE], 0.0, tl.float32)
@@ -223,10 +232,13 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     u = tl.dot(r, w2, input_precision=PREC)                                  # R W2 [BC, BE]
     dz = u * h1
     g2 = tl.dot(tl.trans(r), a, input_precision=PREC)
-    sum_ = tl.standard._sum_combine
-    d_theta = -(tl.reduce(dz * q, None, sum_) + tl.reduce(g2 * gs2, None, sum_))
-    d_eta = tl.reduce(acc_eta, None, sum_) + tl.reduce(s2 * gs2, None, sum_)
-    d_alpha = -(tl.reduce(acc_alpha, None, sum_) + tl.reduce(w2 * gw2, None, sum_))
+    # Σ G1 ⊙ gS1 = Σ dZ ⊙ Q; the W1/S1 sums were accumulated as tiles in pass 1
+    d_theta = -(tl.reduce(dz * q, None, tl.standard._sum_combine)
+                + tl.reduce(g2 * gs2, None, tl.standard._sum_combine))
+    d_eta = (tl.reduce(acc_eta, None, tl.standard._sum_combine)
+             + tl.reduce(s2 * gs2, None, tl.standard._sum_combine))
+    d_alpha = -(tl.reduce(acc_alpha, None, tl.standard._sum_combine)
+                + tl.reduce(w2 * gw2, None, tl.standard._sum_combine))
     # backward through G1 = dZᵀ X (dG1 = −θ gS1), G2 = Rᵀ A (dG2 = −θ gS2), dZ = U ⊙ gelu'(Z), U = R W2,
     # R = 2 w (Y − V), Y = [XR] + A W2ᵀ, A = gelu(Z)
     ddz = -theta * q                                                         # ∂/∂dZ
@@ -238,7 +250,7 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     dr += tl.dot(du, tl.trans(w2), input_precision=PREC)
     dw2 = tl.dot(tl.trans(r), du, input_precision=PREC)                      # [BV, BE]
     dy = 2.0 * w[:, None] * dr
-    tl.store(dWg + gi * c + rc, 2.0 * tl.reduce(diff * dr, 1, sum_), mask=mc)
+    tl.store(dWg + gi * c + rc, 2.0 * tl.reduce(diff * dr, 1, tl.standard._sum_combine), mask=mc)
     tl.store(dV + rows[:, None] * Dv + rv[None, :], -dy, mask=m_cv)
     if HAS_XR:
         tl.store(dXR + rows[:, None] * Dv + rv[None, :], dy, mask=m_cv)
@@ -251,9 +263,9 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     dws2 = (1.0 - alpha) * gw2 + dw2                                         # ∂L/∂Ws2
     rd2 = tl.load(R2 + cur * Dv * E + off2, mask=m_ve, other=0.0)
     tl.debug_barrier()                                                       # every read of gW, gS is done
-    if HAS_RESET:
+    if keep == 0.0:
         p2 = dW2i + bh * Dv * E + off2
-        tl.store(p2, tl.load(p2, mask=m_ve, other=0.0) + (1.0 - keep) * dws2, mask=m_ve)
+        tl.store(p2, tl.load(p2, mask=m_ve, other=0.0) + dws2, mask=m_ve)
     tl.store(gW2 + bh * Dv * E + off2, rd2 + keep * dws2, mask=m_ve)
     tl.store(gS2 + bh * Dv * E + off2, keep * eta * gs2, mask=m_ve)
     # pass 2: dX = dZt W1 + dZ dG1, ∂L/∂Ws1 = (1 − α) gW1 + dZtᵀ X, ∂L/∂Ss1 = η gS1 (tile by tile, in place)
@@ -272,9 +284,9 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         dx = tl.dot(dzt, w1, input_precision=PREC) - theta * tl.dot(dz, gs, input_precision=PREC)
         tl.store(dX + rows[:, None] * F + cf[None, :], dx, mask=m_cf)
         dws1 = (1.0 - alpha) * gw + tl.dot(tl.trans(dzt), x, input_precision=PREC)
-        if HAS_RESET:
+        if keep == 0.0:
             p1 = dW1i + bh * E * F + off1
-            tl.store(p1, tl.load(p1, mask=m_ef, other=0.0) + (1.0 - keep) * dws1, mask=m_ef)
+            tl.store(p1, tl.load(p1, mask=m_ef, other=0.0) + dws1, mask=m_ef)
         rd1 = tl.load(R1 + cur * E * F + off1, mask=m_ef, other=0.0)
         tl.store(gW1 + bh * E * F + off1, rd1 + keep * dws1, mask=m_ef)
         tl.store(gS1 + bh * E * F + off1, keep * eta * gs, mask=m_ef)
@@ -289,14 +301,13 @@ def _ns5_fwd(S, Out, Xs, s_bh, o_bh, sr, sc, M, N, NT, EPS2,
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     mm = rm < M
-    sum_ = tl.standard._sum_combine
     acc = tl.full([BM, BN], 0.0, tl.float32)
     for t in range(NT):
         cn = t * BN + rn
         m = mm[:, None] & (cn < N)[None, :]
         s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
         acc += s * s
-    scale = 1.0 / tl.sqrt(tl.reduce(acc, None, sum_) + EPS2)
+    scale = 1.0 / tl.sqrt(tl.reduce(acc, None, tl.standard._sum_combine) + EPS2)
     for t in range(NT):
         cn = t * BN + rn
         m = mm[:, None] & (cn < N)[None, :]
@@ -338,7 +349,6 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     mm = rm < M
-    sum_ = tl.standard._sum_combine
     xb = Xs + bh * STEPS * M * N
     yb = dY + bh * M * N
     acc = tl.full([BM, BN], 0.0, tl.float32)
@@ -347,7 +357,7 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
         m = mm[:, None] & (cn < N)[None, :]
         s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
         acc += s * s
-    scale = 1.0 / tl.sqrt(tl.reduce(acc, None, sum_) + EPS2)
+    scale = 1.0 / tl.sqrt(tl.reduce(acc, None, tl.standard._sum_combine) + EPS2)
     for t in range(NT):
         cn = t * BN + rn
         m = mm[:, None] & (cn < N)[None, :]
@@ -400,7 +410,7 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
         m = mm[:, None] & (cn < N)[None, :]
         s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
         acc += s * tl.load(yb + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
-    inner = tl.reduce(acc, None, sum_)
+    inner = tl.reduce(acc, None, tl.standard._sum_combine)
     for t in range(NT):
         cn = t * BN + rn
         m = mm[:, None] & (cn < N)[None, :]
@@ -417,7 +427,9 @@ def _kernels(interpret: bool) -> dict:
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
         return {n: InterpretedFunction(f) for n, f in fns.items()}
-    return {n: triton.jit(f) for n, f in fns.items()}
+    # positions and lengths change from call to call: one compiled kernel for all of them
+    varying = {"step_fwd": ["j", "i", "L", "NJ", "K1"], "step_bwd": ["j", "i", "L", "NJ", "K1"]}
+    return {n: triton.jit(f, do_not_specialize=varying.get(n, [])) for n, f in fns.items()}
 
 
 def _count(n: int, interpret: bool):
@@ -439,10 +451,17 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))       # tl.dot needs every dimension ≥ 16
 
 
-def _step_config(c: int, E: int, Dv: int, F: int) -> dict:
+# Tile choices were compared by compiling for sm_90 without a GPU (triton.compile + cuobjdump -res-usage) at the
+# atlas-mag-small shapes: with IEEE dots every [c, E] tile plus the per-thread operand panels of the FMA dots exceed
+# the registers, so the backward spills (~5 KB a thread at 16 warps, ~9 KB at 8); narrower F tiles and more warps
+# spill less and compile faster (10 s instead of 18–30 s). TF32×3 dots spill far less (tensor-core operands).
+
+def _step_config(c: int, E: int, Dv: int, F: int, backward: bool) -> dict:
     BC, BE, BV = _pow2(c), _pow2(E), _pow2(Dv)
-    big = BC * BE >= 64 * 64
-    return {"BC": BC, "BE": BE, "BV": BV, "BF": min(32 if big else 64, _pow2(F)), "num_warps": 8 if big else 4}
+    if BC * BE < 64 * 64:
+        return {"BC": BC, "BE": BE, "BV": BV, "BF": min(64, _pow2(F)), "num_warps": 4}
+    return {"BC": BC, "BE": BE, "BV": BV, "BF": min(16 if backward else 32, _pow2(F)),
+            "num_warps": 16 if backward else 8}
 
 
 class _NS5:
@@ -452,14 +471,14 @@ class _NS5:
         self.M, self.N = min(rows, cols), max(rows, cols)
         self.sr, self.sc = (cols, 1) if rows <= cols else (1, cols)          # a tall matrix is read transposed
         BM = _pow2(self.M)
-        BN = min(64 if BM <= 64 else 32, _pow2(self.N))
+        BN = 16        # narrow column tiles: the [BM, BM] Gram-side matrices already fill the registers
         self.cfg = {"BM": BM, "BN": BN, "num_warps": 8 if BM >= 64 else 4}
         self.NT = triton.cdiv(self.N, BN)
         self.BH, self.device = BH, device
 
     def consts(self) -> dict:
         a, b, c = NS5_COEFFS
-        return {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "PREC": DOT_PRECISION, **self.cfg}
+        return {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "PREC": precision(), **self.cfg}
 
 
 class _Scan(torch.autograd.Function):
@@ -467,7 +486,7 @@ class _Scan(torch.autograd.Function):
 
     Inputs: X [B, H, L, F], XR [B, H, L, Dv] or None, V [B, H, L, Dv] (contiguous); Wg [B, H, NJ, c]; Eta, Theta,
     Alpha [B, H, NJ]; W1, S1 [B, H, E, F], W2, S2 [B, H, Dv, E] (state before chunk j0); W1i [H, E, F], W2i
-    [H, Dv, E] or None; has int8 [B, NJ] or None; j0, j1, C, muon (not differentiable).
+    [H, Dv, E] or None (then has is all zero); has int8 [B, NJ]; j0, j1, C, muon (not differentiable).
     Outputs: W1all [B, H, K1, E, F], W2all [B, H, K1, Dv, E] with K1 = j1 − j0 + 1 (slot i: W_{j0+i}), and the
     final S1, S2. All float32.
     """
@@ -482,14 +501,14 @@ class _Scan(torch.autograd.Function):
         W1all, S1all = (_empty(X, B, H, K1, E, F) for _ in range(2))
         W2all, S2all = (_empty(X, B, H, K1, Dv, E) for _ in range(2))
         W1all[:, :, 0], W2all[:, :, 0], S1all[:, :, 0], S2all[:, :, 0] = W1, W2, S1, S2
-        cfg = _step_config(c, E, Dv, F)
-        flags = {"HAS_XR": XR is not None, "HAS_RESET": has is not None, "MUON": muon, "PREC": DOT_PRECISION}
+        cfg = _step_config(c, E, Dv, F, backward=False)
+        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": precision()}
         if muon:
             ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
             scratch = [_empty(X, BH, g.M * g.N) for g in ns]
         for i, j in enumerate(range(j0, j1)):
             kern["step_fwd"][(BH,)](
-                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, Eta if has is None else has,
+                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
                 j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg)
             if muon:
@@ -516,11 +535,10 @@ class _Scan(torch.autograd.Function):
         dX, dV, dWg = torch.zeros_like(X), torch.zeros_like(V), torch.zeros_like(Wg)
         dXR = None if XR is None else torch.zeros_like(XR)
         dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
-        dW1i = dW2i = None
-        if has is not None:
-            dW1i, dW2i = X.new_zeros(B, H, E, F), X.new_zeros(B, H, Dv, E)
-        cfg = _step_config(c, E, Dv, F)
-        flags = {"HAS_XR": XR is not None, "HAS_RESET": has is not None, "MUON": muon, "PREC": DOT_PRECISION}
+        # rows with a reset in chunk j send the write's ∂L/∂Ws here (summed over rows at the end)
+        dW1i, dW2i = X.new_zeros(B, H, E, F), X.new_zeros(B, H, Dv, E)
+        cfg = _step_config(c, E, Dv, F, backward=True)
+        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": precision()}
         if muon:
             ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
             scratch = [(_empty(X, BH, NS5_STEPS, g.M * g.N), _empty(X, BH, g.M * g.N)) for g in ns]
@@ -531,14 +549,12 @@ class _Scan(torch.autograd.Function):
                     kern["ns5_bwd"][(BH,)](s, gw, gs, xs, dy, s.stride(1), gw.stride(1), g.sr, g.sc, g.M, g.N,
                                            _count(g.NT, interpret), NS5_EPS ** 2, **g.consts())
             kern["step_bwd"][(BH,)](
-                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, Eta if has is None else has,
+                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
-                gW1, gW2, gS1, gS2, R1, R2, dX, dX if XR is None else dXR, dV, dWg, dEta, dTheta, dAlpha,
-                gW1 if dW1i is None else dW1i, gW2 if dW2i is None else dW2i,
+                gW1, gW2, gS1, gS2, R1, R2, dX, dX if XR is None else dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
                 j0 + i, i, H, L, NJ, j1 - j0 + 1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret),
                 **flags, **cfg)
-        if dW1i is not None:
-            dW1i, dW2i = dW1i.sum(0), dW2i.sum(0)
+        dW1i, dW2i = (None, None) if W1i is None else (dW1i.sum(0), dW2i.sum(0))
         return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
                 None, None, None, None, None)
 
@@ -586,7 +602,10 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
     outs = []
     if st.n_full:
         gw, ge, gt, ga = chunk_gates(st, pre.C, pre.c)
-        has = st.has[:, :st.n_full].to(torch.int8).contiguous() if st.any_reset else None
+        if st.any_reset:
+            has = st.has[:, :st.n_full].to(torch.int8).contiguous()
+        else:
+            has = torch.zeros(q.shape[0], st.n_full, dtype=torch.int8, device=q.device)
         W1i, W2i = (None, None) if pre.W1i is None else (pre.W1i[0].contiguous(), pre.W2i[0].contiguous())
         for j0 in range(0, st.n_full, MAX_SCAN):
             j1 = min(j0 + MAX_SCAN, st.n_full)
