@@ -7,6 +7,11 @@ output and of every input gradient against the chunked backend on the same input
     python benchmarks/memory_kernels.py                              # CUDA, IEEE dots, B 4, T 2048 (< 30 s warm)
     python benchmarks/memory_kernels.py --precision ieee tf32x3      # also the TF32×3 tensor-core dots
     python benchmarks/memory_kernels.py --tiny                       # CPU smoke test through the Triton interpreter
+    python benchmarks/memory_kernels.py --precompile                 # fill Triton's cache, one process per kernel
+
+--precompile compiles every kernel variant the presets (and tests/ops/test_*_triton.py) use in parallel processes
+— one kernel each, the others replaced by no-ops — into Triton's on-disk cache, so that the tests and the timed runs
+that follow on the same machine find them compiled (one IEEE-dot backward kernel takes 10–20 s to compile alone).
 
 Notation: B batch rows, T tokens per row, H heads, K head width, E hidden width, F memory input width, C chunk or
 segment length. The op inputs are random with the layer's ranges (unit-norm q, k, v; gates in (0, 1); θ ≤ θ_max / C).
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -129,6 +135,8 @@ def measure(op: str, backend: str, args: tuple, kw: dict, device: torch.device, 
         outs, grads = fwd_bwd()
         sync(device)
         times_fb.append(time.perf_counter() - t)
+    if not repeats:
+        return {"first_call_s": round(first, 3)}
     return {"first_call_s": round(first, 3), "fwd_ms": round(1e3 * statistics.median(times_f), 3),
             "fwd_bwd_ms": round(1e3 * statistics.median(times_fb), 3), "outs": outs, "grads": grads}
 
@@ -136,6 +144,52 @@ def measure(op: str, backend: str, args: tuple, kw: dict, device: torch.device, 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# (op, kernel, variant) compiled by --precompile; the kernel names are the keys of the backends' _kernels()
+PRECOMPILE = [("neural_memory", k, opt) for opt in ("momentum", "muon") for k in ("step_fwd", "step_bwd")]
+PRECOMPILE += [("neural_memory", k, "muon") for k in ("ns5_fwd", "ns5_bwd")]
+PRECOMPILE += [("compressive_memory", k, upd) for upd in ("delta", "linear") for k in ("fwd", "bwd")]
+
+
+class _NoLaunch:
+    """Stands in for a kernel that a --precompile worker does not compile: kernel[grid](...) does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _precompile_one(job: tuple[str, str, str], precision: str) -> str:
+    """Worker: run the op's forward and backward once on CUDA with only `kernel` launched (its output is garbage,
+    only the compilation matters)."""
+    op, kernel, variant = job
+    os.environ["MEMLM_TRITON_PRECISION"] = precision
+    device = torch.device("cuda")
+    t = time.perf_counter()
+    if op == "neural_memory":
+        from memlm.ops.neural_memory import triton_memory as mod
+        real = mod._kernels(False)
+        mod._kernels = lambda interpret: {n: (f if n == kernel else _NoLaunch()) for n, f in real.items()}
+        shape, args, kw = neural_memory_case("atlas-mag-small", 1, 128, device, False)
+        kw["optimizer"] = variant
+    else:
+        from memlm.ops.compressive import triton_segments as mod
+        real = mod._kernels(False)
+        mod._kernels = lambda interpret: tuple(f if n == kernel else _NoLaunch() for n, f in zip(("fwd", "bwd"), real))
+        shape, args, kw = compressive_case("infini-pythia-70m", 1, 1024, device, False)
+        kw["delta"] = variant == "delta"
+    measure(op, "triton", args, kw, device, repeats=0)
+    return f"{op}:{kernel}:{variant}:{precision} {time.perf_counter() - t:.1f}s"
+
+
+def precompile(precisions: list[str]) -> None:
+    jobs = [(job, p) for p in precisions for job in PRECOMPILE]
+    t = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(len(jobs), os.cpu_count() or 1), maxtasksperchild=1) as pool:   # a fresh process per job
+        for line in pool.starmap(_precompile_one, jobs):
+            print(json.dumps({"precompiled": line}), flush=True)
+    print(json.dumps({"precompile_s": round(time.perf_counter() - t, 1)}), flush=True)
 
 
 def main() -> None:
@@ -146,7 +200,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precision", nargs="+", default=["ieee"], help="tl.dot precisions for the triton backend")
     ap.add_argument("--ops", nargs="+", default=["neural_memory", "compressive_memory"])
+    ap.add_argument("--precompile", action="store_true", help="only compile the kernels, in parallel (CUDA)")
     a = ap.parse_args()
+    if a.precompile:
+        precompile(a.precision)
+        return
     if a.tiny:
         os.environ["TRITON_INTERPRET"] = "1"       # read at call time; the kernels are built for CPU tensors lazily
         torch.set_num_threads(1)                   # tiny tensors: intra-op threads only add contention
