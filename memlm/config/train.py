@@ -38,6 +38,9 @@ class TrainConfig(Config):
     # logits kept; memlm/ops/cross_entropy.py), "plain" materialises the logits; "auto": chunked on CUDA
     cross_entropy: str = "auto"
     ce_chunk: int = 4096
+    # masked attention (windows, packed documents, persistent tokens; memlm/ops/attention.py): "auto" = FlexAttention
+    # on CUDA for training/prefill, dense-mask SDPA elsewhere; "sdpa" or "flex" force one
+    attention: str = "auto"
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     # memory across steps
     tbptt: bool = False  # rows continue the same documents step after step; the ModelState is carried
@@ -67,6 +70,7 @@ class TrainConfig(Config):
         check_choice("schedule", self.schedule, ("cosine", "constant", "wsd"))
         check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         check_choice("cross_entropy", self.cross_entropy, ("auto", "plain", "chunked"))
+        check_choice("attention", self.attention, ("auto", "sdpa", "flex"))
         check_choice("parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
         check_choice("mixed_precision", self.mixed_precision, ("auto", "float32", "bfloat16", "bfloat16-reduce-float32"))
         for n in ("seq_len", "batch_size", "grad_accum", "steps", "detach_every", "keep_last", "log_every", "ce_chunk"):

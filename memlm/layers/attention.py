@@ -23,6 +23,7 @@ from memlm.layers.base import LayerState, Mixer, MixerConfig, register_mixer, st
 from memlm.layers.norm import RMSNorm
 from memlm.layers.rotary import Rotary
 from memlm.layers.static import in_static_decode
+from memlm.ops.attention import masked_attention
 
 
 @dataclass(kw_only=True)
@@ -111,7 +112,8 @@ class AttentionCore(nn.Module):
         return q, k, v
 
     def forward(self, x: Tensor, state: KVState, reset: Tensor | None, update: bool,
-                qkv: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, KVState]:
+                qkv: tuple[Tensor, Tensor, Tensor] | None = None, fresh: bool = False) -> tuple[Tensor, KVState]:
+        """fresh: ``state`` is a fresh init_state (nothing cached), so attention needs only the new keys."""
         B, T, _ = x.shape
         q, k, v = self.project(x) if qkv is None else qkv
         if self.q_norm is not None:
@@ -122,15 +124,15 @@ class AttentionCore(nn.Module):
         if update and in_static_decode():
             o, new_state = self._static_step(q, k, v, state, abs_pos, doc_tok)
         else:
-            o = self._attend(q, k, v, state, abs_pos, doc_tok, reset)
+            o = self._attend(q, k, v, state, abs_pos, doc_tok, reset, fresh)
             new_state = self._write(state, k, v, abs_pos, doc_tok) if update else state
         o = o.transpose(1, 2).reshape(B, T, self.hq * self.dh)
         return self.o_proj(o), new_state
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, state: KVState, abs_pos: Tensor, doc_tok: Tensor,
-                reset: Tensor | None) -> Tensor:
+                reset: Tensor | None, fresh: bool = False) -> Tensor:
         gqa = self.hq != self.hk
-        L = state.k.shape[2]
+        L = 0 if fresh else state.k.shape[2]  # a fresh window ring holds no valid slot: leave it out
         if L == 0 and reset is None and self.window is None and self.persist_k is None:
             # Fresh causal block, no packing: the flash/efficient kernels apply.
             return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
@@ -140,17 +142,16 @@ class AttentionCore(nn.Module):
             kpos = torch.cat([state.kpos, abs_pos], dim=1)
         else:
             keys, vals, kpos = k, v, abs_pos
-        qp = abs_pos[:, :, None]
-        kp = kpos[:, None, :]
-        mask = (kp >= 0) & (kp <= qp) & (kp >= doc_tok[:, :, None])
-        if self.window is not None:
-            mask &= qp - kp < self.window
+        n = 0
         if self.persist_k is not None:
             B, n = q.shape[0], self.persist_k.shape[1]
             keys = torch.cat([self.persist_k.to(keys.dtype).expand(B, -1, -1, -1), keys], dim=2)
             vals = torch.cat([self.persist_v.to(vals.dtype).expand(B, -1, -1, -1), vals], dim=2)
-            mask = torch.cat([mask.new_ones(B, mask.shape[1], n), mask], dim=2)
-        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None], enable_gqa=gqa)
+        # Masked attention (ops/attention.py: dense-mask SDPA, or FlexAttention on CUDA). From a fresh state the
+        # mask follows from the shapes and the batch's reset alone: every layer of the forward shares one block mask.
+        cache_key = ("fresh", reset, q.shape[0], q.shape[2]) if fresh else None
+        return masked_attention(q, keys, vals, abs_pos, kpos, doc_tok, window=self.window, n_persist=n,
+                                cache_key=cache_key)
 
     def _write(self, state: KVState, k: Tensor, v: Tensor, abs_pos: Tensor, doc_tok: Tensor) -> KVState:
         T = k.shape[2]
@@ -262,6 +263,7 @@ class Attention(Mixer):
 
     def forward(self, x: Tensor, state: KVState | None = None, *, reset: Tensor | None = None,
                 update: bool = True) -> tuple[Tensor, KVState]:
+        fresh = state is None
         if state is None:
             state = self.init_state(x.shape[0], device=x.device)
-        return self.core(x, state, reset, update)
+        return self.core(x, state, reset, update, fresh=fresh)

@@ -237,7 +237,7 @@ class Hope(Mixer):
             k = gather_tokens(torch.stack(keys, 1), lay).to(x.dtype).transpose(1, 2)   # [B, Hm, T, Dh]
             v = gather_tokens(torch.stack(vals, 1), lay).to(x.dtype).transpose(1, 2)
             q = self.core.q_proj(x).view(B, T, self.hq, self.dh).transpose(1, 2)
-            y, kv = self.core(x, state.kv, reset, update, qkv=(q, k, v))
+            y, kv = self.core(x, state.kv, reset, update, qkv=(q, k, v), fresh=fresh)
         if not update:
             return y, state
         return y, HopeState(mem=M, pend=pending_tail(ue, lay).to(state.pend.dtype), conv=conv, pos=lay.pos,

@@ -382,7 +382,7 @@ class MAG(_Hybrid):
         fresh = state is None  # the memory gets None too: it then knows its state is empty without reading it
         if state is None:
             state = self.init_state(x.shape[0], device=x.device)
-        a, kv = self.core(x, state.kv, reset, update)
+        a, kv = self.core(x, state.kv, reset, update, fresh=fresh)
         if self.memory is None:
             return a, HybridState(kv=kv, mem=None)
         m, mem = self.memory(x, None if fresh else state.mem, reset=reset, update=update)
@@ -420,8 +420,8 @@ class MAL(_Hybrid):
         if state is None:
             state = self.init_state(x.shape[0], device=x.device)
         if self.memory is None:
-            a, kv = self.core(x, state.kv, reset, update)
+            a, kv = self.core(x, state.kv, reset, update, fresh=fresh)
             return a, HybridState(kv=kv, mem=None)
         m, mem = self.memory(x, None if fresh else state.mem, reset=reset, update=update)
-        a, kv = self.core(self.attn_norm(x + m), state.kv, reset, update)
+        a, kv = self.core(self.attn_norm(x + m), state.kv, reset, update, fresh=fresh)
         return m + a, HybridState(kv=kv, mem=mem)

@@ -24,7 +24,7 @@ from typing import Any
 
 from memlm.scoped import Scoped
 
-__all__ = ["Backend", "backends", "call", "env_var", "force_backend", "get", "register", "unregister"]
+__all__ = ["Backend", "backends", "call", "env_var", "force_backend", "get", "named", "register", "unregister"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,13 @@ def _lookup(op_name: str, name: str, source: str) -> Backend:
         raise KeyError(f"unknown backend {name!r} for op {op_name!r} (from {source}); "
                        f"registered: {', '.join(backends(op_name))}")
     return table[name]
+
+
+def named(op_name: str) -> str | None:
+    """The backend forced for op_name (``force_backend``, then the environment variable), or None (automatic)."""
+    if op_name in _forced():
+        return _forced()[op_name]
+    return os.environ.get(env_var(op_name)) or None
 
 
 def get(op_name: str, backend: str | None = None, *, args: tuple = (), kwargs: dict | None = None

@@ -34,6 +34,7 @@ from memlm.layers.cms import cms_gate_gradients
 from memlm.models.lm import MemoryLM
 from memlm.models.state import ModelState
 from memlm.ops.compressive.segments import reset_bound
+from memlm.ops.dispatch import force_backend
 from memlm.train import checkpoint as ckpt
 from memlm.train import parallel
 from memlm.train.metrics import MetricsLogger, progress_line
@@ -174,8 +175,10 @@ class Trainer:
         # the summed CE is computed inside the model's forward (MemoryLM(labels=...)): chunked, or plain logits
         chunked = t.cross_entropy == "chunked" or (t.cross_entropy == "auto" and self.device.type == "cuda")
         self.ce_chunk = t.ce_chunk if chunked else 0
+        attn = t.attention if t.attention != "auto" else ("flex" if self.device.type == "cuda" else "sdpa")
         log(f"training path: torch.compile {'on' if t.compile else 'off'}; cross-entropy "
-            f"{f'chunked ({t.ce_chunk} tokens)' if chunked else 'plain'}; optimizer {describe_optimizer(self.optimizer)}")
+            f"{f'chunked ({t.ce_chunk} tokens)' if chunked else 'plain'}; masked attention {attn} "
+            f"({t.attention}); optimizer {describe_optimizer(self.optimizer)}")
         if data is None:
             data, built_val = build_data(t, tokenizer, self.dist.world if self.dist else 1)
             val_data = built_val if val_data is None else val_data
@@ -243,6 +246,11 @@ class Trainer:
         """(summed token CE, new state): the LM head and the loss run inside the (compiled / wrapped) model."""
         return self._module(ids, state, reset, labels=labels, ce_chunk=self.ce_chunk)
 
+    def _attention(self):
+        """train.attention: force a masked-attention backend for the training and validation forwards."""
+        a = self.t.attention
+        return contextlib.nullcontext() if a == "auto" else force_backend("masked_attention", a)
+
     def _autocast(self):
         if self.amp is None:
             return contextlib.nullcontext()
@@ -287,7 +295,7 @@ class Trainer:
         kw = {"normalizer": n_valid, "backward": True, "scale": self.loss_scale * world, "autocast": self._autocast,
               "aux_weight": 1 / (len(segs) * world), "step": self.step, "loss_in_forward": True}
         # chunked memories size their chunk grids from shapes and this promise: no host sync, no graph break
-        with reset_bound(resets_bucket(batch if isinstance(batch, (list, tuple)) else [batch])):
+        with reset_bound(resets_bucket(batch if isinstance(batch, (list, tuple)) else [batch])), self._attention():
             if t.tbptt:
                 results = [run_segments(self._forward, segs, self.tbptt_state, detach_every=t.detach_every, **kw)]
             else:
@@ -380,7 +388,7 @@ class Trainer:
             return self.model(ids, st, reset, labels=labels, ce_chunk=self.ce_chunk)
 
         for b, seg in zip(batches, self._segments(batches)):
-            with reset_bound(resets_bucket([b])):
+            with reset_bound(resets_bucket([b])), self._attention():
                 r = run_segments(forward, [seg], state if self.t.tbptt else None, normalizer=1,
                                  autocast=self._autocast, loss_in_forward=True)
             ce += float(r.ce_sum)

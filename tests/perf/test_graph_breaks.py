@@ -76,3 +76,23 @@ def test_training_step_compiles_without_graph_breaks(name, tmp_path):
     assert len(graphs) == n_graphs, f"{name}: recompiled for a batch of a kind already seen ({dict(counters['recompiles'])})"
     assert all(torch.isfinite(torch.tensor(o["loss"])) and not o["skipped"] for o in outs)
     assert time.perf_counter() - t0 < 120
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # eager flex_attention on the CPU warns that it is slow
+@pytest.mark.parametrize("name", ["transformer-swa-debug", "atlas-mag-debug"])
+def test_flex_attention_forward_compiles_without_graph_breaks(name):
+    """The FlexAttention path (CUDA's default; forced here, eager on the CPU, forward only: no CPU backward)."""
+    from memlm.ops.compressive.segments import reset_bound
+    from memlm.ops.dispatch import force_backend
+
+    torch.manual_seed(0)
+    model = memlm.build_model(name).eval()
+    batch = _batch(1, docs=True)
+    dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    with force_backend("masked_attention", "flex"), reset_bound(2), torch.no_grad():
+        got, _ = compiled(batch.input_ids, None, batch.reset)
+        want, _ = model(batch.input_ids, None, batch.reset)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(got, want)
