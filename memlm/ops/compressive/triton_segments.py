@@ -115,6 +115,7 @@ def _seg_fwd(SQ, SK, Vv, Slot, Start, Comp, Num, Den, Zpre, Mpre, Mst, Zst,
                 z_r = z_r + comp * dzz
             tl.store(Mst + (bh * R + r) * K * V + off_kv, m_r, mask=m_kv)
             tl.store(Zst + (bh * R + r) * K + rk, z_r, mask=mk)
+            tl.debug_barrier()                   # the next segment reads M_r back, maybe in another thread layout
 
 
 def _seg_bwd(SQ, SK, Vv, Slot, Start, Comp, Zpre, Mpre, dNum, dDen, dZpre, dM, dZ, dSQ, dSK, dV,
@@ -188,7 +189,7 @@ def _seg_bwd(SQ, SK, Vv, Slot, Start, Comp, Zpre, Mpre, dNum, dDen, dZpre, dM, d
             # a segment that starts a document cleared the memories: nothing flows to the earlier segments
             tl.store(dM + (bh * R + r) * K * V + off_kv, tl.where(fresh, 0.0, acc_m), mask=m_kv)
             tl.store(dZ + (bh * R + r) * K + rk, tl.where(fresh, 0.0, acc_z), mask=mk)
-            tl.debug_barrier()                           # dSQ is read back by the next r
+            tl.debug_barrier()                           # dSQ, dM, dZ are read back by the next r / segment
 
 
 @functools.cache

@@ -284,10 +284,12 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         dx = tl.dot(dzt, w1, input_precision=PREC) - theta * tl.dot(dz, gs, input_precision=PREC)
         tl.store(dX + rows[:, None] * F + cf[None, :], dx, mask=m_cf)
         dws1 = (1.0 - alpha) * gw + tl.dot(tl.trans(dzt), x, input_precision=PREC)
+        rd1 = tl.load(R1 + cur * E * F + off1, mask=m_ef, other=0.0)
+        # every thread has read this tile of gW1, gS1 before any overwrites it (the store may use another layout)
+        tl.debug_barrier()
         if keep == 0.0:
             p1 = dW1i + bh * E * F + off1
             tl.store(p1, tl.load(p1, mask=m_ef, other=0.0) + dws1, mask=m_ef)
-        rd1 = tl.load(R1 + cur * E * F + off1, mask=m_ef, other=0.0)
         tl.store(gW1 + bh * E * F + off1, rd1 + keep * dws1, mask=m_ef)
         tl.store(gS1 + bh * E * F + off1, keep * eta * gs, mask=m_ef)
 
