@@ -14,7 +14,7 @@ matrix in registers, X streamed over column tiles from an L2-resident scratch); 
 reverse with the matching `_step_bwd` / `_ns5_bwd` (closed-form second-order terms of the inner gradient,
 Newton–Schulz iterates recomputed). Both are wrapped in one torch.autograd.Function (`_Scan`) per stretch of at
 most MAX_SCAN chunks that returns the stacked weights W_j of every chunk; the reads o_t = M_{W_j}(q_t) of all
-chunks are then one batched PyTorch matmul pair (autograd differentiates them). Everything before the loop
+chunks are then one batched PyTorch matmul pair on that stack (autograd differentiates them). Everything before the loop
 (stream, features, gate means) is parallel.py's, shared.
 
 Kernel math is float32 whatever the input dtype, like the chunked form, with IEEE dots by default (`precision()`).
@@ -561,22 +561,25 @@ class _Scan(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _read_chunks(pre: Prelude, st: Stream, j0: int, j1: int, W1: Tensor, W2: Tensor) -> Tensor:
-    """Reads of this call's tokens in chunks j0 … j1−1, chunk j with W1[:, :, j − j0] [B, H, ·, E, F] (and W2),
-    W_init after a reset in the chunk -> [B, H, t, Dv] (t: this call's tokens in those chunks, maybe 0)."""
+def _read_chunks(pre: Prelude, st: Stream, j0: int, j_end: int, W1: Tensor, W2: Tensor) -> Tensor:
+    """Reads of this call's tokens in chunks j0 … j_end−1, chunk j with W1[:, :, j − j0] (and W2), W_init after a
+    reset in the chunk. W1 [B, H, K, E, F], W2 [B, H, K, Dv, E] with K ≥ j_end − j0: the queries are laid out as K
+    chunks (zeros beyond j_end) so that a whole contiguous stack is one batched matmul, never copied.
+    -> [B, H, t, Dv] (t: this call's tokens in those chunks, maybe 0)."""
     C, p = pre.C, st.p
-    s0, s1 = max(j0 * C, p), min(j1 * C, st.L)
+    K = W1.shape[2]
+    s0, s1 = max(j0 * C, p), min(j_end * C, st.L)
     B, H = pre.qf.shape[:2]
     if s1 <= s0:
         return pre.qf.new_zeros(B, H, 0, W2.shape[-2])
     sl = slice(s0 - p, s1 - p)
     front, n = s0 - j0 * C, s1 - s0
-    qf = Fn.pad(pre.qf[:, :, sl], (0, 0, front, j1 * C - s1)).unflatten(2, (j1 - j0, C))   # [B, H, n, C, F]
+    qf = Fn.pad(pre.qf[:, :, sl], (0, 0, front, (j0 + K) * C - s1)).unflatten(2, (K, C))    # [B, H, K, C, F]
     o = memory_read(W1, W2, qf, None).flatten(2, 3)[:, :, front:front + n]
     if pre.qraw is not None:
         o = o + pre.qraw[:, :, sl]
     if st.any_reset:
-        after = st.after[:, j0:j1].flatten(1)[:, front:front + n]                            # [B, n]
+        after = st.after[:, j0:j_end].flatten(1)[:, front:front + n]                          # [B, n]
         if bool(after.any()):
             qraw = None if pre.qraw is None else pre.qraw[:, :, sl]
             o = torch.where(after[:, None, :, None], memory_read(pre.W1i, pre.W2i, pre.qf[:, :, sl], qraw), o)
@@ -601,21 +604,22 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
         return read_only(pre)
     st = stream(pre, k, v, gamma, eta, theta, alpha)
     W1, W2, S1, S2 = pre.W1, pre.W2, pre.S1, pre.S2
+    if not st.n_full:   # no chunk completes: every token reads the current weights
+        o = _read_chunks(pre, st, 0, st.n_chunks, W1[:, :, None], W2[:, :, None])
+        return finish(o, pre, st, W1, W2, S1, S2)
+    gw, ge, gt, ga = chunk_gates(st, pre.C, pre.c)
+    if st.any_reset:
+        has = st.has[:, :st.n_full].to(torch.int8).contiguous()
+    else:
+        has = torch.zeros(q.shape[0], st.n_full, dtype=torch.int8, device=q.device)
+    W1i, W2i = (None, None) if pre.W1i is None else (pre.W1i[0].contiguous(), pre.W2i[0].contiguous())
     outs = []
-    if st.n_full:
-        gw, ge, gt, ga = chunk_gates(st, pre.C, pre.c)
-        if st.any_reset:
-            has = st.has[:, :st.n_full].to(torch.int8).contiguous()
-        else:
-            has = torch.zeros(q.shape[0], st.n_full, dtype=torch.int8, device=q.device)
-        W1i, W2i = (None, None) if pre.W1i is None else (pre.W1i[0].contiguous(), pre.W2i[0].contiguous())
-        for j0 in range(0, st.n_full, MAX_SCAN):
-            j1 = min(j0 + MAX_SCAN, st.n_full)
-            W1all, W2all, S1, S2 = _Scan.apply(st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2,
-                                               W1i, W2i, has, j0, j1, pre.C, optimizer == "muon")
-            outs.append(_read_chunks(pre, st, j0, j1, W1all[:, :, :-1], W2all[:, :, :-1]))
-            # clone: a view would keep the whole stack alive inside the carried state
-            W1, W2 = W1all[:, :, -1].clone(), W2all[:, :, -1].clone()
-    if st.n_chunks > st.n_full:   # the open chunk reads the latest weights
-        outs.append(_read_chunks(pre, st, st.n_full, st.n_chunks, W1[:, :, None], W2[:, :, None]))
+    for j0 in range(0, st.n_full, MAX_SCAN):
+        j1 = min(j0 + MAX_SCAN, st.n_full)
+        W1all, W2all, S1, S2 = _Scan.apply(st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2,
+                                           W1i, W2i, has, j0, j1, pre.C, optimizer == "muon")
+        # the stack's last slot W_{j1} is the next scan's start; after the last scan it serves the open chunk
+        outs.append(_read_chunks(pre, st, j0, st.n_chunks if j1 == st.n_full else j1, W1all, W2all))
+        # clone: a view would keep the whole stack alive inside the carried state
+        W1, W2 = W1all[:, :, -1].clone(), W2all[:, :, -1].clone()
     return finish(torch.cat(outs, dim=2), pre, st, W1, W2, S1, S2)
