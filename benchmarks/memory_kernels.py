@@ -4,7 +4,7 @@ the shapes of atlas-mag-small (op "neural_memory": Muon, polynomial features) an
 precision): median times, tokens/s, the first call's time (Triton compiles then), and the relative error of the
 output and of every input gradient against the chunked backend on the same inputs.
 
-    python benchmarks/memory_kernels.py                              # CUDA, IEEE dots, B 4, T 2048 (< 30 s warm)
+    python benchmarks/memory_kernels.py                              # CUDA, IEEE dots, the presets' B 16, T 2048
     python benchmarks/memory_kernels.py --precision ieee tf32x3      # also the TF32×3 tensor-core dots
     python benchmarks/memory_kernels.py --tiny                       # CPU smoke test through the Triton interpreter
     python benchmarks/memory_kernels.py --precompile                 # fill Triton's cache, one process per kernel
@@ -195,7 +195,7 @@ def precompile(precisions: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test through the Triton interpreter")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=None, help="rows (default: the presets' train.batch_size)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per row (default: the presets' train.seq_len)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precision", nargs="+", default=["ieee"], help="tl.dot precisions for the triton backend")
@@ -208,18 +208,20 @@ def main() -> None:
     if a.tiny:
         os.environ["TRITON_INTERPRET"] = "1"       # read at call time; the kernels are built for CPU tensors lazily
         torch.set_num_threads(1)                   # tiny tensors: intra-op threads only add contention
-        device, B, repeats = torch.device("cpu"), 2, 1
+        device, repeats = torch.device("cpu"), 1
     else:
         if not torch.cuda.is_available():
             raise SystemExit("memory_kernels.py needs CUDA (or --tiny for the CPU smoke test)")
-        device, B, repeats = torch.device("cuda"), a.batch, a.repeats
+        device, repeats = torch.device("cuda"), a.repeats
     cases = {"neural_memory": ("atlas-mag-small", neural_memory_case),
              "compressive_memory": ("infini-pythia-70m", compressive_case)}
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__}
     for op in a.ops:
         preset, make = cases[op]
-        T = (17 if a.tiny else memlm.preset(preset).train.seq_len) if a.seq is None else a.seq
+        train = memlm.preset(preset).train
+        T = (17 if a.tiny else train.seq_len) if a.seq is None else a.seq
+        B = (2 if a.tiny else train.batch_size) if a.batch is None else a.batch
         shape, args, kw = make(preset, B, T, device, a.tiny)
         base = measure(op, "chunked", args, kw, device, repeats)
         runs = [("chunked", None, base)]
