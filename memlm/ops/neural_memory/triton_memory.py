@@ -6,16 +6,16 @@ in a row whose chunk j holds a reset;
   Z = X W1ᵀ, A = gelu(Z), Y = [Kraw] + A W2ᵀ, R = 2 w ⊙ (Y − V), U = R W2, dZ = U ⊙ gelu'(Z)
   G1 = dZᵀ X [E, F], G2 = Rᵀ A [Dv, E];   S_{j+1} = η Ss − θ G;   W_{j+1} = (1 − α) Ws + NS5(S_{j+1}) or + S_{j+1}.
 
-What runs where. The chunked form spends its time in ~100 small launches per chunk forward (five matmuls and a
-dozen elementwise ops for G, the momentum step, about 70 for the two Newton–Schulz maps) and more backward, plus a
-full-size zero-fill for every per-chunk slice of the stream in the backward. Here one chunk's write is one kernel
+What runs where. The chunked form spends its time in small launches, ~60 computing ops per chunk forward (~180
+with the two Newton–Schulz maps of Muon) and ~4× that with the backward, plus a full-size zero-fill for every
+per-chunk slice of the stream in the backward (NOTES.md). Here one chunk's write is one kernel
 (`_step_fwd`, one program per batch·head, tiles over F), Newton–Schulz one kernel per matrix (`_ns5_fwd`, the Gram
 matrix in registers, X streamed over column tiles from an L2-resident scratch); the backward walks the chunks in
 reverse with the matching `_step_bwd` / `_ns5_bwd` (closed-form second-order terms of the inner gradient,
 Newton–Schulz iterates recomputed). Both are wrapped in one torch.autograd.Function (`_Scan`) per stretch of at
 most MAX_SCAN chunks that returns the stacked weights W_j of every chunk; the reads o_t = M_{W_j}(q_t) of all
-chunks are then one batched PyTorch matmul pair on that stack (autograd differentiates them). Everything before the loop
-(stream, features, gate means) is parallel.py's, shared.
+chunks are then one batched PyTorch matmul pair on that stack (autograd differentiates them). Everything before
+the loop (stream, features, gate means) is parallel.py's, shared.
 
 Kernel math is float32 whatever the input dtype, like the chunked form, with IEEE dots by default (`precision()`).
 CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests without a GPU).
