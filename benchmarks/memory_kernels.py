@@ -170,13 +170,13 @@ def _precompile_one(job: tuple[str, str, str], precision: str) -> str:
         from memlm.ops.neural_memory import triton_memory as mod
         real = mod._kernels(False)
         mod._kernels = lambda interpret: {n: (f if n == kernel else _NoLaunch()) for n, f in real.items()}
-        shape, args, kw = neural_memory_case("atlas-mag-small", 1, 128, device, False)
+        _, args, kw = neural_memory_case("atlas-mag-small", 1, 128, device, False)
         kw["optimizer"] = variant
     else:
         from memlm.ops.compressive import triton_segments as mod
         real = mod._kernels(False)
         mod._kernels = lambda interpret: tuple(f if n == kernel else _NoLaunch() for n, f in zip(("fwd", "bwd"), real))
-        shape, args, kw = compressive_case("infini-pythia-70m", 1, 1024, device, False)
+        _, args, kw = compressive_case("infini-pythia-70m", 1, 1024, device, False)
         kw["delta"] = variant == "delta"
     measure(op, "triton", args, kw, device, repeats=0)
     return f"{op}:{kernel}:{variant}:{precision} {time.perf_counter() - t:.1f}s"

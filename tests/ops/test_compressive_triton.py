@@ -8,6 +8,8 @@ M [B, H, R, K, V], z [B, H, R, K] memories. Both backends compute the op in floa
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_compressive_triton_interp import op_inputs, run
@@ -62,7 +64,7 @@ def layer_run(backend: str, dtype: torch.dtype, T: int, **cfg_kw) -> dict[str, t
             reset[0, t] = True
     cuts = [0, SEG // 2 + 5, T] if T == LENGTHS[4] else [0, T]
     ys, state = [], None
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         y, state = m(x[:, a:b], state, reset=reset[:, a:b])
         ys.append(y)
     y = torch.cat(ys, 1)

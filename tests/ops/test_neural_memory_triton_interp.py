@@ -13,6 +13,8 @@ not cutting a gradient, a wrong Newton–Schulz transpose) gave errors of 3e-2 a
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_neural_memory import GATES, make, state_tensors
@@ -68,7 +70,7 @@ def run(fn, x, dtype, *, split=None, reset=None, low=(), **kw) -> dict[str, torc
     cuts = [0, T] if split is None else [0, split, T]
     state = (leaves["W1"], leaves["W2"], leaves["S1"], leaves["S2"], None)
     outs = []
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         seq = [leaves[n][:, a:b] for n in ("q", "k", "v", *GATES)]
         o, s = fn(*seq, *state[:4], pending=state[4], reset=None if reset is None else reset[:, a:b],
                   W1_init=leaves["W1_init"], W2_init=leaves["W2_init"], **kw)
@@ -159,7 +161,7 @@ def test_update_false_and_bf16():
     want = run(neural_memory, x, torch.float64, chunk_size=8, update=False, reset=reset)
     compare(got, want, want)
     xb = {n: (t.bfloat16() if n in ("q", "k", "v") else t.float()) for n, t in x.items()}
-    kw = dict(chunk_size=8, window=6, reset=reset)
+    kw = {"chunk_size": 8, "window": 6, "reset": reset}
     o, s = triton_memory.neural_memory(*(xb[n] for n in ("q", "k", "v", *GATES, "W1", "W2")), W1_init=xb["W1_init"],
                                        W2_init=xb["W2_init"], **kw)
     o_ref, s_ref = neural_memory(*(xb[n].double() for n in ("q", "k", "v", *GATES, "W1", "W2")),

@@ -139,7 +139,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: 
     """Check the arguments of `neural_memory` and cast them (the part of a call before any chunk is touched)."""
     c, S1, S2, pending = check_args(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size,
                                     window, optimizer, poly, reset, W1_init, W2_init)
-    B, T, H, Dk = q.shape
+    B, T, _, Dk = q.shape
     dt = compute_dtype(q, k, v, W1)
     residual = Dk == v.shape[-1]
     W1i = W2i = None
