@@ -116,3 +116,22 @@ def test_trainer_chunked_and_plain_cross_entropy_train_the_same(tmp_path):
     (la, pa), (lb, pb) = runs
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(la, lb)), (la, lb)
     assert all(rel_err(b, a) <= 1e-4 for a, b in zip(pa, pb))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("N", [1, 63, 64, 65, 100, 1000])
+def test_chunked_equals_plain_cuda(N):
+    h, w, labels = _inputs(N=N, D=64, V=16384, ignore_every=5)
+    h, w = (t.detach().cuda().requires_grad_() for t in (h, w))
+    labels = labels.cuda()
+    want = _loss_and_grads(plain, h, w, labels)
+    got = _loss_and_grads(lambda *a: linear_ce_sum(*a, chunk=256), h, w, labels)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = _loss_and_grads(plain, h, w, labels)
+        got = _loss_and_grads(lambda *a: linear_ce_sum(*a, chunk=256), h, w, labels)
+    assert rel_err(got[0], want[0]) <= 5e-3
+    for a, b in zip(got[1:], want[1:]):
+        assert rel_err(a, b) <= 1e-2

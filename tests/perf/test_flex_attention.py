@@ -127,3 +127,27 @@ def test_cpu_defaults_to_sdpa_and_flex_is_selectable(monkeypatch):
         warnings.simplefilter("ignore")
         o = att.masked_attention(q, k, v, qpos, kpos, qdoc)
     assert rel_err(o, att.masked_attention_sdpa(q, k, v, qpos, kpos, qdoc)) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["transformer-swa-debug", "atlas-mag-debug"])
+def test_model_flex_gradients_cuda(name):
+    torch.manual_seed(0)
+    model = memlm.build_model(name).cuda()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 250, (2, 100), generator=g).cuda()
+    reset = torch.zeros(2, 100, dtype=torch.bool)
+    reset[:, 0] = reset[0, 37] = reset[1, 64] = True
+    reset = reset.cuda()
+    out = {}
+    for backend in ("sdpa", "flex"):
+        model.zero_grad(set_to_none=True)
+        with force_backend("masked_attention", backend):
+            logits, _ = model(ids, None, reset)
+        logits.square().mean().backward()
+        out[backend] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (la, ga), (lb, gb) = out["sdpa"], out["flex"]
+    assert rel_err(lb, la) <= 1e-5
+    for n in ga:
+        assert rel_err(gb[n], ga[n]) <= 1e-5, n
