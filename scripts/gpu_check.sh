@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One batched GPU check (device budget is small): every GPU test and the quick benchmarks, in priority order.
+#   run on the device from the repo root:  bash scripts/gpu_check.sh correct   then   bash scripts/gpu_check.sh speed
+#   (each part fits one 10-minute device call; no argument runs both; results under $OUT or out/gpu_check)
+# Each step is time-boxed so a slow one cannot eat the others; a summary table is printed at the end.
+# Carry the fla wheels in .whl/ (pip download flash-linear-attention==0.6.0 fla-core==0.6.0 --no-deps -d .whl).
+set -u
+OUT=${OUT:-out/gpu_check}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps -e . >/dev/null 2>&1 || true
+ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps .whl/*.whl >/dev/null 2>&1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/machine.txt"
+date -u | tee -a "$OUT/machine.txt"
+declare -a SUMMARY
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" bash -c "$*" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  SUMMARY+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -1 "$OUT/$name.log" | cut -c1-90)")")
+}
+PART=${1:-all}
+if [ "$PART" != speed ]; then
+# 1. correctness of every fast path against its reference (decides whether Triton becomes the CUDA default)
+step memory_precompile 60  python3 benchmarks/memory_kernels.py --precompile --precision ieee tf32x3
+step test_delta_triton 120 python3 -m pytest -q -p no:randomly -m gpu tests/ops/test_delta_rule_triton.py
+step test_memory_triton 120 python3 -m pytest -q -p no:randomly -m gpu tests/ops/test_neural_memory_triton.py tests/ops/test_compressive_triton.py
+step test_gpu_other 120    python3 -m pytest -q -p no:randomly -m gpu tests --ignore=tests/ops/test_delta_rule_triton.py --ignore=tests/ops/test_neural_memory_triton.py --ignore=tests/ops/test_compressive_triton.py
+# 2. issue 4: atlas-mag-small next to the same-size transformer
+step atlas_throughput 120  "python3 benchmarks/atlas_throughput.py --extra titans-mag-small --batch 4 8 16 --steps 6 --warmup 2 | tee $OUT/atlas_throughput.jsonl"
+fi
+if [ "$PART" != correct ]; then
+# 3. speed (issue 10)
+step delta_kernels 60      "python3 benchmarks/delta_rule_kernels.py --quick | tee $OUT/delta_rule_kernels.jsonl"
+step memory_kernels 60     "python3 benchmarks/memory_kernels.py --precision ieee tf32x3 | tee $OUT/memory_kernels.jsonl"
+step compile_check 120     "python3 benchmarks/compile_check.py | tee $OUT/compile_check.jsonl"
+step decode 90             "python3 benchmarks/decode.py --quick | tee $OUT/decode.jsonl"
+fi
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
