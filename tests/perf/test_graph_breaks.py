@@ -23,7 +23,7 @@ DEBUG = [n for n in memlm.list_presets() if n.endswith("-debug")]
 # the slowest to trace on 2 CPU cores (10–35 s each); the default run keeps one preset of each family
 SLOW = {"atlas-mal-debug", "titans-lmm-debug", "titans-mag-debug", "oumnix-debug", "oumnix-retrieval-debug", "hope-debug",
         "deltanet-debug", "infini-pythia-70m-hier4-debug", "infini-pythia-70m-multi4-debug"}
-B, T = 2, 40
+B, T = 2, 32
 
 
 def _params():
@@ -39,7 +39,7 @@ def _batch(seed: int, docs: bool) -> Batch:
     reset[:, 0] = True
     if docs:
         reset[0, 17 + seed % 5] = True       # packed rows: documents of different lengths per row
-        reset[1, 33 - seed % 3] = True
+        reset[1, 28 - seed % 3] = True
         reset[1, 9] = True
     return Batch(x[:, :-1].clone(), labels, reset)
 

@@ -13,7 +13,7 @@ from memlm.ops.compressive.segments import chunk_layout, reset_bound, static_chu
 from memlm.ops.testing import rel_err
 
 SLOW = pytest.mark.slow
-CHUNKED = ["hope-debug", "onyx-debug", "infini-pythia-70m-debug", pytest.param("infini-pythia-70m-hier4-debug", marks=SLOW),
+CHUNKED = [pytest.param("hope-debug", marks=SLOW), "onyx-debug", "infini-pythia-70m-debug", pytest.param("infini-pythia-70m-hier4-debug", marks=SLOW),
            "transformer-retrieval-debug", "atlas-mag-debug", pytest.param("atlas-mal-debug", marks=SLOW),
            pytest.param("titans-lmm-debug", marks=SLOW), "oumnix-debug", pytest.param("oumnix-retrieval-debug", marks=SLOW)]
 B, T = 3, 40
