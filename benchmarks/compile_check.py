@@ -5,8 +5,8 @@ the model, backward, clipping, optimizer):
   1. "graph": the model compiled by Dynamo onto a counting eager backend (tracing only, no code generation), four
      steps — a batch without a document start inside its rows, one with packed documents, and one more of each —
      graph breaks (with reasons), graphs, and whether the repeats recompiled;
-  2. "eager": tokens/s and peak memory of uncompiled steps for train.cross_entropy plain vs chunked and
-     train.attention sdpa vs flex (packed batches, so the masked-attention path runs);
+  2. "eager": tokens/s and peak memory of uncompiled steps (packed batches, so the masked-attention path runs) for
+     train.cross_entropy plain vs chunked with SDPA, and chunked with train.attention=flex;
   3. "inductor" (only with --inductor): tokens/s of the default path compiled by inductor, and the compile time.
 
     python benchmarks/compile_check.py                      # transformer-34m, gated-deltanet-34m, atlas-mag-small
@@ -67,7 +67,7 @@ def graph_check(preset: str, batch: int, seq: int) -> dict:
     tr.train_step(batches(v, batch, seq, 2, False))
     tr.train_step(batches(v, batch, seq, 3, True))
     reasons = {k.split("\n")[0][:120]: n for k, n in counters["graph_break"].items()}
-    return {"preset": preset, "check": "graph", "graph_breaks": sum(reasons.values()), "reasons": reasons,
+    return {"graph_breaks": sum(reasons.values()), "reasons": reasons,
             "graphs": len(graphs), "recompiled_on_repeat": len(graphs) != first,
             "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0,
             "trace_s": round(time.perf_counter() - t0, 1)}
@@ -92,6 +92,17 @@ def timed(tr: Trainer, batch: int, seq: int, steps: int, warmup: int) -> dict:
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
 
 
+def guarded(preset: str, check: str, fn) -> None:
+    """One JSON line per measurement; a failure is reported as a line too, and the run goes on."""
+    try:
+        out = {"preset": preset, "check": check, **fn()}
+    except Exception as e:  # noqa: BLE001 — a batch check must report every failure and continue
+        out = {"preset": preset, "check": check, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    print(json.dumps(out), flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", nargs="*", default=["transformer-34m", "gated-deltanet-34m", "atlas-mag-small"])
@@ -109,31 +120,31 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"meta": {"device": dev, "torch": torch.__version__, "batch": args.batch, "seq": args.seq}}),
           flush=True)
+    if not args.skip_graph:  # first, for every preset: the answer that matters most if time runs out
+        for p in args.presets:
+            guarded(p, "graph", lambda: graph_check(p, 2, args.graph_seq))
+    attns = ("sdpa", "flex") if torch.cuda.is_available() else ("sdpa",)  # flex has no CPU backward
     for p in args.presets:
-        if not args.skip_graph:
-            print(json.dumps(graph_check(p, 2, args.graph_seq)), flush=True)
-        attns = ("sdpa", "flex") if torch.cuda.is_available() else ("sdpa",)  # flex has no CPU backward
-        for ce, attn in [(ce, a) for a in attns for ce in ("plain", "chunked")]:
-            torch.manual_seed(0)
-            tr = make_trainer(p, args.batch, args.seq, cross_entropy=ce, attention=attn)
-            r = timed(tr, args.batch, args.seq, args.steps, args.warmup)
-            print(json.dumps({"preset": p, "check": "eager", "cross_entropy": ce, "attention": attn, **r}), flush=True)
-            del tr
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        for ce, attn in [("plain", "sdpa"), ("chunked", "sdpa")] + [("chunked", a) for a in attns[1:]]:
+            def eager(ce=ce, attn=attn):
+                torch.manual_seed(0)
+                tr = make_trainer(p, args.batch, args.seq, cross_entropy=ce, attention=attn)
+                return {"cross_entropy": ce, "attention": attn, **timed(tr, args.batch, args.seq, args.steps,
+                                                                          args.warmup)}
+
+            guarded(p, "eager", eager)
         if args.inductor:
-            dynamo.reset()
-            torch.manual_seed(0)
-            tr = make_trainer(p, args.batch, args.seq)
-            tr._module = torch.compile(tr._module)  # what train.compile=true does
-            t0 = time.perf_counter()
-            v = tr.cfg.model.vocab_size
-            tr.train_step(batches(v, args.batch, args.seq, 0, True))
-            compile_s = time.perf_counter() - t0
-            r = timed(tr, args.batch, args.seq, args.steps, args.warmup)
-            print(json.dumps({"preset": p, "check": "inductor", "cross_entropy": "auto", "attention": "auto",
-                              "compile_s": round(compile_s, 1), **r}), flush=True)
-            del tr
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            def inductor():
+                dynamo.reset()
+                torch.manual_seed(0)
+                tr = make_trainer(p, args.batch, args.seq)
+                tr._module = torch.compile(tr._module)  # what train.compile=true does
+                t0 = time.perf_counter()
+                tr.train_step(batches(tr.cfg.model.vocab_size, args.batch, args.seq, 0, True))
+                compile_s = round(time.perf_counter() - t0, 1)
+                return {"compile_s": compile_s, **timed(tr, args.batch, args.seq, args.steps, args.warmup)}
+
+            guarded(p, "inductor", inductor)
 
 
 if __name__ == "__main__":
