@@ -11,11 +11,13 @@ the first Np keys (persistent memory) are visible to every query.
 Backends (memlm.ops.dispatch, op "masked_attention"; pick one with ``force_backend``, the environment variable
 MEMLM_BACKEND_MASKED_ATTENTION or train.attention):
   "sdpa"  the [B, T, K] boolean mask and F.scaled_dot_product_attention (any device; the reference);
-  "flex"  torch.nn.attention.flex_attention with a block mask built from the same rule (automatic on CUDA for
-          T > 1: sliding windows and packed documents skip whole blocks instead of masking a dense bias). Outside
-          torch.compile the flex kernel is compiled once here; on the CPU it runs eagerly (tests). Block masks are
-          cached by the caller's key (shape, window, Np and the identity of the batch's reset tensor) so every layer
-          of one forward shares one mask.
+  "flex"  torch.nn.attention.flex_attention with a block mask built from the same rule: sliding windows and packed
+          documents skip whole blocks instead of masking a dense bias. Automatic on CUDA for T > 1 when training
+          (gradients enabled) or inside torch.compile — fixed shapes, so its kernel compiles once; eager inference
+          prefills (a new prompt length each time) keep SDPA unless flex is forced. Outside torch.compile the flex
+          kernel is compiled here (per shape); on the CPU it runs eagerly (tests, no backward). Block masks are cached
+          by the caller's key (shape, window, Np and the identity of the batch's reset tensor) so every layer of one
+          forward shares one mask.
 """
 from __future__ import annotations
 
@@ -114,9 +116,11 @@ dispatch.register("masked_attention", "flex", masked_attention_flex, _flex_suppo
 
 def masked_attention(q: Tensor, keys: Tensor, vals: Tensor, qpos: Tensor, kpos: Tensor, qdoc: Tensor, *,
                      window: int | None = None, n_persist: int = 0, cache_key=None) -> Tensor:
-    """Dispatch to a backend (module docstring): a forced one, else flex for T > 1 on CUDA, else SDPA."""
+    """Dispatch to a backend (module docstring): a forced one, else flex for training / compiled T > 1 on CUDA, else
+    SDPA."""
     backend = None
-    if dispatch.named("masked_attention") is None and q.is_cuda and q.shape[2] > 1 and _flex_supports(q, keys):
+    if (dispatch.named("masked_attention") is None and q.is_cuda and q.shape[2] > 1 and _flex_supports(q, keys)
+            and (torch.is_grad_enabled() or torch.compiler.is_compiling())):
         backend = "flex"
     return dispatch.call("masked_attention", q, keys, vals, qpos, kpos, qdoc, window=window, n_persist=n_persist,
                          cache_key=cache_key, backend=backend)

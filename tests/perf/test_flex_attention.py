@@ -151,3 +151,18 @@ def test_model_flex_gradients_cuda(name):
     assert rel_err(lb, la) <= 1e-5
     for n in ga:
         assert rel_err(gb[n], ga[n]) <= 1e-5, n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_picks_flex_for_training_only(monkeypatch):
+    built = []
+    real = att._block_mask
+    monkeypatch.setattr(att, "_block_mask", lambda *a: built.append(1) or real(*a))
+    q, k, v, qpos, kpos, qdoc = (t.detach().cuda() for t in _case(0))
+    q.requires_grad_()
+    att.masked_attention(q, k, v, qpos, kpos, qdoc, window=8)
+    assert len(built) == 1
+    with torch.no_grad():  # an eager inference prefill: SDPA (no flex compile per prompt length)
+        att.masked_attention(q, k, v, qpos, kpos, qdoc, window=8)
+    assert len(built) == 1
