@@ -1,7 +1,7 @@
 """Passkey retrieval at 4–16× the hot window, with and without warm tiers (docs/infinity-window.md).
 
-    python scripts/passkey_tiers.py --model runs/iw-small                 # the model scripts/infinity_window_eval.py trains
-    python scripts/passkey_tiers.py --model runs/iw-small --hot 128 --trials 12 --json out/passkey.jsonl
+    python scripts/passkey_train.py --out runs/pk-small                      # a small model that retrieves (CPU)
+    python scripts/passkey_tiers.py --model runs/pk-small --hot 64 --trials 40 --json out/pk.jsonl --plot out/pk.png
     python scripts/passkey_tiers.py --model runs/iw-small --train-minutes 7 --out-model runs/iw-passkey --hot 64
 
 --train-minutes first fine-tunes --model on passkey prompts of 4 × --hot tokens (next-token loss on every token plus
@@ -13,7 +13,14 @@ key. " at a random depth (always more than --hot tokens before the question), en
 The pass key is"; the model decodes 6 tokens greedily, and a trial counts when they begin with " NNNNN". Variants: "full"
 (exact attention over the whole prompt), "swa" (a sliding window of --hot tokens: no warm tier), "tiers" (--hot exact
 tokens + warm tiers, tree search) and "tiers-flat" (warm tiers, every window scored). L = 4, 8, 16 × --hot.
-Notation: L prompt tokens, W_h hot tokens.
+The PQ codebooks are calibrated on passkey prompts with training-book filler (--calibration passkey, other keys and
+filler than the evaluation's) or on plain book text (--calibration book, which holds no digits).
+
+Mechanism, at the query that predicts the key's first digit (the prompt plus the answer's space): "needle fetched"
+= the share of (layer, head) pairs whose teleported windows include a window of the needle; "retrieval head" = the
+(layer, head) with the most exact-attention mass on the needle in the full model, and whether the tiers fetched the
+needle for that head; "chance" = the probability that k windows drawn at random among those the query may see
+include a needle window. Accuracies carry 95 % Wilson intervals. Notation: L prompt tokens, W_h hot tokens.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import torch
 import memlm
 from memlm.inference.engine import Engine
 from memlm.inference.sampling import SamplingConfig
-from memlm.memory.kvtiers import KVTierConfig, apply_kv_tiers, calibrate
+from memlm.memory.kvtiers import KVTierConfig, apply_kv_tiers, calibrate, tier_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from infinity_window_eval import BOOKS, HELD_OUT, load_books, sliding
@@ -50,10 +57,9 @@ def prompt(rng: random.Random, filler: str, length: int, hot: int, tok) -> tuple
 
 
 @torch.no_grad()
-def needle_teleported(m, ids: list[int], span: tuple[int, int]) -> tuple[float, float]:
-    """Mechanism check, independent of whether the model can copy: at the prompt's last token, the share of
-    (layer, head) pairs whose teleported windows include a window of the needle, and the share of layers where
-    at least one head fetched it."""
+def needle_teleported(m, ids: list[int], span: tuple[int, int]) -> torch.Tensor:
+    """Mechanism check, independent of whether the model can copy: at the last token of ids, for every (layer, head)
+    of the tiered model m, whether its teleported windows include a window of the needle -> hit [layers, Hq] bool."""
     xs: dict[int, torch.Tensor] = {}
     hooks = [b.mixer.register_forward_pre_hook(lambda mod, a, i=i: xs.__setitem__(i, a[0]))
              for i, b in enumerate(m.blocks)]
@@ -63,7 +69,7 @@ def needle_teleported(m, ids: list[int], span: tuple[int, int]) -> tuple[float, 
     finally:
         for h in hooks:
             h.remove()
-    t, per_head, per_layer = len(ids) - 1, [], []
+    t, hits = len(ids) - 1, []
     for i, b in enumerate(m.blocks):
         layer, s = b.mixer, st.layers[i]
         core = layer.core
@@ -77,10 +83,34 @@ def needle_teleported(m, ids: list[int], span: tuple[int, int]) -> tuple[float, 
         w = layer.cfg.window
         wpos = torch.cat([s.wpos[0], s.wpos.new_full((1,), -10 ** 9)])
         start = wpos[sel.clamp_min(-1)]                                         # −1 -> the sentinel
-        hit = ((start <= span[1] - 1) & (start + w > span[0]) & (sel >= 0)).any(-1)   # [Hk, G]
-        per_head.append(hit.float().mean().item())
-        per_layer.append(float(hit.any()))
-    return sum(per_head) / len(per_head), sum(per_layer) / len(per_layer)
+        hits.append(((start <= span[1] - 1) & (start + w > span[0]) & (sel >= 0)).any(-1).flatten())   # [Hq]
+    return torch.stack(hits)
+
+
+@torch.no_grad()
+def needle_attention(model, ids: list[int], span: tuple[int, int]) -> torch.Tensor:
+    """Exact full attention of the plain model at the last token of ids: the share of each (layer, head)'s attention
+    mass on the needle's tokens -> [layers, Hq]. Its argmax is the head that retrieves the key."""
+    xs: dict[int, torch.Tensor] = {}
+    hooks = [b.mixer.register_forward_pre_hook(lambda mod, a, i=i: xs.__setitem__(i, a[0]))
+             for i, b in enumerate(model.blocks)]
+    try:
+        model(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    T, out = len(ids), []
+    for i, b in enumerate(model.blocks):
+        core = b.mixer.core
+        q, k, _ = core.project(xs[i])
+        if core.q_norm is not None:
+            q, k = core.q_norm(q), core.k_norm(k)
+        if core.rotary is not None:
+            q, k = core.rotary(q, k, torch.arange(T)[None])
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        att = torch.softmax((q[0, :, -1:].float() @ k[0].float().transpose(-1, -2))[:, 0] / math.sqrt(q.shape[-1]), -1)
+        out.append(att[:, span[0]:span[1]].sum(-1))                             # [Hq]
+    return torch.stack(out)
 
 
 def finetune(model, tok, filler: str, length: int, minutes: float, out: Path, batch: int = 16, seed: int = 0):
@@ -139,7 +169,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train-minutes", type=float, default=0.0, help="fine-tune on passkey prompts first")
     ap.add_argument("--out-model", default="runs/iw-passkey")
+    ap.add_argument("--fanout", type=int, default=4, help="tree fan-out (4 with beam 2: the tree prunes from 9 windows)")
+    ap.add_argument("--beam", type=int, default=2)
+    names = ["full", "swa", "tiers", "tiers-flat", "tiers-a1", "tiers-fine"]
+    ap.add_argument("--variants", nargs="+", choices=names, default=names)
+    ap.add_argument("--calibration", choices=["passkey", "book"], default="passkey",
+                    help="text the PQ codebooks are trained on (see docs/infinity-window.md)")
+    ap.add_argument("--seed", type=int, default=0, help="prompt seed (0: the prompts of earlier runs)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="accuracy and needle-fetch plot (PNG)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = memlm.load_model(args.model)
@@ -149,38 +187,74 @@ def main() -> None:
     if args.train_minutes > 0:  # fine-tune on training books only; evaluate on held-out filler
         model = finetune(model, tok, "\n\n".join(books[:-HELD_OUT]), 4 * args.hot, args.train_minutes,
                          Path(args.out_model))
-    calib = torch.tensor([tok.encode(books[0][:40_000])[:16_384]])
+    if args.calibration == "book":  # plain book text: no digits, so the needle's keys fall outside the codebooks
+        calib = torch.tensor([tok.encode(books[0][:40_000])[:16_384]])
+    else:  # passkey prompts on training-book filler (other keys, other filler than the evaluation's)
+        crng, ids = random.Random(10_000 + args.seed), []
+        while len(ids) < 16_384:
+            ids += prompt(crng, "\n\n".join(books[:-HELD_OUT]), 4 * args.hot, 0, tok)[0]
+        calib = torch.tensor([ids[:16_384]])
     base_cfg = {"hot": args.hot, "window": args.window, "topk": args.topk, "rank": 8, "pq": 8, "anchors": 4,
-                "fanout": 8, "beam": 4}
-    cb = calibrate(model, calib, KVTierConfig(**base_cfg))
-    variants = {"full": model, "swa": sliding(model, args.hot),
-                "tiers": apply_kv_tiers(model, KVTierConfig(**base_cfg), codebooks=cb),
-                "tiers-flat": apply_kv_tiers(model, KVTierConfig(**base_cfg, search="flat"), codebooks=cb)}
+                "fanout": args.fanout, "beam": args.beam}
+    dh = model.blocks[0].mixer.core.dh
+    tier_cfgs = {"tiers": KVTierConfig(**base_cfg), "tiers-flat": KVTierConfig(**base_cfg, search="flat"),
+                 # one anchor per token: teleport scores windows by their best single key
+                 "tiers-a1": KVTierConfig(**{**base_cfg, "anchors": args.window}),
+                 # and fine key codes (one code byte per dimension; values still rank 8): a diagnostic upper bound
+                 "tiers-fine": KVTierConfig(**{**base_cfg, "anchors": args.window, "pq": dh})}
+    variants = {"full": model, "swa": sliding(model, args.hot)}
+    for name in (n for n in args.variants if n in tier_cfgs):
+        c = tier_cfgs[name]
+        variants[name] = apply_kv_tiers(model, c, codebooks=calibrate(model, calib, c))
+    variants = {n: variants[n] for n in args.variants}
+    # the retrieval head: most exact-attention mass on the needle at the first digit's query, on prompts of 4× hot
+    # (inside the training length of scripts/passkey_train.py, where full attention retrieves)
+    space = tok.encode(" ")
+    hrng = random.Random(20_000 + args.seed)
+    probe = [prompt(hrng, filler, 4 * args.hot, args.hot, tok) for _ in range(16)]
+    head_mass = torch.stack([needle_attention(model, ids + space, span) for ids, _, _, span in probe]).mean(0)
+    r_layer, r_head = divmod(int(head_mass.argmax()), head_mass.shape[1])
+    print(f"retrieval head: layer {r_layer} head {r_head} ({head_mass.max():.2f} of its attention on the needle)",
+          file=sys.stderr)
     rows = []
     for ratio in args.ratios:
         L = ratio * args.hot
-        rng = random.Random(ratio)
+        rng = random.Random(ratio + 1000 * args.seed)
         trials = [prompt(rng, filler, L, args.hot, tok) for _ in range(args.trials)]
         for name, m in variants.items():
             eng = Engine(m, tok, prefill_chunk=256)
-            t0, ok, fetched, chance = time.time(), 0, [], []
+            t0, oks, hits, chance = time.time(), [], [], []
             for ids, key, _, span in trials:
                 gen = eng.generate_ids([ids], max_new_tokens=6, sampling=SamplingConfig(temperature=0)).run()
                 text = tok.decode(gen.rows[0].token_ids)
-                ok += text.strip().startswith(key)
-                if name.startswith("tiers"):
-                    fetched.append(needle_teleported(m, ids, span))
+                oks.append(text.strip().startswith(key))
+                if name.startswith("tiers"):   # at the query that predicts the first digit (prompt + " ")
+                    hits.append(needle_teleported(m, ids + space, span))
                     c = m.kv_tiers
-                    n = (len(ids) - 1 - c.hot) // c.window + 1                # windows the last query may see
+                    n = (len(ids) - c.hot) // c.window + 1                    # windows that query may see
                     hit_w = span[1] // c.window - span[0] // c.window + 1    # windows holding the needle
                     chance.append(1 - math.comb(n - hit_w, min(c.topk, n)) / math.comb(n, min(c.topk, n)))
+            acc = sum(oks) / len(oks)
+            lo, hi = wilson(sum(oks), len(oks))
             row = {"variant": name, "hot": args.hot, "ratio": ratio, "length": L, "trials": args.trials,
-                   "accuracy": ok / args.trials, "mean_distance": sum(t[2] for t in trials) / len(trials),
-                   "seconds": round(time.time() - t0, 1)}
-            if fetched:
-                row["needle_fetched_heads"] = sum(f[0] for f in fetched) / len(fetched)
-                row["needle_fetched_layers"] = sum(f[1] for f in fetched) / len(fetched)
+                   "accuracy": acc, "ci95": [round(lo, 3), round(hi, 3)],
+                   "mean_distance": sum(t[2] for t in trials) / len(trials), "seconds": round(time.time() - t0, 1)}
+            if hits:
+                c = m.kv_tiers
+                row |= {"window": c.window, "topk": c.topk, "pq": c.pq, "rank": c.rank, "anchors": c.anchors,
+                        "search": c.search, "fanout": c.fanout, "beam": c.beam, **tier_memory(m)}
+                top_hit = [bool(h[r_layer, r_head]) for h in hits]
+                row["needle_fetched_heads"] = sum(h.float().mean().item() for h in hits) / len(hits)
+                row["needle_fetched_layers"] = sum(h.any(1).float().mean().item() for h in hits) / len(hits)
+                row["needle_fetched_retrieval_head"] = sum(top_hit) / len(top_hit)
                 row["needle_chance_per_head"] = sum(chance) / len(chance)  # k windows picked at random
+                got = [o for o, t in zip(oks, top_hit) if t]
+                row["accuracy_when_fetched"] = sum(got) / len(got) if got else None
+            if name == "full":  # how much of the retrieval head's exact attention still lands on the needle
+                row["retrieval_head"] = [r_layer, r_head]
+                row["retrieval_head_needle_mass"] = sum(
+                    needle_attention(model, ids + space, span)[r_layer, r_head].item()
+                    for ids, _, _, span in trials) / len(trials)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     names = list(variants)
@@ -192,6 +266,55 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if args.plot:
+        plot(rows, names, Path(args.plot))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate k / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def plot(rows: list[dict], names: list[str], path: Path) -> None:
+    """Accuracy (with 95 % intervals) by prompt length for each variant, and the needle-fetch rates of the tiers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, n in enumerate(names):
+        rs = [r for r in rows if r["variant"] == n]
+        x = [r["ratio"] * (1 + 0.03 * (i - (len(names) - 1) / 2)) for r in rs]
+        y = [100 * r["accuracy"] for r in rs]
+        err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in rs], [100 * (r["ci95"][1] - r["accuracy"]) for r in rs]]
+        a1.errorbar(x, y, yerr=err, marker="o", capsize=3, label=n)
+    ratios = sorted({r["ratio"] for r in rows})
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xticks(ratios, [f"{r}×" for r in ratios])
+        a.set_xlabel(f"prompt length (× hot window of {rows[0]['hot']})")
+    a1.set_ylabel("passkey accuracy (%)")
+    a1.set_ylim(-5, 105)
+    a1.set_title("passkey retrieval")
+    a1.legend()
+    for n in (n for n in names if n.startswith("tiers")):
+        rs = [r for r in rows if r["variant"] == n]
+        a2.plot([r["ratio"] for r in rs], [r["needle_fetched_retrieval_head"] for r in rs], marker="o", label=n)
+    rs = [r for r in rows if r["variant"] == "tiers"]
+    if rs:
+        a2.plot([r["ratio"] for r in rs], [r["needle_chance_per_head"] for r in rs], color="gray", ls=":",
+                label="k random windows")
+    a2.set_ylabel("needle fetched by the retrieval head")
+    a2.set_ylim(0, 1.05)
+    a2.set_title("teleport at the first digit's query")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
