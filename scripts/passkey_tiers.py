@@ -171,8 +171,9 @@ def main() -> None:
     ap.add_argument("--out-model", default="runs/iw-passkey")
     ap.add_argument("--fanout", type=int, default=4, help="tree fan-out (4 with beam 2: the tree prunes from 9 windows)")
     ap.add_argument("--beam", type=int, default=2)
-    names = ["full", "swa", "tiers", "tiers-flat", "tiers-a1", "tiers-fine"]
+    names = ["full", "swa", "tiers", "tiers-flat", "tiers-a1", "tiers-fine", "tiers-fine-tree0", "tiers-fine-tree"]
     ap.add_argument("--variants", nargs="+", choices=names, default=names)
+    ap.add_argument("--spread", type=float, default=1.0, help="κ of the tiers-fine-tree variant")
     ap.add_argument("--calibration", choices=["passkey", "book"], default="passkey",
                     help="text the PQ codebooks are trained on (see docs/infinity-window.md)")
     ap.add_argument("--seed", type=int, default=0, help="prompt seed (0: the prompts of earlier runs)")
@@ -197,11 +198,16 @@ def main() -> None:
     base_cfg = {"hot": args.hot, "window": args.window, "topk": args.topk, "rank": 8, "pq": 8, "anchors": 4,
                 "fanout": args.fanout, "beam": args.beam}
     dh = model.blocks[0].mixer.core.dh
+    fine = {**base_cfg, "anchors": args.window, "pq": dh}
     tier_cfgs = {"tiers": KVTierConfig(**base_cfg), "tiers-flat": KVTierConfig(**base_cfg, search="flat"),
-                 # one anchor per token: teleport scores windows by their best single key
-                 "tiers-a1": KVTierConfig(**{**base_cfg, "anchors": args.window}),
+                 # one anchor per token: teleport scores a window by its best single key
+                 "tiers-a1": KVTierConfig(**{**base_cfg, "anchors": args.window}, search="flat"),
                  # and fine key codes (one code byte per dimension; values still rank 8): a diagnostic upper bound
-                 "tiers-fine": KVTierConfig(**{**base_cfg, "anchors": args.window, "pq": dh})}
+                 "tiers-fine": KVTierConfig(**fine, search="flat"),
+                 # the same through the context tree, nodes scored by their mean anchor only (κ = 0) ...
+                 "tiers-fine-tree0": KVTierConfig(**fine),
+                 # ... and by mean + κ·‖q‖·spread
+                 "tiers-fine-tree": KVTierConfig(**fine, spread=args.spread)}
     variants = {"full": model, "swa": sliding(model, args.hot)}
     for name in (n for n in args.variants if n in tier_cfgs):
         c = tier_cfgs[name]
@@ -238,11 +244,13 @@ def main() -> None:
             lo, hi = wilson(sum(oks), len(oks))
             row = {"variant": name, "hot": args.hot, "ratio": ratio, "length": L, "trials": args.trials,
                    "accuracy": acc, "ci95": [round(lo, 3), round(hi, 3)],
-                   "mean_distance": sum(t[2] for t in trials) / len(trials), "seconds": round(time.time() - t0, 1)}
+                   "mean_distance": sum(t[2] for t in trials) / len(trials), "seconds": round(time.time() - t0, 1),
+                   "seed": args.seed}
             if hits:
                 c = m.kv_tiers
                 row |= {"window": c.window, "topk": c.topk, "pq": c.pq, "rank": c.rank, "anchors": c.anchors,
-                        "search": c.search, "fanout": c.fanout, "beam": c.beam, **tier_memory(m)}
+                        "search": c.search, "fanout": c.fanout, "beam": c.beam, "spread": c.spread,
+                        "calibration": args.calibration, **tier_memory(m)}
                 top_hit = [bool(h[r_layer, r_head]) for h in hits]
                 row["needle_fetched_heads"] = sum(h.float().mean().item() for h in hits) / len(hits)
                 row["needle_fetched_layers"] = sum(h.any(1).float().mean().item() for h in hits) / len(hits)
@@ -285,32 +293,32 @@ def plot(rows: list[dict], names: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    marks = "osD^v<>p*h"
     for i, n in enumerate(names):
         rs = [r for r in rows if r["variant"] == n]
-        x = [r["ratio"] * (1 + 0.03 * (i - (len(names) - 1) / 2)) for r in rs]
-        y = [100 * r["accuracy"] for r in rs]
+        x = [r["ratio"] * (1 + 0.025 * (i - (len(names) - 1) / 2)) for r in rs]   # side by side, not on top
+        style = {"color": f"C{i}", "marker": marks[i % len(marks)], "label": n}
         err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in rs], [100 * (r["ci95"][1] - r["accuracy"]) for r in rs]]
-        a1.errorbar(x, y, yerr=err, marker="o", capsize=3, label=n)
+        a1.errorbar(x, [100 * r["accuracy"] for r in rs], yerr=err, capsize=3, **style)
+        if n.startswith("tiers"):
+            a2.plot(x, [r["needle_fetched_retrieval_head"] for r in rs], **style)
+    rs = [r for r in rows if r["variant"].startswith("tiers")]
+    if rs:
+        chance = {r["ratio"]: r["needle_chance_per_head"] for r in rs}
+        a2.plot(sorted(chance), [chance[k] for k in sorted(chance)], color="gray", ls=":", label="k random windows")
     ratios = sorted({r["ratio"] for r in rows})
     for a in (a1, a2):
         a.set_xscale("log", base=2)
         a.set_xticks(ratios, [f"{r}×" for r in ratios])
         a.set_xlabel(f"prompt length (× hot window of {rows[0]['hot']})")
-    a1.set_ylabel("passkey accuracy (%)")
+    a1.set_ylabel("passkey accuracy (%, 95 % interval)")
     a1.set_ylim(-5, 105)
     a1.set_title("passkey retrieval")
-    a1.legend()
-    for n in (n for n in names if n.startswith("tiers")):
-        rs = [r for r in rows if r["variant"] == n]
-        a2.plot([r["ratio"] for r in rs], [r["needle_fetched_retrieval_head"] for r in rs], marker="o", label=n)
-    rs = [r for r in rows if r["variant"] == "tiers"]
-    if rs:
-        a2.plot([r["ratio"] for r in rs], [r["needle_chance_per_head"] for r in rs], color="gray", ls=":",
-                label="k random windows")
-    a2.set_ylabel("needle fetched by the retrieval head")
-    a2.set_ylim(0, 1.05)
-    a2.set_title("teleport at the first digit's query")
+    a1.legend(fontsize=8)
+    a2.set_ylabel("share of prompts")
+    a2.set_ylim(-0.03, 1.05)
+    a2.set_title("teleport fetched the needle for the retrieval head")
     a2.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -142,8 +142,8 @@ def main() -> None:
     model.eval()
     out = Path(args.out)
     model.save_pretrained(out)
-    info = {"steps": step, "seconds": round(time.time() - t0), "parameters": n_params, "final_eval_accuracy": acc,
-            **{k: v for k, v in vars(args).items() if k not in ("out", "threads")}, "log": log}
+    info = {**{k: v for k, v in vars(args).items() if k not in ("out", "threads")}, "steps_done": step,
+            "seconds": round(time.time() - t0), "parameters": n_params, "final_eval_accuracy": acc, "log": log}
     (out / "train.json").write_text(json.dumps(info, indent=1))
     print(f"saved {out} after {step} steps, held-out passkey accuracy {acc:.0%}", file=sys.stderr)
 
