@@ -30,6 +30,7 @@ import memlm
 from memlm.config.base import apply_overrides
 from memlm.config.model import ModelConfig
 from memlm.config.presets import transformer
+from memlm.ops import dispatch
 
 
 def models_for(preset: str, extra: list[str]) -> list[tuple[str, ModelConfig]]:
@@ -42,11 +43,16 @@ def models_for(preset: str, extra: list[str]) -> list[tuple[str, ModelConfig]]:
     return out
 
 
-def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup: int, device: torch.device) -> dict:
-    """Train ``steps`` timed steps after ``warmup`` untimed ones on random tokens; returns one record."""
+def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
+        backend: str | None = None, compile: bool = False) -> dict:
+    """Train ``steps`` timed steps after ``warmup`` untimed ones on random tokens; returns one record.
+    backend: force this backend of the neural_memory op (None: dispatch's choice); compile: torch.compile the
+    model's forward (the loss and optimizer stay eager)."""
     torch.manual_seed(0)
     model = memlm.build_model(cfg).to(device).train()
-    rec = {"model": name, "params": model.num_params(), "batch": batch, "seq": seq}
+    rec = {"model": name, "params": model.num_params(), "batch": batch, "seq": seq,
+           "memory_backend": backend or dispatch.named("neural_memory") or "auto", "compiled": compile}
+    fwd = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(device)
@@ -54,8 +60,8 @@ def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
 
     def step() -> torch.Tensor:
-        with amp:
-            logits, _ = model(inp)
+        with amp, (dispatch.force_backend("neural_memory", backend) if backend else contextlib.nullcontext()):
+            logits, _ = fwd(inp)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), lab.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -77,6 +83,9 @@ def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup
     except torch.OutOfMemoryError:
         rec["oom"] = True
         return rec
+    except Exception as e:  # noqa: BLE001 - a failing variant is a record, the run goes on
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return rec
     dt = (time.perf_counter() - t0) / steps
     rec.update(tokens_per_s=round(batch * seq / dt), step_ms=round(dt * 1e3, 1), loss=round(loss.item(), 4),
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None)
@@ -93,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: atlas-mag-debug, batch 2, seq 64, 2 steps")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", nargs="+", default=[None], help="neural_memory backends to time the memory presets "
+                    "with (e.g. chunked triton); the transformer runs once")
+    ap.add_argument("--compile", action="store_true", help="also time each memory preset with torch.compile")
+    ap.add_argument("--only", nargs="*", default=None, help="time only these model names (e.g. the preset alone)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.preset, args.extra, args.batch, args.seq, args.steps, args.warmup = "atlas-mag-debug", [], [2], 64, 2, 1
@@ -103,11 +116,17 @@ def main(argv: list[str] | None = None) -> None:
             else "fp32", "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
     print(json.dumps({"meta": meta}), flush=True)
     for name, cfg in models_for(args.preset, args.extra):
-        for b in args.batch:
-            print(json.dumps(run(name, cfg, batch=b, seq=args.seq, steps=args.steps, warmup=args.warmup, device=dev)),
-                  flush=True)
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+        if args.only is not None and name not in args.only:
+            continue
+        memory = any(getattr(lc, "kind", None) in ("mag", "mal", "neural_memory") for lc in cfg.layers or [])
+        variants = [(be, c) for be in (args.backend if memory else [None])
+                    for c in ([False, True] if args.compile and memory else [False])]
+        for be, comp in variants:
+            for b in args.batch:
+                print(json.dumps(run(name, cfg, batch=b, seq=args.seq, steps=args.steps, warmup=args.warmup,
+                                     device=dev, backend=be, compile=comp)), flush=True)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -73,9 +73,12 @@ def graph_check(preset: str, batch: int, seq: int) -> dict:
             "trace_s": round(time.perf_counter() - t0, 1)}
 
 
+DOCS = True  # --docs
+
+
 def timed(tr: Trainer, batch: int, seq: int, steps: int, warmup: int) -> dict:
     v = tr.cfg.model.vocab_size
-    data = [batches(v, batch, seq, s, True) for s in range(4)]
+    data = [batches(v, batch, seq, s, DOCS) for s in range(4)]
     cuda = tr.device.type == "cuda"
     for s in range(warmup):
         tr.train_step(data[s % 4])
@@ -113,19 +116,28 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--inductor", action="store_true", help="also time the inductor-compiled default path")
     ap.add_argument("--skip-graph", action="store_true")
+    ap.add_argument("--eager", nargs="*", default=["plain-sdpa", "chunked-sdpa", "chunked-flex"],
+                    choices=["plain-sdpa", "chunked-sdpa", "chunked-flex"],
+                    help="eager variants to time (cross-entropy-attention); none: only the graph/inductor checks")
+    ap.add_argument("--docs", choices=["yes", "no"], default="yes",
+                    help="timed batches hold document starts inside rows (masked attention) or not (plain causal)")
     ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (a smoke test of this script)")
     args = ap.parse_args()
+    global DOCS
+    DOCS = args.docs == "yes"
     if not torch.cuda.is_available() and not args.allow_cpu:
         raise SystemExit("compile_check measures the CUDA path; pass --allow-cpu for a smoke test")
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(json.dumps({"meta": {"device": dev, "torch": torch.__version__, "batch": args.batch, "seq": args.seq}}),
+    print(json.dumps({"meta": {"device": dev, "torch": torch.__version__, "batch": args.batch, "seq": args.seq,
+                               "docs": DOCS}}),
           flush=True)
     if not args.skip_graph:  # first, for every preset: the answer that matters most if time runs out
         for p in args.presets:
             guarded(p, "graph", lambda: graph_check(p, 2, args.graph_seq))
     attns = ("sdpa", "flex") if torch.cuda.is_available() else ("sdpa",)  # flex has no CPU backward
     for p in args.presets:
-        for ce, attn in [("plain", "sdpa"), ("chunked", "sdpa")] + [("chunked", a) for a in attns[1:]]:
+        variants = [tuple(v.split("-")) for v in args.eager]
+        for ce, attn in [(c, a) for c, a in variants if a in attns]:
             def eager(ce=ce, attn=attn):
                 torch.manual_seed(0)
                 tr = make_trainer(p, args.batch, args.seq, cross_entropy=ce, attention=attn)
@@ -140,7 +152,7 @@ def main() -> None:
                 tr = make_trainer(p, args.batch, args.seq)
                 tr._module = torch.compile(tr._module)  # what train.compile=true does
                 t0 = time.perf_counter()
-                tr.train_step(batches(tr.cfg.model.vocab_size, args.batch, args.seq, 0, True))
+                tr.train_step(batches(tr.cfg.model.vocab_size, args.batch, args.seq, 0, DOCS))
                 compile_s = round(time.perf_counter() - t0, 1)
                 return {"compile_s": compile_s, **timed(tr, args.batch, args.seq, args.steps, args.warmup)}
 

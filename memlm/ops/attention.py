@@ -103,9 +103,10 @@ def masked_attention_flex(q: Tensor, keys: Tensor, vals: Tensor, qpos: Tensor, k
 
 
 def _flex_supports(q: Tensor, keys: Tensor, *args, **kwargs) -> bool:
-    """Flex runs anywhere torch has it (eagerly off CUDA); the CUDA kernel wants a power-of-two head width ≥ 16."""
+    """Flex runs anywhere torch has it (eagerly off CUDA); the CUDA kernel wants a power-of-two head width ≥ 16 and
+    a 16- or 32-bit float (its Triton template does not compile for float64)."""
     dh = q.shape[-1]
-    return flex_available() and (not q.is_cuda or (dh >= 16 and dh & (dh - 1) == 0))
+    return flex_available() and (not q.is_cuda or (dh >= 16 and dh & (dh - 1) == 0 and q.dtype != torch.float64))
 
 
 # "sdpa" is the default everywhere; "flex" is picked by name, or automatically by masked_attention for prefill and

@@ -6,7 +6,7 @@ Resolution order in `get(op, backend=None, args=..., kwargs=...)`:
   3. the environment variable `MEMLM_BACKEND_<OP>` (op upper-cased, non-alphanumerics as `_`), e.g.
      `MEMLM_BACKEND_DELTA_RULE=reference`;
   4. automatic: the registered backends in order of decreasing `priority` (ties: registration order), the
-     first whose `supports(*args, **kwargs)` is true. `supports=None` means "supports everything".
+     first whose `supports(*args, **kwargs)` (and `auto`, when registered with one) is true. `supports=None` means "supports everything".
 A backend picked by name (1–3) must exist and must support the arguments; otherwise a clear error is raised
 instead of silently falling back, so that a test forcing "triton" never quietly tests "chunked".
 
@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from memlm.scoped import Scoped
 
-__all__ = ["Backend", "backends", "call", "env_var", "force_backend", "get", "named", "register", "unregister"]
+__all__ = ["Backend", "backends", "call", "env_var", "force_backend", "get", "named", "on_cuda", "register",
+           "unregister"]
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,13 @@ class Backend:
     supports: Callable[..., bool] | None
     priority: int
     order: int  # registration counter, breaks priority ties
+    auto: Callable[..., bool] | None = None  # extra condition for the automatic choice only (None: none)
 
     def accepts(self, args: tuple, kwargs: dict) -> bool:
         return True if self.supports is None else bool(self.supports(*args, **kwargs))
+
+    def auto_accepts(self, args: tuple, kwargs: dict) -> bool:
+        return self.accepts(args, kwargs) and (self.auto is None or bool(self.auto(*args, **kwargs)))
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
@@ -52,13 +56,16 @@ def _forced() -> dict[str, str]:
 
 
 def env_var(op_name: str) -> str:
-    """Name of the environment variable that selects a backend for op_name."""
-    return "MEMLM_BACKEND_" + re.sub(r"[^A-Za-z0-9]", "_", op_name).upper()
+    """Name of the environment variable that selects a backend for op_name. String methods only, no `re`: the
+    dispatch runs inside compiled forwards, and Dynamo breaks the graph on the regex module's constants."""
+    return "MEMLM_BACKEND_" + "".join(c if c.isascii() and c.isalnum() else "_" for c in op_name).upper()
 
 
 def register(op_name: str, backend_name: str, fn: Callable[..., Any], supports: Callable[..., bool] | None = None,
-             *, priority: int = 0, replace: bool = False) -> None:
-    """Register fn as backend `backend_name` of `op_name`. Re-registering a name needs replace=True."""
+             *, priority: int = 0, replace: bool = False, auto: Callable[..., bool] | None = None) -> None:
+    """Register fn as backend `backend_name` of `op_name`. Re-registering a name needs replace=True.
+    auto: a further condition for the automatic choice only; e.g. Triton kernels accept CPU tensors under the
+    Triton interpreter (tests name them), but only CUDA tensors should pick them automatically."""
     global _counter
     table = _REGISTRY.setdefault(op_name, {})
     if backend_name in table and not replace:
@@ -66,7 +73,12 @@ def register(op_name: str, backend_name: str, fn: Callable[..., Any], supports: 
             return
         raise ValueError(f"backend {backend_name!r} of op {op_name!r} is already registered (use replace=True)")
     _counter += 1
-    table[backend_name] = Backend(backend_name, fn, supports, priority, _counter)
+    table[backend_name] = Backend(backend_name, fn, supports, priority, _counter, auto)
+
+
+def on_cuda(x: Any, *args: Any, **kwargs: Any) -> bool:
+    """An `auto` condition: the first argument is a CUDA tensor."""
+    return bool(getattr(x, "is_cuda", False))
 
 
 def unregister(op_name: str, backend_name: str) -> None:
@@ -117,7 +129,7 @@ def get(op_name: str, backend: str | None = None, *, args: tuple = (), kwargs: d
     if not table:
         raise KeyError(f"no backends registered for op {op_name!r}")
     for name in backends(op_name):
-        if table[name].accepts(args, kwargs):
+        if table[name].auto_accepts(args, kwargs):
             return table[name].fn
     raise ValueError(f"no backend of op {op_name!r} supports these inputs (tried {', '.join(backends(op_name))})")
 

@@ -111,7 +111,7 @@ def test_scale_no_initial_state_no_final_state_and_dispatch(monkeypatch):
     o_ref, _ = chunked.delta_rule(*args, scale=0.125)
     assert_close(o, o_ref, name="scaled o")
     assert triton_impl.supports(*args)
-    assert dispatch.get("delta_rule", args=args) is chunked.delta_rule  # opt-in while TRITON_PRIORITY < 0
+    assert dispatch.get("delta_rule", args=args) is triton_impl.delta_rule  # the CUDA default
     assert dispatch.get("delta_rule", "triton", args=args) is triton_impl.delta_rule
     monkeypatch.setenv("MEMLM_BACKEND_DELTA_RULE", "triton")
     assert dispatch.get("delta_rule", args=args) is triton_impl.delta_rule

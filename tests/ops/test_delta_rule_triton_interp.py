@@ -93,7 +93,7 @@ def test_dispatch_by_name_env_and_supports(monkeypatch):
     inp = make_inputs(1, 10, 1, 16, 16, gated=True, init=False)
     args = tuple(inp[n] for n in NAMES[:5])
     assert triton_impl.supports(*args)
-    assert dispatch.get("delta_rule", args=args) is chunked.delta_rule  # opt-in only while TRITON_PRIORITY < 0
+    assert dispatch.get("delta_rule", args=args) is chunked.delta_rule  # CPU tensors never pick the interpreter
     assert dispatch.get("delta_rule", "triton", args=args) is triton_impl.delta_rule
     with dispatch.force_backend("delta_rule", "triton"):
         assert dispatch.get("delta_rule", args=args) is triton_impl.delta_rule

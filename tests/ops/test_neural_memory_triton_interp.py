@@ -174,7 +174,7 @@ def test_dispatch_opt_in_and_errors(monkeypatch):
     x = {n: t.float() for n, t in inputs(T=9).items()}
     args = tuple(x[n] for n in ("q", "k", "v", *GATES, "W1", "W2"))
     kw = {"chunk_size": 8}
-    assert dispatch.get("neural_memory", args=args, kwargs=kw) is neural_memory   # opt-in while priority < 0
+    assert dispatch.get("neural_memory", args=args, kwargs=kw) is neural_memory   # CPU: never the interpreter
     with dispatch.force_backend("neural_memory", "triton"):
         assert dispatch.get("neural_memory", args=args, kwargs=kw) is triton_memory.neural_memory
     assert not triton_memory.supports(*args, chunk_size=200)                          # window > MAX_DIM

@@ -44,19 +44,31 @@ def _batch(seed: int, docs: bool) -> Batch:
     return Batch(x[:, :-1].clone(), labels, reset)
 
 
-def _trainer(name: str, tmp_path) -> Trainer:
+def _trainer(name: str, tmp_path, device: str = "cpu") -> Trainer:
     cfg = memlm.preset(name)
     cfg.train = cfg.train.replace(seq_len=T, batch_size=B, steps=10, warmup=1, eval_every=0, sample_every=0,
-                                  save_every=0, log_every=1, tensorboard=False, device="cpu", compile=False,
+                                  save_every=0, log_every=1, tensorboard=False, device=device, compile=False,
                                   cross_entropy="chunked", ce_chunk=37)
     return Trainer(cfg, out_dir=tmp_path / name, data=iter([]), tokenizer=memlm.load_tokenizer(cfg.train.tokenizer),
                    log=lambda s: None)
 
 
+# On CUDA the Triton kernels (delta rule, neural memory, compressive memory) and FlexAttention are in the graph
+CUDA_PRESETS = ["transformer-debug", "transformer-swa-debug", "gated-deltanet-debug", "deltanet-debug",
+                "atlas-mag-debug", "titans-mag-debug", "infini-pythia-70m-debug", "hope-debug", "onyx-debug"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", CUDA_PRESETS)
+def test_training_step_compiles_without_graph_breaks_cuda(name, tmp_path):
+    test_training_step_compiles_without_graph_breaks(name, tmp_path, "cuda")
+
+
 @pytest.mark.parametrize("name", _params())
-def test_training_step_compiles_without_graph_breaks(name, tmp_path):
+def test_training_step_compiles_without_graph_breaks(name, tmp_path, device="cpu"):
     torch.manual_seed(0)
-    tr = _trainer(name, tmp_path)
+    tr = _trainer(name, tmp_path, device)
     graphs = []
 
     def backend(gm, example_inputs):

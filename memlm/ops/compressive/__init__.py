@@ -23,7 +23,7 @@ TRITON_PRIORITY = -50
 
 dispatch.register("compressive_memory", "chunked", chunked.segment_memory, priority=0)
 dispatch.register("compressive_memory", "triton", triton_segments.segment_memory, supports=triton_segments.supports,
-                  priority=TRITON_PRIORITY)
+                  priority=TRITON_PRIORITY, auto=dispatch.on_cuda)
 dispatch.register("compressive_memory", "reference", reference.segment_memory, priority=-100)
 
 

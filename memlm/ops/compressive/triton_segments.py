@@ -192,14 +192,25 @@ def _seg_bwd(SQ, SK, Vv, Slot, Start, Comp, Zpre, Mpre, dNum, dDen, dZpre, dM, d
             tl.debug_barrier()                           # dSQ, dM, dZ are read back by the next r / segment
 
 
-@functools.cache
-def _kernels(interpret: bool) -> tuple:
+def _build(interpret: bool) -> tuple:
     """(forward, backward), compiled for the GPU or wrapped for the interpreter (CPU tensors)."""
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
         return InterpretedFunction(_seg_fwd), InterpretedFunction(_seg_bwd)
     varying = ["N", "R", "NCT", "save"]   # change from call to call: one compiled kernel for all values
     return triton.jit(_seg_fwd, do_not_specialize=varying), triton.jit(_seg_bwd, do_not_specialize=varying)
+
+
+# The compiled kernels are built at import, so that a torch.compile'd model finds plain kernel objects and launches
+# them in its graph (building them inside the trace would break the graph); the interpreted ones only when a test
+# asks (CPU tensors under TRITON_INTERPRET=1).
+_JIT = _build(False) if AVAILABLE else None
+_interpreted = functools.cache(lambda: _build(True))
+
+
+def _kernels(interpret: bool):
+    """(forward, backward) kernels for CPU tensors (interpreter) or CUDA tensors."""
+    return _interpreted() if interpret else _JIT
 
 
 def _count(n: int, interpret: bool):

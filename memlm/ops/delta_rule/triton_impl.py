@@ -149,8 +149,7 @@ def _recurrence_bwd(U, Wk, Ke, GL, S_all, dS_all, dS_fin, dU, dWk, dKe, dGL, dS0
     tl.store(dS0 + bh * Dv * Dk + s_off, dS, mask=m_s)
 
 
-@functools.cache
-def _kernels(interpret: bool) -> tuple:
+def _build(interpret: bool) -> tuple:
     """(forward, backward) kernels: interpreted (CPU tensors) or compiled (CUDA tensors), by the device alone —
     triton.jit would decide by TRITON_INTERPRET at build time instead."""
     if interpret:
@@ -160,6 +159,18 @@ def _kernels(interpret: bool) -> tuple:
     # sizes that only enter masks and offsets are not specialised on: fewer compilations for odd T
     return (JITFunction(_recurrence_fwd, do_not_specialize=["N", "C"]),
             JITFunction(_recurrence_bwd, do_not_specialize=["N", "C", "BH"]))
+
+
+# The compiled kernels are built at import, so that a torch.compile'd model finds plain kernel objects and launches
+# them in its graph (building them inside the trace would break the graph); the interpreted ones only when a test
+# asks (CPU tensors under TRITON_INTERPRET=1).
+_JIT = _build(False) if AVAILABLE else None
+_interpreted = functools.cache(lambda: _build(True))
+
+
+def _kernels(interpret: bool):
+    """(forward, backward) kernels for CPU tensors (interpreter) or CUDA tensors."""
+    return _interpreted() if interpret else _JIT
 
 
 def _count(n: int, interpret: bool):

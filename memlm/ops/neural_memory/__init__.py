@@ -19,12 +19,12 @@ __all__ = ["neural_memory", "neural_memory_reference", "NeuralMemoryState", "Pen
            "feature_dim", "poly_features", "newton_schulz5", "NS5_COEFFS", "omega_grad", "memory_read",
            "TRITON_PRIORITY", "triton_memory"]
 
-# Negative = only by name (layer backend="triton", force_backend, MEMLM_BACKEND_NEURAL_MEMORY=triton). Raise above 0
-# to make it the CUDA default once tests/ops/test_neural_memory_triton.py passes on the GPU (unverified kernels:
-# Triton 3.6 on Hopper has miscompiled delta-rule-like backward kernels).
-TRITON_PRIORITY = -50
+# Above 0: the CUDA default. tests/ops/test_neural_memory_triton.py passed on an H100 with Triton 3.6 on 2026-11-22
+# (outputs, fast weights and every gradient against the chunked form). Below 0: by name only (layer
+# backend="triton", force_backend, MEMLM_BACKEND_NEURAL_MEMORY=triton). CPU tensors never pick it automatically.
+TRITON_PRIORITY = 10
 
 dispatch.register("neural_memory", "chunked", neural_memory, priority=0)
 dispatch.register("neural_memory", "reference", neural_memory_reference, priority=-10)
 dispatch.register("neural_memory", "triton", triton_memory.neural_memory, supports=triton_memory.supports,
-                  priority=TRITON_PRIORITY)
+                  priority=TRITON_PRIORITY, auto=dispatch.on_cuda)

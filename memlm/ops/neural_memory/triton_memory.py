@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from .common import NS5_COEFFS, NS5_EPS, NS5_STEPS, NeuralMemoryState, Pending
+from .common import NS5_COEFFS, NS5_EPS, NS5_STEPS, NeuralMemoryState, Pending, maybe_any
 from .parallel import Prelude, Stream, chunk_gates, finish, memory_read, prepare, read_only, stream
 
 try:
@@ -422,8 +422,7 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
         tl.store(pd, tl.load(pd, mask=m, other=0.0) + scale * dy - scale * scale * scale * inner * s, mask=m)
 
 
-@functools.cache
-def _kernels(interpret: bool) -> dict:
+def _build(interpret: bool) -> dict:
     """The four kernels, compiled for the GPU or wrapped for the interpreter (CPU tensors)."""
     fns = {"step_fwd": _step_fwd, "step_bwd": _step_bwd, "ns5_fwd": _ns5_fwd, "ns5_bwd": _ns5_bwd}
     if interpret:
@@ -432,6 +431,18 @@ def _kernels(interpret: bool) -> dict:
     # positions and lengths change from call to call: one compiled kernel for all of them
     varying = {"step_fwd": ["j", "i", "L", "NJ", "K1"], "step_bwd": ["j", "i", "L", "NJ", "K1"]}
     return {n: triton.jit(f, do_not_specialize=varying.get(n, [])) for n, f in fns.items()}
+
+
+# The compiled kernels are built at import, so that a torch.compile'd model finds plain kernel objects and launches
+# them in its graph (building them inside the trace would break the graph); the interpreted ones only when a test
+# asks (CPU tensors under TRITON_INTERPRET=1).
+_JIT = _build(False) if AVAILABLE else None
+_interpreted = functools.cache(lambda: _build(True))
+
+
+def _kernels(interpret: bool):
+    """The four kernels by name, for CPU tensors (interpreter) or CUDA tensors."""
+    return _interpreted() if interpret else _JIT
 
 
 def _count(n: int, interpret: bool):
@@ -580,7 +591,7 @@ def _read_chunks(pre: Prelude, st: Stream, j0: int, j_end: int, W1: Tensor, W2: 
         o = o + pre.qraw[:, :, sl]
     if st.any_reset:
         after = st.after[:, j0:j_end].flatten(1)[:, front:front + n]                          # [B, n]
-        if bool(after.any()):
+        if maybe_any(after):   # compiled: always (no data-dependent branch in the graph)
             qraw = None if pre.qraw is None else pre.qraw[:, :, sl]
             o = torch.where(after[:, None, :, None], memory_read(pre.W1i, pre.W2i, pre.qf[:, :, sl], qraw), o)
     return o
