@@ -138,13 +138,19 @@ def bench_one(name: str, b: BenchConfig, tok, log: Callable[[str], None] = print
     val_docs = None if b.eval.data else validation_documents(cfg.train.to_dict(), log)
     run_eval(model, tok, b.eval, eval_dir, train_len=b.seq_len, val_docs=val_docs, meta=meta,
              log=lambda s: log(f"[{name}] {s}"))
-    row = {"preset": name, "status": "ok", "family": cfg.family, "params": meta["params"],
+    # a training stopped early (SIGTERM, time limit) is evaluated and shown, but marked partial and never reused:
+    # the next bench command resumes it from its last checkpoint
+    done = trainer.step >= cfg.train.steps
+    row = {"preset": name, "status": "ok" if done else "partial", "family": cfg.family, "params": meta["params"],
            "non_embedding_params": meta["non_embedding_params"], "steps": trainer.step, "tokens": trainer.tokens,
            "tokens_budget": b.tokens, "val_loss": val.get("val_loss"), "val_ppl": val.get("val_ppl"),
            "tok_s": tok_s[len(tok_s) // 2] if tok_s else None, "state_bytes": state_bytes,
            "train_seconds": trainer.elapsed, "seconds": time.time() - t0, "eval_dir": str(eval_dir),
            "curve": [{"step": r["step"], **{k: r[k] for k in ("loss", "val_loss") if k in r}} for r in rows
                      if "loss" in r or "val_loss" in r]}
+    if not done:
+        row["note"] = f"training stopped at step {trainer.step} of {cfg.train.steps}; rerun the command to resume"
+        log(f"bench {name}: {row['note']}")
     saved.write_text(json.dumps(clean_json(row), indent=1))
     del trainer, model
     if torch.cuda.is_available():
@@ -231,16 +237,17 @@ def write_leaderboard(rows: list[dict], out: Path, b: BenchConfig) -> Path:
     from memlm.eval.report import _plt, fmt, human_bytes, md_table, niah_grid
 
     T = b.seq_len
+    shown = ("ok", "partial")  # partial: trained for fewer tokens than the budget (its tokens column says how many)
     for r in rows:
-        if r.get("status") == "ok":
+        if r.get("status") in shown:
             r["headline"] = headline(r, _eval_records(r), T)
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [r for r in rows if r.get("status") in shown]
     md = ["# memlm leaderboard", "",
           (f"Every preset trained on the same data order with the `{b.tokenizer}` tokenizer for {b.tokens:,} tokens "
            f"(batch {b.batch_size} × {T} tokens), then evaluated by `memlm eval` (lengths {b.eval.lengths})."), ""]
     main = []
     for r in rows:
-        if r.get("status") != "ok":
+        if r.get("status") not in shown:
             main.append([r["preset"]] + ["–"] * 11 + [f"{r['status']}: {r.get('note', '')}"])
             continue
         h = r["headline"]
@@ -249,7 +256,8 @@ def write_leaderboard(rows: list[dict], out: Path, b: BenchConfig) -> Path:
                      r["val_loss"], h.get("ppl_in"), h.get("ppl_beyond"), h.get("stream_gain"),
                      " ".join(fmt(v) for v in pk.values()) or "–", h.get("mqar"),
                      f"{fmt(h.get('xs_session'))} / {fmt(h.get('xs_persistent'))} / {fmt(h.get('xs_stateless'))}",
-                     f"{r['tok_s']:,.0f}" if r.get("tok_s") else "–", human_bytes(r.get("state_bytes")), "ok"])
+                     f"{r['tok_s']:,.0f}" if r.get("tok_s") else "–", human_bytes(r.get("state_bytes")),
+                     r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('note', '')}"])
     md += [md_table(["preset", "params (non-emb / all)", "tokens", "val loss", f"ppl ≤{T}", f"ppl >{T}",
                      "Δ NLL reset−carried", "passkey rank " + " ".join(f"{L / T:g}x" for L in b.eval.lengths),
                      "MQAR acc", "x-session session / persistent / stateless", "train tok/s", f"state/seq @{T}",

@@ -150,7 +150,9 @@ def test_model_flex_gradients_cuda(name):
     (la, ga), (lb, gb) = out["sdpa"], out["flex"]
     assert rel_err(lb, la) <= 1e-5
     for n in ga:
-        assert rel_err(gb[n], ga[n]) <= 1e-5, n
+        # biases of per-token gates sum a float32 gradient over every token: the two kernels' different summation
+        # orders reach ~2e-5 there (1.7e-5 measured for atlas-mag-debug on an H100), matrices stay within 1e-5
+        assert rel_err(gb[n], ga[n]) <= (1e-4 if n.endswith("bias") else 1e-5), n
 
 
 @pytest.mark.gpu
