@@ -40,7 +40,8 @@ class Backend:
         return True if self.supports is None else bool(self.supports(*args, **kwargs))
 
     def auto_accepts(self, args: tuple, kwargs: dict) -> bool:
-        return self.accepts(args, kwargs) and (self.auto is None or bool(self.auto(*args, **kwargs)))
+        # the auto condition first: it is cheap, and lets a call without arguments skip a backend whose supports needs them
+        return (self.auto is None or bool(self.auto(*args, **kwargs))) and self.accepts(args, kwargs)
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
@@ -76,9 +77,9 @@ def register(op_name: str, backend_name: str, fn: Callable[..., Any], supports: 
     table[backend_name] = Backend(backend_name, fn, supports, priority, _counter, auto)
 
 
-def on_cuda(x: Any, *args: Any, **kwargs: Any) -> bool:
-    """An `auto` condition: the first argument is a CUDA tensor."""
-    return bool(getattr(x, "is_cuda", False))
+def on_cuda(*args: Any, **kwargs: Any) -> bool:
+    """An `auto` condition: the first argument is a CUDA tensor (False without arguments)."""
+    return bool(args) and bool(getattr(args[0], "is_cuda", False))
 
 
 def unregister(op_name: str, backend_name: str) -> None:

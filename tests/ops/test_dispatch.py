@@ -101,3 +101,22 @@ def test_reregistering_same_function_is_idempotent():
     fn = dispatch.get(OP, "slow")
     dispatch.register(OP, "slow", fn)
     assert dispatch.backends(OP) == ["fast", "slow", "ref"]
+
+
+def test_auto_condition_limits_only_the_automatic_choice():
+    """A backend registered with auto= (e.g. Triton: CPU tensors only under the interpreter, by name) is skipped by
+    the automatic choice when auto says no, but a name still reaches it; a call without arguments never asks its
+    supports (which may need them)."""
+    import torch
+
+    def interp(x):
+        return ("interp", x)
+
+    dispatch.register(OP, "extra", interp, supports=lambda x: True, priority=20, auto=dispatch.on_cuda)
+    cpu = torch.tensor(3)
+    assert dispatch.get(OP, args=(cpu,)) is not interp          # the CPU tensor falls through to the next backend
+    assert dispatch.get(OP, "extra", args=(cpu,)) is interp      # named: auto does not apply
+    with dispatch.force_backend(OP, "extra"):
+        assert dispatch.get(OP, args=(cpu,)) is interp
+    assert dispatch.get(OP)(2) == ("fast", 2)                    # no arguments: auto is False, supports not called
+    assert not dispatch.on_cuda() and not dispatch.on_cuda(cpu, 1, k=2)
