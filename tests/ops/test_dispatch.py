@@ -118,5 +118,6 @@ def test_auto_condition_limits_only_the_automatic_choice():
     assert dispatch.get(OP, "extra", args=(cpu,)) is interp      # named: auto does not apply
     with dispatch.force_backend(OP, "extra"):
         assert dispatch.get(OP, args=(cpu,)) is interp
-    assert dispatch.get(OP)(2) == ("fast", 2)                    # no arguments: auto is False, supports not called
+    b = dispatch._lookup(OP, "extra", "test")
+    assert not b.auto_accepts((), {})                            # no arguments: auto says no, supports not called
     assert not dispatch.on_cuda() and not dispatch.on_cuda(cpu, 1, k=2)
