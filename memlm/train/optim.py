@@ -319,32 +319,46 @@ class Muon(torch.optim.Optimizer):
 class M3(torch.optim.Optimizer):
     """M3: fast and slow momentum, each orthogonalised, with an Adam second moment (SPEC.md, Onyx).
 
-    Matrix rule (group "matrix" True, or None and p.ndim == 2), at step t:
+    Matrix rule (group "matrix" True, or None and p.ndim == 2), at step t, with D = √V̂ + ε:
         M1 ← β1 M1 + g;   V ← β2 V + (1 − β2) g²;   S ← S + g
-        if t % f == 0:   M2 ← β3 M2 + S;  S ← 0;  O2 ← NS5(M2)      (O2 = 0 until the first refresh)
-        p ← p (1 − η λ) − η (NS5(M1) + α O2) / (√V̂ + ε)
-    with V̂ = V / (1 − β2^t) when v_bias_correction (our default; the SPEC formula uses V itself, which
-    makes the first steps √(1/(1 − β2)) times larger — pass v_bias_correction=False for the literal form).
-    O2 is cached between refreshes because M2 only changes then. NS5 has no shape scale here: dividing
-    by √V already sets the per-element step size. Note the step is not invariant to the loss scale:
-    NS5 outputs are O(1/√min(r, c)) whatever ‖g‖ is, while √V ∝ |g|.
+        if t % f == 0:   M2 ← β3 M2 + S;  S ← 0;  O2 = NS5(M2 / D)          (O2 = 0 until the first refresh)
+        p ← p (1 − η λ) − η · 0.2 √max(r, c) · (NS5(M1 / D) + α O2)          (matrix_rule="preconditioned")
+    with V̂ = V / (1 − β2^t) when v_bias_correction (default). The second moment preconditions the momenta
+    BEFORE the orthogonalisation (M / D is Adam's dimensionless, bounded direction), and 0.2 √max(r, c) is
+    Moonshot's "match_rms_adamw" factor (``muon_lr_ratio``), which makes the update's RMS ≈ 0.2 like AdamW's:
+    the matrices and the Adam-rule vectors share one learning rate, and the step does not depend on the
+    gradient's scale (multiplying the loss by c leaves it unchanged, up to ε).
+
+    matrix_rule="spec" is the SPEC formula p ← p (1 − η λ) − η (NS5(M1) + α NS5(M2)) / D (literally so with
+    v_bias_correction=False: SPEC uses V itself). It is kept for reference but is ill-posed: NS5 outputs have entries ≈ 1/√max(r, c) whatever ‖g‖ is, and they are
+    divided entry by entry by √V̂ ≈ |g| of an UNRELATED entry, so an entry moves by ≈ η / (|g_ij| √max(r, c)),
+    unbounded where |g_ij| is small (η · O_ij / ε where it is 0). On onyx-11m (lr 1e-3, clipped gradients
+    of ~1e-5 per entry) the first step moved hidden matrices by up to 1e4 and left the network dead (uniform
+    logits, then NaN). With "spec" the matrices need an LR orders of magnitude below the vectors', and the
+    right one depends on the model size and the gradient scale.
+    O2 is cached between refreshes because M2 only changes then (it uses D of the refresh step).
     Vector rule (everything else): AdamW with bias correction on m = EMA_β1(g) and V.
     Defaults: betas=(0.9, 0.95), beta3=0.9, alpha=1.0, slow_every f=8, eps=1e-8, 5 NS steps — our choices,
     not values from the paper.
     """
 
+    MATRIX_RULES = ("preconditioned", "spec")
+
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
                  beta3: float = 0.9, alpha: float = 1.0, slow_every: int = 8, eps: float = 1e-8,
                  weight_decay: float = 0.0, ns_steps: int = 5,
                  ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, ns_eps: float = 1e-7,
-                 v_bias_correction: bool = True, matrix: bool | None = None) -> None:
+                 v_bias_correction: bool = True, matrix: bool | None = None,
+                 matrix_rule: str = "preconditioned") -> None:
         if lr < 0 or weight_decay < 0 or slow_every < 1 or not all(0 <= b < 1 for b in (*betas, beta3)):
             raise ValueError(f"M3: invalid lr={lr}, betas={betas}, beta3={beta3}, slow_every={slow_every} "
                              f"or weight_decay={weight_decay}")
+        if matrix_rule not in self.MATRIX_RULES:
+            raise ValueError(f"M3: matrix_rule={matrix_rule!r} is not one of {', '.join(self.MATRIX_RULES)}")
         defaults = {"lr": lr, "betas": tuple(betas), "beta3": beta3, "alpha": alpha, "slow_every": slow_every,
                     "eps": eps, "weight_decay": weight_decay, "ns_steps": ns_steps,
                     "ns_coefficients": tuple(ns_coefficients), "ns_eps": ns_eps,
-                    "v_bias_correction": v_bias_correction, "matrix": matrix}
+                    "v_bias_correction": v_bias_correction, "matrix": matrix, "matrix_rule": matrix_rule}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -375,13 +389,20 @@ class M3(torch.optim.Optimizer):
                     ns = {"steps": group["ns_steps"], "coefficients": group["ns_coefficients"], "eps": group["ns_eps"]}
                     m1 = state["exp_avg"].mul_(b1).add_(g)
                     state["grad_sum"].add_(g)
+                    v_hat = v / (1 - b2 ** t) if group["v_bias_correction"] else v
+                    denom = v_hat.sqrt().add_(eps)
+                    spec = group.get("matrix_rule", "preconditioned") == "spec"
                     if t % group["slow_every"] == 0:
                         state["slow"].mul_(group["beta3"]).add_(state["grad_sum"])
                         state["grad_sum"].zero_()
-                        state["slow_ortho"].copy_(newton_schulz(state["slow"], **ns))
-                    v_hat = v / (1 - b2 ** t) if group["v_bias_correction"] else v
-                    direction = newton_schulz(m1, **ns) + group["alpha"] * state["slow_ortho"]
-                    p.addcdiv_(direction, v_hat.sqrt().add_(eps), value=-lr)
+                        slow = state["slow"] if spec else state["slow"] / denom
+                        state["slow_ortho"].copy_(newton_schulz(slow, **ns))
+                    if spec:
+                        direction = newton_schulz(m1, **ns) + group["alpha"] * state["slow_ortho"]
+                        p.addcdiv_(direction, denom, value=-lr)
+                    else:
+                        direction = newton_schulz(m1 / denom, **ns) + group["alpha"] * state["slow_ortho"]
+                        p.add_(direction, alpha=-lr * muon_lr_ratio(p.shape, "match_rms_adamw"))
                 else:
                     m = state["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
                     denom = (v / (1 - b2 ** t)).sqrt().add_(eps)
@@ -448,7 +469,7 @@ _EXTRA = {
     "adamw": set(),
     "lion": set(),
     "muon": {"momentum", "nesterov", "ns_steps", "adjust_lr_fn", "muon_lr", "muon_impl", "head_patterns"},
-    "m3": {"beta3", "alpha", "slow_every", "ns_steps", "v_bias_correction", "head_patterns"},
+    "m3": {"beta3", "alpha", "slow_every", "ns_steps", "v_bias_correction", "matrix_rule", "head_patterns"},
 }
 
 
@@ -495,8 +516,10 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: flo
       base LR; stored as a larger lr_scale so one schedule drives both, e.g. lr=3e-4, muon_lr=0.02 for
       "original"), muon_impl="auto" (torch.optim.Muon when installed, else ours; or "torch" / "memlm"),
       head_patterns=DEFAULT_HEAD_PATTERNS.
-    m3: one M3 optimizer; hidden matrices get the matrix rule, the rest the AdamW rule. extra: beta3=0.9,
-      alpha=1.0, slow_every=8, ns_steps=5, v_bias_correction=True, head_patterns.
+    m3: one M3 optimizer; hidden matrices get the matrix rule, the rest the AdamW rule (one lr for both with the
+      default matrix_rule="preconditioned"). extra: beta3=0.9, alpha=1.0, slow_every=8, ns_steps=5,
+      v_bias_correction=True, matrix_rule="preconditioned" (or "spec", the literal SPEC formula, see M3),
+      head_patterns.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer name {name!r} is not one of {', '.join(OPTIMIZERS)}")

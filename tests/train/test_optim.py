@@ -146,15 +146,16 @@ def test_muon_hand_torch() -> None:
             assert_close((got[i] - p0).double(), want[i] - p0.double(), tol=3e-2, name=f"torch muon {shape} {i}")
 
 
+@pytest.mark.parametrize("rule", ["preconditioned", "spec"])
 @pytest.mark.parametrize("bias_correction", [True, False])
-def test_m3_hand(bias_correction: bool) -> None:
+def test_m3_hand(bias_correction: bool, rule: str) -> None:
     lr, (b1, b2), b3, alpha, f, eps, wd = 0.01, (0.9, 0.95), 0.8, 0.5, 2, 1e-8, 0.1
     vec0 = torch.tensor([0.3, -0.7], dtype=DT)
     vec_grads = [torch.tensor([0.2, -0.1], dtype=DT), torch.tensor([-0.4, 0.3], dtype=DT),
                  torch.tensor([0.1, 0.1], dtype=DT)]
     mat, vec = nn.Parameter(P0.clone()), nn.Parameter(vec0.clone())
     opt = M3([mat, vec], lr=lr, betas=(b1, b2), beta3=b3, alpha=alpha, slow_every=f, eps=eps, weight_decay=wd,
-             v_bias_correction=bias_correction)
+             v_bias_correction=bias_correction, matrix_rule=rule)
     got = []
     for g, gv in zip(GRADS, vec_grads):
         mat.grad, vec.grad = g.clone(), gv.clone()
@@ -164,18 +165,33 @@ def test_m3_hand(bias_correction: bool) -> None:
     # matrix, written out step by step (f = 2: the slow momentum appears at step 2 and is frozen at step 3)
     g1, g2, g3 = GRADS
     corr = (lambda t: 1 - b2 ** t) if bias_correction else (lambda t: 1.0)
+    if rule == "spec":  # (NS(M1) + α O2) / D, O2 = NS(M2)
+        def update(m1, o2, d):
+            return (ns5_hand(m1) + alpha * o2) / d
+
+        def slow(m2, d):
+            return ns5_hand(m2)
+    else:  # 0.2·√max(r, c) · (NS(M1 / D) + α O2), O2 = NS(M2 / D) with D of the refresh step
+        def update(m1, o2, d):
+            return 0.2 * math.sqrt(2) * (ns5_hand(m1 / d) + alpha * o2)
+
+        def slow(m2, d):
+            return ns5_hand(m2 / d)
     p = P0.clone()
     m1 = g1
     v = (1 - b2) * g1 ** 2
-    p1 = p * (1 - lr * wd) - lr * ns5_hand(m1) / ((v / corr(1)).sqrt() + eps)  # M2 = 0 → NS(M2) = 0
+    d = (v / corr(1)).sqrt() + eps
+    p1 = p * (1 - lr * wd) - lr * update(m1, torch.zeros_like(p), d)  # M2 = 0 → O2 = 0
     m1 = b1 * g1 + g2
     v = b2 * v + (1 - b2) * g2 ** 2
-    m2 = g1 + g2  # refresh at t = 2: M2 = β3·0 + (g1 + g2)
-    p2 = p1 * (1 - lr * wd) - lr * (ns5_hand(m1) + alpha * ns5_hand(m2)) / ((v / corr(2)).sqrt() + eps)
+    d = (v / corr(2)).sqrt() + eps
+    o2 = slow(g1 + g2, d)  # refresh at t = 2: M2 = β3·0 + (g1 + g2)
+    p2 = p1 * (1 - lr * wd) - lr * update(m1, o2, d)
     m1 = b1 * m1 + g3
     v = b2 * v + (1 - b2) * g3 ** 2
-    # t = 3: no refresh, g3 only enters the running sum; the slow direction is still NS(g1 + g2)
-    p3 = p2 * (1 - lr * wd) - lr * (ns5_hand(m1) + alpha * ns5_hand(m2)) / ((v / corr(3)).sqrt() + eps)
+    d = (v / corr(3)).sqrt() + eps
+    # t = 3: no refresh, g3 only enters the running sum; the slow direction is still the one of t = 2
+    p3 = p2 * (1 - lr * wd) - lr * update(m1, o2, d)
     for i, want in enumerate([p1, p2, p3]):
         assert_close(got[i][0] - P0, want - P0, tol=1e-12, name=f"m3 matrix step {i + 1}")
     # the running sum holds g3, waiting for the refresh at t = 4
@@ -188,6 +204,29 @@ def test_m3_hand(bias_correction: bool) -> None:
         vv = b2 * vv + (1 - b2) * gv ** 2
         q = q * (1 - lr * wd) - lr * (m / (1 - b1 ** t)) / ((vv / (1 - b2 ** t)).sqrt() + eps)
         assert_close(got[t - 1][1] - vec0, q - vec0, tol=1e-12, name=f"m3 vector step {t}")
+
+
+def test_m3_matrix_step_is_scale_free_and_bounded() -> None:
+    # Regression (onyx-11m died at step 1): the matrix step must not depend on the gradient's scale, and an entry
+    # whose gradient is tiny or zero must not be thrown far. The literal SPEC rule divides NS(M1) (entries
+    # ≈ 1/√max(r, c) whatever ‖g‖ is) by √V ≈ |g| entry by entry: steps ∝ 1/|g|, η·O/ε where g = 0.
+    torch.manual_seed(0)
+    p0 = torch.randn(64, 48) * 0.02
+    grads = [torch.randn(64, 48) * 1e-5 for _ in range(3)]  # clipped gradients of a 10M model are this small
+    grads[0][0, 0] = 0.0  # one entry with no gradient at the first step
+    lr = 1e-3
+    steps = {c: run_steps(M3, p0, [g * c for g in grads], lr=lr, slow_every=2) for c in (1.0, 1e2, 1e4)}
+    for a, b in zip(steps[1e2], steps[1e4]):  # (at c = 1, ε = 1e-8 is not negligible against |g| ≈ 1e-5)
+        assert_close(a - p0, b - p0, tol=1e-2, name="m3 step under a 100× gradient scale")  # ε vs the smallest |g|
+    for c, traj in steps.items():
+        for i, p in enumerate(traj):
+            # ≈ AdamW's per-step RMS (0.2·η) and never more than a few η per entry, whatever the gradient scale
+            delta = p - (p0 if i == 0 else traj[i - 1])
+            assert delta.abs().max() < 10 * lr and delta.pow(2).mean().sqrt() < 0.5 * lr, f"scale {c} step {i + 1}"
+    spec = run_steps(M3, p0, grads[:1], lr=lr, matrix_rule="spec")[0]
+    assert (spec - p0).abs().max() > 1.0  # the literal rule: a 1e-3 learning rate moves entries by > 1
+    with pytest.raises(ValueError, match="matrix_rule"):
+        M3([nn.Parameter(p0.clone())], matrix_rule="nope")
 
 
 def test_m3_refresh_period_matters() -> None:
