@@ -30,9 +30,9 @@ SETTINGS = {
     "adamw": ({"lr": 3e-3, "betas": (0.9, 0.95)}, 0.1),
     "lion": ({"lr": 3e-3, "betas": (0.9, 0.99)}, 1.0),  # decay 10× AdamW's (Chen et al.); LR from the sweep
     "muon": ({"lr": 3e-3, "betas": (0.9, 0.95), "muon_lr": 0.02, "momentum": 0.95}, 0.1),
-    # M3's matrix step NS5(M)/√V is not scale-free (≈ lr / (|g|·√n) per entry), so the hidden matrices need a far
-    # smaller LR than the Adam-rule vectors and embeddings: matrix_scale multiplies the base LR for them
-    "m3": ({"lr": 3e-3, "betas": (0.9, 0.95), "slow_every": 8, "matrix_scale": 0.003}, 0.1),
+    # M3's default matrix rule (preconditioned momenta, RMS-matched to AdamW) shares the base LR with the vectors;
+    # the literal SPEC rule (matrix_rule="spec", not scale-free) needed matrix_scale 0.003 here (docs/training.md)
+    "m3": ({"lr": 3e-3, "betas": (0.9, 0.95), "slow_every": 8, "matrix_scale": 1.0}, 0.1),
 }
 # hidden matrices of the memlm presets (what Muon / M3's matrix rule take), for M3's matrix_scale
 MATRIX_PATTERNS = ("*qkv.weight", "*q_proj.weight", "*k_proj.weight", "*v_proj.weight", "*o_proj.weight",
