@@ -178,8 +178,10 @@ def prepare_model(model: nn.Module, t: Any, par: Distributed | None) -> nn.Modul
 def _init_state_reads_params(block: nn.Module, device: torch.device) -> bool:
     """True when the mixer's initial state is computed from its parameters (a learned initial memory, even detached).
 
-    MemoryLM.forward builds every layer's initial state before the first block runs; under FSDP such a block's
-    parameters would still be sharded then. Detected by watching every torch call init_state makes."""
+    A state built by ``model.init_state`` (TBPTT stream mode, sessions) is built outside the blocks' forwards, where
+    FSDP still holds such a block's parameters sharded; such blocks stay in the root FSDP unit. (A forward with
+    state=None needs no care: each mixer builds its fresh state inside its own forward.) Detected by watching every
+    torch call init_state makes."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._pytree import tree_leaves
 
