@@ -56,7 +56,20 @@ def load_for_inference(spec: str, device: str | None = None, tokenizer: str | No
     tok = load_tokenizer(tok_name)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer {tok_name!r} has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
-    return _with_adapter(model, adapter), tok, path
+    model = _with_adapter(model, adapter)
+    _with_islets(model, path)
+    return model, tok, path
+
+
+def _with_islets(model, path: Path) -> None:
+    """An islet bank saved beside the model (``memlm islets add``) is loaded and kept on the model as
+    ``model.islet_bank``; every Session (chat, serve) then routes each turn through it (inference/session.py)."""
+    from memlm.layers.islets import ISLETS_CONFIG, IsletBank
+
+    if (path / ISLETS_CONFIG).is_file():
+        bank = IsletBank.load(model, path)
+        if bank.islets:
+            model.islet_bank = bank
 
 
 

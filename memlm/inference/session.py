@@ -142,6 +142,7 @@ class TurnResult:
     controller: dict | None = None
     cms_loss: float | None = None
     elapsed: float = 0.0
+    islet: str | None = None  # the islet routed for this turn (None: none picked, or no islet bank)
 
     @property
     def completion_tokens(self) -> int:
@@ -392,7 +393,7 @@ class Session:
         surprise: list[float] = []
         entropy: list[float] = []
         reason = "length"
-        with session_indexes(self), self._weights(apply=carry, learn=learn_cms) as base:
+        with session_indexes(self), self._islet(ids) as islet, self._weights(apply=carry, learn=learn_cms) as base:
             logits, st = eng.prefill(torch.tensor([ids], dtype=torch.long), self._start_state())
             while len(out) < max_new:
                 t, lp, ent = self._choose(logits[:, :eng.sample_vocab], history, cfg, gen)
@@ -441,10 +442,19 @@ class Session:
         result = TurnResult(reply=reply, token_ids=out, finish_reason=reason, prompt_tokens=len(ids),
                             surprise=surprise, entropy=entropy, turn=self.turns, state_hash=self.state_hash(),
                             controller=None if self.controller is None else self.controller.snapshot(),
-                            cms_loss=cms_loss, elapsed=time.time() - t0)
+                            cms_loss=cms_loss, elapsed=time.time() - t0, islet=islet)
         turn._result = result
         if self.mode == "persistent":
             self._save(self.session_id)
+
+    def _islet(self, ids: list[int]):
+        """Context of one turn: the model's islet bank (``model.islet_bank``, loaded beside the model) picks the islet
+        whose key best matches this turn's new tokens and keeps its deltas on for the prefill, the reply and the
+        CMS learning of the turn (yields its name, or None)."""
+        bank = getattr(self.model, "islet_bank", None)
+        if bank is None or not bank.islets:
+            return contextlib.nullcontext()
+        return bank.routed(torch.tensor([ids], dtype=torch.long))
 
     def _choose(self, logits: Tensor, history: list[int], cfg: SamplingConfig,
                 gen: torch.Generator | None) -> tuple[int, float, float]:

@@ -188,3 +188,50 @@ def test_cli_add_list_remove(tmp_path, capsys):
     assert main(["islets", "remove", str(mdir), "--name", "legal"]) == 0
     assert IsletBank.load(memlm.load_model(mdir), mdir).list() == []
     assert (mdir / "model.safetensors").read_bytes() == weights_before  # base weights untouched on disk
+
+
+def test_chat_and_serve_load_the_bank_and_route_each_turn(tmp_path):
+    """load_for_inference (used by chat, serve, generate) picks up islets saved beside the model; a Session routes
+    every turn through them: the turn whose text matches an islet's key runs with that islet's deltas (its reply
+    logits equal those of the model with the islet active), the other turn with the base model."""
+    from memlm.cli.commands import load_for_inference
+    from memlm.inference.sampling import SamplingConfig
+    from memlm.inference.session import Session
+
+    m = model()
+    mdir = tmp_path / "model"
+    m.save_pretrained(mdir)
+    bank = IsletBank(m, min_similarity=0.9)
+    code = "def f(x):\n    return [i ** 2 for i in x]\n"
+    bank.add("code", deltas(m, seed=2), key_ids=ids(code), scale=1.0)
+    bank.save(mdir)
+    loaded, tok, _ = load_for_inference(str(mdir), "cpu", "byte")
+    assert loaded.islet_bank.list()[0]["name"] == "code"
+    greedy = SamplingConfig(temperature=0.0)
+    s = Session(loaded, tok, mode="stateless", sampling=greedy, max_new_tokens=4)
+    r_code = s.complete(code).result
+    r_prose = s.complete("Once upon a time there lived a king.").result
+    assert r_code.islet == "code" and r_prose.islet is None
+    assert loaded.islet_bank.active is None and not loaded.islet_bank._attached   # nothing left on after a turn
+    plain, _, _ = load_for_inference(str(mdir), "cpu", "byte")
+    del plain.islet_bank
+    base = Session(plain, tok, mode="stateless", sampling=greedy, max_new_tokens=4)
+    assert base.complete("Once upon a time there lived a king.").result.token_ids == r_prose.token_ids
+    with plain_bank(plain, mdir) as b, b.routed(ids(code)):
+        want = Session(plain, tok, mode="stateless", sampling=greedy, max_new_tokens=4).complete(code).result
+    assert want.token_ids == r_code.token_ids and want.surprise == pytest.approx(r_code.surprise, abs=1e-5)
+    no_islet = base.complete(code).result                  # the islet did change this turn's distribution
+    assert no_islet.surprise != pytest.approx(r_code.surprise, abs=1e-3)
+
+
+def plain_bank(m, mdir):
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        b = IsletBank.load(m, mdir, min_similarity=0.9)
+        try:
+            yield b
+        finally:
+            b.detach()
+    return cm()
