@@ -96,13 +96,7 @@ def scripted(text: str, *, extra: list[int] = ()) -> ScriptedLM:
     return ScriptedLM(TOK.encode(text) + list(extra))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up dominates, and on a busy machine extra threads cost 50× (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ prefill / step

@@ -36,13 +36,7 @@ def kept(x: torch.Tensor) -> list[int]:
     return torch.isfinite(x[0]).nonzero().flatten().tolist()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up dominates, and on a busy machine extra threads cost 50× (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ filters

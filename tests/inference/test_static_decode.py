@@ -26,12 +26,7 @@ PRESETS = ["transformer-debug", "transformer-swa-debug", "gated-deltanet-debug",
            "hope-debug", "onyx-debug", "atlas-mag-debug", "titans-mag-debug", "infini-pythia-70m-debug"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _MODELS: dict[str, memlm.MemoryLM] = {}

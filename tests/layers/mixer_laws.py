@@ -7,20 +7,10 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
 import torch
 
 from memlm.config.model import ModelConfig
 from memlm.layers.base import Mixer, MixerConfig, build_mixer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread is several times faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def close(a, b, msg=""):

@@ -23,13 +23,7 @@ from memlm.layers.cms import (
 from memlm.ops.testing import assert_close
 from memlm.train.optim import build_optimizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batches(n, B=2, T=12, d=8, seed=0):

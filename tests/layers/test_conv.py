@@ -1,12 +1,15 @@
 """The causal depthwise ``conv`` mixer. Notation: B batch, T tokens, D width, E channels, K kernel."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-from mixer_laws import build, check_all, one_thread, x_of  # noqa: F401
+from mixer_laws import build, check_all, x_of
 
 from memlm.layers.conv import ConvConfig
 from memlm.ops.testing import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_conv_contract_laws():

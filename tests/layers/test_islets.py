@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from mixer_laws import one_thread  # noqa: F401
 
 import memlm
 from memlm.cli.main import main
@@ -17,6 +16,8 @@ from memlm.layers.islets import ISLETS_CONFIG, ISLETS_WEIGHTS, IsletBank
 from memlm.layers.lora import apply_lora, save_lora
 from memlm.layers.weave import disable_micro_lora, enable_micro_lora
 from memlm.ops.testing import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODS = ("blocks.0.mixer.core.qkv", "blocks.1.mlp.w_out")
 

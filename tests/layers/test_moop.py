@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mixer_laws import build, check_all, one_thread, x_of  # noqa: F401
+from mixer_laws import build, check_all, x_of
 
 import memlm
 from memlm.config.base import apply_overrides
@@ -17,6 +17,8 @@ from memlm.layers.moop import MoOpConfig
 from memlm.layers.sparse_attention import GlobalAttentionConfig, LocalAttentionConfig
 from memlm.layers.ssm import SSMConfig
 from memlm.ops.testing import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ops():

@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from mixer_laws import one_thread  # noqa: F401
 
 import memlm
 from memlm.config.base import apply_overrides
 from memlm.inference.engine import generate
 from memlm.layers.residual import collect_uncertainty
 from memlm.ops.testing import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pfp_model(seed: int = 0):

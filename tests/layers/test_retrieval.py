@@ -12,12 +12,13 @@ import mixer_laws
 import pytest
 import torch
 import torch.nn.functional as F
-from mixer_laws import one_thread  # noqa: F401
 
 import memlm
 from memlm.layers.retrieval import Retrieval, RetrievalConfig
 from memlm.ops.testing import assert_close
 from memlm.train.tbptt import tbptt_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(W=6, S=5, N=12, k=3, heads=4, kv=2, seed=0, **kw) -> Retrieval:

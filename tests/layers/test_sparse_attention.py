@@ -6,12 +6,15 @@ besides its projections and rotary embedding.
 """
 from __future__ import annotations
 
+import pytest
 import torch
-from mixer_laws import build, check_all, check_causal, one_thread, x_of  # noqa: F401
+from mixer_laws import build, check_all, check_causal, x_of
 
 from memlm.layers.base import stream_positions
 from memlm.layers.sparse_attention import GlobalAttentionConfig, LocalAttentionConfig
 from memlm.ops.testing import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_reference(m, x: torch.Tensor, allowed, reset: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from mixer_laws import build, check_all, one_thread, x_of  # noqa: F401
+from mixer_laws import build, check_all, x_of
 
 import memlm
 from memlm.layers.ssm import SSMConfig
 from memlm.ops.ssm_scan import ssm_scan_reference
 from memlm.ops.testing import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CFG = {"head_dim": 8, "d_state": 8, "chunk_size": 8, "expand": 2.0}
 

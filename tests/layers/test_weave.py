@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from mixer_laws import one_thread  # noqa: F401
 from torch import nn
 
 import memlm
@@ -22,6 +21,8 @@ from memlm.layers.weave import (
     weave_modules,
 )
 from memlm.ops.testing import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_weave_linear_is_u_diag_s_vt():

@@ -38,12 +38,7 @@ from memlm.memory.kvtiers import (
 CFG = KVTierConfig(hot=32, window=8, anchors=2, topk=3, rank=4, bits=4, fanout=2, beam=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from memlm.ops.testing import assert_close
 from memlm.train import checkpoint as ckpt
 from memlm.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str, seed: int = 0):

@@ -20,13 +20,7 @@ from memlm.models.oumnix import EarlyExitDecoder, OumnixCell, early_exit, measur
 from memlm.ops.testing import assert_close
 from memlm.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: far faster than two threads on a busy 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(*overrides: str, seed: int = 0):

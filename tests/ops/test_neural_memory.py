@@ -11,20 +11,23 @@ import torch
 import torch.nn.functional as Fn
 
 from memlm.ops import dispatch
-from memlm.ops.neural_memory import (NeuralMemoryState, empty_pending, feature_dim, memory_read, neural_memory,
-                                     neural_memory_reference, newton_schulz5, omega_grad, poly_features)
+from memlm.ops.neural_memory import (
+    NeuralMemoryState,
+    empty_pending,
+    feature_dim,
+    memory_read,
+    neural_memory,
+    neural_memory_reference,
+    newton_schulz5,
+    omega_grad,
+    poly_features,
+)
 from memlm.ops.testing import assert_close, rel_err
 
 GATES = ("gamma", "eta", "theta", "alpha")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: intra-op threads only add synchronisation cost (large on a busy 2-core runner).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(B=2, T=20, H=2, Dk=4, Dv=4, E=8, *, poly=False, dtype=torch.float64, seed=0, grad=False,
@@ -368,7 +371,7 @@ def test_c1_equals_online_gradient_step():
             for t in range(T):
                 assert_close(o[b, t, h], mem(w1, w2, x["q"][b, t, h]), tol=1e-12, name=f"o[{b},{t},{h}]")
                 kt, vt, gt = x["k"][b, t, h], x["v"][b, t, h], x["gamma"][b, t, h]
-                step_loss = (lambda a1, a2: gt * (mem(a1, a2, kt) - vt).square().sum())  # noqa: E731
+                step_loss = (lambda a1, a2: gt * (mem(a1, a2, kt) - vt).square().sum())
                 g1, g2 = torch.func.grad(step_loss, argnums=(0, 1))(w1, w2)
                 w1, w2 = w1 - x["theta"][b, t, h] * g1, w2 - x["theta"][b, t, h] * g2
             assert_close(s.W1[b, h], w1, tol=1e-12, name="W1")

@@ -23,12 +23,7 @@ from memlm.train.trainer import Trainer
 TEXTS = [f"Line {i}: a small boat crossed the grey water while the gulls argued overhead." for i in range(40)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg_for(steps: int = 4, **kw):

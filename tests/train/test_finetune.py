@@ -26,12 +26,7 @@ NAMES = ["ANNA", "BORIS", "CLARA", "DMITRI"]
 SYSTEM, USER, ASSISTANT = set(b"0123456789"), set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"), set(b"abcdefghijklmnopqrstuvwxyz ")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conversation(i: int) -> list[dict]:

@@ -18,13 +18,7 @@ from memlm.data.packing import Batch
 from memlm.data.tokenizer import ByteTokenizer
 from memlm.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def onyx_debug_with_onyx_11m_optimizer(matrix_rule: str | None = None):

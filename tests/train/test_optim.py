@@ -14,7 +14,15 @@ from torch import nn
 
 from memlm.ops.testing import assert_close, rel_err
 from memlm.train.optim import (
-    M3, NS_COEFFICIENTS, Lion, MultiOptimizer, Muon, build_optimizer, muon_lr_ratio, newton_schulz, param_groups,
+    M3,
+    NS_COEFFICIENTS,
+    Lion,
+    MultiOptimizer,
+    Muon,
+    build_optimizer,
+    muon_lr_ratio,
+    newton_schulz,
+    param_groups,
 )
 from memlm.train.schedule import apply_lr
 

@@ -28,13 +28,7 @@ TEXT = ("Memory is the treasury and guardian of all things. The river keeps its 
         "ships are for. Every morning the baker counts the loaves, and every evening he counts the coins. ")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and CI machines are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def texts(n: int = 60) -> list[str]:
