@@ -73,12 +73,9 @@ def graph_check(preset: str, batch: int, seq: int) -> dict:
             "trace_s": round(time.perf_counter() - t0, 1)}
 
 
-DOCS = True  # --docs
-
-
-def timed(tr: Trainer, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def timed(tr: Trainer, batch: int, seq: int, steps: int, warmup: int, docs: bool) -> dict:
     v = tr.cfg.model.vocab_size
-    data = [batches(v, batch, seq, s, DOCS) for s in range(4)]
+    data = [batches(v, batch, seq, s, docs) for s in range(4)]
     cuda = tr.device.type == "cuda"
     for s in range(warmup):
         tr.train_step(data[s % 4])
@@ -123,13 +120,12 @@ def main() -> None:
                     help="timed batches hold document starts inside rows (masked attention) or not (plain causal)")
     ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (a smoke test of this script)")
     args = ap.parse_args()
-    global DOCS
-    DOCS = args.docs == "yes"
+    docs = args.docs == "yes"
     if not torch.cuda.is_available() and not args.allow_cpu:
         raise SystemExit("compile_check measures the CUDA path; pass --allow-cpu for a smoke test")
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"meta": {"device": dev, "torch": torch.__version__, "batch": args.batch, "seq": args.seq,
-                               "docs": DOCS}}),
+                               "docs": docs}}),
           flush=True)
     if not args.skip_graph:  # first, for every preset: the answer that matters most if time runs out
         for p in args.presets:
@@ -142,7 +138,7 @@ def main() -> None:
                 torch.manual_seed(0)
                 tr = make_trainer(p, args.batch, args.seq, cross_entropy=ce, attention=attn)
                 return {"cross_entropy": ce, "attention": attn, **timed(tr, args.batch, args.seq, args.steps,
-                                                                          args.warmup)}
+                                                                          args.warmup, docs)}
 
             guarded(p, "eager", eager)
         if args.inductor:
@@ -152,9 +148,9 @@ def main() -> None:
                 tr = make_trainer(p, args.batch, args.seq)
                 tr._module = torch.compile(tr._module)  # what train.compile=true does
                 t0 = time.perf_counter()
-                tr.train_step(batches(tr.cfg.model.vocab_size, args.batch, args.seq, 0, DOCS))
+                tr.train_step(batches(tr.cfg.model.vocab_size, args.batch, args.seq, 0, docs))
                 compile_s = round(time.perf_counter() - t0, 1)
-                return {"compile_s": compile_s, **timed(tr, args.batch, args.seq, args.steps, args.warmup)}
+                return {"compile_s": compile_s, **timed(tr, args.batch, args.seq, args.steps, args.warmup, docs)}
 
             guarded(p, "inductor", inductor)
 

@@ -19,10 +19,12 @@ CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests wi
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
+
+from memlm.ops.triton_common import interpreting
+from memlm.ops.triton_common import loop_count as _count
 
 from ..neural_memory.triton_memory import precision
 
@@ -40,10 +42,6 @@ MAX_DIM = 128   # K, V: a memory M_r [K, V] is one register tile
 # tl.dot precision: memlm.ops.neural_memory.triton_memory.precision(), shared by both backends ("ieee" unless
 # MEMLM_TRITON_PRECISION says "tf32x3" or "tf32").
 
-
-def interpreting() -> bool:
-    """True when the kernels may run on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def supports(sq: Tensor, sk: Tensor, v: Tensor, *, M0: Tensor, **_: object) -> bool:
@@ -212,15 +210,6 @@ def _kernels(interpret: bool):
     """(forward, backward) kernels for CPU tensors (interpreter) or CUDA tensors."""
     return _interpreted() if interpret else _JIT
 
-
-def _count(n: int, interpret: bool):
-    """A loop bound. The Triton 3.6 interpreter turns int arguments into 1-element arrays, which NumPy ≥ 2.4
-    will not int(); a 0-d array converts, so the interpreter gets one."""
-    if not interpret:
-        return n
-    import numpy as np
-    from triton.runtime.interpreter import TensorHandle
-    return tl.tensor(TensorHandle(np.array(n, dtype=np.int32), tl.int32), tl.int32)
 
 
 def _empty(like: Tensor, *shape: int) -> Tensor:

@@ -17,10 +17,12 @@ CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests wi
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
+
+from memlm.ops.triton_common import interpreting
+from memlm.ops.triton_common import loop_count as _count
 
 from . import chunked
 from .reference import check_inputs
@@ -42,10 +44,6 @@ SUB_ROWS = 16        # rows of a chunk per dot (16 is tl.dot's minimum; larger f
 # "ieee": exact fp32 products (tests demand 1e-5 relative vs float64); "tf32x3" is the faster near-fp32 option.
 DOT_PRECISION = "ieee"
 
-
-def interpreting() -> bool:
-    """True when Triton kernels may run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *, chunk_size: int = 64,
@@ -172,15 +170,6 @@ def _kernels(interpret: bool):
     """(forward, backward) kernels for CPU tensors (interpreter) or CUDA tensors."""
     return _interpreted() if interpret else _JIT
 
-
-def _count(n: int, interpret: bool):
-    """A loop bound for the kernels. The Triton 3.6 interpreter turns int arguments into 1-element arrays, and
-    NumPy ≥ 2.4 refuses int() of those, which breaks `range(N)`; a 0-d array converts, so pass one there."""
-    if not interpret:
-        return n
-    import numpy as np
-    from triton.runtime.interpreter import TensorHandle
-    return tl.tensor(TensorHandle(np.array(n, dtype=np.int32), tl.int32), tl.int32)
 
 
 def _pow2(n: int) -> int:

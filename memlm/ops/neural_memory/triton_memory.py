@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
+from memlm.ops.triton_common import interpreting
+from memlm.ops.triton_common import loop_count as _count
+
 from .common import NS5_COEFFS, NS5_EPS, NS5_STEPS, NeuralMemoryState, Pending, maybe_any
 from .parallel import Prelude, Stream, chunk_gates, finish, memory_read, prepare, read_only, stream
 
@@ -57,10 +60,6 @@ def precision() -> str:
         raise ValueError(f"MEMLM_TRITON_PRECISION={p!r}: expected one of {', '.join(PRECISIONS)}")
     return p
 
-
-def interpreting() -> bool:
-    """True when the kernels may run on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
@@ -444,15 +443,6 @@ def _kernels(interpret: bool):
     """The four kernels by name, for CPU tensors (interpreter) or CUDA tensors."""
     return _interpreted() if interpret else _JIT
 
-
-def _count(n: int, interpret: bool):
-    """A loop bound. The Triton 3.6 interpreter turns int arguments into 1-element arrays, which NumPy ≥ 2.4
-    will not int(); a 0-d array converts, so the interpreter gets one."""
-    if not interpret:
-        return n
-    import numpy as np
-    from triton.runtime.interpreter import TensorHandle
-    return tl.tensor(TensorHandle(np.array(n, dtype=np.int32), tl.int32), tl.int32)
 
 
 def _empty(like: Tensor, *shape: int) -> Tensor:
