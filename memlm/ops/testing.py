@@ -2,7 +2,9 @@
 
 Tolerances are relative errors ‖a − b‖ / max(‖b‖, tiny), per DESIGN.md §3:
 fp32 ≤ 1e-5, bf16 outputs ≤ 5e-3, bf16 gradients ≤ 1e-2. Float64 references are
-compared at fp32 tolerance.
+compared at fp32 tolerance. kind "sum": the gradient of a handful of numbers (a bias, a per-head scalar) that each sum
+a float32 contribution over every token — two kernels summing in different orders differ there by ~2e-5 (measured
+on an H100, 2026-11-22), so fp32 gets 1e-4.
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import torch
 TOLERANCE = {
     ("fp32", "out"): 1e-5,
     ("fp32", "grad"): 1e-5,
+    ("fp32", "sum"): 1e-4,
+    ("bf16", "sum"): 1e-2,
+    ("fp16", "sum"): 5e-3,
     ("bf16", "out"): 5e-3,
     ("bf16", "grad"): 1e-2,
     ("fp16", "out"): 2e-3,
