@@ -2,7 +2,8 @@
 
 Each device command returns its bench folder without checkpoints; this merges them, fills the rows of presets whose
 command was cut off (status partial / error / not run, with the reason), and calls the bench's own
-`write_leaderboard`. Rows are whatever bench.json says, plus the overrides given here.
+`write_leaderboard`. Rows are whatever bench.json says, plus the overrides given here. Run it from the repository
+root with a relative --out, so the rows' eval_dir (written into the board) is relative too.
 
     python scripts/leaderboard_merge.py --runs DIR/bench/runs --out docs/leaderboard_gpu --rows FIXES.json
 FIXES.json: {"preset": {"status": ..., "note": ..., other fields}} applied over (or instead of) bench.json.
@@ -49,7 +50,14 @@ def main() -> None:
     ev = EvalConfig(tasks=expand_tasks(a.eval_tasks), lengths=parse_lengths(a.eval_lengths, a.seq_len))
     b = BenchConfig(presets=a.presets, tokens=a.tokens, out=str(out), tokenizer=a.tokenizer, seq_len=a.seq_len,
                     batch_size=a.batch_size, eval=ev)
-    print(write_leaderboard(rows, out, b))
+    md = write_leaderboard(rows, out, b)
+    # the device commands bring back no eval report.md, only the raw records copied above: link those instead
+    text = md.read_text()
+    for p in a.presets:
+        if not (out / "runs" / p / "report.md").is_file():
+            text = text.replace(f"[eval report](runs/{p}/report.md)", f"[raw eval records](runs/{p}/results.jsonl)")
+    md.write_text(text)
+    print(md)
 
 
 if __name__ == "__main__":
