@@ -118,7 +118,13 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--budget-s", type=float, default=35.0, help="skip what is left after this many seconds")
+    ap.add_argument("--tf32", action="store_true", help="fp32 matmuls on TF32 tensor cores, as `memlm train` runs "
+                    "them with bf16 autocast (train.tf32): the UT transform's fp32 matmuls")
+    ap.add_argument("--compiled", action="store_true", help="also memlm-triton through torch.compile (how a "
+                    "compiled training step runs it: the PyTorch prelude fused by inductor; compiles once per T)")
     args = ap.parse_args()
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     t_start = time.perf_counter()
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
@@ -130,7 +136,9 @@ def main() -> None:
         device, dtype = torch.device("cuda"), torch.bfloat16
         warmup, iters = (1, 3) if args.quick else (2, 5)
     impls = implementations(device)
-    print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    if args.compiled:
+        impls = {"memlm-triton-compiled": torch.compile(impls["memlm-triton"]), **impls}
+    print(json.dumps({"tf32": args.tf32, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "torch": torch.__version__, "triton": getattr(triton_impl.triton, "__version__", None),
                       "impls": list(impls), "tokens": args.tokens, "H": args.heads, "D": args.dim,
                       "dtype": str(dtype).removeprefix("torch.")}), flush=True)
@@ -166,9 +174,10 @@ def main() -> None:
             print(json.dumps({"check": "relative output difference to memlm-triton", "T": T,
                               **{n: f"{rel(o, ref):.2e}" for n, o in outs.items() if n != "memlm-triton"}}),
                   flush=True)
-        if "memlm-triton" in ms and "fla" in ms:
-            print(json.dumps({"ratio": "memlm-triton/fla", "T": T, "value": round(ms["memlm-triton"] / ms["fla"], 3)}),
-                  flush=True)
+        for name in ("memlm-triton", "memlm-triton-compiled"):
+            if name in ms and "fla" in ms:
+                print(json.dumps({"ratio": f"{name}/fla", "T": T, "value": round(ms[name] / ms["fla"], 3)}),
+                      flush=True)
         del q, k, v, beta, do, sdpa_args, sdpa_do, outs
     print(json.dumps({"total_s": round(time.perf_counter() - t_start, 1)}), flush=True)
 

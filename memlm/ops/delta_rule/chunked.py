@@ -24,7 +24,54 @@ from torch import Tensor
 
 from .reference import _compute_dtype, check_inputs
 
-__all__ = ["Chunks", "delta_rule", "outputs", "prepare", "state_recurrence"]
+__all__ = ["Chunks", "delta_rule", "outputs", "prepare", "state_recurrence", "unit_lower_inverse"]
+
+INV_BLOCK = 16   # diagonal block size of unit_lower_inverse
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """(I + A)⁻¹ for strictly lower triangular A [..., C, C], by blocks (see `unit_lower_inverse`)."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor) -> Tensor:
+        C, b = A.shape[-1], INV_BLOCK
+        Cp = -(-C // b) * b
+        Ap = F.pad(A.tril(-1), (0, Cp - C, 0, Cp - C)) if Cp != C else A.tril(-1)
+        nb = Cp // b
+        # Diagonal blocks by forward substitution, all blocks of all chunks at once: row i of X = (I + D)⁻¹ is
+        # e_i − Σ_{j<i} D_ij X_j, and rows j < i are final when row i is formed (b − 1 small matmuls).
+        D = torch.stack([Ap[..., k * b:(k + 1) * b, k * b:(k + 1) * b] for k in range(nb)], dim=-3)
+        X = torch.eye(b, dtype=A.dtype, device=A.device).expand(D.shape).clone()
+        for i in range(1, b):
+            X[..., i, :] -= (D[..., i:i + 1, :i] @ X[..., :i, :]).squeeze(-2)
+        # Block rows top-down: T_kj = −X_k Σ_{m<k} A_km T_mj (T_mj = 0 for m < j), two matmuls per block row.
+        T = torch.zeros_like(Ap)
+        T[..., :b, :b] = X[..., 0, :, :]
+        for k in range(1, nb):
+            r = slice(k * b, (k + 1) * b)
+            T[..., r, r] = X[..., k, :, :]
+            T[..., r, :k * b] = -(X[..., k, :, :] @ (Ap[..., r, :k * b] @ T[..., :k * b, :k * b]))
+        T = T[..., :C, :C] if Cp != C else T
+        ctx.save_for_backward(T)
+        return T
+
+    @staticmethod
+    def backward(ctx, dT: Tensor) -> Tensor:
+        # T = M⁻¹, M = I + A  ⇒  dM = −Tᵀ dT Tᵀ; only the strictly lower entries of A enter M
+        (T,) = ctx.saved_tensors
+        Tt = T.transpose(-1, -2)
+        return -(Tt @ dT @ Tt).tril(-1)
+
+
+def unit_lower_inverse(A: Tensor) -> Tensor:
+    """(I + A)⁻¹ for A [..., C, C] strictly lower triangular (entries on or above the diagonal are ignored).
+
+    Batched matmuls only, no triangular-solve kernel: forward substitution inside 16 × 16 diagonal blocks (15 steps
+    over every block at once), then C/16 − 1 block rows of two matmuls; the backward is two matmuls. This replaced
+    torch.linalg.solve_triangular, whose batched CUDA kernel (cuBLAS trsm, forward and again in the backward) took
+    16 % of the delta rule's time on an H100 (benchmarks/profile_ops.py). Same operations as a triangular solve,
+    so the same accuracy class (tests pin it to solve_triangular in float64 and float32)."""
+    return _UnitLowerInverse.apply(A)
 
 
 def _segment_masks(reset: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -104,11 +151,10 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, *, 
     D_strict = D * strict.to(cd)
     e = D[..., -1, :]                                                      # [B, H, N, C]
 
-    # UT transform: one unit-lower-triangular solve for both right-hand sides.
+    # UT transform: (I + A)⁻¹ once, applied to both right-hand sides.
     A = (b_[..., :, None] * (k_ @ k_.transpose(-1, -2))) * D_strict
-    eye = torch.eye(C, dtype=cd, device=dev)
     rhs = torch.cat([b_[..., None] * v_, (b_ * gamma)[..., None] * k_], dim=-1)
-    sol = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    sol = unit_lower_inverse(A) @ rhs
     U, Wk = sol[..., :Dv], sol[..., Dv:]                                   # [B, H, N, C, Dv], [B, H, N, C, Dk]
 
     P = (q_ @ k_.transpose(-1, -2)) * D                                    # intra-chunk "attention"

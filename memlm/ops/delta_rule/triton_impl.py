@@ -41,8 +41,11 @@ MAX_HEAD_DIM = 256   # Dk, Dv; padded to a power of two (≥ 16) inside the kern
 MAX_CHUNK = 128      # min(chunk_size, T); walked in SUB_ROWS sub-blocks, larger chunks are untested
 MAX_BV = 32          # largest block of state rows (Dv) per program
 SUB_ROWS = 16        # rows of a chunk per dot (16 is tl.dot's minimum; larger fp32 tiles spill registers)
-# "ieee": exact fp32 products (tests demand 1e-5 relative vs float64); "tf32x3" is the faster near-fp32 option.
+# Products inside the kernels, by input dtype. fp32 inputs: "ieee", exact fp32 products (tests demand 1e-5 relative
+# vs float64). bf16/fp16 inputs: "tf32" tensor-core products — TF32's 10-bit mantissa is finer than bf16's 7 bits, so
+# it stays far inside the half-precision tolerance (5e-3) while the state itself is still accumulated in fp32.
 DOT_PRECISION = "ieee"
+HALF_DOT_PRECISION = "tf32"
 
 
 
@@ -203,7 +206,7 @@ def _rows(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
 
 class _Recurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S0: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S0: Tensor, prec: str) -> tuple[Tensor, Tensor]:
         B, H, N, C, Dv = U.shape
         Dk = Wk.shape[-1]
         BH = B * H
@@ -222,9 +225,9 @@ class _Recurrence(torch.autograd.Function):
         fwd, _ = _kernels(interpret)
         fwd[(BH, triton.cdiv(Dv, cfg["BV"]))](
             U_, Wk_, Ke_, GL_, S0_, S_all, S_fin, *su, *sw, *se, _count(N, interpret), C, Dk, Dv,
-            PREC=DOT_PRECISION, **cfg)
+            PREC=prec, **cfg)
         ctx.save_for_backward(U_, Wk_, Ke_, GL_, S_all)
-        ctx.shape = (B, H, N, C, Dk, Dv)
+        ctx.shape, ctx.prec = (B, H, N, C, Dk, Dv), prec
         ctx.set_materialize_grads(False)
         return S_all.view(B, H, N, Dv, Dk), S_fin.view(B, H, Dv, Dk)
 
@@ -253,14 +256,16 @@ class _Recurrence(torch.autograd.Function):
             U_, Wk_, Ke_, GL_, S_all, dS_all_, dS_fin_, dU, dWk, dKe, dGL, dS0,
             U_.stride(0), U_.stride(1), U_.stride(2), Wk_.stride(0), Wk_.stride(1), Wk_.stride(2),
             Ke_.stride(0), Ke_.stride(1), Ke_.stride(2), BH, _count(N, interpret), C, Dk, Dv,
-            HAS_DSALL=dS_all is not None, PREC=DOT_PRECISION, **cfg)
+            HAS_DSALL=dS_all is not None, PREC=ctx.prec, **cfg)
         return (dU.view(B, H, N, C, Dv), dWk.sum(0).view(B, H, N, C, Dk), dKe.sum(0).view(B, H, N, C, Dk),
-                dGL.sum(0).view(B, H, N), dS0.view(B, H, Dv, Dk))
+                dGL.sum(0).view(B, H, N), dS0.view(B, H, Dv, Dk), None)
 
 
-def state_recurrence(U: Tensor, Wk: Tensor, k_end: Tensor, gamma_last: Tensor, S0: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop-in for `chunked.state_recurrence` (float32 tensors): (S_all [B, H, N, Dv, Dk], S_N [B, H, Dv, Dk])."""
-    return _Recurrence.apply(U, Wk, k_end, gamma_last, S0)
+def state_recurrence(U: Tensor, Wk: Tensor, k_end: Tensor, gamma_last: Tensor, S0: Tensor,
+                     precision: str = DOT_PRECISION) -> tuple[Tensor, Tensor]:
+    """Drop-in for `chunked.state_recurrence` (float32 tensors): (S_all [B, H, N, Dv, Dk], S_N [B, H, Dv, Dk]).
+    precision: tl.dot input precision of the kernels ("ieee", "tf32", "tf32x3")."""
+    return _Recurrence.apply(U, Wk, k_end, gamma_last, S0, precision)
 
 
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
@@ -276,5 +281,6 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None =
                          f"chunk ≤ {MAX_CHUNK}")
     c = chunked.prepare(q, k, v, beta, g, initial_state=initial_state, reset=reset, chunk_size=chunk_size,
                         scale=scale)
-    S_all, S = state_recurrence(c.U, c.Wk, c.k_end, c.gamma_last, c.S0)
+    prec = HALF_DOT_PRECISION if q.dtype in (torch.bfloat16, torch.float16) else DOT_PRECISION
+    S_all, S = state_recurrence(c.U, c.Wk, c.k_end, c.gamma_last, c.S0, prec)
     return chunked.outputs(c, S_all, q.shape[1], q.dtype), (S if output_final_state else None)
