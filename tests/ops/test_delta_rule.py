@@ -306,3 +306,18 @@ def test_unit_lower_inverse_matches_triangular_solve(C):
         (dref,) = torch.autograd.grad((ref2 * w).sum(), Ad)
         assert rel_err(dA, dref.tril(-1)) <= tol
         assert (dA.triu() == 0).all()
+
+
+def test_prepare_under_bf16_autocast_keeps_the_recurrence_inputs_float32():
+    """Training runs the op under bf16 autocast: the UT transform must stay float32 (the Triton state recurrence
+    refuses anything else, and a bf16 inverse would lose accuracy); the output stays within bf16 tolerance."""
+    g = torch.Generator().manual_seed(3)
+    B, T, H, D = 2, 100, 2, 16
+    q, k = (F.normalize(torch.randn(B, T, H, D, generator=g), dim=-1) for _ in range(2))
+    v, beta = torch.randn(B, T, H, D, generator=g), torch.rand(B, T, H, generator=g)
+    gate = -torch.rand(B, T, H, generator=g) * 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c = chunked.prepare(q, k, v, beta, gate, initial_state=None, reset=None, chunk_size=64, scale=None)
+        o, _ = chunked.delta_rule(q, k, v, beta, gate)
+    assert all(t.dtype == torch.float32 for t in (c.U, c.Wk, c.k_end, c.gamma_last, c.S0))
+    assert_close(o.float(), reference.delta_rule(q, k, v, beta, gate)[0], dtype=torch.bfloat16)

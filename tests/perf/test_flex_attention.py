@@ -150,8 +150,10 @@ def test_model_flex_gradients_cuda(name):
     (la, ga), (lb, gb) = out["sdpa"], out["flex"]
     assert rel_err(lb, la) <= 1e-5
     for n in ga:
-        # a bias gradient sums over every token (assert_close kind "sum"); matrices stay within 1e-5
-        assert_close(gb[n], ga[n], kind="sum" if n.endswith("bias") else "grad", name=n)
+        # a bias or norm-gain gradient is one vector summed over every token (assert_close kind "sum"; a norm gain of
+        # atlas-mag-debug differed by 1.07e-5 on an H100); matrices stay within 1e-5
+        vector = n.endswith("bias") or ("norm" in n and gb[n].dim() == 1)
+        assert_close(gb[n], ga[n], kind="sum" if vector else "grad", name=n)
 
 
 @pytest.mark.gpu

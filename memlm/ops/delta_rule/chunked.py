@@ -154,7 +154,10 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, *, 
     # UT transform: (I + A)⁻¹ once, applied to both right-hand sides.
     A = (b_[..., :, None] * (k_ @ k_.transpose(-1, -2))) * D_strict
     rhs = torch.cat([b_[..., None] * v_, (b_ * gamma)[..., None] * k_], dim=-1)
-    sol = unit_lower_inverse(A) @ rhs
+    # Out of autocast: the inverse and its product are the precision-critical step (fla keeps them in fp32 too), and
+    # the state recurrence takes float32 U, Wk. Under bf16 autocast the other matmuls here run in bf16.
+    with torch.autocast(dev.type, enabled=False):
+        sol = unit_lower_inverse(A.to(cd)) @ rhs.to(cd)
     U, Wk = sol[..., :Dv], sol[..., Dv:]                                   # [B, H, N, C, Dv], [B, H, N, C, Dk]
 
     P = (q_ @ k_.transpose(-1, -2)) * D                                    # intra-chunk "attention"
