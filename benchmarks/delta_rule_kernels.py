@@ -118,8 +118,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--budget-s", type=float, default=35.0, help="skip what is left after this many seconds")
-    ap.add_argument("--tf32", action="store_true", help="fp32 matmuls on TF32 tensor cores, as `memlm train` runs "
-                    "them with bf16 autocast (train.tf32): the UT transform's fp32 matmuls")
+    ap.add_argument("--tf32", action="store_true", help="fp32 matmuls on TF32 tensor cores "
+                    "(torch.set_float32_matmul_precision('high')): the PyTorch prelude's fp32 matmuls")
     ap.add_argument("--compiled", action="store_true", help="also memlm-triton through torch.compile (how a "
                     "compiled training step runs it: the PyTorch prelude fused by inductor; compiles once per T)")
     args = ap.parse_args()

@@ -14,12 +14,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _restore_matmul_precision():
-    """A CUDA Trainer switches fp32 matmuls to TF32 process-wide (train.tf32); later tests compare fp32 paths at
-    1e-5 and must not inherit it."""
-    p = torch.get_float32_matmul_precision()
-    yield
-    torch.set_float32_matmul_precision(p)

@@ -41,10 +41,6 @@ class TrainConfig(Config):
     # masked attention (windows, packed documents, persistent tokens; memlm/ops/attention.py): "auto" = FlexAttention
     # on CUDA for training/prefill, dense-mask SDPA elsewhere; "sdpa" or "flex" force one
     attention: str = "auto"
-    # float32 matmuls on TF32 tensor cores (torch.set_float32_matmul_precision("high")) when training on CUDA with
-    # bf16/fp16 autocast: the fp32 matmuls left are inside memory ops (delta-rule UT transform, neural-memory
-    # writes), and TF32's 10-bit mantissa is finer than the bf16 activations around them. Off: exact fp32 (IEEE).
-    tf32: bool = True
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     # memory across steps
     tbptt: bool = False  # rows continue the same documents step after step; the ModelState is carried

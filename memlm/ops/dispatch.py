@@ -78,8 +78,10 @@ def register(op_name: str, backend_name: str, fn: Callable[..., Any], supports: 
 
 
 def on_cuda(*args: Any, **kwargs: Any) -> bool:
-    """An `auto` condition: the first argument is a CUDA tensor (False without arguments)."""
-    return bool(args) and bool(getattr(args[0], "is_cuda", False))
+    """An `auto` condition: the first argument is a CUDA tensor (False without arguments). No `bool(args)`: Dynamo
+    cannot trace bool() of a tuple, and this runs inside compiled forwards (it broke every compiled CUDA graph at
+    each dispatch of a Triton op, found by the CUDA graph-break test)."""
+    return len(args) > 0 and getattr(args[0], "is_cuda", False) is True
 
 
 def unregister(op_name: str, backend_name: str) -> None:

@@ -156,8 +156,6 @@ class Trainer:
             self.device = self.dist.device
             self.log = log = log if self.dist.is_main else (lambda s: None)
         self.amp = autocast_dtype(t.dtype, self.device)
-        if t.tf32 and self.device.type == "cuda" and self.amp is not None:
-            torch.set_float32_matmul_precision("high")   # process-wide, as every CUDA trainer does (config comment)
         seed_everything(t.seed)
         self.model = MemoryLM(cfg.model).to(self.device)
         wrapped = parallel.prepare_model(self.model, t, self.dist)  # activation checkpointing, DDP / FSDP2
@@ -178,9 +176,7 @@ class Trainer:
         chunked = t.cross_entropy == "chunked" or (t.cross_entropy == "auto" and self.device.type == "cuda")
         self.ce_chunk = t.ce_chunk if chunked else 0
         attn = t.attention if t.attention != "auto" else ("flex" if self.device.type == "cuda" else "sdpa")
-        tf32 = torch.get_float32_matmul_precision() != "highest" and self.device.type == "cuda"
-        log(f"training path: torch.compile {'on' if t.compile else 'off'}; fp32 matmuls {'TF32' if tf32 else 'IEEE'}; "
-            f"cross-entropy "
+        log(f"training path: torch.compile {'on' if t.compile else 'off'}; cross-entropy "
             f"{f'chunked ({t.ce_chunk} tokens)' if chunked else 'plain'}; masked attention {attn} "
             f"({t.attention}); optimizer {describe_optimizer(self.optimizer)}")
         if data is None:

@@ -121,3 +121,18 @@ def test_auto_condition_limits_only_the_automatic_choice():
     b = dispatch._lookup(OP, "extra", "test")
     assert not b.auto_accepts((), {})                            # no arguments: auto says no, supports not called
     assert not dispatch.on_cuda() and not dispatch.on_cuda(cpu, 1, k=2)
+
+
+def test_auto_conditions_trace_without_graph_breaks():
+    """The dispatcher runs inside compiled forwards: its `on_cuda` condition must trace in one graph (a bool() of the
+    argument tuple broke every compiled CUDA graph at each Triton op under torch 2.11; 2.13 traces it)."""
+    import torch
+    import torch._dynamo as dynamo
+
+    def f(x):
+        return x + 1 if dispatch.on_cuda(x) else x - 1
+
+    dynamo.reset()
+    out = torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(3))
+    assert torch.equal(out, -torch.ones(3))
+    assert dispatch.on_cuda() is False
