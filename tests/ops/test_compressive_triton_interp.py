@@ -118,11 +118,12 @@ def test_layer_with_triton_backend_equals_chunked(kw):
         assert_close(g[n], g_ref[n], kind="grad", name=f"d{n}")
 
 
-def test_dispatch_opt_in_and_errors(monkeypatch):
+def test_dispatch_cpu_default_and_errors(monkeypatch):
     x, kw = op_inputs()
     kw = {"M0": x["M0"], "z0": x["z0"], "delta": True, **kw}
     args = (x["sq"], x["sk"], x["v"])
-    assert dispatch.get("compressive_memory", args=args, kwargs=kw) is chunked.segment_memory   # opt-in only
+    # the CUDA default, but CPU tensors never pick it automatically (the interpreter is for tests)
+    assert dispatch.get("compressive_memory", args=args, kwargs=kw) is chunked.segment_memory
     assert dispatch.get("compressive_memory", "triton", args=args, kwargs=kw) is triton_segments.segment_memory
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="does not support"):

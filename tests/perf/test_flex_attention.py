@@ -150,10 +150,11 @@ def test_model_flex_gradients_cuda(name):
     (la, ga), (lb, gb) = out["sdpa"], out["flex"]
     assert rel_err(lb, la) <= 1e-5
     for n in ga:
-        # a bias or norm-gain gradient is one vector summed over every token (assert_close kind "sum"; a norm gain of
-        # atlas-mag-debug differed by 1.07e-5 on an H100); matrices stay within 1e-5
-        vector = n.endswith("bias") or ("norm" in n and gb[n].dim() == 1)
-        assert_close(gb[n], ga[n], kind="sum" if vector else "grad", name=n)
+        # a bias or norm-gain gradient is one vector summed over every token, a memory's initial weights (W*_init)
+        # get every chunk's write of every row summed into them (assert_close kind "sum"; on an H100 atlas-mag-debug's
+        # norm gain differed by 1.07e-5 and its W1_init by 1.38e-5); other matrices stay within 1e-5
+        summed = n.endswith("bias") or n.endswith("_init") or ("norm" in n and gb[n].dim() == 1)
+        assert_close(gb[n], ga[n], kind="sum" if summed else "grad", name=n)
 
 
 @pytest.mark.gpu
