@@ -133,6 +133,10 @@ def test_cpu_defaults_to_sdpa_and_flex_is_selectable(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["transformer-swa-debug", "atlas-mag-debug"])
 def test_model_flex_gradients_cuda(name):
+    # a fresh compile of the flex kernel: after the CUDA graph-break tests (Dynamo resets, compiled trainers) the
+    # shared compiled flex_attention failed to lower on torch 2.11 ("NoValidChoicesError") when run in one process
+    torch._dynamo.reset()
+    att._compiled_flex = None
     torch.manual_seed(0)
     model = memlm.build_model(name).cuda()
     g = torch.Generator().manual_seed(1)
@@ -149,12 +153,14 @@ def test_model_flex_gradients_cuda(name):
         out[backend] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     (la, ga), (lb, gb) = out["sdpa"], out["flex"]
     assert rel_err(lb, la) <= 1e-5
+    # Matrices within 1e-5 for a plain attention model. In atlas-mag every gradient also passes through the neural
+    # memory's inner Newton-Schulz steps, which amplify the two kernels' summation-order differences: three H100 runs
+    # put a different parameter at 1.07e-5 / 1.38e-5 / 1.44e-5 each time (a norm gain, W1_init, a qkv matrix), so its
+    # matrices get 5e-5. A bias or norm gain is one vector summed over every token (kind "sum", 1e-4).
+    matrix_tol = 5e-5 if name.startswith("atlas") else None
     for n in ga:
-        # a bias or norm-gain gradient is one vector summed over every token, a memory's initial weights (W*_init)
-        # get every chunk's write of every row summed into them (assert_close kind "sum"; on an H100 atlas-mag-debug's
-        # norm gain differed by 1.07e-5 and its W1_init by 1.38e-5); other matrices stay within 1e-5
-        summed = n.endswith("bias") or n.endswith("_init") or ("norm" in n and gb[n].dim() == 1)
-        assert_close(gb[n], ga[n], kind="sum" if summed else "grad", name=n)
+        summed = n.endswith("bias") or ("norm" in n and gb[n].dim() == 1)
+        assert_close(gb[n], ga[n], kind="sum" if summed else "grad", tol=None if summed else matrix_tol, name=n)
 
 
 @pytest.mark.gpu
