@@ -99,7 +99,11 @@ def masked_attention_flex(q: Tensor, keys: Tensor, vals: Tensor, qpos: Tensor, k
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         fn = _compiled_flex
-    return fn(q, keys, vals, block_mask=bm, enable_gqa=q.shape[1] != keys.shape[1])
+    # The standard flex kernel, always: for queries shorter than 128 torch's automatic choice may take the
+    # flex-decoding template, which has no backward and, in float32 with GQA, no valid config on torch 2.11 (an
+    # InductorError "NoValidChoicesError" for a 100-token fp32 batch on an H100).
+    opts = {"FORCE_USE_FLEX_ATTENTION": True} if q.is_cuda else None
+    return fn(q, keys, vals, block_mask=bm, enable_gqa=q.shape[1] != keys.shape[1], kernel_options=opts)
 
 
 def _flex_supports(q: Tensor, keys: Tensor, *args, **kwargs) -> bool:
