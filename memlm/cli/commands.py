@@ -167,7 +167,8 @@ def cmd_generate(args) -> int:
         raise UserError(f"--prefill-chunk {args.prefill_chunk}: must be ≥ 1")
     gen = generate(model, tok, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling_from_args(args),
                    stop=args.stop or None, state=state, prefill_chunk=args.prefill_chunk,
-                   static_cache=args.static_cache, cuda_graph=args.cuda_graph)
+                   static_cache=args.static_cache, cuda_graph=args.cuda_graph,
+                   compile_step=args.compile_step)
     sys.stdout.write(prompt)
     for piece in gen:
         sys.stdout.write(piece)

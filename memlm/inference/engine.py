@@ -63,7 +63,8 @@ class Engine:
         self.pad_id = pad if pad is not None and 0 <= pad < self.vocab_size else 0
         # Static decoding: max_len = static KV slots (None: the prompt plus the new tokens, rounded up to 256);
         # compile_step runs the static step through torch.compile (fused kernels; compiles once per state layout).
-        self.static_cache, self.cuda_graph, self.max_len = static_cache or cuda_graph, cuda_graph, max_len
+        self.static_cache = static_cache or cuda_graph or compile_step
+        self.cuda_graph, self.max_len = cuda_graph, max_len
         self.compile_step = compile_step
         self._compiled = None
         self.notes: list[str] = []
@@ -621,7 +622,7 @@ def generate(model, tokenizer, prompt: str | Sequence[int] | Sequence[str] | Seq
              stop: str | Sequence[str] | None = None, stop_ids: Sequence[int] = (), return_state: bool = False,
              ignore_eos: bool = False, allow_special: bool = False, device: torch.device | str | None = None,
              prefill_chunk: int = 512, return_uncertainty: bool = False, static_cache: bool = False,
-             cuda_graph: bool = False, **sampling_kwargs) -> Generation:
+             cuda_graph: bool = False, compile_step: bool = False, **sampling_kwargs) -> Generation:
     """Generate text from ``prompt`` (a string or token ids; a list of them for a batch), streaming.
 
     ``sampling`` or keyword overrides (``temperature=0``, ``top_p=0.9`` …) choose tokens. ``stop`` strings end a row
@@ -631,11 +632,12 @@ def generate(model, tokenizer, prompt: str | Sequence[int] | Sequence[str] | Seq
     access. Text pieces are complete UTF-8 characters (a multi-byte character split over tokens comes out whole).
     ``return_uncertainty=True`` (a model with residual="pfp") gives ``.uncertainty``: the per-token PFP variance.
     ``prefill_chunk`` tokens are fed per prefill call; ``static_cache`` / ``cuda_graph`` pick the decoding mode
-    (see the module docstring). ``model`` may also be an :class:`Engine` (then its own settings apply).
+    (see the module docstring); ``compile_step`` runs the static step through torch.compile first (fused kernels).
+    ``model`` may also be an :class:`Engine` (then its own settings apply).
     """
     engine = model if isinstance(model, Engine) else Engine(model, tokenizer, device=device,
                                                             prefill_chunk=prefill_chunk, static_cache=static_cache,
-                                                            cuda_graph=cuda_graph)
+                                                            cuda_graph=cuda_graph, compile_step=compile_step)
     if tokenizer is not None and engine.tokenizer is not tokenizer:
         engine = Engine(engine.model, tokenizer, device=engine.device, prefill_chunk=engine.prefill_chunk,
                         inference_mode=engine.inference_mode, static_cache=engine.static_cache,

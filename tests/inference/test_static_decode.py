@@ -232,5 +232,8 @@ def test_cli_generate_flags(capsys, caplog):
     assert main(argv + ["--cuda-graph", "--prefill-chunk", "3"]) == 0
     assert capsys.readouterr().out == plain
     assert "cuda_graph ignored on cpu" in caplog.text
+    torch.manual_seed(0)
+    assert main(argv + ["--compile-step"]) == 0     # the static step through torch.compile: the same text
+    assert capsys.readouterr().out == plain
     assert main(argv + ["--prefill-chunk", "0"]) == 2
     assert "--prefill-chunk 0" in capsys.readouterr().err
