@@ -17,7 +17,7 @@ most MAX_SCAN chunks that returns the stacked weights W_j of every chunk; the re
 chunks are then one batched PyTorch matmul pair on that stack (autograd differentiates them). Everything before
 the loop (stream, features, gate means) is parallel.py's, shared.
 
-Kernel math is float32 whatever the input dtype, like the chunked form, with IEEE dots by default (`precision()`).
+Kernel math is float32 whatever the input dtype, like the chunked form; dot precision per input dtype (`precision`).
 CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests without a GPU).
 """
 from __future__ import annotations
@@ -47,15 +47,19 @@ __all__ = ["AVAILABLE", "MAX_DIM", "MAX_SCAN", "interpreting", "neural_memory", 
 AVAILABLE = triton is not None
 MAX_DIM = 128   # window c, hidden E, value width Dv, and min of each Newton–Schulz matrix's sides: register tiles
 MAX_SCAN = 64   # chunks per autograd Function call: bounds the stacked W_j kept for the reads (long prefill)
-# tl.dot precision of every kernel: "ieee" (exact float32 products, like PyTorch without TF32; the tested default),
-# or, from the environment variable MEMLM_TRITON_PRECISION, "tf32x3" (three TF32 tensor-core products, near
-# float32) or "tf32". Read at every call, so one process can compare them (benchmarks/memory_kernels.py does).
+# tl.dot precision of every kernel, by input dtype. float32 inputs: "ieee" (exact float32 products, like PyTorch
+# without TF32; the 1e-5 tests). bf16/fp16 inputs: HALF_DOT_PRECISION. "tf32x3" (three TF32 tensor-core products,
+# near float32) made atlas-mag-small train 1.55× faster on an H100 (docs/benchmarks.md), but the GPU tests have not run
+# with it yet, so half inputs stay on "ieee" until they do (then set "tf32x3" here). The environment variable
+# MEMLM_TRITON_PRECISION ("ieee", "tf32x3" or "tf32") overrides both; read at every call, so one process can compare
+# them (benchmarks/memory_kernels.py does).
 DOT_PRECISION = "ieee"
+HALF_DOT_PRECISION = "ieee"
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
-def precision() -> str:
-    p = os.environ.get("MEMLM_TRITON_PRECISION", DOT_PRECISION)
+def precision(half: bool = False) -> str:
+    p = os.environ.get("MEMLM_TRITON_PRECISION", HALF_DOT_PRECISION if half else DOT_PRECISION)
     if p not in PRECISIONS:
         raise ValueError(f"MEMLM_TRITON_PRECISION={p!r}: expected one of {', '.join(PRECISIONS)}")
     return p
@@ -479,9 +483,9 @@ class _NS5:
         self.NT = triton.cdiv(self.N, BN)
         self.BH, self.device = BH, device
 
-    def consts(self) -> dict:
+    def consts(self, prec: str) -> dict:
         a, b, c = NS5_COEFFS
-        return {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "PREC": precision(), **self.cfg}
+        return {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "PREC": prec, **self.cfg}
 
 
 class _Scan(torch.autograd.Function):
@@ -491,11 +495,11 @@ class _Scan(torch.autograd.Function):
     Alpha [B, H, NJ]; W1, S1 [B, H, E, F], W2, S2 [B, H, Dv, E] (state before chunk j0); W1i [H, E, F], W2i
     [H, Dv, E] or None (then has is all zero); has int8 [B, NJ]; j0, j1, C, muon (not differentiable).
     Outputs: W1all [B, H, K1, E, F], W2all [B, H, K1, Dv, E] with K1 = j1 − j0 + 1 (slot i: W_{j0+i}), and the
-    final S1, S2. All float32.
+    final S1, S2. All float32. half: the op's inputs were bf16/fp16 (picks the dot precision, `precision`).
     """
 
     @staticmethod
-    def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon):
+    def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, half):
         B, H, L, F = X.shape
         E, Dv, NJ, c = W1.shape[2], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
         BH, K1 = B * H, j1 - j0 + 1
@@ -505,7 +509,8 @@ class _Scan(torch.autograd.Function):
         W2all, S2all = (_empty(X, B, H, K1, Dv, E) for _ in range(2))
         W1all[:, :, 0], W2all[:, :, 0], S1all[:, :, 0], S2all[:, :, 0] = W1, W2, S1, S2
         cfg = _step_config(c, E, Dv, F, backward=False)
-        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": precision()}
+        prec = precision(half)
+        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
         if muon:
             ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
             scratch = [_empty(X, BH, g.M * g.N) for g in ns]
@@ -518,15 +523,15 @@ class _Scan(torch.autograd.Function):
                 for g, Sa, Wa, xs in zip(ns, (S1all, S2all), (W1all, W2all), scratch):
                     s, o = Sa[:, :, i + 1], Wa[:, :, i + 1]
                     kern["ns5_fwd"][(BH,)](s, o, xs, s.stride(1), o.stride(1), g.sr, g.sc, g.M, g.N,
-                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts())
+                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts(prec))
         ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has)
-        ctx.meta = (j0, j1, C, muon)
+        ctx.meta = (j0, j1, C, muon, half)
         return W1all, W2all, S1all[:, :, -1].clone(), S2all[:, :, -1].clone()
 
     @staticmethod
     def backward(ctx, dW1all, dW2all, dS1, dS2):
         X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has = ctx.saved_tensors
-        j0, j1, C, muon = ctx.meta
+        j0, j1, C, muon, half = ctx.meta
         B, H, L, F = X.shape
         E, Dv, NJ, c = W1all.shape[3], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
         BH = B * H
@@ -541,7 +546,8 @@ class _Scan(torch.autograd.Function):
         # rows with a reset in chunk j send the write's ∂L/∂Ws here (summed over rows at the end)
         dW1i, dW2i = X.new_zeros(B, H, E, F), X.new_zeros(B, H, Dv, E)
         cfg = _step_config(c, E, Dv, F, backward=True)
-        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": precision()}
+        prec = precision(half)
+        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
         if muon:
             ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
             scratch = [(_empty(X, BH, NS5_STEPS, g.M * g.N), _empty(X, BH, g.M * g.N)) for g in ns]
@@ -550,7 +556,7 @@ class _Scan(torch.autograd.Function):
                 for g, Sa, gw, gs, (xs, dy) in zip(ns, (S1all, S2all), (gW1, gW2), (gS1, gS2), scratch):
                     s = Sa[:, :, i + 1]
                     kern["ns5_bwd"][(BH,)](s, gw, gs, xs, dy, s.stride(1), gw.stride(1), g.sr, g.sc, g.M, g.N,
-                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts())
+                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts(prec))
             kern["step_bwd"][(BH,)](
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
@@ -559,7 +565,7 @@ class _Scan(torch.autograd.Function):
                 **flags, **cfg)
         dW1i, dW2i = (None, None) if W1i is None else (dW1i.sum(0), dW2i.sum(0))
         return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _read_chunks(pre: Prelude, st: Stream, j0: int, j_end: int, W1: Tensor, W2: Tensor) -> Tensor:
@@ -618,7 +624,8 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
     for j0 in range(0, st.n_full, MAX_SCAN):
         j1 = min(j0 + MAX_SCAN, st.n_full)
         W1all, W2all, S1, S2 = _Scan.apply(st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2,
-                                           W1i, W2i, has, j0, j1, pre.C, optimizer == "muon")
+                                           W1i, W2i, has, j0, j1, pre.C, optimizer == "muon",
+                                           q.dtype in (torch.bfloat16, torch.float16))
         # the stack's last slot W_{j1} is the next scan's start; after the last scan it serves the open chunk
         outs.append(_read_chunks(pre, st, j0, st.n_chunks if j1 == st.n_full else j1, W1all, W2all))
         # clone: a view would keep the whole stack alive inside the carried state
