@@ -21,10 +21,10 @@ import time
 
 import torch
 import torch._dynamo as dynamo
-from torch._dynamo.utils import counters
 
 import memlm
 from memlm.data.packing import Batch
+from memlm.train.graphs import trace_training_steps
 from memlm.train.trainer import Trainer
 
 
@@ -50,27 +50,12 @@ def batches(vocab: int, batch: int, seq: int, seed: int, docs: bool) -> Batch:
 
 def graph_check(preset: str, batch: int, seq: int) -> dict:
     tr = make_trainer(preset, batch, seq)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    dynamo.reset()
-    counters.clear()
-    tr._module = torch.compile(tr._module, backend=backend)
     v = tr.cfg.model.vocab_size
-    t0 = time.perf_counter()
-    tr.train_step(batches(v, batch, seq, 0, False))
-    tr.train_step(batches(v, batch, seq, 1, True))
-    first = len(graphs)
-    tr.train_step(batches(v, batch, seq, 2, False))
-    tr.train_step(batches(v, batch, seq, 3, True))
-    reasons = {k.split("\n")[0][:120]: n for k, n in counters["graph_break"].items()}
-    return {"graph_breaks": sum(reasons.values()), "reasons": reasons,
-            "graphs": len(graphs), "recompiled_on_repeat": len(graphs) != first,
-            "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0,
-            "trace_s": round(time.perf_counter() - t0, 1)}
+    rep = trace_training_steps(tr, [batches(v, batch, seq, s, docs=s % 2 == 1) for s in range(4)], seen=2)
+    reasons = {k[:120]: n for k, n in rep.breaks.items()}
+    return {"graph_breaks": sum(reasons.values()), "reasons": reasons, "graphs": rep.graphs,
+            "recompiled_on_repeat": rep.recompiled_on_repeat, "recompiles": rep.recompiles,
+            "trace_s": round(rep.seconds, 1)}
 
 
 def timed(tr: Trainer, batch: int, seq: int, steps: int, warmup: int, docs: bool) -> dict:

@@ -8,8 +8,6 @@ must reuse the compiled graphs.
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch._dynamo as dynamo
@@ -17,6 +15,7 @@ from torch._dynamo.utils import counters
 
 import memlm
 from memlm.data.packing import Batch
+from memlm.train.graphs import trace_training_steps
 from memlm.train.trainer import Trainer
 
 DEBUG = [n for n in memlm.list_presets() if n.endswith("-debug")]
@@ -69,25 +68,12 @@ def test_training_step_compiles_without_graph_breaks_cuda(name, tmp_path):
 def test_training_step_compiles_without_graph_breaks(name, tmp_path, device="cpu"):
     torch.manual_seed(0)
     tr = _trainer(name, tmp_path, device)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    dynamo.reset()
-    counters.clear()
-    tr._module = torch.compile(tr._module, backend=backend)  # where the trainer puts torch.compile(model)
-    t0 = time.perf_counter()
-    outs = [tr.train_step(_batch(0, docs=False)), tr.train_step(_batch(1, docs=True))]
-    n_graphs = len(graphs)
-    outs += [tr.train_step(_batch(2, docs=False)), tr.train_step(_batch(3, docs=True))]
-    breaks = {k.split("\n")[0] + " | " + k.split("Developer debug context:")[-1].split("\n")[0].strip(): v
-              for k, v in counters["graph_break"].items()}
-    assert not breaks, f"{name}: graph breaks {breaks}"
-    assert len(graphs) == n_graphs, f"{name}: recompiled for a batch of a kind already seen ({dict(counters['recompiles'])})"
-    assert all(torch.isfinite(torch.tensor(o["loss"])) and not o["skipped"] for o in outs)
-    assert time.perf_counter() - t0 < 120
+    rep = trace_training_steps(tr, [_batch(0, docs=False), _batch(1, docs=True), _batch(2, docs=False),
+                                    _batch(3, docs=True)], seen=2)
+    assert not rep.breaks, f"{name}: graph breaks {rep.breaks}"
+    assert not rep.recompiled_on_repeat, f"{name}: recompiled for a batch of a kind already seen ({rep.recompiles})"
+    assert all(torch.isfinite(torch.tensor(o["loss"])) and not o["skipped"] for o in rep.outputs)
+    assert rep.seconds < 120
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # eager flex_attention on the CPU warns that it is slow
