@@ -252,10 +252,11 @@ class Hope(Mixer):
         for n in range(lay.N):
             M0 = torch.where(lay.starts_doc[:, n, None, None, None], init, M)   # a document restarts the memory
             valid = lay.slot_valid[:, n]
-            # a static step or a compiled graph always computes the write (no host sync, no graph break) and commits
-            # it where the chunk completed
+            # a static step, a compiled graph or a training step always computes the write (no host sync, no graph
+            # break; in training nearly every chunk completes, and a sync per chunk stalls the launch queue) and
+            # commits it where the chunk completed; eager decode skips the write inside a chunk
             need_write = (qg is not None or in_static_decode() or torch.compiler.is_compiling()
-                          or bool(lay.complete[:, n].any()))
+                          or torch.is_grad_enabled() or bool(lay.complete[:, n].any()))
             if need_write:
                 M1, read, k, v = self.write(M0, ug[:, n], None if qg is None else qg[:, n], valid)
                 M = torch.where(lay.complete[:, n, None, None, None], M1, M0)   # only complete chunks commit
