@@ -349,7 +349,7 @@ class M3(torch.optim.Optimizer):
                  weight_decay: float = 0.0, ns_steps: int = 5,
                  ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, ns_eps: float = 1e-7,
                  v_bias_correction: bool = True, matrix: bool | None = None,
-                 matrix_rule: str = "preconditioned") -> None:
+                 matrix_rule: str = "preconditioned", foreach: bool | None = None) -> None:
         if lr < 0 or weight_decay < 0 or slow_every < 1 or not all(0 <= b < 1 for b in (*betas, beta3)):
             raise ValueError(f"M3: invalid lr={lr}, betas={betas}, beta3={beta3}, slow_every={slow_every} "
                              f"or weight_decay={weight_decay}")
@@ -359,27 +359,36 @@ class M3(torch.optim.Optimizer):
                     "eps": eps, "weight_decay": weight_decay, "ns_steps": ns_steps,
                     "ns_coefficients": tuple(ns_coefficients), "ns_eps": ns_eps,
                     "v_bias_correction": v_bias_correction, "matrix": matrix, "matrix_rule": matrix_rule}
+        params = list(params)
+        defaults["foreach"] = _default_foreach(params) if foreach is None else foreach
         super().__init__(params, defaults)
+
+    def _init_state(self, p: Tensor, matrix: bool) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)  # M1 (matrices) or m (vectors)
+            state["exp_avg_sq"] = torch.zeros_like(p)  # V
+            if matrix:
+                state["grad_sum"] = torch.zeros_like(p)  # S
+                state["slow"] = torch.zeros_like(p)  # M2
+                state["slow_ortho"] = torch.zeros_like(p)  # O2 = NS5(M2)
+        return state
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         loss = _run_closure(closure)
         for group in self.param_groups:
             lr, (b1, b2), wd, eps = group["lr"], group["betas"], group["weight_decay"], group["eps"]
+            if group.get("foreach"):
+                self._step_foreach(group)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 g = p.grad
                 matrix = group["matrix"] if group["matrix"] is not None else p.ndim == 2
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)  # M1 (matrices) or m (vectors)
-                    state["exp_avg_sq"] = torch.zeros_like(p)  # V
-                    if matrix:
-                        state["grad_sum"] = torch.zeros_like(p)  # S
-                        state["slow"] = torch.zeros_like(p)  # M2
-                        state["slow_ortho"] = torch.zeros_like(p)  # O2 = NS5(M2)
+                state = self._init_state(p, matrix)
                 state["step"] += 1
                 t = state["step"]
                 v = state["exp_avg_sq"]
@@ -408,6 +417,72 @@ class M3(torch.optim.Optimizer):
                     denom = (v / (1 - b2 ** t)).sqrt().add_(eps)
                     p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
         return loss
+
+    def _step_foreach(self, group: dict) -> None:
+        """The loop above as multi-tensor ops over the group, and the Newton–Schulz iterations batched per matrix
+        shape (one matmul chain for all matrices of a shape instead of one per matrix): the same update."""
+        lr, (b1, b2), wd, eps = group["lr"], group["betas"], group["weight_decay"], group["eps"]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        is_matrix = [group["matrix"] if group["matrix"] is not None else p.ndim == 2 for p in params]
+        states = [self._init_state(p, m) for p, m in zip(params, is_matrix)]
+        for st in states:
+            st["step"] += 1
+        grads = [p.grad for p in params]
+        vs = [st["exp_avg_sq"] for st in states]
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
+        torch._foreach_mul_(params, 1 - lr * wd)
+        vec = [i for i, m in enumerate(is_matrix) if not m]
+        if vec:
+            ps, gs = [params[i] for i in vec], [grads[i] for i in vec]
+            ms = [states[i]["exp_avg"] for i in vec]
+            ts = [states[i]["step"] for i in vec]
+            torch._foreach_mul_(ms, b1)
+            torch._foreach_add_(ms, gs, alpha=1 - b1)
+            denom = torch._foreach_sqrt(torch._foreach_div([vs[i] for i in vec], [1 - b2 ** t for t in ts]))
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(ps, ms, denom, [-lr / (1 - b1 ** t) for t in ts])
+        mat = [i for i, m in enumerate(is_matrix) if m]
+        if not mat:
+            return
+        ns = {"steps": group["ns_steps"], "coefficients": group["ns_coefficients"], "eps": group["ns_eps"]}
+        spec = group.get("matrix_rule", "preconditioned") == "spec"
+        m1s = [states[i]["exp_avg"] for i in mat]
+        gs = [grads[i] for i in mat]
+        torch._foreach_mul_(m1s, b1)
+        torch._foreach_add_(m1s, gs)
+        torch._foreach_add_([states[i]["grad_sum"] for i in mat], gs)
+        v_hat = ([vs[i] for i in mat] if not group["v_bias_correction"]
+                 else torch._foreach_div([vs[i] for i in mat], [1 - b2 ** states[i]["step"] for i in mat]))
+        denoms = torch._foreach_sqrt(v_hat)
+        torch._foreach_add_(denoms, eps)
+        den = dict(zip(mat, denoms))
+        by_shape: dict[tuple, list[int]] = {}
+        for i in mat:
+            by_shape.setdefault((tuple(params[i].shape), params[i].dtype, params[i].device), []).append(i)
+        for (shape, _, _), idx in by_shape.items():
+            refresh = [i for i in idx if states[i]["step"] % group["slow_every"] == 0]
+            if refresh:
+                slows = [states[i]["slow"] for i in refresh]
+                sums = [states[i]["grad_sum"] for i in refresh]
+                torch._foreach_mul_(slows, group["beta3"])
+                torch._foreach_add_(slows, sums)
+                torch._foreach_zero_(sums)
+                x = slows if spec else torch._foreach_div(slows, [den[i] for i in refresh])
+                ortho = newton_schulz(torch.stack(x), **ns)
+                torch._foreach_copy_([states[i]["slow_ortho"] for i in refresh], list(ortho.unbind(0)))
+            x = [states[i]["exp_avg"] for i in idx]
+            if not spec:
+                x = torch._foreach_div(x, [den[i] for i in idx])
+            direction = list(newton_schulz(torch.stack(x), **ns).unbind(0))
+            torch._foreach_add_(direction, [states[i]["slow_ortho"] for i in idx], alpha=group["alpha"])
+            ps = [params[i] for i in idx]
+            if spec:
+                torch._foreach_addcdiv_(ps, direction, [den[i] for i in idx], value=-lr)
+            else:
+                torch._foreach_add_(ps, direction, alpha=-lr * muon_lr_ratio(shape, "match_rms_adamw"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -507,7 +582,8 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: flo
 
     Groups come from ``param_groups``; each group's initial lr is lr × lr_scale (``schedule.apply_lr``
     keeps that relation). `fused` applies to AdamW (default: fused when every parameter is on CUDA); `foreach` to
-    AdamW when not fused, Lion and our Muon (default: on when every parameter is on CUDA; torch's default for AdamW).
+    AdamW when not fused, Lion, our Muon and M3 (default: on when every parameter is on CUDA; torch's default for
+    AdamW).
     betas go to AdamW, Lion (its paper uses (0.9, 0.99)) and M3 (β1, β2).
 
     muon: a MultiOptimizer of Muon (hidden matrices) + AdamW (embeddings, head, norms, biases).
@@ -540,7 +616,7 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: flo
     if name == "lion":
         return Lion(groups, lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach)
     if name == "m3":
-        return M3(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra)
+        return M3(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, **extra)
 
     flags = [g.pop("matrix") for g in groups]
     matrices = [g for g, is_matrix in zip(groups, flags) if is_matrix]
