@@ -7,8 +7,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps .whl/*.whl >/dev/null 2>&1
 t() { local n=$1 s=$2; shift 2; local t0=$SECONDS; timeout "$s" bash -c "$*" > "$OUT/$n.jsonl" 2> "$OUT/$n.log";
       echo "== $n rc=$? $((SECONDS - t0))s"; grep -v '^{"meta"' "$OUT/$n.jsonl" | cut -c1-330; tail -2 "$OUT/$n.log" | cut -c1-200; }
-t atlas 150 python3 benchmarks/atlas_throughput.py --extra titans-mag-small --only atlas-mag-small titans-mag-small --backend chunked triton --batch 8 --steps 5 --warmup 2
-t delta 90 python3 benchmarks/delta_rule_kernels.py --quick
-t memory 100 python3 benchmarks/memory_kernels.py --precision ieee tf32x3
-t decode 90 python3 benchmarks/decode.py --quick
-t compile 150 python3 benchmarks/compile_check.py
+t atlas 100 python3 benchmarks/atlas_throughput.py --extra titans-mag-small --only atlas-mag-small titans-mag-small --backend triton --batch 8 --steps 5 --warmup 2
+t atlas_tf32x3 80 MEMLM_TRITON_PRECISION=tf32x3 python3 benchmarks/atlas_throughput.py --only atlas-mag-small --backend triton --batch 8 --steps 4 --warmup 2
+t delta 120 python3 benchmarks/delta_rule_kernels.py --quick --compiled --budget-s 110
+t decode 90 python3 benchmarks/decode.py --presets transformer-34m gated-deltanet-34m atlas-mag-medium --contexts 1024 16384 --modes cuda_graph cuda_graph_compiled --engine-modes cuda_graph_compiled --hf none
+t compile 150 python3 benchmarks/compile_check.py --presets gated-deltanet-34m --batch 16 --seq 2048 --inductor --skip-graph --eager --docs no --steps 10 --warmup 3

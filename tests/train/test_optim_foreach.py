@@ -83,6 +83,24 @@ def test_cuda_defaults_are_fused_and_foreach():
         assert rel_err(a.cpu(), b) <= 1e-4
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_m3_defaults_to_foreach_and_matches_the_cpu_loop():
+    net = Net().cuda()
+    assert describe_optimizer(build_optimizer(net, name="m3", lr=1e-3, weight_decay=0.0)) == "M3(foreach)"
+    cpu, _ = _train(lambda n: build_optimizer(n, name="m3", lr=1e-2, weight_decay=0.1, foreach=False, slow_every=2))
+    torch.manual_seed(0)
+    net = Net().cuda()
+    opt = build_optimizer(net, name="m3", lr=1e-2, weight_decay=0.1, slow_every=2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        net(torch.randint(0, 11, (4, 7), generator=g).cuda()).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for a, b in zip(net.parameters(), cpu):
+        assert rel_err(a.cpu(), b) <= 1e-4
+
+
 def test_trainer_logs_the_optimizer_path(tmp_path):
     import memlm
     from memlm.data.tokenizer import ByteTokenizer
