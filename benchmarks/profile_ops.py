@@ -17,7 +17,6 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import memlm
 from memlm.ops import dispatch
 
 
