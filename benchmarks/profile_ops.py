@@ -57,7 +57,7 @@ def delta_case(T: int, backend: str, gated: bool):
 
 
 def step_case(preset: str, batch: int, seq: int):
-    from compile_check import batches, make_trainer   # same trainer set-up as the throughput check
+    from compile_check import batches, make_trainer  # same trainer set-up as the throughput check
     tr = make_trainer(preset, batch, seq)
     b = batches(tr.cfg.model.vocab_size, batch, seq, 0, docs=False)
     return lambda: tr.train_step(b)

@@ -8,8 +8,9 @@ are recorded, and every later batch (a kind already seen) must reuse them.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch._dynamo as dynamo
