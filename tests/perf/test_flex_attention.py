@@ -133,10 +133,6 @@ def test_cpu_defaults_to_sdpa_and_flex_is_selectable(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["transformer-swa-debug", "atlas-mag-debug"])
 def test_model_flex_gradients_cuda(name):
-    # a fresh compile of the flex kernel: after the CUDA graph-break tests (Dynamo resets, compiled trainers) the
-    # shared compiled flex_attention failed to lower on torch 2.11 ("NoValidChoicesError") when run in one process
-    torch._dynamo.reset()
-    att._compiled_flex = None
     torch.manual_seed(0)
     model = memlm.build_model(name).cuda()
     g = torch.Generator().manual_seed(1)

@@ -22,17 +22,18 @@ class Net(nn.Module):
         return self.norm(self.c(torch.tanh(self.b(torch.tanh(self.a(self.embed(x)))))))
 
 
-def _train(make_opt, steps=6):
+def _train(make_opt, steps=6, device="cpu"):
+    """Parameters (on the CPU) after `steps` steps from one seed and one batch stream, whatever the device."""
     torch.manual_seed(0)
-    net = Net()
+    net = Net().to(device)
     opt = make_opt(net)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x = torch.randint(0, 11, (4, 7), generator=g)
+        x = torch.randint(0, 11, (4, 7), generator=g).to(device)
         net(x).square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return [p.detach().clone() for p in net.parameters()], opt
+    return [p.detach().cpu().clone() for p in net.parameters()], opt
 
 
 @pytest.mark.parametrize("name,kw", [("adamw", {}), ("lion", {}), ("muon", {"muon_impl": "memlm"}),
@@ -71,16 +72,9 @@ def test_cuda_defaults_are_fused_and_foreach():
     assert describe_optimizer(build_optimizer(net, name="adamw", lr=1e-3, weight_decay=0.0)) == "AdamW(fused)"
     assert describe_optimizer(build_optimizer(net, name="lion", lr=1e-3, weight_decay=0.0)) == "Lion(foreach)"
     cpu, _ = _train(lambda n: build_optimizer(n, name="lion", lr=1e-2, weight_decay=0.1, foreach=False))
-    torch.manual_seed(0)
-    net = Net().cuda()
-    opt = build_optimizer(net, name="lion", lr=1e-2, weight_decay=0.1)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(6):
-        net(torch.randint(0, 11, (4, 7), generator=g).cuda()).square().mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for a, b in zip(net.parameters(), cpu):
-        assert rel_err(a.cpu(), b) <= 1e-4
+    cuda, _ = _train(lambda n: build_optimizer(n, name="lion", lr=1e-2, weight_decay=0.1), device="cuda")
+    for a, b in zip(cuda, cpu):
+        assert rel_err(a, b) <= 1e-4
 
 
 @pytest.mark.gpu
@@ -89,16 +83,9 @@ def test_cuda_m3_defaults_to_foreach_and_matches_the_cpu_loop():
     net = Net().cuda()
     assert describe_optimizer(build_optimizer(net, name="m3", lr=1e-3, weight_decay=0.0)) == "M3(foreach)"
     cpu, _ = _train(lambda n: build_optimizer(n, name="m3", lr=1e-2, weight_decay=0.1, foreach=False, slow_every=2))
-    torch.manual_seed(0)
-    net = Net().cuda()
-    opt = build_optimizer(net, name="m3", lr=1e-2, weight_decay=0.1, slow_every=2)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(6):
-        net(torch.randint(0, 11, (4, 7), generator=g).cuda()).square().mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for a, b in zip(net.parameters(), cpu):
-        assert rel_err(a.cpu(), b) <= 1e-4
+    cuda, _ = _train(lambda n: build_optimizer(n, name="m3", lr=1e-2, weight_decay=0.1, slow_every=2), device="cuda")
+    for a, b in zip(cuda, cpu):
+        assert rel_err(a, b) <= 1e-4
 
 
 def test_trainer_logs_the_optimizer_path(tmp_path):
