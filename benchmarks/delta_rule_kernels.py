@@ -3,7 +3,9 @@
 Default (CUDA): 65,536 tokens per call, H 8 heads, D 64, bf16, T ∈ {2048, 8192, 32768} with B = 65536 / T.
 Each implementation runs a forward and a backward (gradients of q, k, v, β for a random output gradient),
 timed with CUDA events after warmup; the median is reported. Implementations:
-  memlm-triton   memlm.ops.delta_rule.triton_impl (chunked prelude in PyTorch + Triton state recurrence)
+  memlm-triton   memlm.ops.delta_rule.triton_impl: the whole chunk pipeline in Triton (triton_fused.py) for bf16
+  memlm-triton-unfused   the same backend pinned to its older path (prelude/outputs in PyTorch, recurrence in Triton)
+  memlm-triton-gated     memlm-triton with a log decay g (Gated DeltaNet's op)
   memlm-chunked  memlm.ops.delta_rule.chunked (PyTorch, Python loop over chunks)
   fla            fla.ops.delta_rule.chunk_delta_rule, if `fla` imports
   sdpa-causal    torch scaled_dot_product_attention(is_causal=True) (flash attention), as a yardstick
@@ -52,6 +54,11 @@ def fla_delta_rule():
 def implementations(device: torch.device) -> dict:
     impls = {
         "memlm-triton": lambda q, k, v, beta: triton_impl.delta_rule(q, k, v, beta, output_final_state=False)[0],
+        "memlm-triton-unfused": lambda q, k, v, beta: triton_impl.delta_rule(q, k, v, beta, output_final_state=False,
+                                                                             fused=False)[0],
+        # gated (Gated DeltaNet's op; fla 0.6.0 refuses its gated backward on Triton < 3.7.1 on Hopper): g = −0.05 β
+        "memlm-triton-gated": lambda q, k, v, beta: triton_impl.delta_rule(q, k, v, beta, -0.05 * beta.detach(),
+                                                                           output_final_state=False)[0],
         "memlm-chunked": lambda q, k, v, beta: chunked.delta_rule(q, k, v, beta, output_final_state=False)[0],
     }
     fla = fla_delta_rule() if device.type == "cuda" else None
@@ -172,7 +179,8 @@ def main() -> None:
         if "memlm-triton" in outs:
             ref = outs["memlm-triton"]
             print(json.dumps({"check": "relative output difference to memlm-triton", "T": T,
-                              **{n: f"{rel(o, ref):.2e}" for n, o in outs.items() if n != "memlm-triton"}}),
+                              **{n: f"{rel(o, ref):.2e}" for n, o in outs.items()
+                                 if n != "memlm-triton" and not n.endswith("-gated")}}),
                   flush=True)
         for name in ("memlm-triton", "memlm-triton-compiled"):
             if name in ms and "fla" in ms:

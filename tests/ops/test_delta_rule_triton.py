@@ -12,7 +12,7 @@ import torch
 from test_delta_rule import make_inputs, make_reset
 
 from memlm.ops import dispatch
-from memlm.ops.delta_rule import chunked, reference, triton_impl
+from memlm.ops.delta_rule import chunked, reference, triton_fused, triton_impl
 from memlm.ops.testing import assert_close, poison_
 
 pytestmark = [pytest.mark.gpu,
@@ -115,3 +115,30 @@ def test_scale_no_initial_state_no_final_state_and_dispatch(monkeypatch):
     assert dispatch.get("delta_rule", "triton", args=args) is triton_impl.delta_rule
     monkeypatch.setenv("MEMLM_BACKEND_DELTA_RULE", "triton")
     assert dispatch.get("delta_rule", args=args) is triton_impl.delta_rule
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("gated,with_reset,dims", [(False, False, (64, 64)), (True, True, (64, 64)),
+                                                   (True, True, (32, 48))], ids=["plain", "gated-reset", "Dk32Dv48"])
+def test_fused_pipeline_error_within_twice_the_unfused_path(monkeypatch, dtype, gated, with_reset, dims):
+    """The fused kernels (TF32 products, bf16/fp16 operands) against the recurrence-only path on the same half-precision
+    inputs, both measured against float64: every output and gradient of the fused path has at most twice the
+    unfused path's error (or 2e-3 relative). B 2, T 1000 (a partial last chunk), H 4."""
+    Dk, Dv = dims
+    inp = make_inputs(2, 1000, 4, Dk, Dv, gated=gated, init=True, seed=11, g_scale=0.05)
+    inp = {n: (x.to(dtype).float() if x is not None and n != "initial_state" else x) for n, x in inp.items()}
+    reset = make_reset(2, 1000, seed=5) if with_reset else None
+    calls = []
+    inner = triton_fused._FusedDeltaRule.apply
+    monkeypatch.setattr(triton_fused._FusedDeltaRule, "apply", lambda *a: calls.append(1) or inner(*a))
+    want = run(chunked.delta_rule, inp, reset, torch.float64)
+    fused = run(functools.partial(triton_impl.delta_rule, fused=True), inp, reset, dtype)
+    assert calls, "the fused path did not run"
+    unfused = run(functools.partial(triton_impl.delta_rule, fused=False), inp, reset, dtype)
+    for key, w in want.items():
+        e_f, e_u = _rel(fused[key], w), _rel(unfused[key], w)
+        assert e_f <= max(2 * e_u, 2e-3), f"{key}: fused {e_f:.2e} vs unfused {e_u:.2e} (relative to float64)"

@@ -13,7 +13,7 @@ import torch
 from test_delta_rule import NAMES, compare, make_inputs, run
 
 from memlm.ops import dispatch
-from memlm.ops.delta_rule import chunked, delta_rule, reference, triton_impl
+from memlm.ops.delta_rule import chunked, delta_rule, reference, triton_fused, triton_impl
 from memlm.ops.testing import assert_close
 
 pytest.importorskip("triton")
@@ -131,6 +131,78 @@ def test_kernels_compile_for_hopper_without_a_gpu(C, Dk, Dv, BH):
         c = {**consts, **extra}
         ints = {"su_bh", "su_n", "su_c", "sw_bh", "sw_n", "sw_c", "se_bh", "se_n", "se_c", "BH", "N", "C", "Dk", "Dv"}
         sig = {a: "constexpr" if a in c else "i32" if a in ints else "*fp32" for a in kernel.arg_names}
+        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(a),): v for a, v in c.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.metadata.shared <= 227 * 1024, f"{kernel.fn.__name__}: {compiled.metadata.shared} B shared"
+
+
+# ------------------------------------------------------------------------------------ the fused chunk pipeline
+# triton_fused runs on CUDA for bf16/fp16; here its kernels run in fp32 through the interpreter (exact products, so
+# the 1e-5 bounds apply), switched on with triton_fused.FP32.
+
+@pytest.fixture
+def fused(monkeypatch):
+    """Turns the fused path on for fp32 and counts its calls (so a test cannot pass on the fallback)."""
+    monkeypatch.setattr(triton_fused, "FP32", True)
+    calls = []
+    inner = triton_fused._FusedDeltaRule.apply
+    monkeypatch.setattr(triton_fused._FusedDeltaRule, "apply", lambda *a: calls.append(1) or inner(*a))
+    return calls
+
+
+@pytest.mark.parametrize("T,gated,with_reset,init,chunk,Dk,Dv", [
+    (1, True, False, True, 64, 16, 16),      # one token in a 64-row chunk
+    (20, False, False, False, 16, 16, 16),   # plain DeltaNet, several 16-chunks, padded tail
+    (70, True, False, True, 32, 16, 24),     # Dk ≠ Dv (padded tiles), two 16-blocks of the inverse
+    (100, True, True, True, 64, 20, 16),     # resets inside chunks and on a boundary, four 16-blocks
+    (130, True, True, False, 64, 32, 32),
+])
+def test_fused_matches_reference(fused, T, gated, with_reset, init, chunk, Dk, Dv):
+    inp = make_inputs(2, T, 2, Dk, Dv, gated=gated, init=init, seed=T)
+    reset = resets(2, T) if with_reset else None
+    got = run(triton_impl.delta_rule, inp, reset=reset, chunk_size=chunk)
+    assert fused, "the fused path did not run"
+    tag = f"fused T={T} C={chunk}"
+    compare(got, run(reference.delta_rule, inp, dtype=torch.float64, reset=reset), torch.float32, tag)
+    assert got["dbeta"].abs().max() > 0 and (not gated or got["dg"].abs().max() > 0)
+
+
+@pytest.mark.parametrize("used", ["outputs", "final_state"])
+def test_fused_gradients_when_only_one_output_is_used(fused, used):
+    inp = make_inputs(1, 80, 2, 16, 16, gated=True, init=True, seed=4)
+    out = {}
+    for name, fn in (("fused", triton_impl.delta_rule), ("chunked", chunked.delta_rule)):
+        leaves = [inp[n].detach().clone().requires_grad_() for n in NAMES[:5]]
+        s0 = inp["initial_state"].clone().requires_grad_()
+        o, S = fn(*leaves, initial_state=s0, scale=0.7)
+        loss = (o * o).sum() if used == "outputs" else (S * S).sum()
+        grads = torch.autograd.grad(loss, [*leaves, s0], allow_unused=True)   # q is unused for the final state
+        out[name] = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, [*leaves, s0])]
+    assert fused
+    for n, a, b in zip([*NAMES[:5], "initial_state"], out["fused"], out["chunked"]):
+        assert_close(a, b, kind="grad", name=f"{used} d{n}")
+
+
+def test_fused_kernels_compile_for_hopper_without_a_gpu():
+    """The four fused kernels lowered to sm_90 machine code here, in the configuration bf16 training uses
+    (C 64, D 64, TF32, 8 warps): typing and layout errors of the compiled path, and shared memory within an H100's."""
+    import triton
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this triton has no ASTSource/GPUTarget")
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("triton without its nvidia backend")
+    meta = triton_fused._meta(64, 64, 64, triton_impl.HALF_DOT_PRECISION)
+    options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+    consts = {"HAS_G": True, "HAS_R": True, "NB_ROUNDS": 1, **meta}
+    ints = {"T", "H", "Dk", "Dv", "N", "skb", "skt", "skh", "svb", "svt", "svh", "sqb", "sqt", "sqh", "sdb", "sdt", "sdh"}
+    halves = {"K", "V", "Q", "O", "dO", "dQ", "dK", "dV"}
+    for kernel in triton_fused._kernels(False).values():
+        c = {a: v for a, v in consts.items() if a in kernel.arg_names}
+        sig = {a: ("constexpr" if a in c else "i32" if a in ints else "fp32" if a == "scale"
+                   else "*bf16" if a in halves else "*i8" if a == "R" else "*fp32") for a in kernel.arg_names}
         src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(a),): v for a, v in c.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.metadata.shared <= 227 * 1024, f"{kernel.fn.__name__}: {compiled.metadata.shared} B shared"

@@ -24,7 +24,7 @@ from torch import Tensor
 from memlm.ops.triton_common import interpreting
 from memlm.ops.triton_common import loop_count as _count
 
-from . import chunked
+from . import chunked, triton_fused
 from .reference import check_inputs
 
 try:
@@ -46,6 +46,9 @@ SUB_ROWS = 16        # rows of a chunk per dot (16 is tl.dot's minimum; larger f
 # it stays far inside the half-precision tolerance (5e-3) while the state itself is still accumulated in fp32.
 DOT_PRECISION = "ieee"
 HALF_DOT_PRECISION = "tf32"
+# The whole chunk pipeline in Triton (triton_fused.py) where it applies (chunk_size 16/32/64, D ≤ 128); else only the
+# state recurrence is a kernel and the rest is chunked.py's PyTorch. False pins the recurrence-only path.
+FUSED = True
 
 
 
@@ -196,12 +199,62 @@ def _config(BH: int, C: int, Dk: int, Dv: int, device: torch.device) -> dict:
             "num_stages": 1 if BK >= 256 else 2}
 
 
-def _rows(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
-    """[B, H, N, C, D] -> [BH, N, C, D] view with unit last stride, and its (bh, n, c) strides."""
+def _rows(x: Tensor) -> Tensor:
+    """[B, H, N, C, D] -> [BH, N, C, D] view with unit last stride (the kernels take the other strides)."""
     x = x.reshape(-1, *x.shape[2:])
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return x, (x.stride(0), x.stride(1), x.stride(2))
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def recurrence_forward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S0: Tensor, prec: str) -> tuple[Tensor, Tensor]:
+    """The forward kernel on float32 U [BH, N, C, Dv], Wk, Ke [BH, N, C, Dk] (unit last stride), GL [BH, N],
+    S0 [BH, Dv, Dk] -> (S_all [BH, N, Dv, Dk] chunk-start states, S_fin [BH, Dv, Dk])."""
+    BH, N, C, Dv = U.shape
+    Dk = Wk.shape[-1]
+    if any(x.dtype != torch.float32 for x in (U, Wk, Ke, GL, S0)):
+        raise ValueError("delta_rule[triton]: the state recurrence takes float32 tensors, got "
+                         f"{', '.join(str(x.dtype) for x in (U, Wk, Ke, GL, S0))}")
+    S_all = torch.empty(BH, N, Dv, Dk, dtype=torch.float32, device=U.device)
+    S_fin = torch.empty(BH, Dv, Dk, dtype=torch.float32, device=U.device)
+    cfg = _config(BH, C, Dk, Dv, U.device)
+    interpret = U.device.type == "cpu"
+    fwd, _ = _kernels(interpret)
+    fwd[(BH, triton.cdiv(Dv, cfg["BV"]))](
+        U, Wk, Ke, GL.contiguous(), S0.contiguous(), S_all, S_fin, U.stride(0), U.stride(1), U.stride(2),
+        Wk.stride(0), Wk.stride(1), Wk.stride(2), Ke.stride(0), Ke.stride(1), Ke.stride(2),
+        _count(N, interpret), C, Dk, Dv, PREC=prec, **cfg)
+    return S_all, S_fin
+
+
+def recurrence_backward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S_all: Tensor, dS_all: Tensor | None,
+                        dS_fin: Tensor | None, prec: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward kernel (shapes as in `recurrence_forward`; dS_all, dS_fin may be None = zero) ->
+    (dU [BH, N, C, Dv], dWk, dKe [BH, N, C, Dk], dGL [BH, N], dS0 [BH, Dv, Dk]), float32."""
+    BH, N, C, Dv = U.shape
+    Dk = Wk.shape[-1]
+    dev = U.device
+    cfg = _config(BH, C, Dk, Dv, dev)
+    NV = triton.cdiv(Dv, cfg["BV"])
+    f32 = {"dtype": torch.float32, "device": dev}
+    dU = torch.empty(BH, N, C, Dv, **f32)
+    dWk = torch.empty(NV, BH, N, C, Dk, **f32)
+    dKe = torch.empty(NV, BH, N, C, Dk, **f32)
+    dGL = torch.empty(NV, BH, N, **f32)
+    dS0 = torch.empty(BH, Dv, Dk, **f32)
+    # an absent dS_all is skipped in the kernel (the pointer passed for it is never read); an absent dS_fin is
+    # the zero start of the reverse walk (tl.zeros is a jit helper that the interpreter cannot always run)
+    dS_all_ = dS_all.reshape(BH, N, Dv, Dk).float().contiguous() if dS_all is not None else S_all
+    dS_fin_ = (dS_fin.reshape(BH, Dv, Dk).float().contiguous() if dS_fin is not None
+               else torch.zeros(BH, Dv, Dk, **f32))
+    interpret = dev.type == "cpu"
+    _, bwd = _kernels(interpret)
+    bwd[(BH, NV)](
+        U, Wk, Ke, GL.contiguous(), S_all, dS_all_, dS_fin_, dU, dWk, dKe, dGL, dS0,
+        U.stride(0), U.stride(1), U.stride(2), Wk.stride(0), Wk.stride(1), Wk.stride(2),
+        Ke.stride(0), Ke.stride(1), Ke.stride(2), BH, _count(N, interpret), C, Dk, Dv,
+        HAS_DSALL=dS_all is not None, PREC=prec, **cfg)
+    if NV > 1:
+        return dU, dWk.sum(0), dKe.sum(0), dGL.sum(0), dS0
+    return dU, dWk[0], dKe[0], dGL[0], dS0
 
 
 class _Recurrence(torch.autograd.Function):
@@ -210,22 +263,9 @@ class _Recurrence(torch.autograd.Function):
         B, H, N, C, Dv = U.shape
         Dk = Wk.shape[-1]
         BH = B * H
-        if any(x.dtype != torch.float32 for x in (U, Wk, Ke, GL, S0)):
-            raise ValueError("delta_rule[triton]: the state recurrence takes float32 tensors, got "
-                             f"{', '.join(str(x.dtype) for x in (U, Wk, Ke, GL, S0))}")
-        U_, su = _rows(U)
-        Wk_, sw = _rows(Wk)
-        Ke_, se = _rows(Ke)
-        GL_ = GL.reshape(BH, N).contiguous()
-        S0_ = S0.reshape(BH, Dv, Dk).contiguous()
-        S_all = torch.empty(BH, N, Dv, Dk, dtype=torch.float32, device=U.device)
-        S_fin = torch.empty(BH, Dv, Dk, dtype=torch.float32, device=U.device)
-        cfg = _config(BH, C, Dk, Dv, U.device)
-        interpret = U.device.type == "cpu"
-        fwd, _ = _kernels(interpret)
-        fwd[(BH, triton.cdiv(Dv, cfg["BV"]))](
-            U_, Wk_, Ke_, GL_, S0_, S_all, S_fin, *su, *sw, *se, _count(N, interpret), C, Dk, Dv,
-            PREC=prec, **cfg)
+        U_, Wk_, Ke_ = _rows(U), _rows(Wk), _rows(Ke)
+        GL_ = GL.reshape(BH, N)
+        S_all, S_fin = recurrence_forward(U_, Wk_, Ke_, GL_, S0.reshape(BH, Dv, Dk), prec)
         ctx.save_for_backward(U_, Wk_, Ke_, GL_, S_all)
         ctx.shape, ctx.prec = (B, H, N, C, Dk, Dv), prec
         ctx.set_materialize_grads(False)
@@ -235,30 +275,9 @@ class _Recurrence(torch.autograd.Function):
     def backward(ctx, dS_all: Tensor | None, dS_fin: Tensor | None):
         U_, Wk_, Ke_, GL_, S_all = ctx.saved_tensors
         B, H, N, C, Dk, Dv = ctx.shape
-        BH = B * H
-        dev = U_.device
-        cfg = _config(BH, C, Dk, Dv, dev)
-        NV = triton.cdiv(Dv, cfg["BV"])
-        f32 = {"dtype": torch.float32, "device": dev}
-        dU = torch.empty(BH, N, C, Dv, **f32)
-        dWk = torch.empty(NV, BH, N, C, Dk, **f32)
-        dKe = torch.empty(NV, BH, N, C, Dk, **f32)
-        dGL = torch.empty(NV, BH, N, **f32)
-        dS0 = torch.empty(BH, Dv, Dk, **f32)
-        # an absent dS_all is skipped in the kernel (the pointer passed for it is never read); an absent dS_fin is
-        # the zero start of the reverse walk (tl.zeros is a jit helper that the interpreter cannot always run)
-        dS_all_ = dS_all.reshape(BH, N, Dv, Dk).float().contiguous() if dS_all is not None else S_all
-        dS_fin_ = (dS_fin.reshape(BH, Dv, Dk).float().contiguous() if dS_fin is not None
-                   else torch.zeros(BH, Dv, Dk, **f32))
-        interpret = dev.type == "cpu"
-        _, bwd = _kernels(interpret)
-        bwd[(BH, NV)](
-            U_, Wk_, Ke_, GL_, S_all, dS_all_, dS_fin_, dU, dWk, dKe, dGL, dS0,
-            U_.stride(0), U_.stride(1), U_.stride(2), Wk_.stride(0), Wk_.stride(1), Wk_.stride(2),
-            Ke_.stride(0), Ke_.stride(1), Ke_.stride(2), BH, _count(N, interpret), C, Dk, Dv,
-            HAS_DSALL=dS_all is not None, PREC=ctx.prec, **cfg)
-        return (dU.view(B, H, N, C, Dv), dWk.sum(0).view(B, H, N, C, Dk), dKe.sum(0).view(B, H, N, C, Dk),
-                dGL.sum(0).view(B, H, N), dS0.view(B, H, Dv, Dk), None)
+        dU, dWk, dKe, dGL, dS0 = recurrence_backward(U_, Wk_, Ke_, GL_, S_all, dS_all, dS_fin, ctx.prec)
+        return (dU.view(B, H, N, C, Dv), dWk.reshape(B, H, N, C, Dk), dKe.reshape(B, H, N, C, Dk),
+                dGL.reshape(B, H, N), dS0.view(B, H, Dv, Dk), None)
 
 
 def state_recurrence(U: Tensor, Wk: Tensor, k_end: Tensor, gamma_last: Tensor, S0: Tensor,
@@ -270,17 +289,23 @@ def state_recurrence(U: Tensor, Wk: Tensor, k_end: Tensor, gamma_last: Tensor, S
 
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
                initial_state: Tensor | None = None, reset: Tensor | None = None, chunk_size: int = 64,
-               scale: float | None = None, output_final_state: bool = True) -> tuple[Tensor, Tensor | None]:
+               scale: float | None = None, output_final_state: bool = True, fused: bool | None = None
+               ) -> tuple[Tensor, Tensor | None]:
     """Same contract as `reference.delta_rule` (q, k [B, T, H, Dk]; v [B, T, H, Dv]; beta, g [B, T, H];
-    initial_state [B, H, Dv, Dk]; reset bool [B, T] -> o [B, T, H, Dv] in q's dtype, final state float32)."""
+    initial_state [B, H, Dv, Dk]; reset bool [B, T] -> o [B, T, H, Dv] in q's dtype, final state float32).
+    fused: the whole-pipeline kernels where they apply (None: the module's FUSED), else the recurrence-only path."""
     check_inputs(q, k, v, beta, g, initial_state, reset)
     if not supports(q, k, v, beta, g, chunk_size=chunk_size):
         raise ValueError(f"delta_rule[triton]: unsupported inputs (device {q.device}, dtype {q.dtype}, "
                          f"Dk {q.shape[-1]}, Dv {v.shape[-1]}, chunk {min(chunk_size, q.shape[1])}); needs Triton, "
                          f"CUDA (or CPU with TRITON_INTERPRET=1), fp32/bf16/fp16, D ≤ {MAX_HEAD_DIM}, "
                          f"chunk ≤ {MAX_CHUNK}")
+    prec = HALF_DOT_PRECISION if q.dtype in (torch.bfloat16, torch.float16) else DOT_PRECISION
+    if (FUSED if fused is None else fused) and triton_fused.supports(q, v, chunk_size):
+        o, S = triton_fused.delta_rule(q, k, v, beta, g, initial_state=initial_state, reset=reset,
+                                       chunk_size=chunk_size, scale=scale, prec=prec)
+        return o, (S if output_final_state else None)
     c = chunked.prepare(q, k, v, beta, g, initial_state=initial_state, reset=reset, chunk_size=chunk_size,
                         scale=scale)
-    prec = HALF_DOT_PRECISION if q.dtype in (torch.bfloat16, torch.float16) else DOT_PRECISION
     S_all, S = state_recurrence(c.U, c.Wk, c.k_end, c.gamma_last, c.S0, prec)
     return chunked.outputs(c, S_all, q.shape[1], q.dtype), (S if output_final_state else None)

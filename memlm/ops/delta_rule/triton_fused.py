@@ -1,0 +1,452 @@
+"""(Gated) delta rule with the whole chunk pipeline in Triton: prelude, state recurrence, outputs, and their backward.
+
+Same notation and chunk algebra as chunked.py (NOTES.md §1, §8). One program per (chunk n, batch·head), except the
+state recurrence (triton_impl's kernels, one program per batch·head walking the chunks):
+
+  forward   _prelude_fwd   A = (β ⊙rows K Kᵀ) ⊙ D⁻, X = (I + A)⁻¹ (products of 16-block Neumann factors, in
+                           registers), U = X (β V), Wk = X (βγ K), Ke = e ⊙ K, γ_{C−1}
+            recurrence     S_{n+1} = γ_{C−1} S_n + (U − Wk S_nᵀ)ᵀ Ke           (triton_impl)
+            _output_fwd    O = (γ Q) Sᵀ + (Q Kᵀ ⊙ D) (U − Wk Sᵀ)
+  backward  _output_bwd    dQ, dK (attention part), dU, dWk, dS_n, d log-decay (output part)
+            recurrence     dU, dWk, dKe, dγ_{C−1}, dS0                          (triton_impl)
+            _prelude_bwd   dK, dV, dβ, dg (through X, A, γ, e)
+
+q, k, v are read in their own dtype and layout [B, T, H, D] (no transposes or upcasts in HBM); products of two
+input tensors are tensor-core dots in that dtype with float32 accumulation; products involving float32
+intermediates (X, U, W, S, gradients) use PREC: "ieee" for fp32 inputs (the 1e-5 tests), TF32 for bf16/fp16
+inputs. Decays inside a chunk are
+exp(G_t − G_i) of the chunk's cumulative log-decay G (as in flash-linear-attention), so the log-decay gradient is
+dG_t = Σ_i dL_ti − Σ_i dL_it (+ the γ and e terms) and dg is its reverse cumulative sum; the chunked backend's
+pairwise sums are exact for very strong decay, this difference loses |G|·2⁻²⁴ relative (NOTES.md §8).
+
+Limits (else `triton_impl` falls back to its recurrence-only path): chunk_size ∈ {16, 32, 64}, Dk, Dv ≤ 64,
+bf16/fp16 (fp32 only when `FP32` is set: the interpreter tests).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from memlm.ops.triton_common import interpreting
+
+from . import triton_impl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: supports() is False and nothing here runs
+    triton = None
+    tl = None
+
+__all__ = ["CHUNKS", "MAX_DIM", "delta_rule", "supports"]
+
+CHUNKS = (16, 32, 64)
+MAX_DIM = 64         # at 128 the backward kernels need more shared memory than an H100 block has (ptxas, sm_90)
+# fp32 inputs stay on triton_impl's recurrence-only path by default: with IEEE dots (fp32 accuracy) the fused kernels
+# spill tens of KB of registers and take minutes to compile. The interpreter tests switch it on (exact either way).
+FP32 = False
+BLK = tl.constexpr(16) if tl is not None else 16   # diagonal blocks of the inverse
+LOG_BLK = tl.constexpr(4) if tl is not None else 4
+
+
+def supports(q: Tensor, v: Tensor, chunk_size: int) -> bool:
+    """CUDA bf16/fp16 (and fp32 when FP32); CPU (the interpreter) fp32 when FP32 — the Triton 3.6 interpreter
+    multiplies bf16 tiles as raw bits. chunk_size in CHUNKS, Dk, Dv ≤ MAX_DIM."""
+    half = (torch.bfloat16, torch.float16) if q.device.type != "cpu" else ()
+    dtypes = (*half, torch.float32) if FP32 else half
+    return (triton is not None and chunk_size in CHUNKS and q.shape[-1] <= MAX_DIM and v.shape[-1] <= MAX_DIM
+            and q.dtype in dtypes)
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+# Plain functions made kernels in `_build` (compiled or interpreted, see triton_impl). No helper functions: a kernel
+# may only call jitted ones, and the interpreter only runs those when TRITON_INTERPRET was set before `import triton`;
+# so the per-chunk decay lines (G, D, γ) are repeated in each kernel, and tl.reduce / tl.associative_scan with the
+# standard sum combiner stand for tl.sum / tl.cumsum, tl.full for tl.zeros.
+# Layouts: Q, K [B, T, H, Dk], V, O [B, T, H, Dv] (unit last stride); Beta, G [B, T, H]; R int8 [B, T]; per-chunk
+# buffers (contiguous float32) Xm [BH, N, C, C] (the inverse, kept for the backward), U [BH, N, C, Dv], Wk, Ke [BH, N, C, Dk], GL [BH, N],
+# S_all [BH, N, Dv, Dk]. Program (n, bh) with bh = b·H + h.
+
+def _prelude_fwd(K, V, Beta, G, R, Xm, U, Wk, Ke, GL,
+                 skb, skt, skh, svb, svt, svh,
+                 T, H, Dk, Dv, N,
+                 HAS_G: tl.constexpr, HAS_R: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 PREC: tl.constexpr, NB_ROUNDS: tl.constexpr):
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, C)
+    t = n * C + rc
+    mt = t < T
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    m_tk = mt[:, None] & (rk < Dk)[None, :]
+    m_tv = mt[:, None] & (rv < Dv)[None, :]
+    k = tl.load(K + b * skb + t[:, None] * skt + h * skh + rk[None, :], mask=m_tk, other=0.0)
+    v = tl.load(V + b * svb + t[:, None] * svt + h * svh + rv[None, :], mask=m_tv, other=0.0)
+    tok = (b * T + t) * H + h
+    beta = tl.load(Beta + tok, mask=mt, other=0.0).to(tl.float32)
+    # --- decays (same lines in every kernel) ---
+    if HAS_G:
+        gc = tl.associative_scan(tl.load(G + tok, mask=mt, other=0.0).to(tl.float32), 0, tl.standard._sum_combine)
+    else:
+        gc = tl.full((C,), 0.0, tl.float32)
+    pair = rc[:, None] >= rc[None, :]
+    if HAS_R:
+        seg = tl.associative_scan(tl.load(R + b * T + t, mask=mt, other=0).to(tl.int32), 0, tl.standard._sum_combine)
+        pair = pair & (seg[:, None] == seg[None, :])
+        gamma = tl.where(seg == 0, tl.exp(gc), 0.0)
+    else:
+        gamma = tl.exp(gc)
+    D = tl.where(pair, tl.exp(tl.where(pair, gc[:, None] - gc[None, :], 0.0)), 0.0)
+    # --- end decays ---
+    last = rc[:, None] == C - 1
+    e = tl.reduce(tl.where(last, D, 0.0), 0, tl.standard._sum_combine)          # D_{C−1, i}
+    gl = tl.reduce(tl.where(rc == C - 1, gamma, 0.0), 0, tl.standard._sum_combine)
+    strict = rc[:, None] > rc[None, :]
+    A = tl.where(strict, beta[:, None] * tl.dot(k, tl.trans(k), input_precision=PREC) * D, 0.0)
+    # X = (I + A)⁻¹ without a sequential solve, all in registers. Split A = A_d + A_o (16 × 16 diagonal blocks, the
+    # strictly block-lower rest): I + A = (I + A_d)(I + X_d A_o) with X_d = (I + A_d)⁻¹, so X = (I + M)⁻¹ X_d,
+    # M = X_d A_o. Both inverses are finite Neumann sums of nilpotent matrices (A_d¹⁶ = 0, M^(C/16) = 0), formed by
+    # repeated squaring: Σ_{m<2^r} (−N)^m = (I − N)(I + N²)(I + N⁴)…  Only 16-long products are squared, so the
+    # terms stay bounded by binomials of 15 (a 64-long Neumann sum would cancel terms of size C(63, 31)).
+    blk = rc // BLK
+    same_blk = blk[:, None] == blk[None, :]
+    nd = tl.where(same_blk, -A, 0.0)
+    X = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0) + nd
+    for _ in tl.static_range(LOG_BLK - 1):
+        nd = tl.dot(nd, nd, input_precision=PREC)
+        X = tl.dot(X, nd, acc=X, input_precision=PREC)
+    M = tl.dot(X, tl.where(same_blk, 0.0, A), input_precision=PREC)
+    Y = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0) - M
+    M = -M
+    for _ in tl.static_range(NB_ROUNDS):
+        M = tl.dot(M, M, input_precision=PREC)
+        Y = tl.dot(Y, M, acc=Y, input_precision=PREC)
+    X = tl.dot(Y, X, input_precision=PREC)
+    tl.store(Xm + (bh * N + n) * C * C + rc[:, None] * C + rc[None, :], X)
+    cb = ((bh * N + n) * C + rc)[:, None]
+    tl.store(U + cb * Dv + rv[None, :], tl.dot(X, beta[:, None] * v.to(tl.float32), input_precision=PREC),
+             mask=(rv < Dv)[None, :])
+    kf = k.to(tl.float32)
+    tl.store(Wk + cb * Dk + rk[None, :], tl.dot(X, (beta * gamma)[:, None] * kf, input_precision=PREC),
+             mask=(rk < Dk)[None, :])
+    tl.store(Ke + cb * Dk + rk[None, :], e[:, None] * kf, mask=(rk < Dk)[None, :])
+    tl.store(GL + bh * N + n, gl)
+
+
+def _output_fwd(Q, K, G, R, S_all, U, Wk, O,
+                sqb, sqt, sqh, skb, skt, skh,
+                scale, T, H, Dk, Dv, N,
+                HAS_G: tl.constexpr, HAS_R: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                PREC: tl.constexpr):
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, C)
+    t = n * C + rc
+    mt = t < T
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    mk, mv = rk < Dk, rv < Dv
+    q = tl.load(Q + b * sqb + t[:, None] * sqt + h * sqh + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+    k = tl.load(K + b * skb + t[:, None] * skt + h * skh + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+    tok = (b * T + t) * H + h
+    # --- decays (same lines in every kernel) ---
+    if HAS_G:
+        gc = tl.associative_scan(tl.load(G + tok, mask=mt, other=0.0).to(tl.float32), 0, tl.standard._sum_combine)
+    else:
+        gc = tl.full((C,), 0.0, tl.float32)
+    pair = rc[:, None] >= rc[None, :]
+    if HAS_R:
+        seg = tl.associative_scan(tl.load(R + b * T + t, mask=mt, other=0).to(tl.int32), 0, tl.standard._sum_combine)
+        pair = pair & (seg[:, None] == seg[None, :])
+        gamma = tl.where(seg == 0, tl.exp(gc), 0.0)
+    else:
+        gamma = tl.exp(gc)
+    D = tl.where(pair, tl.exp(tl.where(pair, gc[:, None] - gc[None, :], 0.0)), 0.0)
+    # --- end decays ---
+    cb = ((bh * N + n) * C + rc)[:, None]
+    S = tl.load(S_all + (bh * N + n) * Dv * Dk + rv[:, None] * Dk + rk[None, :], mask=mv[:, None] & mk[None, :],
+                other=0.0)                                                       # [BV, BK]
+    u = tl.load(U + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0)
+    wk = tl.load(Wk + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+    W = u - tl.dot(wk, tl.trans(S), input_precision=PREC)                       # pseudo values [C, BV]
+    P = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * D)
+    o = tl.dot((scale * gamma)[:, None] * q.to(tl.float32), tl.trans(S), input_precision=PREC)
+    o = tl.dot(P, W, acc=o, input_precision=PREC)
+    tl.store(O + tok[:, None] * Dv + rv[None, :], o.to(O.dtype.element_ty),
+             mask=mt[:, None] & mv[None, :])
+
+
+def _output_bwd(Q, K, G, R, S_all, U, Wk, dO, dQ, dKo, dU, dWk, dS, dGC,
+                sqb, sqt, sqh, skb, skt, skh, sdb, sdt, sdh,
+                scale, T, H, Dk, Dv, N,
+                HAS_G: tl.constexpr, HAS_R: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                PREC: tl.constexpr):
+    """dQ [B, T, H, Dk] contiguous (q's dtype, final); chunk-layout float32: dKo, dWk [BH, N, C, Dk], dU [BH, N, C, Dv],
+    dS [BH, N, Dv, Dk] (∂L/∂S_n through the outputs), dGC [BH, N, C] (∂L/∂G through the outputs)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, C)
+    t = n * C + rc
+    mt = t < T
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    mk, mv = rk < Dk, rv < Dv
+    q = tl.load(Q + b * sqb + t[:, None] * sqt + h * sqh + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+    k = tl.load(K + b * skb + t[:, None] * skt + h * skh + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+    tok = (b * T + t) * H + h
+    # --- decays (same lines in every kernel) ---
+    if HAS_G:
+        gc = tl.associative_scan(tl.load(G + tok, mask=mt, other=0.0).to(tl.float32), 0, tl.standard._sum_combine)
+    else:
+        gc = tl.full((C,), 0.0, tl.float32)
+    pair = rc[:, None] >= rc[None, :]
+    if HAS_R:
+        seg = tl.associative_scan(tl.load(R + b * T + t, mask=mt, other=0).to(tl.int32), 0, tl.standard._sum_combine)
+        pair = pair & (seg[:, None] == seg[None, :])
+        gamma = tl.where(seg == 0, tl.exp(gc), 0.0)
+    else:
+        gamma = tl.exp(gc)
+    D = tl.where(pair, tl.exp(tl.where(pair, gc[:, None] - gc[None, :], 0.0)), 0.0)
+    # --- end decays ---
+    cb = ((bh * N + n) * C + rc)[:, None]
+    s_off = (bh * N + n) * Dv * Dk + rv[:, None] * Dk + rk[None, :]
+    S = tl.load(S_all + s_off, mask=mv[:, None] & mk[None, :], other=0.0)
+    u = tl.load(U + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0)
+    wk = tl.load(Wk + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+    W = u - tl.dot(wk, tl.trans(S), input_precision=PREC)
+    P = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * D)
+    do = tl.load(dO + b * sdb + t[:, None] * sdt + h * sdh + rv[None, :], mask=mt[:, None] & mv[None, :],
+                 other=0.0).to(tl.float32)
+    qf, kf = q.to(tl.float32), k.to(tl.float32)
+    qg = (scale * gamma)[:, None] * qf
+    dW = tl.dot(tl.trans(P), do, input_precision=PREC)                          # [C, BV]
+    tl.store(dU + cb * Dv + rv[None, :], dW, mask=mv[None, :])
+    tl.store(dWk + cb * Dk + rk[None, :], -tl.dot(dW, S, input_precision=PREC), mask=mk[None, :])
+    dS_n = tl.dot(tl.trans(do), qg, input_precision=PREC)
+    dS_n = tl.dot(tl.trans(dW), -wk, acc=dS_n, input_precision=PREC)
+    tl.store(dS + s_off, dS_n, mask=mv[:, None] & mk[None, :])
+    dP = tl.dot(do, tl.trans(W), input_precision=PREC)                          # ∂L/∂P  [C, C]
+    dPD = dP * (scale * D)                                                      # ∂L/∂(Q Kᵀ)
+    doS = tl.dot(do, S, input_precision=PREC)                                   # [C, BK]
+    dq = tl.dot(dPD, kf, input_precision=PREC) + (scale * gamma)[:, None] * doS
+    tl.store(dQ + tok[:, None] * Dk + rk[None, :], dq.to(dQ.dtype.element_ty),
+             mask=mt[:, None] & mk[None, :])
+    tl.store(dKo + cb * Dk + rk[None, :], tl.dot(tl.trans(dPD), qf, input_precision=PREC), mask=mk[None, :])
+    dL = dP * P                                                                 # ∂L/∂L_ti, L_ti = G_t − G_i
+    dgc = (tl.reduce(dL, 1, tl.standard._sum_combine) - tl.reduce(dL, 0, tl.standard._sum_combine)
+           + tl.reduce(qg * doS, 1, tl.standard._sum_combine))                 # dγ ⊙ γ
+    tl.store(dGC + (bh * N + n) * C + rc, dgc)
+
+
+def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, dGC_o,
+                 dK, dV, dBeta, dG,
+                 skb, skt, skh, svb, svt, svh,
+                 T, H, Dk, Dv, N,
+                 HAS_G: tl.constexpr, HAS_R: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 PREC: tl.constexpr):
+    """dK, dV contiguous, in k's and v's dtype; dBeta, dG [B, T, H] float32 (contiguous). dU_r, dWk_r, dKe, dGL from the recurrence's
+    backward, dU_o, dWk_o, dKo, dGC_o from _output_bwd."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, C)
+    t = n * C + rc
+    mt = t < T
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    mk, mv = rk < Dk, rv < Dv
+    k = tl.load(K + b * skb + t[:, None] * skt + h * skh + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+    v = tl.load(V + b * svb + t[:, None] * svt + h * svh + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+    tok = (b * T + t) * H + h
+    beta = tl.load(Beta + tok, mask=mt, other=0.0).to(tl.float32)
+    # --- decays (same lines in every kernel) ---
+    if HAS_G:
+        gc = tl.associative_scan(tl.load(G + tok, mask=mt, other=0.0).to(tl.float32), 0, tl.standard._sum_combine)
+    else:
+        gc = tl.full((C,), 0.0, tl.float32)
+    pair = rc[:, None] >= rc[None, :]
+    if HAS_R:
+        seg = tl.associative_scan(tl.load(R + b * T + t, mask=mt, other=0).to(tl.int32), 0, tl.standard._sum_combine)
+        pair = pair & (seg[:, None] == seg[None, :])
+        gamma = tl.where(seg == 0, tl.exp(gc), 0.0)
+    else:
+        gamma = tl.exp(gc)
+    D = tl.where(pair, tl.exp(tl.where(pair, gc[:, None] - gc[None, :], 0.0)), 0.0)
+    # --- end decays ---
+    cb = ((bh * N + n) * C + rc)[:, None]
+    base = (bh * N + n) * C * C
+    X = tl.load(Xm + base + rc[:, None] * C + rc[None, :], mask=rc[:, None] >= rc[None, :], other=0.0)
+    du = (tl.load(dU_o + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0)
+          + tl.load(dU_r + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0))
+    dwk = (tl.load(dWk_o + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+           + tl.load(dWk_r + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0))
+    kf, vf = k.to(tl.float32), v.to(tl.float32)
+    bg = beta * gamma
+    # U = X (β V), Wk = X (βγ K)
+    dX = tl.dot(du, tl.trans(beta[:, None] * vf), input_precision=PREC)
+    dX = tl.dot(dwk, tl.trans(bg[:, None] * kf), acc=dX, input_precision=PREC)
+    drv = tl.dot(tl.trans(X), du, input_precision=PREC)                         # ∂L/∂(β V)
+    drk = tl.dot(tl.trans(X), dwk, input_precision=PREC)                        # ∂L/∂(βγ K)
+    tl.store(dV + tok[:, None] * Dv + rv[None, :], (beta[:, None] * drv).to(dV.dtype.element_ty),
+             mask=mt[:, None] & mv[None, :])
+    kdrk = tl.reduce(kf * drk, 1, tl.standard._sum_combine)
+    dbeta = tl.reduce(vf * drv, 1, tl.standard._sum_combine) + gamma * kdrk
+    dgamma = beta * kdrk
+    dk = bg[:, None] * drk
+    # X = (I + A)⁻¹  ⇒  dA = −Xᵀ dX Xᵀ on the strictly lower part; A = (β ⊙rows K Kᵀ) ⊙ D⁻
+    dA = -tl.dot(tl.dot(tl.trans(X), dX, input_precision=PREC), tl.trans(X), input_precision=PREC)
+    strict = rc[:, None] > rc[None, :]
+    KKD = tl.where(strict, tl.dot(k, tl.trans(k), input_precision=PREC) * D, 0.0)
+    dA = tl.where(strict, dA, 0.0)
+    dKK = dA * D * beta[:, None]
+    dk = tl.dot(dKK, kf, acc=dk, input_precision=PREC)
+    dk = tl.dot(tl.trans(dKK), kf, acc=dk, input_precision=PREC)
+    dbeta += tl.reduce(dA * KKD, 1, tl.standard._sum_combine)
+    dL = dA * KKD * beta[:, None]                                               # dA ⊙ A
+    # Ke = e ⊙ K, e_i = exp(G_{C−1} − G_i) [same segment]; γ_{C−1} = exp(G_{C−1}) [no reset in the chunk]
+    dke = tl.load(dKe + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+    e = tl.reduce(tl.where(rc[:, None] == C - 1, D, 0.0), 0, tl.standard._sum_combine)
+    dk += e[:, None] * dke + tl.load(dKo + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+    tl.store(dK + tok[:, None] * Dk + rk[None, :], dk.to(dK.dtype.element_ty),
+             mask=mt[:, None] & mk[None, :])
+    tl.store(dBeta + tok, dbeta, mask=mt)
+    if HAS_G:
+        dee = e * tl.reduce(dke * kf, 1, tl.standard._sum_combine)              # ∂L/∂e ⊙ e
+        dgc = (tl.reduce(dL, 1, tl.standard._sum_combine) - tl.reduce(dL, 0, tl.standard._sum_combine)
+               - dee + dgamma * gamma + tl.load(dGC_o + (bh * N + n) * C + rc))
+        dlast = tl.reduce(dee, 0, tl.standard._sum_combine) + tl.load(dGL + bh * N + n) * tl.reduce(
+            tl.where(rc == C - 1, gamma, 0.0), 0, tl.standard._sum_combine)
+        dgc += tl.where(rc == C - 1, dlast, 0.0)
+        # G_t = Σ_{s ≤ t} g_s  ⇒  dg_s = Σ_{t ≥ s} dG_t
+        tl.store(dG + tok, tl.associative_scan(dgc, 0, tl.standard._sum_combine, reverse=True),
+                 mask=mt)
+
+
+def _build(interpret: bool) -> dict:
+    fns = {"prelude_fwd": _prelude_fwd, "output_fwd": _output_fwd, "output_bwd": _output_bwd,
+           "prelude_bwd": _prelude_bwd}
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+        return {n: InterpretedFunction(f) for n, f in fns.items()}
+    from triton.runtime.jit import JITFunction
+    return {n: JITFunction(f, do_not_specialize=["T", "N"]) for n, f in fns.items()}
+
+
+_JIT = _build(False) if triton is not None else None     # built at import: torch.compile finds plain kernels
+_interpreted = functools.cache(lambda: _build(True))
+
+
+def _kernels(interpret: bool) -> dict:
+    return _interpreted() if interpret else _JIT
+
+
+# ------------------------------------------------------------------------------------------------------ autograd
+
+def _inner(x: Tensor) -> Tensor:
+    """Unit last stride (the kernels index the feature axis directly); the other strides are passed."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _meta(Dk: int, Dv: int, C: int, prec: str) -> dict:
+    BK, BV = max(16, triton.next_power_of_2(Dk)), max(16, triton.next_power_of_2(Dv))
+    # 8 warps at C = 64: with 4 the backward kernels spill KBs of registers (ptxas), with 8 a few hundred bytes
+    return {"C": C, "BK": BK, "BV": BV, "PREC": prec, "num_warps": 8 if C * max(BK, BV) >= 64 * 64 else 4,
+            "num_stages": 1}
+
+
+def _s3(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+class _FusedDeltaRule(torch.autograd.Function):
+    """(q, k, v [B, T, H, D]; beta, g [B, T, H] contiguous; S0 [B, H, Dv, Dk] or None; reset int8 [B, T]
+    contiguous or None) -> (o [B, T, H, Dv], S_N [B, H, Dv, Dk] float32)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, S0, reset, scale, chunk_size, prec):
+        B, T, H, Dk = q.shape
+        Dv = v.shape[-1]
+        C = chunk_size
+        N = -(-T // C)
+        BH = B * H
+        dev = q.device
+        f32 = {"dtype": torch.float32, "device": dev}
+        Xm = torch.empty(BH, N, C, C, **f32)
+        U = torch.empty(BH, N, C, Dv, **f32)
+        Wk = torch.empty(BH, N, C, Dk, **f32)
+        Ke = torch.empty(BH, N, C, Dk, **f32)
+        GL = torch.empty(BH, N, **f32)
+        gx = g if g is not None else beta          # a valid pointer when there is no g / reset (never read)
+        rx = reset if reset is not None else beta
+        meta = {"HAS_G": g is not None, "HAS_R": reset is not None, **_meta(Dk, Dv, C, prec)}
+        kern = _kernels(dev.type == "cpu")
+        kern["prelude_fwd"][(N, BH)](k, v, beta, gx, rx, Xm, U, Wk, Ke, GL, *_s3(k), *_s3(v),
+                                     T, H, Dk, Dv, N, NB_ROUNDS=max(0, (C // 16).bit_length() - 2), **meta)
+        S0_ = (S0.float() if S0 is not None else torch.zeros(B, H, Dv, Dk, **f32)).reshape(BH, Dv, Dk)
+        S_all, S_fin = triton_impl.recurrence_forward(U, Wk, Ke, GL, S0_, prec)
+        o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=dev)
+        kern["output_fwd"][(N, BH)](q, k, gx, rx, S_all, U, Wk, o, *_s3(q), *_s3(k), scale, T, H, Dk, Dv, N, **meta)
+        ctx.save_for_backward(q, k, v, beta, g, reset, Xm, U, Wk, Ke, GL, S_all)
+        ctx.args = (scale, C, prec, None if S0 is None else S0.dtype)
+        ctx.set_materialize_grads(False)
+        return o, S_fin.view(B, H, Dv, Dk)
+
+    @staticmethod
+    def backward(ctx, do, dS_fin):
+        q, k, v, beta, g, reset, Xm, U, Wk, Ke, GL, S_all = ctx.saved_tensors
+        scale, C, prec, S0_dtype = ctx.args
+        B, T, H, Dk = q.shape
+        Dv = v.shape[-1]
+        BH, N = B * H, U.shape[1]
+        dev = q.device
+        f32 = {"dtype": torch.float32, "device": dev}
+        gx = g if g is not None else beta
+        rx = reset if reset is not None else beta
+        meta = {"HAS_G": g is not None, "HAS_R": reset is not None, **_meta(Dk, Dv, C, prec)}
+        kern = _kernels(dev.type == "cpu")
+        dq = torch.empty(B, T, H, Dk, dtype=q.dtype, device=dev)
+        dKo = torch.empty(BH, N, C, Dk, **f32)
+        dU_o = torch.empty(BH, N, C, Dv, **f32)
+        dWk_o = torch.empty(BH, N, C, Dk, **f32)
+        dGC_o = torch.empty(BH, N, C, **f32)
+        if do is not None:
+            do = _inner(do)
+            dS_o = torch.empty(BH, N, Dv, Dk, **f32)
+            kern["output_bwd"][(N, BH)](q, k, gx, rx, S_all, U, Wk, do, dq, dKo, dU_o, dWk_o, dS_o, dGC_o,
+                                        *_s3(q), *_s3(k), *_s3(do), scale, T, H, Dk, Dv, N, **meta)
+        else:                                        # only the final state is used: no output gradients
+            dS_o = None
+            for x in (dq, dKo, dU_o, dWk_o, dGC_o):
+                x.zero_()
+        dU_r, dWk_r, dKe, dGL, dS0 = triton_impl.recurrence_backward(
+            U, Wk, Ke, GL, S_all, dS_o, None if dS_fin is None else dS_fin.reshape(BH, Dv, Dk), prec)
+        dk = torch.empty(B, T, H, Dk, dtype=k.dtype, device=dev)
+        dv = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
+        dbeta = torch.empty(B, T, H, **f32)
+        dg = torch.empty(B, T, H, **f32) if g is not None else dbeta
+        kern["prelude_bwd"][(N, BH)](k, v, beta, gx, rx, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, dGC_o,
+                                     dk, dv, dbeta, dg, *_s3(k), *_s3(v), T, H, Dk, Dv, N, **meta)
+        return (dq, dk, dv, dbeta.to(beta.dtype), dg.to(g.dtype) if g is not None else None,
+                dS0.view(B, H, Dv, Dk).to(S0_dtype) if S0_dtype is not None else None, None, None, None, None)
+
+
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, *, initial_state: Tensor | None,
+               reset: Tensor | None, chunk_size: int, scale: float | None, prec: str) -> tuple[Tensor, Tensor]:
+    """The whole op in Triton (inputs already checked by triton_impl.delta_rule): o [B, T, H, Dv] in q's dtype and
+    the final state [B, H, Dv, Dk] float32."""
+    if not interpreting() and q.device.type == "cpu":
+        raise ValueError("delta_rule[triton fused]: CPU tensors need TRITON_INTERPRET=1")
+    r = reset.to(torch.int8).contiguous() if reset is not None else None
+    return _FusedDeltaRule.apply(_inner(q), _inner(k), _inner(v), beta.contiguous(),
+                                 g.contiguous() if g is not None else None, initial_state, r,
+                                 1.0 if scale is None else float(scale), chunk_size, prec)
