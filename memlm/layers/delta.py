@@ -118,19 +118,21 @@ class DeltaNet(Mixer):
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.split(self.dims, dim=-1)
-        q = F.normalize(q.view(B, T, self.h, self.dk), dim=-1)
-        k = F.normalize(k.view(B, T, self.h, self.dk), dim=-1)
+        # autocast runs the norm in float32; back to v's (the autocast) dtype, so that bf16 training reaches the
+        # delta rule in bf16 (its fused Triton path takes half-precision q, k, v). β and g stay float32.
+        q = F.normalize(q.view(B, T, self.h, self.dk), dim=-1).to(v.dtype)
+        k = F.normalize(k.view(B, T, self.h, self.dk), dim=-1).to(v.dtype)
         v = v.view(B, T, self.h, self.dv)
         beta = torch.sigmoid(self.b_proj(x).float())
         g = None
         if self.gated:
             g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        g = None if g is None else g.to(q.dtype)
         if T == 1 and self.cfg.backend is None:
             # decode: the recurrence once (a handful of kernels), not the chunked machinery on a chunk of one
-            o, S = delta_rule_step(q, k, v, beta.to(q.dtype), g, state.S, reset, scale=self.dk ** -0.5)
+            o, S = delta_rule_step(q, k, v, beta.to(q.dtype), None if g is None else g.to(q.dtype), state.S, reset,
+                                   scale=self.dk ** -0.5)
         else:
-            o, S = delta_rule(q, k, v, beta.to(q.dtype), g, initial_state=state.S, reset=reset,
+            o, S = delta_rule(q, k, v, beta, g, initial_state=state.S, reset=reset,
                               chunk_size=self.cfg.chunk_size, scale=self.dk ** -0.5, backend=self.cfg.backend)
         o = self.o_norm(o)
         if self.g_proj is not None:

@@ -167,6 +167,16 @@ def test_fused_matches_reference(fused, T, gated, with_reset, init, chunk, Dk, D
     assert got["dbeta"].abs().max() > 0 and (not gated or got["dg"].abs().max() > 0)
 
 
+def test_fused_sums_the_recurrence_row_block_partials(fused, monkeypatch):
+    """Dv = 48 in row blocks of 16: the recurrence's backward leaves three partials of dWk, dKe, dγ, which the fused
+    prelude backward adds up itself."""
+    monkeypatch.setattr(triton_impl, "MAX_BV", 16)
+    inp = make_inputs(1, 70, 2, 16, 48, gated=True, init=True, seed=9)
+    got = run(triton_impl.delta_rule, inp, reset=resets(1, 70))
+    assert fused
+    compare(got, run(reference.delta_rule, inp, dtype=torch.float64, reset=resets(1, 70)), torch.float32, "NV=3")
+
+
 @pytest.mark.parametrize("used", ["outputs", "final_state"])
 def test_fused_gradients_when_only_one_output_is_used(fused, used):
     inp = make_inputs(1, 80, 2, 16, 16, gated=True, init=True, seed=4)
@@ -196,12 +206,12 @@ def test_fused_kernels_compile_for_hopper_without_a_gpu():
         pytest.skip("triton without its nvidia backend")
     meta = triton_fused._meta(64, 64, 64, triton_impl.HALF_DOT_PRECISION)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
-    consts = {"HAS_G": True, "HAS_R": True, "NB_ROUNDS": 1, **meta}
-    ints = {"T", "H", "Dk", "Dv", "N", "skb", "skt", "skh", "svb", "svt", "svh", "sqb", "sqt", "sqh", "sdb", "sdt", "sdh"}
+    consts = {"HAS_G": True, "HAS_R": True, "NB_ROUNDS": 1, "scale": 0.125, **meta}
+    ints = {"T", "H", "Dk", "Dv", "N", "NV", "BH_", "skb", "skt", "skh", "svb", "svt", "svh", "sqb", "sqt", "sqh", "sdb", "sdt", "sdh"}
     halves = {"K", "V", "Q", "O", "dO", "dQ", "dK", "dV"}
     for kernel in triton_fused._kernels(False).values():
         c = {a: v for a, v in consts.items() if a in kernel.arg_names}
-        sig = {a: ("constexpr" if a in c else "i32" if a in ints else "fp32" if a == "scale"
+        sig = {a: ("constexpr" if a in c else "i32" if a in ints
                    else "*bf16" if a in halves else "*i8" if a == "R" else "*fp32") for a in kernel.arg_names}
         src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(a),): v for a, v in c.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

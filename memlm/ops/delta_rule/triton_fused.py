@@ -29,7 +29,7 @@ import functools
 import torch
 from torch import Tensor
 
-from memlm.ops.triton_common import interpreting
+from memlm.ops.triton_common import interpreting, loop_count
 
 from . import triton_impl
 
@@ -140,9 +140,9 @@ def _prelude_fwd(K, V, Beta, G, R, Xm, U, Wk, Ke, GL,
 
 def _output_fwd(Q, K, G, R, S_all, U, Wk, O,
                 sqb, sqt, sqh, skb, skt, skh,
-                scale, T, H, Dk, Dv, N,
+                T, H, Dk, Dv, N,
                 HAS_G: tl.constexpr, HAS_R: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, scale: tl.constexpr):
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -185,9 +185,9 @@ def _output_fwd(Q, K, G, R, S_all, U, Wk, O,
 
 def _output_bwd(Q, K, G, R, S_all, U, Wk, dO, dQ, dKo, dU, dWk, dS, dGC,
                 sqb, sqt, sqh, skb, skt, skh, sdb, sdt, sdh,
-                scale, T, H, Dk, Dv, N,
+                T, H, Dk, Dv, N,
                 HAS_G: tl.constexpr, HAS_R: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, scale: tl.constexpr):
     """dQ [B, T, H, Dk] contiguous (q's dtype, final); chunk-layout float32: dKo, dWk [BH, N, C, Dk], dU [BH, N, C, Dv],
     dS [BH, N, Dv, Dk] (∂L/∂S_n through the outputs), dGC [BH, N, C] (∂L/∂G through the outputs)."""
     n = tl.program_id(0)
@@ -250,11 +250,12 @@ def _output_bwd(Q, K, G, R, S_all, U, Wk, dO, dQ, dKo, dU, dWk, dS, dGC,
 def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, dGC_o,
                  dK, dV, dBeta, dG,
                  skb, skt, skh, svb, svt, svh,
-                 T, H, Dk, Dv, N,
+                 T, H, Dk, Dv, N, NV, BH_,
                  HAS_G: tl.constexpr, HAS_R: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  PREC: tl.constexpr):
-    """dK, dV contiguous, in k's and v's dtype; dBeta, dG [B, T, H] float32 (contiguous). dU_r, dWk_r, dKe, dGL from the recurrence's
-    backward, dU_o, dWk_o, dKo, dGC_o from _output_bwd."""
+    """dK, dV contiguous, in k's and v's dtype; dBeta, dG [B, T, H] float32 (contiguous). dU_r, and the per-row-block
+    partials dWk_r, dKe [NV, BH, N, C, Dk], dGL [NV, BH, N] from the recurrence's backward (summed here, not by
+    separate reductions); dU_o, dWk_o, dKo, dGC_o from _output_bwd."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -288,8 +289,15 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, 
     X = tl.load(Xm + base + rc[:, None] * C + rc[None, :], mask=rc[:, None] >= rc[None, :], other=0.0)
     du = (tl.load(dU_o + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0)
           + tl.load(dU_r + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0))
-    dwk = (tl.load(dWk_o + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
-           + tl.load(dWk_r + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0))
+    dwk = tl.load(dWk_o + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+    dke = tl.load(dKe + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+    dgl = tl.load(dGL + bh * N + n)
+    part = BH_ * N * C * Dk
+    for p in range(NV):
+        dwk += tl.load(dWk_r + p * part + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+        if p > 0:
+            dke += tl.load(dKe + p * part + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+            dgl += tl.load(dGL + p * BH_ * N + bh * N + n)
     kf, vf = k.to(tl.float32), v.to(tl.float32)
     bg = beta * gamma
     # U = X (β V), Wk = X (βγ K)
@@ -314,7 +322,6 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, 
     dbeta += tl.reduce(dA * KKD, 1, tl.standard._sum_combine)
     dL = dA * KKD * beta[:, None]                                               # dA ⊙ A
     # Ke = e ⊙ K, e_i = exp(G_{C−1} − G_i) [same segment]; γ_{C−1} = exp(G_{C−1}) [no reset in the chunk]
-    dke = tl.load(dKe + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
     e = tl.reduce(tl.where(rc[:, None] == C - 1, D, 0.0), 0, tl.standard._sum_combine)
     dk += e[:, None] * dke + tl.load(dKo + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
     tl.store(dK + tok[:, None] * Dk + rk[None, :], dk.to(dK.dtype.element_ty),
@@ -324,7 +331,7 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, 
         dee = e * tl.reduce(dke * kf, 1, tl.standard._sum_combine)              # ∂L/∂e ⊙ e
         dgc = (tl.reduce(dL, 1, tl.standard._sum_combine) - tl.reduce(dL, 0, tl.standard._sum_combine)
                - dee + dgamma * gamma + tl.load(dGC_o + (bh * N + n) * C + rc))
-        dlast = tl.reduce(dee, 0, tl.standard._sum_combine) + tl.load(dGL + bh * N + n) * tl.reduce(
+        dlast = tl.reduce(dee, 0, tl.standard._sum_combine) + dgl * tl.reduce(
             tl.where(rc == C - 1, gamma, 0.0), 0, tl.standard._sum_combine)
         dgc += tl.where(rc == C - 1, dlast, 0.0)
         # G_t = Σ_{s ≤ t} g_s  ⇒  dg_s = Σ_{t ≥ s} dG_t
@@ -395,7 +402,7 @@ class _FusedDeltaRule(torch.autograd.Function):
         S0_ = (S0.float() if S0 is not None else torch.zeros(B, H, Dv, Dk, **f32)).reshape(BH, Dv, Dk)
         S_all, S_fin = triton_impl.recurrence_forward(U, Wk, Ke, GL, S0_, prec)
         o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=dev)
-        kern["output_fwd"][(N, BH)](q, k, gx, rx, S_all, U, Wk, o, *_s3(q), *_s3(k), scale, T, H, Dk, Dv, N, **meta)
+        kern["output_fwd"][(N, BH)](q, k, gx, rx, S_all, U, Wk, o, *_s3(q), *_s3(k), T, H, Dk, Dv, N, scale=scale, **meta)
         ctx.save_for_backward(q, k, v, beta, g, reset, Xm, U, Wk, Ke, GL, S_all)
         ctx.args = (scale, C, prec, None if S0 is None else S0.dtype)
         ctx.set_materialize_grads(False)
@@ -423,19 +430,22 @@ class _FusedDeltaRule(torch.autograd.Function):
             do = _inner(do)
             dS_o = torch.empty(BH, N, Dv, Dk, **f32)
             kern["output_bwd"][(N, BH)](q, k, gx, rx, S_all, U, Wk, do, dq, dKo, dU_o, dWk_o, dS_o, dGC_o,
-                                        *_s3(q), *_s3(k), *_s3(do), scale, T, H, Dk, Dv, N, **meta)
+                                        *_s3(q), *_s3(k), *_s3(do), T, H, Dk, Dv, N, scale=scale,
+                                        **meta)
         else:                                        # only the final state is used: no output gradients
             dS_o = None
             for x in (dq, dKo, dU_o, dWk_o, dGC_o):
                 x.zero_()
         dU_r, dWk_r, dKe, dGL, dS0 = triton_impl.recurrence_backward(
-            U, Wk, Ke, GL, S_all, dS_o, None if dS_fin is None else dS_fin.reshape(BH, Dv, Dk), prec)
+            U, Wk, Ke, GL, S_all, dS_o, None if dS_fin is None else dS_fin.reshape(BH, Dv, Dk), prec, reduce=False)
         dk = torch.empty(B, T, H, Dk, dtype=k.dtype, device=dev)
         dv = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
         dbeta = torch.empty(B, T, H, **f32)
         dg = torch.empty(B, T, H, **f32) if g is not None else dbeta
         kern["prelude_bwd"][(N, BH)](k, v, beta, gx, rx, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, dGC_o,
-                                     dk, dv, dbeta, dg, *_s3(k), *_s3(v), T, H, Dk, Dv, N, **meta)
+                                     dk, dv, dbeta, dg, *_s3(k), *_s3(v), T, H, Dk, Dv, N,
+                                     loop_count(dWk_r.shape[0], dev.type == "cpu"), BH,
+                                     **meta)
         return (dq, dk, dv, dbeta.to(beta.dtype), dg.to(g.dtype) if g is not None else None,
                 dS0.view(B, H, Dv, Dk).to(S0_dtype) if S0_dtype is not None else None, None, None, None, None)
 

@@ -182,20 +182,22 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))      # tl.dot needs every dimension ≥ 16
 
 
-def _config(BH: int, C: int, Dk: int, Dv: int, device: torch.device) -> dict:
+def _config(BH: int, C: int, Dk: int, Dv: int, device: torch.device, prec: str = DOT_PRECISION) -> dict:
     """Tile sizes, warps and pipeline stages.
 
     BV is halved (down to 16) while there are fewer programs than 2 per SM: the sequential walk over chunks is
     latency-bound, so more, smaller programs beat fewer, larger ones. fp32 FMA dots keep a whole K = BK slice
     of an operand per thread, so registers grow with BK · BV / warps. BK · BV ≤ 2048 with 4 warps up to 1024
-    and 8 above kept every sm_90 build (BK 16 … 256) at ≤ 255 registers without spills (ptxas)."""
+    and 8 above kept every sm_90 build (BK 16 … 256) at ≤ 255 registers without spills (ptxas). With tensor-core
+    (TF32) dots a whole chunk of up to 64 rows is one tile (SUB = BC): one dot pair per chunk instead of four."""
     BC, BK = _pow2(C), _pow2(Dk)
     BV = min(_pow2(Dv), MAX_BV, max(16, 2048 // BK))
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         while BV > 16 and BH * triton.cdiv(Dv, BV) < 2 * sms:
             BV //= 2
-    return {"BC": BC, "SUB": SUB_ROWS, "BK": BK, "BV": BV, "num_warps": 4 if BK * BV <= 1024 else 8,
+    sub = BC if prec != "ieee" and BC <= 64 and BK <= 64 else SUB_ROWS
+    return {"BC": BC, "SUB": sub, "BK": BK, "BV": BV, "num_warps": 4 if BK * BV <= 1024 else 8,
             "num_stages": 1 if BK >= 256 else 2}
 
 
@@ -215,7 +217,7 @@ def recurrence_forward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S0: Tensor
                          f"{', '.join(str(x.dtype) for x in (U, Wk, Ke, GL, S0))}")
     S_all = torch.empty(BH, N, Dv, Dk, dtype=torch.float32, device=U.device)
     S_fin = torch.empty(BH, Dv, Dk, dtype=torch.float32, device=U.device)
-    cfg = _config(BH, C, Dk, Dv, U.device)
+    cfg = _config(BH, C, Dk, Dv, U.device, prec)
     interpret = U.device.type == "cpu"
     fwd, _ = _kernels(interpret)
     fwd[(BH, triton.cdiv(Dv, cfg["BV"]))](
@@ -226,13 +228,15 @@ def recurrence_forward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S0: Tensor
 
 
 def recurrence_backward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S_all: Tensor, dS_all: Tensor | None,
-                        dS_fin: Tensor | None, prec: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        dS_fin: Tensor | None, prec: str, reduce: bool = True
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward kernel (shapes as in `recurrence_forward`; dS_all, dS_fin may be None = zero) ->
-    (dU [BH, N, C, Dv], dWk, dKe [BH, N, C, Dk], dGL [BH, N], dS0 [BH, Dv, Dk]), float32."""
+    (dU [BH, N, C, Dv], dWk, dKe [BH, N, C, Dk], dGL [BH, N], dS0 [BH, Dv, Dk]), float32. reduce=False returns
+    dWk, dKe, dGL as their per-row-block partials [NV, ...] (a caller that sums them itself)."""
     BH, N, C, Dv = U.shape
     Dk = Wk.shape[-1]
     dev = U.device
-    cfg = _config(BH, C, Dk, Dv, dev)
+    cfg = _config(BH, C, Dk, Dv, dev, prec)
     NV = triton.cdiv(Dv, cfg["BV"])
     f32 = {"dtype": torch.float32, "device": dev}
     dU = torch.empty(BH, N, C, Dv, **f32)
@@ -252,6 +256,8 @@ def recurrence_backward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S_all: Te
         U.stride(0), U.stride(1), U.stride(2), Wk.stride(0), Wk.stride(1), Wk.stride(2),
         Ke.stride(0), Ke.stride(1), Ke.stride(2), BH, _count(N, interpret), C, Dk, Dv,
         HAS_DSALL=dS_all is not None, PREC=prec, **cfg)
+    if not reduce:
+        return dU, dWk, dKe, dGL, dS0
     if NV > 1:
         return dU, dWk.sum(0), dKe.sum(0), dGL.sum(0), dS0
     return dU, dWk[0], dKe[0], dGL[0], dS0
