@@ -3,8 +3,8 @@
 Notation: S state [Dv, Dk]; α = exp(g) decay; β write strength; q, k, v query/key/value.
 
 Backends (memlm.ops.dispatch, op name "delta_rule"): "chunked" (WY/UT chunkwise form, default),
-"triton" (chunked with the state recurrence as Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1; opt-in
-while TRITON_PRIORITY < 0), "reference" (token loop, by name only). `delta_rule(...)` below dispatches; call a
+"triton" (the CUDA default: the whole chunk pipeline in Triton for bf16/fp16 (triton_fused.py), else chunked with
+the state recurrence as Triton kernels; CPU only under TRITON_INTERPRET=1), "reference" (token loop, by name only). `delta_rule(...)` below dispatches; call a
 module directly to pin one.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import dispatch
-from . import chunked, reference, triton_impl
+from . import chunked, reference, triton_fused, triton_impl
 from .reference import delta_rule_step
 
-__all__ = ["TRITON_PRIORITY", "chunked", "delta_rule", "delta_rule_step", "reference", "triton_impl"]
+__all__ = ["TRITON_PRIORITY", "chunked", "delta_rule", "delta_rule_step", "reference", "triton_fused", "triton_impl"]
 
 # Above 0: the CUDA default. tests/ops/test_delta_rule_triton.py (101 tests: outputs, states, every gradient, fp32 and
 # bf16, awkward lengths, resets) passed on an H100 with Triton 3.6 on 2026-11-22 (Hopper miscompiled some delta-rule

@@ -4,13 +4,15 @@ Notation as in chunked.py (NOTES.md §1, §7): per batch·head and chunk n of C 
   S_n ∈ R^{Dv×Dk}  chunk-start state;  U_n [C, Dv], Wk_n [C, Dk], Ke_n = (e ⊙rows K)_n [C, Dk];  γ_n = γ_{C−1}
   W_n     = U_n − Wk_n S_nᵀ                        [C, Dv]  pseudo values
   S_{n+1} = γ_n S_n + W_nᵀ Ke_n                    [Dv, Dk]
-Everything batched over chunks (UT solve, intra-chunk P, outputs) stays in PyTorch via `chunked.prepare` /
-`chunked.outputs`, so autograd differentiates it; only the loop over chunks is a kernel, wrapped in a
-torch.autograd.Function whose backward is the reverse recurrence (dS_{n+1} → dU_n, dWk_n, dKe_n, dγ_n, dS_n).
+bf16/fp16 inputs (chunk 16/32/64, D ≤ 64) go to `triton_fused` (the whole chunk pipeline in Triton, reusing the two
+recurrence kernels below). Otherwise everything batched over chunks (UT solve, intra-chunk P, outputs) stays in
+PyTorch via `chunked.prepare` / `chunked.outputs`, so autograd differentiates it; only the loop over chunks is a
+kernel, wrapped in a torch.autograd.Function whose backward is the reverse recurrence
+(dS_{n+1} → dU_n, dWk_n, dKe_n, dγ_n, dS_n).
 
 Rows of S (the Dv axis) evolve independently, so each program owns one (batch·head, block of BV rows of S) and
 walks all chunks; in the backward the sums over Dv (dWk, dKe, dγ) are per-block partials added afterwards.
-All kernel math is float32 with IEEE dots (no TF32), whatever the input dtype.
+Kernel math is float32; dots are IEEE for fp32 inputs and TF32 for bf16/fp16 inputs (`HALF_DOT_PRECISION`).
 
 CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests without a GPU).
 """

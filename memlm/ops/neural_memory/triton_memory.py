@@ -49,8 +49,9 @@ MAX_DIM = 128   # window c, hidden E, value width Dv, and min of each Newton–S
 MAX_SCAN = 64   # chunks per autograd Function call: bounds the stacked W_j kept for the reads (long prefill)
 # tl.dot precision of every kernel, by input dtype. float32 inputs: "ieee" (exact float32 products, like PyTorch
 # without TF32; the 1e-5 tests). bf16/fp16 inputs: HALF_DOT_PRECISION. "tf32x3" (three TF32 tensor-core products,
-# near float32) made atlas-mag-small train 1.55× faster on an H100 (docs/benchmarks.md), but the GPU tests have not run
-# with it yet, so half inputs stay on "ieee" until they do (then set "tf32x3" here). The environment variable
+# near float32) made atlas-mag-small train 1.55× faster on an H100 (docs/benchmarks.md), but with it the bf16 GPU tests
+# hit a CUDA illegal memory access (8 of 12, H100, Triton 3.6, 2026-11-22; IEEE passes), so half inputs stay on "ieee"
+# until a Triton builds it correctly (then set "tf32x3" here). The environment variable
 # MEMLM_TRITON_PRECISION ("ieee", "tf32x3" or "tf32") overrides both; read at every call, so one process can compare
 # them (benchmarks/memory_kernels.py does).
 DOT_PRECISION = "ieee"
