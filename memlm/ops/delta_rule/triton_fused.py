@@ -29,7 +29,7 @@ import functools
 import torch
 from torch import Tensor
 
-from memlm.ops.triton_common import interpreting, loop_count
+from memlm.ops.triton_common import loop_count
 
 from . import triton_impl
 
@@ -63,7 +63,9 @@ def supports(q: Tensor, v: Tensor, chunk_size: int) -> bool:
 # ------------------------------------------------------------------------------------------------------ kernels
 # Plain functions made kernels in `_build` (compiled or interpreted, see triton_impl). No helper functions: a kernel
 # may only call jitted ones, and the interpreter only runs those when TRITON_INTERPRET was set before `import triton`;
-# so the per-chunk decay lines (G, D, γ) are repeated in each kernel, and tl.reduce / tl.associative_scan with the
+# so the per-chunk decay lines (G, D, γ) and the loads before them are repeated in each kernel (the duplicate finder
+# lists them; merging forward and backward into one kernel per stage with a BWD flag would trade that for a dozen
+# placeholder pointers), and tl.reduce / tl.associative_scan with the
 # standard sum combiner stand for tl.sum / tl.cumsum, tl.full for tl.zeros.
 # Layouts: Q, K [B, T, H, Dk], V, O [B, T, H, Dv] (unit last stride); Beta, G [B, T, H]; R int8 [B, T]; per-chunk
 # buffers (contiguous float32) Xm [BH, N, C, C] (the inverse, kept for the backward), U [BH, N, C, Dv], Wk, Ke [BH, N, C, Dk], GL [BH, N],
@@ -365,7 +367,7 @@ def _inner(x: Tensor) -> Tensor:
 
 
 def _meta(Dk: int, Dv: int, C: int, prec: str) -> dict:
-    BK, BV = max(16, triton.next_power_of_2(Dk)), max(16, triton.next_power_of_2(Dv))
+    BK, BV = triton_impl._pow2(Dk), triton_impl._pow2(Dv)
     # 8 warps at C = 64: with 4 the backward kernels spill KBs of registers (ptxas), with 8 a few hundred bytes
     return {"C": C, "BK": BK, "BV": BV, "PREC": prec, "num_warps": 8 if C * max(BK, BV) >= 64 * 64 else 4,
             "num_stages": 1}
@@ -452,10 +454,8 @@ class _FusedDeltaRule(torch.autograd.Function):
 
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, *, initial_state: Tensor | None,
                reset: Tensor | None, chunk_size: int, scale: float | None, prec: str) -> tuple[Tensor, Tensor]:
-    """The whole op in Triton (inputs already checked by triton_impl.delta_rule): o [B, T, H, Dv] in q's dtype and
+    """The whole op in Triton (inputs and device already checked by triton_impl.delta_rule): o [B, T, H, Dv] in q's dtype and
     the final state [B, H, Dv, Dk] float32."""
-    if not interpreting() and q.device.type == "cpu":
-        raise ValueError("delta_rule[triton fused]: CPU tensors need TRITON_INTERPRET=1")
     r = reset.to(torch.int8).contiguous() if reset is not None else None
     return _FusedDeltaRule.apply(_inner(q), _inner(k), _inner(v), beta.contiguous(),
                                  g.contiguous() if g is not None else None, initial_state, r,
