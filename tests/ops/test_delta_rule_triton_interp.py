@@ -216,3 +216,19 @@ def test_fused_kernels_compile_for_hopper_without_a_gpu():
         src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(a),): v for a, v in c.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.metadata.shared <= 227 * 1024, f"{kernel.fn.__name__}: {compiled.metadata.shared} B shared"
+
+
+@pytest.mark.parametrize("store", [torch.bfloat16, torch.float16])
+def test_fused_with_half_precision_intermediates(fused, monkeypatch, store):
+    """STORE_DTYPE = bf16/fp16: the per-chunk intermediates and partial gradients go through HBM in half precision
+    (math in float32): every output and gradient stays within the half-precision tolerance of the float64 reference."""
+    monkeypatch.setattr(triton_fused, "STORE_DTYPE", store)
+    monkeypatch.setattr(triton_impl, "MAX_BV", 16)     # two recurrence row blocks: half-precision partials summed
+    inp = make_inputs(2, 100, 2, 16, 32, gated=True, init=True, seed=11)
+    got = run(triton_impl.delta_rule, inp, reset=resets(2, 100))
+    assert fused
+    ref = run(reference.delta_rule, inp, dtype=torch.float64, reset=resets(2, 100))
+    # bf16 (8-bit mantissa): about twice the error of rounding the inputs to bf16 (~3e-3); fp16 (11-bit): ~3e-4
+    tol = 1.2e-2 if store == torch.bfloat16 else 1e-3
+    for key, r in ref.items():
+        assert_close(got[key].float(), r, tol=tol, name=f"intermediates in {store}: {key}")

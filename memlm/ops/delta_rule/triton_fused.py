@@ -47,6 +47,11 @@ MAX_DIM = 64         # at 128 the backward kernels need more shared memory than 
 # fp32 inputs stay on triton_impl's recurrence-only path by default: with IEEE dots (fp32 accuracy) the fused kernels
 # spill tens of KB of registers and take minutes to compile. The interpreter tests switch it on (exact either way).
 FP32 = False
+# Per-chunk intermediates in HBM (Xm, U, Wk, Ke, the chunk-start states and the backward's partial gradients): float32,
+# or bfloat16 (half the traffic, as flash-linear-attention keeps them); kernel math is float32 either way.
+STORE_DTYPE = torch.float32
+# num_warps per kernel ("prelude_fwd", "output_fwd", "output_bwd", "prelude_bwd") overriding `_meta` (tuning runs)
+WARPS: dict[str, int] = {}
 BLK = tl.constexpr(16) if tl is not None else 16   # diagonal blocks of the inverse
 LOG_BLK = tl.constexpr(4) if tl is not None else 4
 
@@ -129,14 +134,14 @@ def _prelude_fwd(K, V, Beta, G, R, Xm, U, Wk, Ke, GL,
         M = tl.dot(M, M, input_precision=PREC)
         Y = tl.dot(Y, M, acc=Y, input_precision=PREC)
     X = tl.dot(Y, X, input_precision=PREC)
-    tl.store(Xm + (bh * N + n) * C * C + rc[:, None] * C + rc[None, :], X)
+    tl.store(Xm + (bh * N + n) * C * C + rc[:, None] * C + rc[None, :], X.to(Xm.dtype.element_ty))
     cb = ((bh * N + n) * C + rc)[:, None]
-    tl.store(U + cb * Dv + rv[None, :], tl.dot(X, beta[:, None] * v.to(tl.float32), input_precision=PREC),
-             mask=(rv < Dv)[None, :])
+    u = tl.dot(X, beta[:, None] * v.to(tl.float32), input_precision=PREC)
+    tl.store(U + cb * Dv + rv[None, :], u.to(U.dtype.element_ty), mask=(rv < Dv)[None, :])
     kf = k.to(tl.float32)
-    tl.store(Wk + cb * Dk + rk[None, :], tl.dot(X, (beta * gamma)[:, None] * kf, input_precision=PREC),
-             mask=(rk < Dk)[None, :])
-    tl.store(Ke + cb * Dk + rk[None, :], e[:, None] * kf, mask=(rk < Dk)[None, :])
+    wk = tl.dot(X, (beta * gamma)[:, None] * kf, input_precision=PREC)
+    tl.store(Wk + cb * Dk + rk[None, :], wk.to(Wk.dtype.element_ty), mask=(rk < Dk)[None, :])
+    tl.store(Ke + cb * Dk + rk[None, :], (e[:, None] * kf).to(Ke.dtype.element_ty), mask=(rk < Dk)[None, :])
     tl.store(GL + bh * N + n, gl)
 
 
@@ -174,9 +179,9 @@ def _output_fwd(Q, K, G, R, S_all, U, Wk, O,
     # --- end decays ---
     cb = ((bh * N + n) * C + rc)[:, None]
     S = tl.load(S_all + (bh * N + n) * Dv * Dk + rv[:, None] * Dk + rk[None, :], mask=mv[:, None] & mk[None, :],
-                other=0.0)                                                       # [BV, BK]
-    u = tl.load(U + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0)
-    wk = tl.load(Wk + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+                other=0.0).to(tl.float32)                                        # [BV, BK]
+    u = tl.load(U + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
+    wk = tl.load(Wk + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
     W = u - tl.dot(wk, tl.trans(S), input_precision=PREC)                       # pseudo values [C, BV]
     P = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * D)
     o = tl.dot((scale * gamma)[:, None] * q.to(tl.float32), tl.trans(S), input_precision=PREC)
@@ -221,9 +226,9 @@ def _output_bwd(Q, K, G, R, S_all, U, Wk, dO, dQ, dKo, dU, dWk, dS, dGC,
     # --- end decays ---
     cb = ((bh * N + n) * C + rc)[:, None]
     s_off = (bh * N + n) * Dv * Dk + rv[:, None] * Dk + rk[None, :]
-    S = tl.load(S_all + s_off, mask=mv[:, None] & mk[None, :], other=0.0)
-    u = tl.load(U + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0)
-    wk = tl.load(Wk + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+    S = tl.load(S_all + s_off, mask=mv[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    u = tl.load(U + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
+    wk = tl.load(Wk + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
     W = u - tl.dot(wk, tl.trans(S), input_precision=PREC)
     P = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * D)
     do = tl.load(dO + b * sdb + t[:, None] * sdt + h * sdh + rv[None, :], mask=mt[:, None] & mv[None, :],
@@ -231,18 +236,20 @@ def _output_bwd(Q, K, G, R, S_all, U, Wk, dO, dQ, dKo, dU, dWk, dS, dGC,
     qf, kf = q.to(tl.float32), k.to(tl.float32)
     qg = (scale * gamma)[:, None] * qf
     dW = tl.dot(tl.trans(P), do, input_precision=PREC)                          # [C, BV]
-    tl.store(dU + cb * Dv + rv[None, :], dW, mask=mv[None, :])
-    tl.store(dWk + cb * Dk + rk[None, :], -tl.dot(dW, S, input_precision=PREC), mask=mk[None, :])
+    tl.store(dU + cb * Dv + rv[None, :], dW.to(dU.dtype.element_ty), mask=mv[None, :])
+    tl.store(dWk + cb * Dk + rk[None, :], (-tl.dot(dW, S, input_precision=PREC)).to(dWk.dtype.element_ty),
+             mask=mk[None, :])
     dS_n = tl.dot(tl.trans(do), qg, input_precision=PREC)
     dS_n = tl.dot(tl.trans(dW), -wk, acc=dS_n, input_precision=PREC)
-    tl.store(dS + s_off, dS_n, mask=mv[:, None] & mk[None, :])
+    tl.store(dS + s_off, dS_n.to(dS.dtype.element_ty), mask=mv[:, None] & mk[None, :])
     dP = tl.dot(do, tl.trans(W), input_precision=PREC)                          # ∂L/∂P  [C, C]
     dPD = dP * (scale * D)                                                      # ∂L/∂(Q Kᵀ)
     doS = tl.dot(do, S, input_precision=PREC)                                   # [C, BK]
     dq = tl.dot(dPD, kf, input_precision=PREC) + (scale * gamma)[:, None] * doS
     tl.store(dQ + tok[:, None] * Dk + rk[None, :], dq.to(dQ.dtype.element_ty),
              mask=mt[:, None] & mk[None, :])
-    tl.store(dKo + cb * Dk + rk[None, :], tl.dot(tl.trans(dPD), qf, input_precision=PREC), mask=mk[None, :])
+    tl.store(dKo + cb * Dk + rk[None, :], tl.dot(tl.trans(dPD), qf, input_precision=PREC).to(dKo.dtype.element_ty),
+             mask=mk[None, :])
     dL = dP * P                                                                 # ∂L/∂L_ti, L_ti = G_t − G_i
     dgc = (tl.reduce(dL, 1, tl.standard._sum_combine) - tl.reduce(dL, 0, tl.standard._sum_combine)
            + tl.reduce(qg * doS, 1, tl.standard._sum_combine))                 # dγ ⊙ γ
@@ -288,17 +295,17 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, 
     # --- end decays ---
     cb = ((bh * N + n) * C + rc)[:, None]
     base = (bh * N + n) * C * C
-    X = tl.load(Xm + base + rc[:, None] * C + rc[None, :], mask=rc[:, None] >= rc[None, :], other=0.0)
-    du = (tl.load(dU_o + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0)
-          + tl.load(dU_r + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0))
-    dwk = tl.load(dWk_o + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
-    dke = tl.load(dKe + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+    X = tl.load(Xm + base + rc[:, None] * C + rc[None, :], mask=rc[:, None] >= rc[None, :], other=0.0).to(tl.float32)
+    du = (tl.load(dU_o + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
+          + tl.load(dU_r + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32))
+    dwk = tl.load(dWk_o + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
+    dke = tl.load(dKe + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
     dgl = tl.load(dGL + bh * N + n)
     part = BH_ * N * C * Dk
     for p in range(NV):
-        dwk += tl.load(dWk_r + p * part + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+        dwk += tl.load(dWk_r + p * part + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
         if p > 0:
-            dke += tl.load(dKe + p * part + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+            dke += tl.load(dKe + p * part + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
             dgl += tl.load(dGL + p * BH_ * N + bh * N + n)
     kf, vf = k.to(tl.float32), v.to(tl.float32)
     bg = beta * gamma
@@ -325,7 +332,7 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, 
     dL = dA * KKD * beta[:, None]                                               # dA ⊙ A
     # Ke = e ⊙ K, e_i = exp(G_{C−1} − G_i) [same segment]; γ_{C−1} = exp(G_{C−1}) [no reset in the chunk]
     e = tl.reduce(tl.where(rc[:, None] == C - 1, D, 0.0), 0, tl.standard._sum_combine)
-    dk += e[:, None] * dke + tl.load(dKo + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0)
+    dk += e[:, None] * dke + tl.load(dKo + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
     tl.store(dK + tok[:, None] * Dk + rk[None, :], dk.to(dK.dtype.element_ty),
              mask=mt[:, None] & mk[None, :])
     tl.store(dBeta + tok, dbeta, mask=mt)
@@ -373,6 +380,10 @@ def _meta(Dk: int, Dv: int, C: int, prec: str) -> dict:
             "num_stages": 1}
 
 
+def _tuned(kernel: str, meta: dict) -> dict:
+    return {**meta, "num_warps": WARPS[kernel]} if kernel in WARPS else meta
+
+
 def _s3(x: Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -390,21 +401,24 @@ class _FusedDeltaRule(torch.autograd.Function):
         BH = B * H
         dev = q.device
         f32 = {"dtype": torch.float32, "device": dev}
-        Xm = torch.empty(BH, N, C, C, **f32)
-        U = torch.empty(BH, N, C, Dv, **f32)
-        Wk = torch.empty(BH, N, C, Dk, **f32)
-        Ke = torch.empty(BH, N, C, Dk, **f32)
+        st = {"dtype": STORE_DTYPE, "device": dev}
+        Xm = torch.empty(BH, N, C, C, **st)
+        U = torch.empty(BH, N, C, Dv, **st)
+        Wk = torch.empty(BH, N, C, Dk, **st)
+        Ke = torch.empty(BH, N, C, Dk, **st)
         GL = torch.empty(BH, N, **f32)
         gx = g if g is not None else beta          # a valid pointer when there is no g / reset (never read)
         rx = reset if reset is not None else beta
         meta = {"HAS_G": g is not None, "HAS_R": reset is not None, **_meta(Dk, Dv, C, prec)}
         kern = _kernels(dev.type == "cpu")
         kern["prelude_fwd"][(N, BH)](k, v, beta, gx, rx, Xm, U, Wk, Ke, GL, *_s3(k), *_s3(v),
-                                     T, H, Dk, Dv, N, NB_ROUNDS=max(0, (C // 16).bit_length() - 2), **meta)
-        S0_ = (S0.float() if S0 is not None else torch.zeros(B, H, Dv, Dk, **f32)).reshape(BH, Dv, Dk)
-        S_all, S_fin = triton_impl.recurrence_forward(U, Wk, Ke, GL, S0_, prec)
+                                     T, H, Dk, Dv, N, NB_ROUNDS=max(0, (C // 16).bit_length() - 2),
+                                     **_tuned("prelude_fwd", meta))
+        S0_ = (S0.float() if S0 is not None else torch.zeros(B, H, Dv, Dk, **f32)).reshape(BH, Dv, Dk).contiguous()
+        S_all, S_fin = triton_impl.recurrence_forward(U, Wk, Ke, GL, S0_, prec, STORE_DTYPE)
         o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=dev)
-        kern["output_fwd"][(N, BH)](q, k, gx, rx, S_all, U, Wk, o, *_s3(q), *_s3(k), T, H, Dk, Dv, N, scale=scale, **meta)
+        kern["output_fwd"][(N, BH)](q, k, gx, rx, S_all, U, Wk, o, *_s3(q), *_s3(k), T, H, Dk, Dv, N, scale=scale,
+                                    **_tuned("output_fwd", meta))
         ctx.save_for_backward(q, k, v, beta, g, reset, Xm, U, Wk, Ke, GL, S_all)
         ctx.args = (scale, C, prec, None if S0 is None else S0.dtype)
         ctx.set_materialize_grads(False)
@@ -419,27 +433,29 @@ class _FusedDeltaRule(torch.autograd.Function):
         BH, N = B * H, U.shape[1]
         dev = q.device
         f32 = {"dtype": torch.float32, "device": dev}
+        st = {"dtype": Xm.dtype, "device": dev}
         gx = g if g is not None else beta
         rx = reset if reset is not None else beta
         meta = {"HAS_G": g is not None, "HAS_R": reset is not None, **_meta(Dk, Dv, C, prec)}
         kern = _kernels(dev.type == "cpu")
         dq = torch.empty(B, T, H, Dk, dtype=q.dtype, device=dev)
-        dKo = torch.empty(BH, N, C, Dk, **f32)
-        dU_o = torch.empty(BH, N, C, Dv, **f32)
-        dWk_o = torch.empty(BH, N, C, Dk, **f32)
+        dKo = torch.empty(BH, N, C, Dk, **st)
+        dU_o = torch.empty(BH, N, C, Dv, **st)
+        dWk_o = torch.empty(BH, N, C, Dk, **st)
         dGC_o = torch.empty(BH, N, C, **f32)
         if do is not None:
             do = _inner(do)
-            dS_o = torch.empty(BH, N, Dv, Dk, **f32)
+            dS_o = torch.empty(BH, N, Dv, Dk, **st)
             kern["output_bwd"][(N, BH)](q, k, gx, rx, S_all, U, Wk, do, dq, dKo, dU_o, dWk_o, dS_o, dGC_o,
                                         *_s3(q), *_s3(k), *_s3(do), T, H, Dk, Dv, N, scale=scale,
-                                        **meta)
+                                        **_tuned("output_bwd", meta))
         else:                                        # only the final state is used: no output gradients
             dS_o = None
             for x in (dq, dKo, dU_o, dWk_o, dGC_o):
                 x.zero_()
         dU_r, dWk_r, dKe, dGL, dS0 = triton_impl.recurrence_backward(
-            U, Wk, Ke, GL, S_all, dS_o, None if dS_fin is None else dS_fin.reshape(BH, Dv, Dk), prec, reduce=False)
+            U, Wk, Ke, GL, S_all, dS_o, None if dS_fin is None else dS_fin.reshape(BH, Dv, Dk), prec, reduce=False,
+            store=Xm.dtype)
         dk = torch.empty(B, T, H, Dk, dtype=k.dtype, device=dev)
         dv = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
         dbeta = torch.empty(B, T, H, **f32)
@@ -447,7 +463,7 @@ class _FusedDeltaRule(torch.autograd.Function):
         kern["prelude_bwd"][(N, BH)](k, v, beta, gx, rx, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, dGC_o,
                                      dk, dv, dbeta, dg, *_s3(k), *_s3(v), T, H, Dk, Dv, N,
                                      loop_count(dWk_r.shape[0], dev.type == "cpu"), BH,
-                                     **meta)
+                                     **_tuned("prelude_bwd", meta))
         return (dq, dk, dv, dbeta.to(beta.dtype), dg.to(g.dtype) if g is not None else None,
                 dS0.view(B, H, Dv, Dk).to(S0_dtype) if S0_dtype is not None else None, None, None, None, None)
 

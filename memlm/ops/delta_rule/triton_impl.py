@@ -51,6 +51,8 @@ HALF_DOT_PRECISION = "tf32"
 # The whole chunk pipeline in Triton (triton_fused.py) where it applies (chunk_size 16/32/64, D ≤ 128); else only the
 # state recurrence is a kernel and the rest is chunked.py's PyTorch. False pins the recurrence-only path.
 FUSED = True
+# {"rec_fwd" | "rec_bwd": {"num_warps": …}} overriding `_config` (tuning runs, benchmarks/delta_rule_tune.py)
+CONFIG_OVERRIDE: dict[str, dict] = {}
 
 
 
@@ -90,17 +92,17 @@ def _recurrence_fwd(U, Wk, Ke, GL, S0, S_all, S_fin,
     s_off = rv[:, None] * Dk + rk[None, :]                                  # [BV, BK] inside one state
     S = tl.load(S0 + bh * Dv * Dk + s_off, mask=m_s, other=0.0)
     for n in range(N):
-        tl.store(S_all + (bh * N + n) * Dv * Dk + s_off, S, mask=m_s)
+        tl.store(S_all + (bh * N + n) * Dv * Dk + s_off, S.to(S_all.dtype.element_ty), mask=m_s)
         S_next = tl.load(GL + bh * N + n) * S
         for j in range(BC // SUB):
             rc = j * SUB + tl.arange(0, SUB)
             mc = rc < C
             u = tl.load(U + bh * su_bh + n * su_n + rc[:, None] * su_c + rv[None, :],
-                        mask=mc[:, None] & mv[None, :], other=0.0)
+                        mask=mc[:, None] & mv[None, :], other=0.0).to(tl.float32)
             wk = tl.load(Wk + bh * sw_bh + n * sw_n + rc[:, None] * sw_c + rk[None, :],
-                         mask=mc[:, None] & mk[None, :], other=0.0)
+                         mask=mc[:, None] & mk[None, :], other=0.0).to(tl.float32)
             ke = tl.load(Ke + bh * se_bh + n * se_n + rc[:, None] * se_c + rk[None, :],
-                         mask=mc[:, None] & mk[None, :], other=0.0)
+                         mask=mc[:, None] & mk[None, :], other=0.0).to(tl.float32)
             w = u - tl.dot(wk, tl.trans(S), input_precision=PREC)          # rows of W_n  [SUB, BV]
             S_next = tl.dot(tl.trans(w), ke, acc=S_next, input_precision=PREC)
         S = S_next
@@ -127,10 +129,10 @@ def _recurrence_bwd(U, Wk, Ke, GL, S_all, dS_all, dS_fin, dU, dWk, dKe, dGL, dS0
     for i in range(N):
         n = N - 1 - i
         # here dS = ∂L/∂S_{n+1}; dS_prev collects ∂L/∂S_n (direct, through γ_n, through W_n = U_n − Wk_n S_nᵀ)
-        S = tl.load(S_all + (bh * N + n) * Dv * Dk + s_off, mask=m_s, other=0.0)
+        S = tl.load(S_all + (bh * N + n) * Dv * Dk + s_off, mask=m_s, other=0.0).to(tl.float32)
         dS_prev = tl.load(GL + bh * N + n) * dS
         if HAS_DSALL:
-            dS_prev += tl.load(dS_all + (bh * N + n) * Dv * Dk + s_off, mask=m_s, other=0.0)
+            dS_prev += tl.load(dS_all + (bh * N + n) * Dv * Dk + s_off, mask=m_s, other=0.0).to(tl.float32)
         # tl.sum's own body is a jit function that only works in the interpreter if TRITON_INTERPRET was set
         # before triton was imported; tl.reduce with the standard sum combiner is what tl.sum expands to
         # (and the interpreter maps it to np.sum)
@@ -140,16 +142,19 @@ def _recurrence_bwd(U, Wk, Ke, GL, S_all, dS_all, dS_fin, dU, dWk, dKe, dGL, dS0
             mc = rc < C
             m_ck = mc[:, None] & mk[None, :]
             u = tl.load(U + bh * su_bh + n * su_n + rc[:, None] * su_c + rv[None, :],
-                        mask=mc[:, None] & mv[None, :], other=0.0)
-            wk = tl.load(Wk + bh * sw_bh + n * sw_n + rc[:, None] * sw_c + rk[None, :], mask=m_ck, other=0.0)
-            ke = tl.load(Ke + bh * se_bh + n * se_n + rc[:, None] * se_c + rk[None, :], mask=m_ck, other=0.0)
+                        mask=mc[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            wk = tl.load(Wk + bh * sw_bh + n * sw_n + rc[:, None] * sw_c + rk[None, :], mask=m_ck,
+                         other=0.0).to(tl.float32)
+            ke = tl.load(Ke + bh * se_bh + n * se_n + rc[:, None] * se_c + rk[None, :], mask=m_ck,
+                         other=0.0).to(tl.float32)
             w = u - tl.dot(wk, tl.trans(S), input_precision=PREC)          # recomputed rows of W_n  [SUB, BV]
             dw = tl.dot(ke, tl.trans(dS), input_precision=PREC)            # ∂L/∂W_n = Ke dSᵀ        [SUB, BV]
-            tl.store(dU + (bh * N + n) * C * Dv + rc[:, None] * Dv + rv[None, :], dw,
+            tl.store(dU + (bh * N + n) * C * Dv + rc[:, None] * Dv + rv[None, :], dw.to(dU.dtype.element_ty),
                      mask=mc[:, None] & mv[None, :])
             ck_off = (part * N + n) * C * Dk + rc[:, None] * Dk + rk[None, :]
-            tl.store(dKe + ck_off, tl.dot(w, dS, input_precision=PREC), mask=m_ck)          # W dS
-            tl.store(dWk + ck_off, -tl.dot(dw, S, input_precision=PREC), mask=m_ck)        # −dW S
+            tl.store(dKe + ck_off, tl.dot(w, dS, input_precision=PREC).to(dKe.dtype.element_ty), mask=m_ck)  # W dS
+            tl.store(dWk + ck_off, (-tl.dot(dw, S, input_precision=PREC)).to(dWk.dtype.element_ty),
+                     mask=m_ck)                                                                # −dW S
             dS_prev = tl.dot(tl.trans(dw), -wk, acc=dS_prev, input_precision=PREC)        # −dWᵀ Wk
         dS = dS_prev
     tl.store(dS0 + bh * Dv * Dk + s_off, dS, mask=m_s)
@@ -209,17 +214,20 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def recurrence_forward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S0: Tensor, prec: str) -> tuple[Tensor, Tensor]:
-    """The forward kernel on float32 U [BH, N, C, Dv], Wk, Ke [BH, N, C, Dk] (unit last stride), GL [BH, N],
-    S0 [BH, Dv, Dk] -> (S_all [BH, N, Dv, Dk] chunk-start states, S_fin [BH, Dv, Dk])."""
+def recurrence_forward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S0: Tensor, prec: str,
+                       store: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """The forward kernel on U [BH, N, C, Dv], Wk, Ke [BH, N, C, Dk] (unit last stride; float32, or `store`
+    from triton_fused), GL [BH, N], S0 [BH, Dv, Dk] float32 -> (S_all [BH, N, Dv, Dk] chunk-start states in
+    `store`, S_fin [BH, Dv, Dk] float32). The state itself is carried in float32 either way."""
     BH, N, C, Dv = U.shape
     Dk = Wk.shape[-1]
-    if any(x.dtype != torch.float32 for x in (U, Wk, Ke, GL, S0)):
+    if any(x.dtype not in (torch.float32, store) for x in (U, Wk, Ke)) or GL.dtype != torch.float32 or \
+            S0.dtype != torch.float32:
         raise ValueError("delta_rule[triton]: the state recurrence takes float32 tensors, got "
                          f"{', '.join(str(x.dtype) for x in (U, Wk, Ke, GL, S0))}")
-    S_all = torch.empty(BH, N, Dv, Dk, dtype=torch.float32, device=U.device)
+    S_all = torch.empty(BH, N, Dv, Dk, dtype=store, device=U.device)
     S_fin = torch.empty(BH, Dv, Dk, dtype=torch.float32, device=U.device)
-    cfg = _config(BH, C, Dk, Dv, U.device, prec)
+    cfg = {**_config(BH, C, Dk, Dv, U.device, prec), **CONFIG_OVERRIDE.get("rec_fwd", {})}
     interpret = U.device.type == "cpu"
     fwd, _ = _kernels(interpret)
     fwd[(BH, triton.cdiv(Dv, cfg["BV"]))](
@@ -230,25 +238,25 @@ def recurrence_forward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S0: Tensor
 
 
 def recurrence_backward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S_all: Tensor, dS_all: Tensor | None,
-                        dS_fin: Tensor | None, prec: str, reduce: bool = True
+                        dS_fin: Tensor | None, prec: str, reduce: bool = True, store: torch.dtype = torch.float32
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward kernel (shapes as in `recurrence_forward`; dS_all, dS_fin may be None = zero) ->
-    (dU [BH, N, C, Dv], dWk, dKe [BH, N, C, Dk], dGL [BH, N], dS0 [BH, Dv, Dk]), float32. reduce=False returns
-    dWk, dKe, dGL as their per-row-block partials [NV, ...] (a caller that sums them itself)."""
+    (dU [BH, N, C, Dv], dWk, dKe [BH, N, C, Dk] in `store`, dGL [BH, N], dS0 [BH, Dv, Dk] float32). reduce=False
+    returns dWk, dKe, dGL as their per-row-block partials [NV, ...] (a caller that sums them itself)."""
     BH, N, C, Dv = U.shape
     Dk = Wk.shape[-1]
     dev = U.device
-    cfg = _config(BH, C, Dk, Dv, dev, prec)
+    cfg = {**_config(BH, C, Dk, Dv, dev, prec), **CONFIG_OVERRIDE.get("rec_bwd", {})}
     NV = triton.cdiv(Dv, cfg["BV"])
     f32 = {"dtype": torch.float32, "device": dev}
-    dU = torch.empty(BH, N, C, Dv, **f32)
-    dWk = torch.empty(NV, BH, N, C, Dk, **f32)
-    dKe = torch.empty(NV, BH, N, C, Dk, **f32)
+    dU = torch.empty(BH, N, C, Dv, dtype=store, device=dev)
+    dWk = torch.empty(NV, BH, N, C, Dk, dtype=store, device=dev)
+    dKe = torch.empty(NV, BH, N, C, Dk, dtype=store, device=dev)
     dGL = torch.empty(NV, BH, N, **f32)
     dS0 = torch.empty(BH, Dv, Dk, **f32)
     # an absent dS_all is skipped in the kernel (the pointer passed for it is never read); an absent dS_fin is
     # the zero start of the reverse walk (tl.zeros is a jit helper that the interpreter cannot always run)
-    dS_all_ = dS_all.reshape(BH, N, Dv, Dk).float().contiguous() if dS_all is not None else S_all
+    dS_all_ = dS_all.reshape(BH, N, Dv, Dk).contiguous() if dS_all is not None else S_all   # read as float32
     dS_fin_ = (dS_fin.reshape(BH, Dv, Dk).float().contiguous() if dS_fin is not None
                else torch.zeros(BH, Dv, Dk, **f32))
     interpret = dev.type == "cpu"

@@ -1,0 +1,112 @@
+"""Tuning runs of the fused Triton delta rule (issue 10): each variant (intermediate dtype, warps per kernel) is timed
+(forward + backward), profiled per kernel, and checked against a float64 reference, next to flash-linear-attention.
+
+    python benchmarks/delta_rule_tune.py                                   # GPU machine; carry .whl for fla
+    python benchmarks/delta_rule_tune.py --variants store=float32 store=bfloat16 store=bfloat16,warps=4
+
+A variant is comma-separated key=value: store=<torch dtype> (triton_fused.STORE_DTYPE), warps=N (every fused kernel),
+<kernel>=N (one kernel: prelude_fwd, output_fwd, output_bwd, prelude_bwd; rec_fwd, rec_bwd for the recurrence).
+Notation: B batch rows, T tokens per row (B·T = --tokens), H heads, D head width. Prints JSON lines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from delta_rule_kernels import fla_delta_rule, make_inputs, rel, time_fwd_bwd
+from profile_ops import run_profiled, top_kernels
+
+from memlm.ops.delta_rule import triton_fused, triton_impl
+
+KERNELS = ("prelude_fwd", "output_fwd", "output_bwd", "prelude_bwd")
+
+
+def apply_variant(spec: str) -> None:
+    triton_fused.STORE_DTYPE = torch.float32
+    triton_fused.WARPS = {}
+    triton_impl.CONFIG_OVERRIDE = {}
+    for item in filter(None, spec.split(",")):
+        key, val = item.split("=")
+        if key == "store":
+            triton_fused.STORE_DTYPE = getattr(torch, val)
+        elif key == "warps":
+            triton_fused.WARPS = {k: int(val) for k in KERNELS}
+        elif key in KERNELS:
+            triton_fused.WARPS[key] = int(val)
+        elif key in ("rec_fwd", "rec_bwd"):
+            triton_impl.CONFIG_OVERRIDE[key] = {"num_warps": int(val)}
+        else:
+            raise SystemExit(f"unknown variant key {key!r} in {spec!r}")
+
+
+def memlm_fn(gated: bool, fused: bool = True):
+    def f(q, k, v, beta):
+        g = -0.05 * beta.detach().float() if gated else None
+        return triton_impl.delta_rule(q, k, v, beta, g, output_final_state=False, fused=fused)[0]
+    return f
+
+
+def errors(fn, args, do, gated: bool) -> dict:
+    """Relative errors of o and every gradient against the same inputs in float64 (the chunked form: the reference's
+    math, fast enough at 65k tokens)."""
+    q, k, v, beta = (a.detach() for a in args)
+    leaves = [x.double().requires_grad_() for x in (q, k, v, beta)]
+    g = -0.05 * leaves[3].detach() if gated else None
+    o_ref = reference_chunked(*leaves, g)
+    ref = [o_ref, *torch.autograd.grad(o_ref, leaves, do.double())]
+    ins = [x.clone().requires_grad_() for x in (q, k, v, beta)]
+    o = fn(*ins)
+    got = [o, *torch.autograd.grad(o, ins, do)]
+    return {n: float(f"{rel(a, b):.2e}") for n, a, b in zip(("o", "dq", "dk", "dv", "dbeta"), got, ref)}
+
+
+def reference_chunked(q, k, v, beta, g):
+    from memlm.ops.delta_rule import chunked
+    return chunked.delta_rule(q, k, v, beta, g, output_final_state=False)[0]
+
+
+def kernel_ms(fn, a: tuple, top: int, iters: int = 3) -> dict:
+    """Milliseconds per call of the top kernels of one forward + backward (a = q, k, v, beta, do)."""
+    prof = run_profiled(lambda: torch.autograd.grad(fn(*a[:4]), a[:4], a[4]), 1, iters)
+    return {r["kernel"][:48]: round(r["ms"] / iters, 3) for r in top_kernels(prof, top)[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", nargs="+", default=["store=float32", "store=bfloat16", "store=bfloat16,warps=4"])
+    ap.add_argument("--seq", type=int, nargs="+", default=[2048, 8192, 32768])
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--profile-T", type=int, default=2048)
+    args = ap.parse_args()
+    dev, H, D = torch.device("cuda"), 8, 64
+    fla = fla_delta_rule()
+    print(json.dumps({"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "tokens": args.tokens, "H": H, "D": D}}), flush=True)
+    if fla is not None:
+        for T in args.seq:
+            a = make_inputs(args.tokens // T, T, H, D, torch.bfloat16, dev)
+            ms, _ = time_fwd_bwd(fla, a[:4], a[4], warmup=2, iters=args.iters, device=dev)
+            rec = {"impl": "fla", "T": T, "ms": round(ms, 3)}
+            if T == args.profile_T:
+                rec["err"] = errors(fla, a[:4], a[4], gated=False)
+                rec["kernels"] = kernel_ms(fla, a, 14)
+            print(json.dumps(rec), flush=True)
+    for spec in ["recurrence-only", *args.variants]:
+        fused = spec != "recurrence-only"
+        apply_variant("" if not fused else spec)
+        for gated in (False, True):
+            fn = memlm_fn(gated, fused)
+            for T in args.seq if fused else [args.profile_T]:
+                a = make_inputs(args.tokens // T, T, H, D, torch.bfloat16, dev)
+                ms, _ = time_fwd_bwd(fn, a[:4], a[4], warmup=2, iters=args.iters, device=dev)
+                rec = {"impl": "memlm", "variant": spec, "gated": gated, "T": T, "ms": round(ms, 3)}
+                if T == args.profile_T:
+                    rec["err"] = errors(fn, a[:4], a[4], gated)
+                    rec["kernels"] = kernel_ms(fn, a, 10)
+                print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
