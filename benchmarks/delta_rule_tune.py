@@ -4,8 +4,10 @@
     python benchmarks/delta_rule_tune.py                                   # GPU machine; carry .whl for fla
     python benchmarks/delta_rule_tune.py --variants store=float32 store=bfloat16 store=bfloat16,warps=4
 
-A variant is comma-separated key=value: store=<torch dtype> (triton_fused.STORE_DTYPE), warps=N (every fused kernel),
-<kernel>=N (one kernel: prelude_fwd, output_fwd, output_bwd, prelude_bwd; rec_fwd, rec_bwd for the recurrence).
+A variant is comma-separated key=value on top of the defaults ("default" alone: none): store=<torch dtype>
+(triton_fused.STORE_DTYPE), warps=N (every fused kernel), <kernel>=N (num_warps of one kernel: prelude_fwd,
+output_fwd, output_bwd, prelude_bwd, rec_fwd, rec_bwd), rec_fwd.<key>=N / rec_bwd.<key>=N (a recurrence config
+key: BV, num_stages, num_warps).
 Notation: B batch rows, T tokens per row (B·T = --tokens), H heads, D head width. Prints JSON lines.
 """
 from __future__ import annotations
@@ -23,11 +25,17 @@ KERNELS = ("prelude_fwd", "output_fwd", "output_bwd", "prelude_bwd")
 
 
 def apply_variant(spec: str) -> None:
-    triton_fused.STORE_DTYPE = torch.float32
+    triton_fused.STORE_DTYPE = None
     triton_fused.WARPS = {}
     triton_impl.CONFIG_OVERRIDE = {}
     for item in filter(None, spec.split(",")):
+        if item == "default":
+            continue
         key, val = item.split("=")
+        if "." in key:
+            kern, opt = key.split(".")
+            triton_impl.CONFIG_OVERRIDE.setdefault(kern, {})[opt] = int(val)
+            continue
         if key == "store":
             triton_fused.STORE_DTYPE = getattr(torch, val)
         elif key == "warps":
@@ -35,7 +43,7 @@ def apply_variant(spec: str) -> None:
         elif key in KERNELS:
             triton_fused.WARPS[key] = int(val)
         elif key in ("rec_fwd", "rec_bwd"):
-            triton_impl.CONFIG_OVERRIDE[key] = {"num_warps": int(val)}
+            triton_impl.CONFIG_OVERRIDE.setdefault(key, {})["num_warps"] = int(val)
         else:
             raise SystemExit(f"unknown variant key {key!r} in {spec!r}")
 
@@ -74,7 +82,7 @@ def kernel_ms(fn, a: tuple, top: int, iters: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", nargs="+", default=["store=float32", "store=bfloat16", "store=bfloat16,warps=4"])
+    ap.add_argument("--variants", nargs="+", default=["default", "store=float32"])
     ap.add_argument("--seq", type=int, nargs="+", default=[2048, 8192, 32768])
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--iters", type=int, default=10)

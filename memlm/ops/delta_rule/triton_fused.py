@@ -47,9 +47,12 @@ MAX_DIM = 64         # at 128 the backward kernels need more shared memory than 
 # fp32 inputs stay on triton_impl's recurrence-only path by default: with IEEE dots (fp32 accuracy) the fused kernels
 # spill tens of KB of registers and take minutes to compile. The interpreter tests switch it on (exact either way).
 FP32 = False
-# Per-chunk intermediates in HBM (Xm, U, Wk, Ke, the chunk-start states and the backward's partial gradients): float32,
-# or bfloat16 (half the traffic, as flash-linear-attention keeps them); kernel math is float32 either way.
-STORE_DTYPE = torch.float32
+# dtype of the per-chunk intermediates in HBM (Xm, U, Wk, Ke, the chunk-start states, the backward's partial
+# gradients); kernel math and the carried state are float32 either way. None: bfloat16 for bf16 inputs (half the
+# traffic: 13 % faster on an H100; errors against float64 2.9e-3–4.2e-3 at T 2048, below flash-linear-attention's
+# 4.0e-3–5.9e-3 with its bf16 intermediates, docs/benchmarks.md), float32 otherwise (fp16 inputs keep their 10-bit
+# accuracy; fp16 partial gradients could underflow).
+STORE_DTYPE: torch.dtype | None = None
 # num_warps per kernel ("prelude_fwd", "output_fwd", "output_bwd", "prelude_bwd") overriding `_meta` (tuning runs)
 WARPS: dict[str, int] = {}
 BLK = tl.constexpr(16) if tl is not None else 16   # diagonal blocks of the inverse
@@ -294,52 +297,55 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, 
     D = tl.where(pair, tl.exp(tl.where(pair, gc[:, None] - gc[None, :], 0.0)), 0.0)
     # --- end decays ---
     cb = ((bh * N + n) * C + rc)[:, None]
-    base = (bh * N + n) * C * C
-    X = tl.load(Xm + base + rc[:, None] * C + rc[None, :], mask=rc[:, None] >= rc[None, :], other=0.0).to(tl.float32)
+    # Ordered so that few [C, C] / [C, D] tiles are live at once (4 warps: fewer register spills): each partial
+    # gradient is loaded right before its use and each [C, C] tile is reduced to row / column sums as soon as it is made.
+    e = tl.reduce(tl.where(rc[:, None] == C - 1, D, 0.0), 0, tl.standard._sum_combine)   # D_{C−1, i}
     du = (tl.load(dU_o + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
           + tl.load(dU_r + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32))
     dwk = tl.load(dWk_o + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
-    dke = tl.load(dKe + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
-    dgl = tl.load(dGL + bh * N + n)
     part = BH_ * N * C * Dk
     for p in range(NV):
         dwk += tl.load(dWk_r + p * part + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
-        if p > 0:
-            dke += tl.load(dKe + p * part + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
-            dgl += tl.load(dGL + p * BH_ * N + bh * N + n)
     kf, vf = k.to(tl.float32), v.to(tl.float32)
     bg = beta * gamma
     # U = X (β V), Wk = X (βγ K)
-    dX = tl.dot(du, tl.trans(beta[:, None] * vf), input_precision=PREC)
-    dX = tl.dot(dwk, tl.trans(bg[:, None] * kf), acc=dX, input_precision=PREC)
+    X = tl.load(Xm + (bh * N + n) * C * C + rc[:, None] * C + rc[None, :], mask=rc[:, None] >= rc[None, :],
+                other=0.0).to(tl.float32)
     drv = tl.dot(tl.trans(X), du, input_precision=PREC)                         # ∂L/∂(β V)
     drk = tl.dot(tl.trans(X), dwk, input_precision=PREC)                        # ∂L/∂(βγ K)
+    dX = tl.dot(du, tl.trans(beta[:, None] * vf), input_precision=PREC)
+    dX = tl.dot(dwk, tl.trans(bg[:, None] * kf), acc=dX, input_precision=PREC)
+    # X = (I + A)⁻¹  ⇒  dA = −Xᵀ dX Xᵀ on the strictly lower part; A = (β ⊙rows K Kᵀ) ⊙ D⁻
+    strict = rc[:, None] > rc[None, :]
+    dA = tl.where(strict, -tl.dot(tl.dot(tl.trans(X), dX, input_precision=PREC), tl.trans(X), input_precision=PREC),
+                  0.0)
     tl.store(dV + tok[:, None] * Dv + rv[None, :], (beta[:, None] * drv).to(dV.dtype.element_ty),
              mask=mt[:, None] & mv[None, :])
     kdrk = tl.reduce(kf * drk, 1, tl.standard._sum_combine)
     dbeta = tl.reduce(vf * drv, 1, tl.standard._sum_combine) + gamma * kdrk
     dgamma = beta * kdrk
     dk = bg[:, None] * drk
-    # X = (I + A)⁻¹  ⇒  dA = −Xᵀ dX Xᵀ on the strictly lower part; A = (β ⊙rows K Kᵀ) ⊙ D⁻
-    dA = -tl.dot(tl.dot(tl.trans(X), dX, input_precision=PREC), tl.trans(X), input_precision=PREC)
-    strict = rc[:, None] > rc[None, :]
-    KKD = tl.where(strict, tl.dot(k, tl.trans(k), input_precision=PREC) * D, 0.0)
-    dA = tl.where(strict, dA, 0.0)
-    dKK = dA * D * beta[:, None]
+    dAD = dA * D
+    dAA = dAD * tl.where(strict, tl.dot(k, tl.trans(k), input_precision=PREC), 0.0)   # dA ⊙ (K Kᵀ ⊙ D⁻)
+    dbeta += tl.reduce(dAA, 1, tl.standard._sum_combine)
+    dAA = dAA * beta[:, None]                                                   # dA ⊙ A
+    dl = tl.reduce(dAA, 1, tl.standard._sum_combine) - tl.reduce(dAA, 0, tl.standard._sum_combine)
+    dKK = dAD * beta[:, None]
     dk = tl.dot(dKK, kf, acc=dk, input_precision=PREC)
     dk = tl.dot(tl.trans(dKK), kf, acc=dk, input_precision=PREC)
-    dbeta += tl.reduce(dA * KKD, 1, tl.standard._sum_combine)
-    dL = dA * KKD * beta[:, None]                                               # dA ⊙ A
     # Ke = e ⊙ K, e_i = exp(G_{C−1} − G_i) [same segment]; γ_{C−1} = exp(G_{C−1}) [no reset in the chunk]
-    e = tl.reduce(tl.where(rc[:, None] == C - 1, D, 0.0), 0, tl.standard._sum_combine)
+    dke = tl.load(dKe + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
+    dgl = tl.load(dGL + bh * N + n)
+    for p in range(1, NV):
+        dke += tl.load(dKe + p * part + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
+        dgl += tl.load(dGL + p * BH_ * N + bh * N + n)
     dk += e[:, None] * dke + tl.load(dKo + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
     tl.store(dK + tok[:, None] * Dk + rk[None, :], dk.to(dK.dtype.element_ty),
              mask=mt[:, None] & mk[None, :])
     tl.store(dBeta + tok, dbeta, mask=mt)
     if HAS_G:
         dee = e * tl.reduce(dke * kf, 1, tl.standard._sum_combine)              # ∂L/∂e ⊙ e
-        dgc = (tl.reduce(dL, 1, tl.standard._sum_combine) - tl.reduce(dL, 0, tl.standard._sum_combine)
-               - dee + dgamma * gamma + tl.load(dGC_o + (bh * N + n) * C + rc))
+        dgc = dl - dee + dgamma * gamma + tl.load(dGC_o + (bh * N + n) * C + rc)
         dlast = tl.reduce(dee, 0, tl.standard._sum_combine) + dgl * tl.reduce(
             tl.where(rc == C - 1, gamma, 0.0), 0, tl.standard._sum_combine)
         dgc += tl.where(rc == C - 1, dlast, 0.0)
@@ -375,9 +381,9 @@ def _inner(x: Tensor) -> Tensor:
 
 def _meta(Dk: int, Dv: int, C: int, prec: str) -> dict:
     BK, BV = triton_impl._pow2(Dk), triton_impl._pow2(Dv)
-    # 8 warps at C = 64: with 4 the backward kernels spill KBs of registers (ptxas), with 8 a few hundred bytes
-    return {"C": C, "BK": BK, "BV": BV, "PREC": prec, "num_warps": 8 if C * max(BK, BV) >= 64 * 64 else 4,
-            "num_stages": 1}
+    # 4 warps, although at C = 64 the backward kernels then spill 2.6–3 KB of registers (ptxas; < 1 KB at 8 warps):
+    # two programs per SM hide each other's latency, 1.4–1.8× faster per kernel on an H100 (delta_rule_tune.py)
+    return {"C": C, "BK": BK, "BV": BV, "PREC": prec, "num_warps": 4, "num_stages": 1}
 
 
 def _tuned(kernel: str, meta: dict) -> dict:
@@ -401,7 +407,7 @@ class _FusedDeltaRule(torch.autograd.Function):
         BH = B * H
         dev = q.device
         f32 = {"dtype": torch.float32, "device": dev}
-        st = {"dtype": STORE_DTYPE, "device": dev}
+        st = {"dtype": STORE_DTYPE or (torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32), "device": dev}
         Xm = torch.empty(BH, N, C, C, **st)
         U = torch.empty(BH, N, C, Dv, **st)
         Wk = torch.empty(BH, N, C, Dk, **st)
@@ -415,7 +421,7 @@ class _FusedDeltaRule(torch.autograd.Function):
                                      T, H, Dk, Dv, N, NB_ROUNDS=max(0, (C // 16).bit_length() - 2),
                                      **_tuned("prelude_fwd", meta))
         S0_ = (S0.float() if S0 is not None else torch.zeros(B, H, Dv, Dk, **f32)).reshape(BH, Dv, Dk).contiguous()
-        S_all, S_fin = triton_impl.recurrence_forward(U, Wk, Ke, GL, S0_, prec, STORE_DTYPE)
+        S_all, S_fin = triton_impl.recurrence_forward(U, Wk, Ke, GL, S0_, prec, U.dtype)
         o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=dev)
         kern["output_fwd"][(N, BH)](q, k, gx, rx, S_all, U, Wk, o, *_s3(q), *_s3(k), T, H, Dk, Dv, N, scale=scale,
                                     **_tuned("output_fwd", meta))
