@@ -127,7 +127,9 @@ def test_kernels_compile_for_hopper_without_a_gpu(C, Dk, Dv, BH):
         cfg["BV"] = 16
     options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     consts = {**cfg, "PREC": triton_impl.DOT_PRECISION}
-    for kernel, extra in zip(triton_impl._kernels(False), ({}, {"HAS_DSALL": True})):
+    fwd, bwd = triton_impl._kernels(False)
+    variants = ((fwd, {}), (bwd, {"HAS_DSALL": True, "STATES": False}), (bwd, {"HAS_DSALL": True, "STATES": True}))
+    for kernel, extra in variants:
         c = {**consts, **extra}
         ints = {"su_bh", "su_n", "su_c", "sw_bh", "sw_n", "sw_c", "se_bh", "se_n", "se_c", "BH", "N", "C", "Dk", "Dv"}
         sig = {a: "constexpr" if a in c else "i32" if a in ints else "*fp32" for a in kernel.arg_names}

@@ -29,8 +29,6 @@ import functools
 import torch
 from torch import Tensor
 
-from memlm.ops.triton_common import loop_count
-
 from . import triton_impl
 
 try:
@@ -259,15 +257,16 @@ def _output_bwd(Q, K, G, R, S_all, U, Wk, dO, dQ, dKo, dU, dWk, dS, dGC,
     tl.store(dGC + (bh * N + n) * C + rc, dgc)
 
 
-def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, dGC_o,
+def _prelude_bwd(K, V, Beta, G, R, Xm, U, Wk, S_all, dS_next, dU_o, dWk_o, dKo, dGC_o,
                  dK, dV, dBeta, dG,
                  skb, skt, skh, svb, svt, svh,
-                 T, H, Dk, Dv, N, NV, BH_,
+                 T, H, Dk, Dv, N,
                  HAS_G: tl.constexpr, HAS_R: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  PREC: tl.constexpr):
-    """dK, dV contiguous, in k's and v's dtype; dBeta, dG [B, T, H] float32 (contiguous). dU_r, and the per-row-block
-    partials dWk_r, dKe [NV, BH, N, C, Dk], dGL [NV, BH, N] from the recurrence's backward (summed here, not by
-    separate reductions); dU_o, dWk_o, dKo, dGC_o from _output_bwd."""
+    """dK, dV contiguous, in k's and v's dtype; dBeta, dG [B, T, H] float32 (contiguous). dS_next [BH, N, Dv, Dk]
+    (∂L/∂S_{n+1}) from the recurrence's backward: the chunk's own recurrence gradients (dU = Ke dS_{n+1}ᵀ,
+    dKe = W dS_{n+1}, dWk = −dU S_n, dγ_{C−1} = ⟨dS_{n+1}, S_n⟩) are formed here, in parallel over chunks;
+    dU_o, dWk_o, dKo, dGC_o from _output_bwd."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -300,13 +299,23 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, 
     # Ordered so that few [C, C] / [C, D] tiles are live at once (4 warps: fewer register spills): each partial
     # gradient is loaded right before its use and each [C, C] tile is reduced to row / column sums as soon as it is made.
     e = tl.reduce(tl.where(rc[:, None] == C - 1, D, 0.0), 0, tl.standard._sum_combine)   # D_{C−1, i}
-    du = (tl.load(dU_o + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
-          + tl.load(dU_r + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32))
-    dwk = tl.load(dWk_o + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
-    part = BH_ * N * C * Dk
-    for p in range(NV):
-        dwk += tl.load(dWk_r + p * part + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
     kf, vf = k.to(tl.float32), v.to(tl.float32)
+    # the recurrence S_{n+1} = γ_{C−1} S_n + (U − Wk S_nᵀ)ᵀ Ke: gradients from dS_{n+1}
+    s_off = (bh * N + n) * Dv * Dk + rv[:, None] * Dk + rk[None, :]
+    S = tl.load(S_all + s_off, mask=mv[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    dSn = tl.load(dS_next + s_off, mask=mv[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    dgl = tl.reduce(tl.reduce(dSn * S, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
+    dw_r = tl.dot(e[:, None] * kf, tl.trans(dSn), input_precision=PREC)        # ∂L/∂W through S_{n+1}  [C, BV]
+    W = tl.load(U + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32) - tl.dot(
+        tl.load(Wk + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32), tl.trans(S),
+        input_precision=PREC)
+    dke = tl.dot(W, dSn, input_precision=PREC)                                  # ∂L/∂Ke  [C, BK]
+    dwk = tl.load(dWk_o + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32) - tl.dot(
+        dw_r, S, input_precision=PREC)
+    du = tl.load(dU_o + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32) + dw_r
+    # Ke = e ⊙ K, e_i = exp(G_{C−1} − G_i) [same segment]; γ_{C−1} = exp(G_{C−1}) [no reset in the chunk]
+    dk = e[:, None] * dke
+    dee = e * tl.reduce(dke * kf, 1, tl.standard._sum_combine)                  # ∂L/∂e ⊙ e
     bg = beta * gamma
     # U = X (β V), Wk = X (βγ K)
     X = tl.load(Xm + (bh * N + n) * C * C + rc[:, None] * C + rc[None, :], mask=rc[:, None] >= rc[None, :],
@@ -324,7 +333,7 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, 
     kdrk = tl.reduce(kf * drk, 1, tl.standard._sum_combine)
     dbeta = tl.reduce(vf * drv, 1, tl.standard._sum_combine) + gamma * kdrk
     dgamma = beta * kdrk
-    dk = bg[:, None] * drk
+    dk += bg[:, None] * drk
     dAD = dA * D
     dAA = dAD * tl.where(strict, tl.dot(k, tl.trans(k), input_precision=PREC), 0.0)   # dA ⊙ (K Kᵀ ⊙ D⁻)
     dbeta += tl.reduce(dAA, 1, tl.standard._sum_combine)
@@ -333,18 +342,11 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, 
     dKK = dAD * beta[:, None]
     dk = tl.dot(dKK, kf, acc=dk, input_precision=PREC)
     dk = tl.dot(tl.trans(dKK), kf, acc=dk, input_precision=PREC)
-    # Ke = e ⊙ K, e_i = exp(G_{C−1} − G_i) [same segment]; γ_{C−1} = exp(G_{C−1}) [no reset in the chunk]
-    dke = tl.load(dKe + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
-    dgl = tl.load(dGL + bh * N + n)
-    for p in range(1, NV):
-        dke += tl.load(dKe + p * part + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
-        dgl += tl.load(dGL + p * BH_ * N + bh * N + n)
-    dk += e[:, None] * dke + tl.load(dKo + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
+    dk += tl.load(dKo + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
     tl.store(dK + tok[:, None] * Dk + rk[None, :], dk.to(dK.dtype.element_ty),
              mask=mt[:, None] & mk[None, :])
     tl.store(dBeta + tok, dbeta, mask=mt)
     if HAS_G:
-        dee = e * tl.reduce(dke * kf, 1, tl.standard._sum_combine)              # ∂L/∂e ⊙ e
         dgc = dl - dee + dgamma * gamma + tl.load(dGC_o + (bh * N + n) * C + rc)
         dlast = tl.reduce(dee, 0, tl.standard._sum_combine) + dgl * tl.reduce(
             tl.where(rc == C - 1, gamma, 0.0), 0, tl.standard._sum_combine)
@@ -459,16 +461,14 @@ class _FusedDeltaRule(torch.autograd.Function):
             dS_o = None
             for x in (dq, dKo, dU_o, dWk_o, dGC_o):
                 x.zero_()
-        dU_r, dWk_r, dKe, dGL, dS0 = triton_impl.recurrence_backward(
-            U, Wk, Ke, GL, S_all, dS_o, None if dS_fin is None else dS_fin.reshape(BH, Dv, Dk), prec, reduce=False,
-            store=Xm.dtype)
+        dS_next, dS0 = triton_impl.recurrence_backward_states(
+            Wk, Ke, GL, dS_o, None if dS_fin is None else dS_fin.reshape(BH, Dv, Dk), Dv, prec)
         dk = torch.empty(B, T, H, Dk, dtype=k.dtype, device=dev)
         dv = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
         dbeta = torch.empty(B, T, H, **f32)
         dg = torch.empty(B, T, H, **f32) if g is not None else dbeta
-        kern["prelude_bwd"][(N, BH)](k, v, beta, gx, rx, Xm, dU_o, dU_r, dWk_o, dWk_r, dKe, dGL, dKo, dGC_o,
+        kern["prelude_bwd"][(N, BH)](k, v, beta, gx, rx, Xm, U, Wk, S_all, dS_next, dU_o, dWk_o, dKo, dGC_o,
                                      dk, dv, dbeta, dg, *_s3(k), *_s3(v), T, H, Dk, Dv, N,
-                                     loop_count(dWk_r.shape[0], dev.type == "cpu"), BH,
                                      **_tuned("prelude_bwd", meta))
         return (dq, dk, dv, dbeta.to(beta.dtype), dg.to(g.dtype) if g is not None else None,
                 dS0.view(B, H, Dv, Dk).to(S0_dtype) if S0_dtype is not None else None, None, None, None, None)

@@ -112,11 +112,15 @@ def _recurrence_fwd(U, Wk, Ke, GL, S0, S_all, S_fin,
 def _recurrence_bwd(U, Wk, Ke, GL, S_all, dS_all, dS_fin, dU, dWk, dKe, dGL, dS0,
                     su_bh, su_n, su_c, sw_bh, sw_n, sw_c, se_bh, se_n, se_c,
                     BH, N, C, Dk, Dv,
-                    HAS_DSALL: tl.constexpr, BC: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, PREC: tl.constexpr):
+                    HAS_DSALL: tl.constexpr, STATES: tl.constexpr, BC: tl.constexpr, SUB: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Grid (BH, NV). Inputs as in the forward, plus dS_all [BH, N, Dv, Dk], dS_fin [BH, Dv, Dk].
     Writes dU [BH, N, C, Dv], dS0 [BH, Dv, Dk] and the per-Dv-block partials dWk, dKe [NV, BH, N, C, Dk],
-    dGL [NV, BH, N] (all contiguous). Rows of a chunk in sub-blocks of SUB, as in the forward."""
+    dGL [NV, BH, N] (all contiguous). Rows of a chunk in sub-blocks of SUB, as in the forward.
+    STATES (triton_fused): only the state gradients — dU is then dS_next [BH, N, Dv, Dk], ∂L/∂S_{n+1} per chunk,
+    and U, S_all, dWk, dKe, dGL are not touched; the per-chunk gradients (dU = Ke dS_{n+1}ᵀ, dKe = W dS_{n+1},
+    dWk = −dU S_n, dγ = ⟨dS_{n+1}, S_n⟩) are left to a parallel kernel, so each step of this sequential walk does two
+    dots instead of five."""
     bh = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1).to(tl.int64)
     rk = tl.arange(0, BK)
@@ -129,32 +133,37 @@ def _recurrence_bwd(U, Wk, Ke, GL, S_all, dS_all, dS_fin, dU, dWk, dKe, dGL, dS0
     for i in range(N):
         n = N - 1 - i
         # here dS = ∂L/∂S_{n+1}; dS_prev collects ∂L/∂S_n (direct, through γ_n, through W_n = U_n − Wk_n S_nᵀ)
-        S = tl.load(S_all + (bh * N + n) * Dv * Dk + s_off, mask=m_s, other=0.0).to(tl.float32)
         dS_prev = tl.load(GL + bh * N + n) * dS
         if HAS_DSALL:
             dS_prev += tl.load(dS_all + (bh * N + n) * Dv * Dk + s_off, mask=m_s, other=0.0).to(tl.float32)
-        # tl.sum's own body is a jit function that only works in the interpreter if TRITON_INTERPRET was set
-        # before triton was imported; tl.reduce with the standard sum combiner is what tl.sum expands to
-        # (and the interpreter maps it to np.sum)
-        tl.store(dGL + part * N + n, tl.reduce(dS * S, None, tl.standard._sum_combine))
+        if STATES:
+            tl.store(dU + (bh * N + n) * Dv * Dk + s_off, dS.to(dU.dtype.element_ty), mask=m_s)
+            S = dS                                                          # unused in this mode
+        else:
+            S = tl.load(S_all + (bh * N + n) * Dv * Dk + s_off, mask=m_s, other=0.0).to(tl.float32)
+            # tl.sum's own body is a jit function that only works in the interpreter if TRITON_INTERPRET was set
+            # before triton was imported; tl.reduce with the standard sum combiner is what tl.sum expands to
+            # (and the interpreter maps it to np.sum)
+            tl.store(dGL + part * N + n, tl.reduce(dS * S, None, tl.standard._sum_combine))
         for j in range(BC // SUB):
             rc = j * SUB + tl.arange(0, SUB)
             mc = rc < C
             m_ck = mc[:, None] & mk[None, :]
-            u = tl.load(U + bh * su_bh + n * su_n + rc[:, None] * su_c + rv[None, :],
-                        mask=mc[:, None] & mv[None, :], other=0.0).to(tl.float32)
             wk = tl.load(Wk + bh * sw_bh + n * sw_n + rc[:, None] * sw_c + rk[None, :], mask=m_ck,
                          other=0.0).to(tl.float32)
             ke = tl.load(Ke + bh * se_bh + n * se_n + rc[:, None] * se_c + rk[None, :], mask=m_ck,
                          other=0.0).to(tl.float32)
-            w = u - tl.dot(wk, tl.trans(S), input_precision=PREC)          # recomputed rows of W_n  [SUB, BV]
             dw = tl.dot(ke, tl.trans(dS), input_precision=PREC)            # ∂L/∂W_n = Ke dSᵀ        [SUB, BV]
-            tl.store(dU + (bh * N + n) * C * Dv + rc[:, None] * Dv + rv[None, :], dw.to(dU.dtype.element_ty),
-                     mask=mc[:, None] & mv[None, :])
-            ck_off = (part * N + n) * C * Dk + rc[:, None] * Dk + rk[None, :]
-            tl.store(dKe + ck_off, tl.dot(w, dS, input_precision=PREC).to(dKe.dtype.element_ty), mask=m_ck)  # W dS
-            tl.store(dWk + ck_off, (-tl.dot(dw, S, input_precision=PREC)).to(dWk.dtype.element_ty),
-                     mask=m_ck)                                                                # −dW S
+            if not STATES:
+                u = tl.load(U + bh * su_bh + n * su_n + rc[:, None] * su_c + rv[None, :],
+                            mask=mc[:, None] & mv[None, :], other=0.0).to(tl.float32)
+                w = u - tl.dot(wk, tl.trans(S), input_precision=PREC)      # recomputed rows of W_n  [SUB, BV]
+                tl.store(dU + (bh * N + n) * C * Dv + rc[:, None] * Dv + rv[None, :], dw.to(dU.dtype.element_ty),
+                         mask=mc[:, None] & mv[None, :])
+                ck_off = (part * N + n) * C * Dk + rc[:, None] * Dk + rk[None, :]
+                tl.store(dKe + ck_off, tl.dot(w, dS, input_precision=PREC).to(dKe.dtype.element_ty), mask=m_ck)
+                tl.store(dWk + ck_off, (-tl.dot(dw, S, input_precision=PREC)).to(dWk.dtype.element_ty),
+                         mask=m_ck)                                                                # −dW S
             dS_prev = tl.dot(tl.trans(dw), -wk, acc=dS_prev, input_precision=PREC)        # −dWᵀ Wk
         dS = dS_prev
     tl.store(dS0 + bh * Dv * Dk + s_off, dS, mask=m_s)
@@ -266,12 +275,34 @@ def recurrence_backward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S_all: Te
         U, Wk, Ke, GL.contiguous(), S_all, dS_all_, dS_fin_, dU, dWk, dKe, dGL, dS0,
         U.stride(0), U.stride(1), U.stride(2), Wk.stride(0), Wk.stride(1), Wk.stride(2),
         Ke.stride(0), Ke.stride(1), Ke.stride(2), BH, _count(N, interpret), C, Dk, Dv,
-        HAS_DSALL=dS_all is not None, PREC=prec, **cfg)
+        HAS_DSALL=dS_all is not None, STATES=False, PREC=prec, **cfg)
     if not reduce:
         return dU, dWk, dKe, dGL, dS0
     if NV > 1:
         return dU, dWk.sum(0), dKe.sum(0), dGL.sum(0), dS0
     return dU, dWk[0], dKe[0], dGL[0], dS0
+
+
+def recurrence_backward_states(Wk: Tensor, Ke: Tensor, GL: Tensor, dS_all: Tensor | None, dS_fin: Tensor | None,
+                               Dv: int, prec: str) -> tuple[Tensor, Tensor]:
+    """The backward walk for the state gradients only (triton_fused): Wk, Ke [BH, N, C, Dk], GL [BH, N], dS_all
+    [BH, N, Dv, Dk] or None, dS_fin [BH, Dv, Dk] or None -> (dS_next [BH, N, Dv, Dk] = ∂L/∂S_{n+1} per chunk in Wk's
+    dtype, dS0 [BH, Dv, Dk] float32)."""
+    BH, N, C, Dk = Wk.shape
+    dev = Wk.device
+    cfg = {**_config(BH, C, Dk, Dv, dev, prec), **CONFIG_OVERRIDE.get("rec_bwd", {})}
+    dS_next = torch.empty(BH, N, Dv, Dk, dtype=Wk.dtype, device=dev)
+    dS0 = torch.empty(BH, Dv, Dk, dtype=torch.float32, device=dev)
+    dS_fin_ = (dS_fin.reshape(BH, Dv, Dk).float().contiguous() if dS_fin is not None
+               else torch.zeros(BH, Dv, Dk, dtype=torch.float32, device=dev))
+    interpret = dev.type == "cpu"
+    _, bwd = _kernels(interpret)
+    # U, S_all, dWk, dKe, dGL are not touched in this mode: any valid pointer stands in for them
+    bwd[(BH, triton.cdiv(Dv, cfg["BV"]))](
+        Wk, Wk, Ke, GL.contiguous(), Wk, dS_all if dS_all is not None else Wk, dS_fin_, dS_next, Wk, Wk, GL, dS0,
+        0, 0, 0, Wk.stride(0), Wk.stride(1), Wk.stride(2), Ke.stride(0), Ke.stride(1), Ke.stride(2),
+        BH, _count(N, interpret), C, Dk, Dv, HAS_DSALL=dS_all is not None, STATES=True, PREC=prec, **cfg)
+    return dS_next, dS0
 
 
 class _Recurrence(torch.autograd.Function):
