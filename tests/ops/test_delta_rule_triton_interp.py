@@ -225,6 +225,7 @@ def test_fused_with_half_precision_intermediates(fused, monkeypatch, store):
     """STORE_DTYPE = bf16/fp16: the per-chunk intermediates and partial gradients go through HBM in half precision
     (math in float32): every output and gradient stays within the half-precision tolerance of the float64 reference."""
     monkeypatch.setattr(triton_fused, "STORE_DTYPE", store)
+    monkeypatch.setattr(triton_fused, "RECURRENCE_DTYPE", None)     # U, Wk, Ke too
     monkeypatch.setattr(triton_impl, "MAX_BV", 16)     # two recurrence row blocks: half-precision partials summed
     inp = make_inputs(2, 100, 2, 16, 32, gated=True, init=True, seed=11)
     got = run(triton_impl.delta_rule, inp, reset=resets(2, 100))

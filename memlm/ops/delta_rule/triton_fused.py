@@ -51,6 +51,11 @@ FP32 = False
 # 4.0e-3–5.9e-3 with its bf16 intermediates, docs/benchmarks.md), float32 otherwise (fp16 inputs keep their 10-bit
 # accuracy; fp16 partial gradients could underflow).
 STORE_DTYPE: torch.dtype | None = None
+# dtype of the two state walks' inputs (U, Wk, Ke forward; the output kernel's dS_n backward): float32 by default,
+# so that the final state (carried into the next segment or into decoding) and dS0 keep float32 accuracy — with
+# them in bf16 the final state's error against float64 grew from TF32 level to 6e-3 (the GPU test caught it);
+# None: STORE_DTYPE's choice.
+RECURRENCE_DTYPE: torch.dtype | None = torch.float32
 # num_warps per kernel ("prelude_fwd", "output_fwd", "output_bwd", "prelude_bwd") overriding `_meta` (tuning runs)
 WARPS: dict[str, int] = {}
 BLK = tl.constexpr(16) if tl is not None else 16   # diagonal blocks of the inverse
@@ -410,10 +415,11 @@ class _FusedDeltaRule(torch.autograd.Function):
         dev = q.device
         f32 = {"dtype": torch.float32, "device": dev}
         st = {"dtype": STORE_DTYPE or (torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32), "device": dev}
+        rt = {**st, "dtype": RECURRENCE_DTYPE or st["dtype"]}
         Xm = torch.empty(BH, N, C, C, **st)
-        U = torch.empty(BH, N, C, Dv, **st)
-        Wk = torch.empty(BH, N, C, Dk, **st)
-        Ke = torch.empty(BH, N, C, Dk, **st)
+        U = torch.empty(BH, N, C, Dv, **rt)
+        Wk = torch.empty(BH, N, C, Dk, **rt)
+        Ke = torch.empty(BH, N, C, Dk, **rt)
         GL = torch.empty(BH, N, **f32)
         gx = g if g is not None else beta          # a valid pointer when there is no g / reset (never read)
         rx = reset if reset is not None else beta
@@ -423,7 +429,7 @@ class _FusedDeltaRule(torch.autograd.Function):
                                      T, H, Dk, Dv, N, NB_ROUNDS=max(0, (C // 16).bit_length() - 2),
                                      **_tuned("prelude_fwd", meta))
         S0_ = (S0.float() if S0 is not None else torch.zeros(B, H, Dv, Dk, **f32)).reshape(BH, Dv, Dk).contiguous()
-        S_all, S_fin = triton_impl.recurrence_forward(U, Wk, Ke, GL, S0_, prec, U.dtype)
+        S_all, S_fin = triton_impl.recurrence_forward(U, Wk, Ke, GL, S0_, prec, Xm.dtype)
         o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=dev)
         kern["output_fwd"][(N, BH)](q, k, gx, rx, S_all, U, Wk, o, *_s3(q), *_s3(k), T, H, Dk, Dv, N, scale=scale,
                                     **_tuned("output_fwd", meta))
@@ -453,7 +459,7 @@ class _FusedDeltaRule(torch.autograd.Function):
         dGC_o = torch.empty(BH, N, C, **f32)
         if do is not None:
             do = _inner(do)
-            dS_o = torch.empty(BH, N, Dv, Dk, **st)
+            dS_o = torch.empty(BH, N, Dv, Dk, dtype=U.dtype, device=dev)    # the backward walk's input, as U is the forward's
             kern["output_bwd"][(N, BH)](q, k, gx, rx, S_all, U, Wk, do, dq, dKo, dU_o, dWk_o, dS_o, dGC_o,
                                         *_s3(q), *_s3(k), *_s3(do), T, H, Dk, Dv, N, scale=scale,
                                         **_tuned("output_bwd", meta))
@@ -462,7 +468,7 @@ class _FusedDeltaRule(torch.autograd.Function):
             for x in (dq, dKo, dU_o, dWk_o, dGC_o):
                 x.zero_()
         dS_next, dS0 = triton_impl.recurrence_backward_states(
-            Wk, Ke, GL, dS_o, None if dS_fin is None else dS_fin.reshape(BH, Dv, Dk), Dv, prec)
+            Wk, Ke, GL, dS_o, None if dS_fin is None else dS_fin.reshape(BH, Dv, Dk), Dv, prec, Xm.dtype)
         dk = torch.empty(B, T, H, Dk, dtype=k.dtype, device=dev)
         dv = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
         dbeta = torch.empty(B, T, H, **f32)

@@ -231,8 +231,8 @@ def recurrence_forward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S0: Tensor
     `store`, S_fin [BH, Dv, Dk] float32). The state itself is carried in float32 either way."""
     BH, N, C, Dv = U.shape
     Dk = Wk.shape[-1]
-    if any(x.dtype not in (torch.float32, store) for x in (U, Wk, Ke)) or GL.dtype != torch.float32 or \
-            S0.dtype != torch.float32:
+    if any(x.dtype not in (torch.float32, torch.bfloat16, torch.float16) for x in (U, Wk, Ke)) or \
+            GL.dtype != torch.float32 or S0.dtype != torch.float32:
         raise ValueError("delta_rule[triton]: the state recurrence takes float32 tensors, got "
                          f"{', '.join(str(x.dtype) for x in (U, Wk, Ke, GL, S0))}")
     S_all = torch.empty(BH, N, Dv, Dk, dtype=store, device=U.device)
@@ -284,14 +284,14 @@ def recurrence_backward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S_all: Te
 
 
 def recurrence_backward_states(Wk: Tensor, Ke: Tensor, GL: Tensor, dS_all: Tensor | None, dS_fin: Tensor | None,
-                               Dv: int, prec: str) -> tuple[Tensor, Tensor]:
+                               Dv: int, prec: str, store: torch.dtype) -> tuple[Tensor, Tensor]:
     """The backward walk for the state gradients only (triton_fused): Wk, Ke [BH, N, C, Dk], GL [BH, N], dS_all
-    [BH, N, Dv, Dk] or None, dS_fin [BH, Dv, Dk] or None -> (dS_next [BH, N, Dv, Dk] = ∂L/∂S_{n+1} per chunk in Wk's
-    dtype, dS0 [BH, Dv, Dk] float32)."""
+    [BH, N, Dv, Dk] or None, dS_fin [BH, Dv, Dk] or None -> (dS_next [BH, N, Dv, Dk] = ∂L/∂S_{n+1} per chunk in
+    `store`, dS0 [BH, Dv, Dk] float32)."""
     BH, N, C, Dk = Wk.shape
     dev = Wk.device
     cfg = {**_config(BH, C, Dk, Dv, dev, prec), **CONFIG_OVERRIDE.get("rec_bwd", {})}
-    dS_next = torch.empty(BH, N, Dv, Dk, dtype=Wk.dtype, device=dev)
+    dS_next = torch.empty(BH, N, Dv, Dk, dtype=store, device=dev)
     dS0 = torch.empty(BH, Dv, Dk, dtype=torch.float32, device=dev)
     dS_fin_ = (dS_fin.reshape(BH, Dv, Dk).float().contiguous() if dS_fin is not None
                else torch.zeros(BH, Dv, Dk, dtype=torch.float32, device=dev))
