@@ -27,10 +27,10 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from memlm.ops import dispatch
+from memlm.ops.attention import masked_attention_sdpa
 from memlm.ops.triton_common import interpreting
 
 try:
@@ -58,16 +58,14 @@ def decode_attention_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, kpos: Ten
     """q [B, Hq, T, Dh]; k_cache, v_cache [B, Hk, L, Dh]; kpos [B, L]; qpos, qdoc [B] (T = 1) or [B, T];
     persist_k, persist_v [Hk, Np, Dh] or None -> o [B, Hq, T, Dh] in q's dtype. slot_is_pos is ignored."""
     B = q.shape[0]
-    qp, qd, kp = qpos.view(B, -1, 1), qdoc.view(B, -1, 1), kpos[:, None, :]
     keys, vals = k_cache.to(q.dtype), v_cache.to(q.dtype)
-    mask = (kp >= 0) & (kp <= qp) & (kp >= qd)                                  # [B, T, L]
-    if window is not None:
-        mask &= qp - kp < window
+    n = 0
     if persist_k is not None:
+        n = persist_k.shape[1]
         keys = torch.cat([persist_k.to(q.dtype).expand(B, -1, -1, -1), keys], dim=2)
         vals = torch.cat([persist_v.to(q.dtype).expand(B, -1, -1, -1), vals], dim=2)
-        mask = torch.cat([mask.new_ones(B, mask.shape[1], persist_k.shape[1]), mask], dim=2)
-    return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None], enable_gqa=q.shape[1] != keys.shape[1])
+    # the same mask rule as every other attention call (ops/attention.py)
+    return masked_attention_sdpa(q, keys, vals, qpos.view(B, -1), kpos, qdoc.view(B, -1), window=window, n_persist=n)
 
 
 def supports(q: Tensor, k_cache: Tensor, v_cache: Tensor, *_: object, **__: object) -> bool:

@@ -170,8 +170,8 @@ def test_fused_matches_reference(fused, T, gated, with_reset, init, chunk, Dk, D
 
 
 def test_fused_sums_the_recurrence_row_block_partials(fused, monkeypatch):
-    """Dv = 48 in row blocks of 16: the recurrence's backward leaves three partials of dWk, dKe, dγ, which the fused
-    prelude backward adds up itself."""
+    """Dv = 48 in row blocks of 16: three programs per head walk the state backward, each writing its rows of
+    dS_{n+1}, which the fused prelude backward reads whole (the test's name is from when it summed partials)."""
     monkeypatch.setattr(triton_impl, "MAX_BV", 16)
     inp = make_inputs(1, 70, 2, 16, 48, gated=True, init=True, seed=9)
     got = run(triton_impl.delta_rule, inp, reset=resets(1, 70))
@@ -226,7 +226,7 @@ def test_fused_with_half_precision_intermediates(fused, monkeypatch, store):
     (math in float32): every output and gradient stays within the half-precision tolerance of the float64 reference."""
     monkeypatch.setattr(triton_fused, "STORE_DTYPE", store)
     monkeypatch.setattr(triton_fused, "RECURRENCE_DTYPE", None)     # U, Wk, Ke too
-    monkeypatch.setattr(triton_impl, "MAX_BV", 16)     # two recurrence row blocks: half-precision partials summed
+    monkeypatch.setattr(triton_impl, "MAX_BV", 16)     # two state row blocks per head in both walks
     inp = make_inputs(2, 100, 2, 16, 32, gated=True, init=True, seed=11)
     got = run(triton_impl.delta_rule, inp, reset=resets(2, 100))
     assert fused

@@ -8,8 +8,9 @@ state recurrence (triton_impl's kernels, one program per batch·head walking the
             recurrence     S_{n+1} = γ_{C−1} S_n + (U − Wk S_nᵀ)ᵀ Ke           (triton_impl)
             _output_fwd    O = (γ Q) Sᵀ + (Q Kᵀ ⊙ D) (U − Wk Sᵀ)
   backward  _output_bwd    dQ, dK (attention part), dU, dWk, dS_n, d log-decay (output part)
-            recurrence     dU, dWk, dKe, dγ_{C−1}, dS0                          (triton_impl)
-            _prelude_bwd   dK, dV, dβ, dg (through X, A, γ, e)
+            recurrence     dS_{n+1} of every chunk, dS0 (state-only walk, triton_impl)
+            _prelude_bwd   the chunk's recurrence gradients (dU, dKe, dWk, dγ_{C−1}) from S_n and dS_{n+1},
+                           then dK, dV, dβ, dg (through X, A, γ, e)
 
 q, k, v are read in their own dtype and layout [B, T, H, D] (no transposes or upcasts in HBM); products of two
 input tensors are tensor-core dots in that dtype with float32 accumulation; products involving float32

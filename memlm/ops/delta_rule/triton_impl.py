@@ -248,20 +248,19 @@ def recurrence_forward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S0: Tensor
 
 
 def recurrence_backward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S_all: Tensor, dS_all: Tensor | None,
-                        dS_fin: Tensor | None, prec: str, reduce: bool = True, store: torch.dtype = torch.float32
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        dS_fin: Tensor | None, prec: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward kernel (shapes as in `recurrence_forward`; dS_all, dS_fin may be None = zero) ->
-    (dU [BH, N, C, Dv], dWk, dKe [BH, N, C, Dk] in `store`, dGL [BH, N], dS0 [BH, Dv, Dk] float32). reduce=False
-    returns dWk, dKe, dGL as their per-row-block partials [NV, ...] (a caller that sums them itself)."""
+    (dU [BH, N, C, Dv], dWk, dKe [BH, N, C, Dk], dGL [BH, N], dS0 [BH, Dv, Dk]), float32 (the fused path uses
+    `recurrence_backward_states` instead)."""
     BH, N, C, Dv = U.shape
     Dk = Wk.shape[-1]
     dev = U.device
     cfg = {**_config(BH, C, Dk, Dv, dev, prec), **CONFIG_OVERRIDE.get("rec_bwd", {})}
     NV = triton.cdiv(Dv, cfg["BV"])
     f32 = {"dtype": torch.float32, "device": dev}
-    dU = torch.empty(BH, N, C, Dv, dtype=store, device=dev)
-    dWk = torch.empty(NV, BH, N, C, Dk, dtype=store, device=dev)
-    dKe = torch.empty(NV, BH, N, C, Dk, dtype=store, device=dev)
+    dU = torch.empty(BH, N, C, Dv, **f32)
+    dWk = torch.empty(NV, BH, N, C, Dk, **f32)
+    dKe = torch.empty(NV, BH, N, C, Dk, **f32)
     dGL = torch.empty(NV, BH, N, **f32)
     dS0 = torch.empty(BH, Dv, Dk, **f32)
     # an absent dS_all is skipped in the kernel (the pointer passed for it is never read); an absent dS_fin is
@@ -276,8 +275,6 @@ def recurrence_backward(U: Tensor, Wk: Tensor, Ke: Tensor, GL: Tensor, S_all: Te
         U.stride(0), U.stride(1), U.stride(2), Wk.stride(0), Wk.stride(1), Wk.stride(2),
         Ke.stride(0), Ke.stride(1), Ke.stride(2), BH, _count(N, interpret), C, Dk, Dv,
         HAS_DSALL=dS_all is not None, STATES=False, PREC=prec, **cfg)
-    if not reduce:
-        return dU, dWk, dKe, dGL, dS0
     if NV > 1:
         return dU, dWk.sum(0), dKe.sum(0), dGL.sum(0), dS0
     return dU, dWk[0], dKe[0], dGL[0], dS0
