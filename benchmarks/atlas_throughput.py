@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, cfg in models_for(args.preset, args.extra):
         if args.only is not None and name not in args.only:
             continue
-        memory = any(getattr(lc, "kind", None) in ("mag", "mal", "neural_memory") for lc in cfg.layers or [])
+        memory = any(getattr(lc, "kind", None) in ("mag", "mal", "neural_memory", "hope") for lc in cfg.layers or [])
         variants = [(be, c) for be in (args.backend if memory else [None])
                     for c in ([False, True] if args.compile and memory else [False])]
         for be, comp in variants:

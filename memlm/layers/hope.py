@@ -29,7 +29,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memlm.config.base import check_choice
@@ -37,9 +36,11 @@ from memlm.layers.attention import AttentionConfig, KVState, core_from_config
 from memlm.layers.base import LayerState, Mixer, MixerConfig, register_mixer
 from memlm.layers.norm import RMSNorm
 from memlm.layers.shortconv import ShortConv
-from memlm.layers.static import in_static_decode
 from memlm.ops.compressive.segments import ChunkLayout, chunk_layout, gather_chunks, gather_tokens, pending_tail
-from memlm.ops.delta_rule import delta_rule
+from memlm.ops.hope_scan import hope_scan
+from memlm.ops.hope_scan.reference import dgd_chunk, produce
+
+__all__ = ["Hope", "HopeConfig", "HopeState", "dgd_chunk", "dgd_step"]
 
 
 @dataclass(kw_only=True)
@@ -89,20 +90,6 @@ def dgd_step(M: Tensor, k: Tensor, v_hat: Tensor, eta: Tensor, alpha: Tensor) ->
     Mk = torch.einsum("...rd,...d->...r", M, k)
     a, e = alpha[..., None, None], eta[..., None, None]
     return a * M - e * Mk[..., :, None] * k[..., None, :] - e * (Mk - v_hat)[..., :, None] * k[..., None, :]
-
-
-def dgd_chunk(M0: Tensor, k: Tensor, v_hat: Tensor, beta: Tensor, g: Tensor, *, q: Tensor | None = None,
-              backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """A chunk of DGD writes, every token's quantities given, with α = exp(g) and η = ½ α β.
-
-    M0 [B, H, R, Dh] f32; k [B, C, H, Dh] unit keys; v_hat [B, C, H, R]; beta, g [B, C, H]; q [B, C, H, Dh] or None.
-    Returns (o [B, C, H, R] = M_t q_t after token t's write (M_t k_t if q is None), M at the chunk end).
-    Equal to C successive ``dgd_step``s: M(αI − η k kᵀ) − η(M k − v̂)kᵀ = α M (I − β k kᵀ) + β (½ α v̂) kᵀ, the gated
-    delta rule, so the chunk runs in the WY/UT-parallel form of memlm.ops.delta_rule.
-    """
-    val = 0.5 * torch.exp(g)[..., None] * v_hat
-    return delta_rule(k if q is None else q, k, val, beta, g, initial_state=M0, chunk_size=k.shape[1],
-                      backend=backend)
 
 
 @register_mixer("hope", HopeConfig)
@@ -181,29 +168,9 @@ class Hope(Mixer):
 
     # --------------------------------------------------------------------------------------------- memory
     def produce(self, M0: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Quantities of a chunk from its starting memory. M0 [B, Hm, R, Dh] f32, u [B, C, Hm, Dh] ->
-        k [B, C, Hm, Dh] (raw), v [B, C, Hm, Dh], v̂ [B, C, Hm, R] (every memory's target), β, g = log α [B, C, Hm]."""
-        dh = self.dh
-        out = torch.einsum("bhrd,bchd->bchr", M0, u.float())
-        k, v = out[..., :dh], out[..., dh: 2 * dh]
-        beta = torch.sigmoid(out[..., 2 * dh] + self.eta_bias.float())
-        g = F.logsigmoid(out[..., 2 * dh + 1] + self.alpha_bias.float())
-        # targets from the unit value: ‖v̂‖ ≤ ‖M⁰‖ whatever the scale of v, so a write neither shrinks the memory
-        # towards zero (small v) nor inflates it (large v) — each memory stays on the scale of its initial value
-        v_hat = torch.einsum("bhrd,bchd->bchr", M0, F.normalize(v, dim=-1))
-        return k, v, v_hat, beta, g
-
-    def write(self, M0: Tensor, u: Tensor, q: Tensor | None, valid: Tensor) -> tuple[Tensor, Tensor | None, Tensor,
-                                                                                     Tensor]:
-        """One chunk: M0 [B, Hm, R, Dh]; u, q [B, C, Hm, Dh]; valid [B, C] -> (M at the chunk end, memory read
-        [B, C, Hm, Dh] or None, attention keys k and values v [B, C, Hm, Dh]). Empty slots write nothing."""
-        k, v, v_hat, beta, g = self.produce(M0, u)
-        m = valid[..., None].float()
-        kn = F.normalize(k, dim=-1) * m[..., None]
-        qq = None if q is None else F.normalize(q.float(), dim=-1)
-        o, M1 = dgd_chunk(M0, kn, v_hat, beta * m, g * m, q=qq, backend=self.cfg.backend)
-        read = o[..., 2 * self.dh + 2:] if q is not None else None
-        return M1, read, k, v
+        """Quantities of a chunk from its starting memory (memlm.ops.hope_scan.reference.produce): M0 [B, Hm, R, Dh]
+        f32, u [B, C, Hm, Dh] -> k, v [B, C, Hm, Dh] (raw), v̂ [B, C, Hm, R], β, g = log α [B, C, Hm]."""
+        return produce(M0, u, self.eta_bias, self.alpha_bias)
 
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, state: HopeState | None = None, *, reset: Tensor | None = None,
@@ -230,12 +197,12 @@ class Hope(Mixer):
             qg = gather_chunks(qe, lay).view(B, lay.N, self.C, self.hq, self.dh)
         M, reads, keys, vals = self._scan(state.mem, ug, qg, lay)
         if self.cfg.read == "memory":
-            o = self.o_norm(gather_tokens(torch.stack(reads, 1), lay).to(x.dtype))
+            o = self.o_norm(gather_tokens(reads, lay).to(x.dtype))
             y = self.o_proj(o.reshape(B, T, self.hq * self.dh))
             kv = None
         else:
-            k = gather_tokens(torch.stack(keys, 1), lay).to(x.dtype).transpose(1, 2)   # [B, Hm, T, Dh]
-            v = gather_tokens(torch.stack(vals, 1), lay).to(x.dtype).transpose(1, 2)
+            k = gather_tokens(keys, lay).to(x.dtype).transpose(1, 2)   # [B, Hm, T, Dh]
+            v = gather_tokens(vals, lay).to(x.dtype).transpose(1, 2)
             q = self.core.q_proj(x).view(B, T, self.hq, self.dh).transpose(1, 2)
             y, kv = self.core(x, state.kv, reset, update, qkv=(q, k, v), fresh=fresh)
         if not update:
@@ -244,26 +211,9 @@ class Hope(Mixer):
                             doc_start=lay.doc_start, kv=kv)
 
     def _scan(self, mem: Tensor, ug: Tensor, qg: Tensor | None, lay: ChunkLayout
-              ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-        """Loop over the chunks of the call (never over tokens): memory at each chunk start, reads, keys, values."""
-        M = mem.float()
-        init = self.mem_init.float()[None]
-        reads, keys, vals = [], [], []
-        for n in range(lay.N):
-            M0 = torch.where(lay.starts_doc[:, n, None, None, None], init, M)   # a document restarts the memory
-            valid = lay.slot_valid[:, n]
-            # a static step, a compiled graph or a training step always computes the write (no host sync, no graph
-            # break; in training nearly every chunk completes, and a sync per chunk stalls the launch queue) and
-            # commits it where the chunk completed; eager decode skips the write inside a chunk
-            need_write = (qg is not None or in_static_decode() or torch.compiler.is_compiling()
-                          or torch.is_grad_enabled() or bool(lay.complete[:, n].any()))
-            if need_write:
-                M1, read, k, v = self.write(M0, ug[:, n], None if qg is None else qg[:, n], valid)
-                M = torch.where(lay.complete[:, n, None, None, None], M1, M0)   # only complete chunks commit
-                reads.append(read)
-            else:  # decode inside a chunk with the attention read: only this token's k, v are needed
-                k, v, *_ = self.produce(M0, ug[:, n])
-                M = M0
-            keys.append(k)
-            vals.append(v)
-        return M, reads, keys, vals
+              ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """The walk over the chunks of the call (memlm.ops.hope_scan): memory after the call, reads, keys, values
+        [B, N, C, ·]. A delta_rule backend named in the config keeps the chunk loop, which calls it."""
+        return hope_scan(ug, qg, mem=mem, init=self.mem_init, eta_bias=self.eta_bias, alpha_bias=self.alpha_bias,
+                         slot_valid=lay.slot_valid, starts_doc=lay.starts_doc, complete=lay.complete,
+                         delta_backend=self.cfg.backend, backend="loop" if self.cfg.backend is not None else None)

@@ -1,0 +1,437 @@
+"""HOPE's walk over chunks as one Triton kernel per direction: backend "triton" of op "hope_scan" (attention read).
+
+Same contract and notation as reference.py. One program per batch·head walks all N chunks with the stacked memory
+in registers, as tiles M_k, M_v [D, D] and rows m_η, m_α [D]. Per chunk (C tokens, all from the chunk-start M⁰):
+
+  produce  k = u M_kᵀ, v = u M_vᵀ, β = m σ(u·m_η + b_η), g = m log σ(u·m_α + b_α)     (m: the slot is valid)
+           k̂ = m k/‖k‖, v̂ = (v/‖v‖) M⁰ᵀ,  val = ½ e^g v̂
+  write    G = cumsum g, Γ_ij = e^{G_i − G_j} (i ≥ j), A = (β ⊙rows k̂ k̂ᵀ) ⊙ Γ strictly lower, X = (I + A)⁻¹
+           Ũ = X (β val) − X (β e^G ⊙ k̂) M⁰ᵀ,   M¹ = e^{G_{C−1}} M⁰ + Ũᵀ (e^{G_{C−1} − G} ⊙ k̂)
+  commit   M ← M¹ if the chunk is complete, else M⁰; a chunk that starts a document first sets M⁰ = M_init
+
+The forward saves every chunk-start memory (B·N·H·R·D float32: 33 KB per chunk and head at D = 64); the backward walks
+the chunks in reverse from them, recomputes the chunk's quantities and carries ∂L/∂M. Against the loop (≈ 30 launches
+per chunk forward, ≈ 60 backward, 32 chunks × 6 layers per onyx-11m step) this is two launches per layer.
+
+The inverse X is formed as in memlm.ops.delta_rule.triton_fused (products of 16-block Neumann factors, in registers);
+its lines are repeated here because a kernel may only call jitted helpers, which the interpreter tests cannot run.
+Dots are IEEE for float32 inputs (the 1e-5 tests) and TF32 for bf16/fp16 ones; state and accumulation are float32.
+Limits (else the loop runs): no memory read (q), chunk_size ∈ {16, 32, 64}, head width ≤ 64.
+CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests without a GPU).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from memlm.ops.triton_common import interpreting
+from memlm.ops.triton_common import loop_count as _count
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: supports() is False and nothing here runs
+    triton = None
+    tl = None
+
+__all__ = ["CHUNKS", "MAX_DIM", "hope_scan", "supports"]
+
+CHUNKS = (16, 32, 64)
+MAX_DIM = 64
+EPS = 1e-12      # F.normalize's
+BLK = tl.constexpr(16) if tl is not None else 16   # diagonal blocks of the inverse
+LOG_BLK = tl.constexpr(4) if tl is not None else 4
+# num_warps of the forward and backward kernels. One program per batch·head (16–32 programs for onyx-11m) leaves most
+# SMs idle, so a program may use many warps; the backward holds ~12 [64, 64] float32 tiles live.
+WARPS = {"fwd": 4, "bwd": 8}
+
+
+def supports(u: Tensor, q: Tensor | None, *, mem: Tensor, **_: object) -> bool:
+    """CUDA tensors (or CPU under TRITON_INTERPRET=1), Triton importable, no memory read, C ∈ CHUNKS, D ≤ MAX_DIM."""
+    if triton is None or q is not None or u.dim() != 5:
+        return False
+    if not (u.is_cuda or (u.device.type == "cpu" and interpreting())):
+        return False
+    D = u.shape[-1]
+    return u.shape[2] in CHUNKS and D <= MAX_DIM and mem.shape[-2] == 2 * D + 2
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+# Plain functions made kernels in `_build`. Only builtins inside (tl.full, tl.reduce / tl.associative_scan with the
+# sum combiner, exp/log for σ): jitted helpers (tl.sum, tl.sigmoid, …) only interpret when TRITON_INTERPRET was set
+# before `import triton`.
+# Layouts (contiguous): U [B, N, C, H, D] (u's dtype); Valid int8 [B, N, C]; Start, Comp int8 [B, N]; float32:
+# Init [H, R, D], EB, AB [H], Mst [B, H, R, D] (running memory, in place), Mpre [B, N, H, R, D] (chunk-start
+# memories), Kout, Vout [B, N, C, H, D]. Row offsets inside one [R, D] memory: M_k rows 0..D−1, M_v D..2D−1, m_η 2D,
+# m_α 2D + 1.
+
+def _hope_fwd(U, Valid, Start, Comp, Init, EB, AB, Mst, Mpre, Kout, Vout,
+              H, N, D, save,
+              C: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, NB_ROUNDS: tl.constexpr, EPS: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    R = 2 * D + 2
+    rc = tl.arange(0, C)
+    rd = tl.arange(0, BD)
+    md = rd < D
+    m_dd = md[:, None] & md[None, :]
+    off_k = rd[:, None] * D + rd[None, :]
+    off_v = off_k + D * D
+    off_e = 2 * D * D + rd
+    off_a = off_e + D
+    st = bh * R * D
+    ini = h * R * D
+    Mk = tl.load(Mst + st + off_k, mask=m_dd, other=0.0)
+    Mv = tl.load(Mst + st + off_v, mask=m_dd, other=0.0)
+    me = tl.load(Mst + st + off_e, mask=md, other=0.0)
+    ma = tl.load(Mst + st + off_a, mask=md, other=0.0)
+    eb = tl.load(EB + h)
+    ab = tl.load(AB + h)
+    pair = rc[:, None] >= rc[None, :]
+    strict = rc[:, None] > rc[None, :]
+    eye = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+    same_blk = (rc // BLK)[:, None] == (rc // BLK)[None, :]
+    for n in range(N):
+        fresh = tl.load(Start + b * N + n) != 0
+        comp = tl.load(Comp + b * N + n) != 0
+        Mk = tl.where(fresh, tl.load(Init + ini + off_k, mask=m_dd, other=0.0), Mk)
+        Mv = tl.where(fresh, tl.load(Init + ini + off_v, mask=m_dd, other=0.0), Mv)
+        me = tl.where(fresh, tl.load(Init + ini + off_e, mask=md, other=0.0), me)
+        ma = tl.where(fresh, tl.load(Init + ini + off_a, mask=md, other=0.0), ma)
+        if save != 0:
+            pre = ((b * N + n) * H + h) * R * D
+            tl.store(Mpre + pre + off_k, Mk, mask=m_dd)
+            tl.store(Mpre + pre + off_v, Mv, mask=m_dd)
+            tl.store(Mpre + pre + off_e, me, mask=md)
+            tl.store(Mpre + pre + off_a, ma, mask=md)
+        tok = ((b * N + n) * C + rc) * H + h
+        u = tl.load(U + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0).to(tl.float32)
+        m = tl.load(Valid + (b * N + n) * C + rc).to(tl.float32)
+        # --- produce (same lines in the backward) ---
+        k = tl.dot(u, tl.trans(Mk), input_precision=PREC)
+        v = tl.dot(u, tl.trans(Mv), input_precision=PREC)
+        beta = m / (1.0 + tl.exp(-(tl.reduce(u * me[None, :], 1, tl.standard._sum_combine) + eb)))
+        za = tl.reduce(u * ma[None, :], 1, tl.standard._sum_combine) + ab
+        g = m * (tl.minimum(za, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(za))))      # m log σ(za), stable
+        kr = tl.maximum(tl.sqrt(tl.reduce(k * k, 1, tl.standard._sum_combine)), EPS)
+        kn = k * (m / kr)[:, None]
+        vn = v / tl.maximum(tl.sqrt(tl.reduce(v * v, 1, tl.standard._sum_combine)), EPS)[:, None]
+        hk = tl.dot(vn, tl.trans(Mk), input_precision=PREC)                     # v̂ by row block
+        hv = tl.dot(vn, tl.trans(Mv), input_precision=PREC)
+        he = tl.reduce(vn * me[None, :], 1, tl.standard._sum_combine)
+        ha = tl.reduce(vn * ma[None, :], 1, tl.standard._sum_combine)
+        G = tl.associative_scan(g, 0, tl.standard._sum_combine)
+        gamma = tl.exp(G)
+        Gm = tl.where(pair, tl.exp(tl.where(pair, G[:, None] - G[None, :], 0.0)), 0.0)
+        ed = tl.reduce(tl.where(rc[:, None] == C - 1, Gm, 0.0), 0, tl.standard._sum_combine)   # e^{G_{C−1} − G_i}
+        gl = tl.reduce(tl.where(rc == C - 1, gamma, 0.0), 0, tl.standard._sum_combine)
+        A = tl.where(strict, beta[:, None] * tl.dot(kn, tl.trans(kn), input_precision=PREC) * Gm, 0.0)
+        nd = tl.where(same_blk, -A, 0.0)                 # X = (I + A)⁻¹ (see triton_fused._prelude_fwd)
+        X = eye + nd
+        for _ in tl.static_range(LOG_BLK - 1):
+            nd = tl.dot(nd, nd, input_precision=PREC)
+            X = tl.dot(X, nd, acc=X, input_precision=PREC)
+        Mn = -tl.dot(X, tl.where(same_blk, 0.0, A), input_precision=PREC)
+        Y = eye + Mn
+        for _ in tl.static_range(NB_ROUNDS):
+            Mn = tl.dot(Mn, Mn, input_precision=PREC)
+            Y = tl.dot(Y, Mn, acc=Y, input_precision=PREC)
+        X = tl.dot(Y, X, input_precision=PREC)
+        bw = beta * 0.5 * tl.exp(g)                                              # β ⊙ ½ e^g
+        Wk = tl.dot(X, (beta * gamma)[:, None] * kn, input_precision=PREC)
+        Nk = tl.dot(X, bw[:, None] * hk, input_precision=PREC) - tl.dot(Wk, tl.trans(Mk), input_precision=PREC)
+        Nv = tl.dot(X, bw[:, None] * hv, input_precision=PREC) - tl.dot(Wk, tl.trans(Mv), input_precision=PREC)
+        Ne = (tl.reduce(X * (bw * he)[None, :], 1, tl.standard._sum_combine)
+              - tl.reduce(Wk * me[None, :], 1, tl.standard._sum_combine))
+        Na = (tl.reduce(X * (bw * ha)[None, :], 1, tl.standard._sum_combine)
+              - tl.reduce(Wk * ma[None, :], 1, tl.standard._sum_combine))
+        Ke = ed[:, None] * kn
+        # --- end produce ---
+        tl.store(Kout + tok[:, None] * D + rd[None, :], k, mask=md[None, :])
+        tl.store(Vout + tok[:, None] * D + rd[None, :], v, mask=md[None, :])
+        Mk = tl.where(comp, tl.dot(tl.trans(Nk), Ke, acc=gl * Mk, input_precision=PREC), Mk)
+        Mv = tl.where(comp, tl.dot(tl.trans(Nv), Ke, acc=gl * Mv, input_precision=PREC), Mv)
+        me = tl.where(comp, gl * me + tl.reduce(Ne[:, None] * Ke, 0, tl.standard._sum_combine), me)
+        ma = tl.where(comp, gl * ma + tl.reduce(Na[:, None] * Ke, 0, tl.standard._sum_combine), ma)
+    tl.store(Mst + st + off_k, Mk, mask=m_dd)
+    tl.store(Mst + st + off_v, Mv, mask=m_dd)
+    tl.store(Mst + st + off_e, me, mask=md)
+    tl.store(Mst + st + off_a, ma, mask=md)
+
+
+def _hope_bwd(U, Valid, Start, Comp, Init, EB, AB, Mpre, dKo, dVo, dM, dU, dInit, dEB, dAB,
+              H, N, D,
+              C: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, NB_ROUNDS: tl.constexpr, EPS: tl.constexpr):
+    """dM [B, H, R, D] holds ∂L/∂(final memory) on entry and ∂L/∂mem on exit; dKo, dVo [B, N, C, H, D] the keys' and
+    values' gradients; out: dU [B, N, C, H, D] float32, dInit [B, H, R, D] and dEB, dAB [B, H] per batch row (summed
+    by the caller)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    R = 2 * D + 2
+    rc = tl.arange(0, C)
+    rd = tl.arange(0, BD)
+    md = rd < D
+    m_dd = md[:, None] & md[None, :]
+    off_k = rd[:, None] * D + rd[None, :]
+    off_v = off_k + D * D
+    off_e = 2 * D * D + rd
+    off_a = off_e + D
+    st = bh * R * D
+    dMk = tl.load(dM + st + off_k, mask=m_dd, other=0.0)
+    dMv = tl.load(dM + st + off_v, mask=m_dd, other=0.0)
+    dme = tl.load(dM + st + off_e, mask=md, other=0.0)
+    dma = tl.load(dM + st + off_a, mask=md, other=0.0)
+    iK = tl.full([BD, BD], 0.0, tl.float32)
+    iV = tl.full([BD, BD], 0.0, tl.float32)
+    ie = tl.full([BD], 0.0, tl.float32)
+    ia = tl.full([BD], 0.0, tl.float32)
+    deb = tl.full([C], 0.0, tl.float32)
+    dab = tl.full([C], 0.0, tl.float32)
+    eb = tl.load(EB + h)
+    ab = tl.load(AB + h)
+    pair = rc[:, None] >= rc[None, :]
+    strict = rc[:, None] > rc[None, :]
+    eye = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+    same_blk = (rc // BLK)[:, None] == (rc // BLK)[None, :]
+    for nn in range(N):
+        n = N - 1 - nn
+        fresh = tl.load(Start + b * N + n) != 0
+        compf = (tl.load(Comp + b * N + n) != 0).to(tl.float32)
+        pre = ((b * N + n) * H + h) * R * D
+        Mk = tl.load(Mpre + pre + off_k, mask=m_dd, other=0.0)
+        Mv = tl.load(Mpre + pre + off_v, mask=m_dd, other=0.0)
+        me = tl.load(Mpre + pre + off_e, mask=md, other=0.0)
+        ma = tl.load(Mpre + pre + off_a, mask=md, other=0.0)
+        tok = ((b * N + n) * C + rc) * H + h
+        u = tl.load(U + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0).to(tl.float32)
+        m = tl.load(Valid + (b * N + n) * C + rc).to(tl.float32)
+        # --- produce (same lines as the forward) ---
+        k = tl.dot(u, tl.trans(Mk), input_precision=PREC)
+        v = tl.dot(u, tl.trans(Mv), input_precision=PREC)
+        beta = m / (1.0 + tl.exp(-(tl.reduce(u * me[None, :], 1, tl.standard._sum_combine) + eb)))
+        za = tl.reduce(u * ma[None, :], 1, tl.standard._sum_combine) + ab
+        g = m * (tl.minimum(za, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(za))))
+        kr = tl.maximum(tl.sqrt(tl.reduce(k * k, 1, tl.standard._sum_combine)), EPS)
+        kn = k * (m / kr)[:, None]
+        vr = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, tl.standard._sum_combine)), EPS)
+        vn = v / vr[:, None]
+        hk = tl.dot(vn, tl.trans(Mk), input_precision=PREC)
+        hv = tl.dot(vn, tl.trans(Mv), input_precision=PREC)
+        he = tl.reduce(vn * me[None, :], 1, tl.standard._sum_combine)
+        ha = tl.reduce(vn * ma[None, :], 1, tl.standard._sum_combine)
+        G = tl.associative_scan(g, 0, tl.standard._sum_combine)
+        gamma = tl.exp(G)
+        Gm = tl.where(pair, tl.exp(tl.where(pair, G[:, None] - G[None, :], 0.0)), 0.0)
+        ed = tl.reduce(tl.where(rc[:, None] == C - 1, Gm, 0.0), 0, tl.standard._sum_combine)
+        gl = tl.reduce(tl.where(rc == C - 1, gamma, 0.0), 0, tl.standard._sum_combine)
+        KK = tl.where(strict, tl.dot(kn, tl.trans(kn), input_precision=PREC), 0.0)
+        A = beta[:, None] * KK * Gm
+        nd = tl.where(same_blk, -A, 0.0)
+        X = eye + nd
+        for _ in tl.static_range(LOG_BLK - 1):
+            nd = tl.dot(nd, nd, input_precision=PREC)
+            X = tl.dot(X, nd, acc=X, input_precision=PREC)
+        Mn = -tl.dot(X, tl.where(same_blk, 0.0, A), input_precision=PREC)
+        Y = eye + Mn
+        for _ in tl.static_range(NB_ROUNDS):
+            Mn = tl.dot(Mn, Mn, input_precision=PREC)
+            Y = tl.dot(Y, Mn, acc=Y, input_precision=PREC)
+        X = tl.dot(Y, X, input_precision=PREC)
+        bw = beta * 0.5 * tl.exp(g)
+        bg = beta * gamma
+        Wk = tl.dot(X, bg[:, None] * kn, input_precision=PREC)
+        Nk = tl.dot(X, bw[:, None] * hk, input_precision=PREC) - tl.dot(Wk, tl.trans(Mk), input_precision=PREC)
+        Nv = tl.dot(X, bw[:, None] * hv, input_precision=PREC) - tl.dot(Wk, tl.trans(Mv), input_precision=PREC)
+        Ne = (tl.reduce(X * (bw * he)[None, :], 1, tl.standard._sum_combine)
+              - tl.reduce(Wk * me[None, :], 1, tl.standard._sum_combine))
+        Na = (tl.reduce(X * (bw * ha)[None, :], 1, tl.standard._sum_combine)
+              - tl.reduce(Wk * ma[None, :], 1, tl.standard._sum_combine))
+        Ke = ed[:, None] * kn
+        # --- end produce ---
+        # commit: M_next = M¹ if complete else M⁰;  M¹ = e^{G_{C−1}} M⁰ + Ñᵀ Ke
+        d1k, d1v, d1e, d1a = compf * dMk, compf * dMv, compf * dme, compf * dma
+        dgl = (tl.reduce(tl.reduce(d1k * Mk, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
+               + tl.reduce(tl.reduce(d1v * Mv, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
+               + tl.reduce(d1e * me, 0, tl.standard._sum_combine) + tl.reduce(d1a * ma, 0, tl.standard._sum_combine))
+        dNk = tl.dot(Ke, tl.trans(d1k), input_precision=PREC)                   # ∂L/∂Ñ  [C, BD] by row block
+        dNv = tl.dot(Ke, tl.trans(d1v), input_precision=PREC)
+        dNe = tl.reduce(Ke * d1e[None, :], 1, tl.standard._sum_combine)
+        dNa = tl.reduce(Ke * d1a[None, :], 1, tl.standard._sum_combine)
+        dKe = tl.dot(Nk, d1k, input_precision=PREC)
+        dKe = tl.dot(Nv, d1v, acc=dKe, input_precision=PREC)
+        dKe += Ne[:, None] * d1e[None, :] + Na[:, None] * d1a[None, :]
+        # Ñ = X (bw ⊙ v̂) − Wk M⁰ᵀ
+        dWk = -(tl.dot(dNk, Mk, input_precision=PREC) + tl.dot(dNv, Mv, input_precision=PREC)
+                + dNe[:, None] * me[None, :] + dNa[:, None] * ma[None, :])
+        dMk = (1.0 - compf) * dMk + gl * d1k - tl.dot(tl.trans(dNk), Wk, input_precision=PREC)
+        dMv = (1.0 - compf) * dMv + gl * d1v - tl.dot(tl.trans(dNv), Wk, input_precision=PREC)
+        dme = (1.0 - compf) * dme + gl * d1e - tl.reduce(dNe[:, None] * Wk, 0, tl.standard._sum_combine)
+        dma = (1.0 - compf) * dma + gl * d1a - tl.reduce(dNa[:, None] * Wk, 0, tl.standard._sum_combine)
+        # Ke = e ⊙ k̂, e_i = e^{G_{C−1} − G_i}
+        dkn = ed[:, None] * dKe
+        dee = ed * tl.reduce(dKe * kn, 1, tl.standard._sum_combine)
+        # X (bw ⊙ v̂) and Wk = X (βγ ⊙ k̂)
+        Xt = tl.trans(X)
+        rhk = tl.dot(Xt, dNk, input_precision=PREC)                              # ∂L/∂(bw ⊙ v̂) by row block
+        rhv = tl.dot(Xt, dNv, input_precision=PREC)
+        rhe = tl.reduce(X * dNe[:, None], 0, tl.standard._sum_combine)
+        rha = tl.reduce(X * dNa[:, None], 0, tl.standard._sum_combine)
+        drk = tl.dot(Xt, dWk, input_precision=PREC)                               # ∂L/∂(βγ ⊙ k̂)
+        dX = tl.dot(dNk, tl.trans(bw[:, None] * hk), input_precision=PREC)
+        dX = tl.dot(dNv, tl.trans(bw[:, None] * hv), acc=dX, input_precision=PREC)
+        dX = tl.dot(dWk, tl.trans(bg[:, None] * kn), acc=dX, input_precision=PREC)
+        dX += dNe[:, None] * (bw * he)[None, :] + dNa[:, None] * (bw * ha)[None, :]
+        dA = tl.where(strict, -tl.dot(tl.dot(Xt, dX, input_precision=PREC), Xt, input_precision=PREC), 0.0)
+        dbw = (tl.reduce(hk * rhk, 1, tl.standard._sum_combine) + tl.reduce(hv * rhv, 1, tl.standard._sum_combine)
+               + he * rhe + ha * rha)
+        w8 = 0.5 * tl.exp(g)
+        kdrk = tl.reduce(kn * drk, 1, tl.standard._sum_combine)
+        dbeta = dbw * w8 + gamma * kdrk
+        dg = dbw * bw                                    # ∂(β ½ e^g)/∂g = β ½ e^g
+        dkn += bg[:, None] * drk
+        # A = (β ⊙rows k̂ k̂ᵀ) ⊙ Γ, strictly lower
+        dAG = dA * Gm
+        dAA = dAG * KK
+        dbeta += tl.reduce(dAA, 1, tl.standard._sum_combine)
+        dAA = dAA * beta[:, None]                        # dA ⊙ A
+        dKK = dAG * beta[:, None]
+        dkn = tl.dot(dKK, kn, acc=dkn, input_precision=PREC)
+        dkn = tl.dot(tl.trans(dKK), kn, acc=dkn, input_precision=PREC)
+        # G = cumsum g: through Γ, γ = e^G, e and e^{G_{C−1}}
+        dG = (tl.reduce(dAA, 1, tl.standard._sum_combine) - tl.reduce(dAA, 0, tl.standard._sum_combine)
+              - dee + beta * kdrk * gamma)
+        dG += tl.where(rc == C - 1, tl.reduce(dee, 0, tl.standard._sum_combine) + dgl * gl, 0.0)
+        dg += tl.associative_scan(dG, 0, tl.standard._sum_combine, reverse=True)
+        # v̂ = v̂n M⁰ᵀ by row block, ∂L/∂v̂ = bw ⊙ (its X-side gradient)
+        dhk = bw[:, None] * rhk
+        dhv = bw[:, None] * rhv
+        dhe = bw * rhe
+        dha = bw * rha
+        dvn = tl.dot(dhk, Mk, input_precision=PREC)
+        dvn = tl.dot(dhv, Mv, acc=dvn, input_precision=PREC)
+        dvn += dhe[:, None] * me[None, :] + dha[:, None] * ma[None, :]
+        dMk = tl.dot(tl.trans(dhk), vn, acc=dMk, input_precision=PREC)
+        dMv = tl.dot(tl.trans(dhv), vn, acc=dMv, input_precision=PREC)
+        dme += tl.reduce(dhe[:, None] * vn, 0, tl.standard._sum_combine)
+        dma += tl.reduce(dha[:, None] * vn, 0, tl.standard._sum_combine)
+        # x / max(‖x‖, ε): (dx̂ − x̂ (dx̂·x̂)) / ‖x‖ above ε, dx̂ / ε below (the clamp passes no gradient to ‖x‖)
+        big_v = vr > EPS
+        dv = (dvn - tl.where(big_v, tl.reduce(dvn * vn, 1, tl.standard._sum_combine), 0.0)[:, None] * vn) / vr[:, None]
+        dkm = dkn * m[:, None]
+        ku = k / kr[:, None]
+        dk = (dkm - tl.where(kr > EPS, tl.reduce(dkm * ku, 1, tl.standard._sum_combine), 0.0)[:, None] * ku) / kr[:, None]
+        dk += tl.load(dKo + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0)
+        dv += tl.load(dVo + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0)
+        # β = m σ(e + b_η), g = m log σ(za): d/dza log σ = 1 − σ(za)
+        sb = beta / tl.where(m != 0.0, m, 1.0)
+        de = dbeta * m * sb * (1.0 - sb)
+        da = dg * m * (1.0 - 1.0 / (1.0 + tl.exp(-za)))
+        deb += de
+        dab += da
+        # k = u M_kᵀ, v = u M_vᵀ, e = u·m_η, za = u·m_α + b_α
+        du = tl.dot(dk, Mk, input_precision=PREC)
+        du = tl.dot(dv, Mv, acc=du, input_precision=PREC)
+        du += de[:, None] * me[None, :] + da[:, None] * ma[None, :]
+        tl.store(dU + tok[:, None] * D + rd[None, :], du, mask=md[None, :])
+        dMk = tl.dot(tl.trans(dk), u, acc=dMk, input_precision=PREC)
+        dMv = tl.dot(tl.trans(dv), u, acc=dMv, input_precision=PREC)
+        dme += tl.reduce(de[:, None] * u, 0, tl.standard._sum_combine)
+        dma += tl.reduce(da[:, None] * u, 0, tl.standard._sum_combine)
+        # a chunk that starts a document read M_init, not the earlier memory
+        iK += tl.where(fresh, dMk, 0.0)
+        iV += tl.where(fresh, dMv, 0.0)
+        ie += tl.where(fresh, dme, 0.0)
+        ia += tl.where(fresh, dma, 0.0)
+        dMk = tl.where(fresh, 0.0, dMk)
+        dMv = tl.where(fresh, 0.0, dMv)
+        dme = tl.where(fresh, 0.0, dme)
+        dma = tl.where(fresh, 0.0, dma)
+    tl.store(dM + st + off_k, dMk, mask=m_dd)
+    tl.store(dM + st + off_v, dMv, mask=m_dd)
+    tl.store(dM + st + off_e, dme, mask=md)
+    tl.store(dM + st + off_a, dma, mask=md)
+    tl.store(dInit + st + off_k, iK, mask=m_dd)
+    tl.store(dInit + st + off_v, iV, mask=m_dd)
+    tl.store(dInit + st + off_e, ie, mask=md)
+    tl.store(dInit + st + off_a, ia, mask=md)
+    tl.store(dEB + bh, tl.reduce(deb, 0, tl.standard._sum_combine))
+    tl.store(dAB + bh, tl.reduce(dab, 0, tl.standard._sum_combine))
+
+
+def _build(interpret: bool) -> tuple:
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+        return InterpretedFunction(_hope_fwd), InterpretedFunction(_hope_bwd)
+    return (triton.jit(_hope_fwd, do_not_specialize=["N", "save"]), triton.jit(_hope_bwd, do_not_specialize=["N"]))
+
+
+_JIT = _build(False) if triton is not None else None     # built at import: torch.compile finds plain kernels
+_interpreted = functools.cache(lambda: _build(True))
+
+
+def _kernels(interpret: bool) -> tuple:
+    return _interpreted() if interpret else _JIT
+
+
+def _meta(u: Tensor) -> dict:
+    C, D = u.shape[2], u.shape[-1]
+    prec = "tf32" if u.dtype in (torch.bfloat16, torch.float16) else "ieee"
+    return {"C": C, "BD": max(16, triton.next_power_of_2(D)), "PREC": prec, "EPS": EPS,
+            "NB_ROUNDS": max(0, (C // 16).bit_length() - 2), "num_stages": 1}
+
+
+class _HopeScan(torch.autograd.Function):
+    """u [B, N, C, H, D] contiguous (any float dtype); mem [B, H, R, D], init [H, R, D], eta_bias, alpha_bias [H]
+    float32 contiguous; valid int8 [B, N, C]; start, comp int8 [B, N] -> (M [B, H, R, D], k, v [B, N, C, H, D]) float32."""
+
+    @staticmethod
+    def forward(ctx, u, mem, init, eta_bias, alpha_bias, valid, start, comp):
+        B, N, C, H, D = u.shape
+        R = mem.shape[-2]
+        interpret = u.device.type == "cpu"
+        save = any(ctx.needs_input_grad[:5])
+        M = mem.clone()
+        Mpre = u.new_empty(B, N, H, R, D, dtype=torch.float32) if save else M
+        k = u.new_empty(B, N, C, H, D, dtype=torch.float32)
+        v = torch.empty_like(k)
+        meta = _meta(u)
+        fwd, _ = _kernels(interpret)
+        fwd[(B * H,)](u, valid, start, comp, init, eta_bias, alpha_bias, M, Mpre, k, v,
+                      H, _count(N, interpret), D, int(save), num_warps=WARPS["fwd"], **meta)
+        if save:
+            ctx.save_for_backward(u, valid, start, comp, init, eta_bias, alpha_bias, Mpre)
+        return M, k, v
+
+    @staticmethod
+    def backward(ctx, dM, dk, dv):
+        u, valid, start, comp, init, eta_bias, alpha_bias, Mpre = ctx.saved_tensors
+        B, N, _, H, D = u.shape
+        interpret = u.device.type == "cpu"
+        dmem = dM.float().contiguous().clone()
+        du = torch.empty(u.shape, dtype=torch.float32, device=u.device)
+        dinit = torch.empty(B, H, *init.shape[1:], dtype=torch.float32, device=u.device)
+        deb = torch.empty(B, H, dtype=torch.float32, device=u.device)
+        dab = torch.empty_like(deb)
+        _, bwd = _kernels(interpret)
+        bwd[(B * H,)](u, valid, start, comp, init, eta_bias, alpha_bias, Mpre, dk.float().contiguous(),
+                      dv.float().contiguous(), dmem, du, dinit, deb, dab,
+                      H, _count(N, interpret), D, num_warps=WARPS["bwd"], **_meta(u))
+        return du.to(u.dtype), dmem, dinit.sum(0), deb.sum(0), dab.sum(0), None, None, None
+
+
+def hope_scan(u: Tensor, q: Tensor | None, *, mem: Tensor, init: Tensor, eta_bias: Tensor, alpha_bias: Tensor,
+              slot_valid: Tensor, starts_doc: Tensor, complete: Tensor, delta_backend: str | None = None
+              ) -> tuple[Tensor, None, Tensor, Tensor]:
+    """See reference.hope_scan (attention read only: q must be None; delta_backend is not used)."""
+    if not supports(u, q, mem=mem):
+        raise ValueError(f"hope_scan backend 'triton' needs Triton, CUDA tensors (or CPU with TRITON_INTERPRET=1), "
+                         f"no memory read, chunk_size in {CHUNKS} and head width ≤ {MAX_DIM}; use backend 'loop'")
+    f32 = (lambda t: t.float().contiguous())
+    i8 = (lambda t: t.to(torch.int8).contiguous())
+    M, k, v = _HopeScan.apply(u.contiguous(), f32(mem), f32(init), f32(eta_bias), f32(alpha_bias), i8(slot_valid),
+                              i8(starts_doc), i8(complete))
+    return M, None, k, v
