@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", nargs="+", default=[None], help="neural_memory backends to time the memory presets "
                     "with (e.g. chunked triton); the transformer runs once")
-    ap.add_argument("--compile", action="store_true", help="also time each memory preset with torch.compile")
+    ap.add_argument("--compile", action="store_true", help="also time every model with torch.compile (the forward)")
     ap.add_argument("--only", nargs="*", default=None, help="time only these model names (e.g. the preset alone)")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         memory = any(getattr(lc, "kind", None) in ("mag", "mal", "neural_memory", "hope") for lc in cfg.layers or [])
         variants = [(be, c) for be in (args.backend if memory else [None])
-                    for c in ([False, True] if args.compile and memory else [False])]
+                    for c in ([False, True] if args.compile else [False])]
         for be, comp in variants:
             for b in args.batch:
                 print(json.dumps(run(name, cfg, batch=b, seq=args.seq, steps=args.steps, warmup=args.warmup,

@@ -134,9 +134,10 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     meta = triton_scan._meta(torch.empty(1, 1, 64, 1, 64, dtype=torch.bfloat16))
     stages = meta.pop("num_stages")
     for kernel, warps in zip(triton_scan._kernels(False), (triton_scan.WARPS["fwd"], triton_scan.WARPS["bwd"])):
-        sig = {a: ("constexpr" if a in meta else "i32" if a in ("H", "N", "D", "save") else "*bf16" if a == "U"
+        c = {a: v for a, v in meta.items() if a in kernel.arg_names}
+        sig = {a: ("constexpr" if a in c else "i32" if a in ("H", "N", "D", "save") else "*bf16" if a == "U"
                    else "*i8" if a in ("Valid", "Start", "Comp") else "*fp32") for a in kernel.arg_names}
-        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(a),): v for a, v in meta.items()})
+        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(a),): v for a, v in c.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
                                                                                    "num_stages": stages})
         assert compiled.metadata.shared <= 227 * 1024, f"{kernel.fn.__name__}: {compiled.metadata.shared} B shared"

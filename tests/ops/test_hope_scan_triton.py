@@ -23,9 +23,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("C,D,N", [(64, 64, 4), (16, 16, 5), (32, 48, 3)])
-def test_fp32_matches_loop(C, D, N):
-    """IEEE dots for float32 inputs: every output and gradient at the fp32 tolerance of the loop."""
+@pytest.mark.parametrize("C,D,N", [(64, 32, 4), (32, 24, 3)])
+def test_fp32_matches_loop(C, D, N, monkeypatch):
+    """IEEE dots for float32 inputs (switched on for D ≤ 32): every output and gradient at the fp32 tolerance."""
+    monkeypatch.setattr(triton_scan, "FP32", True)
     x, kw = scan_inputs(B=2, N=N, C=C, H=2, D=D, seed=C + D, device="cuda")
     got = run(triton_scan.hope_scan, x, kw)
     want = run(reference.hope_scan, x, kw)
