@@ -70,11 +70,15 @@ def supports(u: Tensor, q: Tensor | None, *, mem: Tensor, **_: object) -> bool:
 # sum combiner, exp/log for σ): jitted helpers (tl.sum, tl.sigmoid, …) only interpret when TRITON_INTERPRET was set
 # before `import triton`.
 # Layouts (contiguous): U [B, N, C, H, D] (u's dtype); Valid int8 [B, N, C]; Start, Comp int8 [B, N]; float32:
-# Init [H, R, D], EB, AB [H], Mst [B, H, R, D] (running memory, in place), Mpre [B, N, H, R, D] (chunk-start
-# memories), Kout, Vout [B, N, C, H, D]. Row offsets inside one [R, D] memory: M_k rows 0..D−1, M_v D..2D−1, m_η 2D,
-# m_α 2D + 1.
+# Init [H, R, D], EB, AB [H], Mst [B, H, R, D] (running memory, in place), Kout, Vout [B, N, C, H, D]; saved for the
+# backward: Mpre [B, N, H, R, D] (chunk-start memories), Xs [B, N, H, C, C], Zs [B, N, H, C, D], Ps [B, N, H, D, D].
+# Row offsets inside one [R, D] memory: M_k rows 0..D−1, M_v D..2D−1, m_η 2D, m_α 2D + 1.
+#
+# The write as one matrix: the targets are v̂ = M⁰ v̂n, so Ũ = X (bw ⊙ v̂n) M⁰ᵀ − X (βγ ⊙ k̂) M⁰ᵀ = Z M⁰ᵀ with
+# Z = X (bw ⊙ v̂n − βγ ⊙ k̂) [C, D], and M¹ = γ_{C−1} M⁰ + Ũᵀ Ke = M⁰ P, P = γ_{C−1} I + Zᵀ Ke [D, D]: every row
+# block of the memory is multiplied by the same P (two dots for the write, 17 instead of 29 in the backward).
 
-def _hope_fwd(U, Valid, Start, Comp, Init, EB, AB, Mst, Mpre, Xs, Ts, NEA, Kout, Vout,
+def _hope_fwd(U, Valid, Start, Comp, Init, EB, AB, Mst, Mpre, Xs, Zs, Ps, Kout, Vout,
               H, N, D, save,
               C: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, NB_ROUNDS: tl.constexpr, EPS: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
@@ -100,6 +104,7 @@ def _hope_fwd(U, Valid, Start, Comp, Init, EB, AB, Mst, Mpre, Xs, Ts, NEA, Kout,
     pair = rc[:, None] >= rc[None, :]
     strict = rc[:, None] > rc[None, :]
     eye = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+    eye_d = tl.where(rd[:, None] == rd[None, :], 1.0, 0.0)
     same_blk = (rc // BLK)[:, None] == (rc // BLK)[None, :]
     for n in range(N):
         fresh = tl.load(Start + b * N + n) != 0
@@ -108,33 +113,35 @@ def _hope_fwd(U, Valid, Start, Comp, Init, EB, AB, Mst, Mpre, Xs, Ts, NEA, Kout,
         Mv = tl.where(fresh, tl.load(Init + ini + off_v, mask=m_dd, other=0.0), Mv)
         me = tl.where(fresh, tl.load(Init + ini + off_e, mask=md, other=0.0), me)
         ma = tl.where(fresh, tl.load(Init + ini + off_a, mask=md, other=0.0), ma)
+        ch = (b * N + n) * H + h
         if save != 0:
-            pre = ((b * N + n) * H + h) * R * D
-            tl.store(Mpre + pre + off_k, Mk, mask=m_dd)
-            tl.store(Mpre + pre + off_v, Mv, mask=m_dd)
-            tl.store(Mpre + pre + off_e, me, mask=md)
-            tl.store(Mpre + pre + off_a, ma, mask=md)
+            tl.store(Mpre + ch * R * D + off_k, Mk, mask=m_dd)
+            tl.store(Mpre + ch * R * D + off_v, Mv, mask=m_dd)
+            tl.store(Mpre + ch * R * D + off_e, me, mask=md)
+            tl.store(Mpre + ch * R * D + off_a, ma, mask=md)
         tok = ((b * N + n) * C + rc) * H + h
         u = tl.load(U + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0).to(tl.float32)
         m = tl.load(Valid + (b * N + n) * C + rc).to(tl.float32)
-        # --- produce (same lines in the backward) ---
         k = tl.dot(u, tl.trans(Mk), input_precision=PREC)
         v = tl.dot(u, tl.trans(Mv), input_precision=PREC)
+        tl.store(Kout + tok[:, None] * D + rd[None, :], k, mask=md[None, :])
+        tl.store(Vout + tok[:, None] * D + rd[None, :], v, mask=md[None, :])
+        # --- chunk quantities (same lines in the backward) ---
         beta = m / (1.0 + tl.exp(-(tl.reduce(u * me[None, :], 1, tl.standard._sum_combine) + eb)))
         za = tl.reduce(u * ma[None, :], 1, tl.standard._sum_combine) + ab
         g = m * (tl.minimum(za, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(za))))      # m log σ(za), stable
         kr = tl.maximum(tl.sqrt(tl.reduce(k * k, 1, tl.standard._sum_combine)), EPS)
         kn = k * (m / kr)[:, None]
-        vn = v / tl.maximum(tl.sqrt(tl.reduce(v * v, 1, tl.standard._sum_combine)), EPS)[:, None]
-        hk = tl.dot(vn, tl.trans(Mk), input_precision=PREC)                     # v̂ by row block
-        hv = tl.dot(vn, tl.trans(Mv), input_precision=PREC)
-        he = tl.reduce(vn * me[None, :], 1, tl.standard._sum_combine)
-        ha = tl.reduce(vn * ma[None, :], 1, tl.standard._sum_combine)
+        vr = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, tl.standard._sum_combine)), EPS)
+        vn = v / vr[:, None]
         G = tl.associative_scan(g, 0, tl.standard._sum_combine)
         gamma = tl.exp(G)
         Gm = tl.where(pair, tl.exp(tl.where(pair, G[:, None] - G[None, :], 0.0)), 0.0)
         ed = tl.reduce(tl.where(rc[:, None] == C - 1, Gm, 0.0), 0, tl.standard._sum_combine)   # e^{G_{C−1} − G_i}
         gl = tl.reduce(tl.where(rc == C - 1, gamma, 0.0), 0, tl.standard._sum_combine)
+        bw = beta * 0.5 * tl.exp(g)                                              # β ⊙ ½ e^g
+        bg = beta * gamma
+        # --- end chunk quantities ---
         A = tl.where(strict, beta[:, None] * tl.dot(kn, tl.trans(kn), input_precision=PREC) * Gm, 0.0)
         nd = tl.where(same_blk, -A, 0.0)                 # X = (I + A)⁻¹ (see triton_fused._prelude_fwd)
         X = eye + nd
@@ -147,46 +154,28 @@ def _hope_fwd(U, Valid, Start, Comp, Init, EB, AB, Mst, Mpre, Xs, Ts, NEA, Kout,
             Mn = tl.dot(Mn, Mn, input_precision=PREC)
             Y = tl.dot(Y, Mn, acc=Y, input_precision=PREC)
         X = tl.dot(Y, X, input_precision=PREC)
-        bw = beta * 0.5 * tl.exp(g)                                              # β ⊙ ½ e^g
-        Wk = tl.dot(X, (beta * gamma)[:, None] * kn, input_precision=PREC)
-        Nk = tl.dot(X, bw[:, None] * hk, input_precision=PREC) - tl.dot(Wk, tl.trans(Mk), input_precision=PREC)
-        Nv = tl.dot(X, bw[:, None] * hv, input_precision=PREC) - tl.dot(Wk, tl.trans(Mv), input_precision=PREC)
-        Ne = (tl.reduce(X * (bw * he)[None, :], 1, tl.standard._sum_combine)
-              - tl.reduce(Wk * me[None, :], 1, tl.standard._sum_combine))
-        Na = (tl.reduce(X * (bw * ha)[None, :], 1, tl.standard._sum_combine)
-              - tl.reduce(Wk * ma[None, :], 1, tl.standard._sum_combine))
-        Ke = ed[:, None] * kn
-        # --- end produce ---
-        if save != 0:                                    # what the backward would otherwise recompute
-            ch = (b * N + n) * H + h
+        Z = tl.dot(X, bw[:, None] * vn - bg[:, None] * kn, input_precision=PREC)
+        P = tl.dot(tl.trans(Z), ed[:, None] * kn, acc=gl * eye_d, input_precision=PREC)
+        if save != 0:
             tl.store(Xs + ch * C * C + rc[:, None] * C + rc[None, :], X)
-            t_off = rc[:, None] * D + rd[None, :]
-            tl.store(Ts + (ch * 5 + 0) * C * D + t_off, Wk, mask=md[None, :])
-            tl.store(Ts + (ch * 5 + 1) * C * D + t_off, Nk, mask=md[None, :])
-            tl.store(Ts + (ch * 5 + 2) * C * D + t_off, Nv, mask=md[None, :])
-            tl.store(Ts + (ch * 5 + 3) * C * D + t_off, hk, mask=md[None, :])
-            tl.store(Ts + (ch * 5 + 4) * C * D + t_off, hv, mask=md[None, :])
-            tl.store(NEA + (ch * 2) * C + rc, Ne)
-            tl.store(NEA + (ch * 2 + 1) * C + rc, Na)
-        tl.store(Kout + tok[:, None] * D + rd[None, :], k, mask=md[None, :])
-        tl.store(Vout + tok[:, None] * D + rd[None, :], v, mask=md[None, :])
-        Mk = tl.where(comp, tl.dot(tl.trans(Nk), Ke, acc=gl * Mk, input_precision=PREC), Mk)
-        Mv = tl.where(comp, tl.dot(tl.trans(Nv), Ke, acc=gl * Mv, input_precision=PREC), Mv)
-        me = tl.where(comp, gl * me + tl.reduce(Ne[:, None] * Ke, 0, tl.standard._sum_combine), me)
-        ma = tl.where(comp, gl * ma + tl.reduce(Na[:, None] * Ke, 0, tl.standard._sum_combine), ma)
+            tl.store(Zs + ch * C * D + rc[:, None] * D + rd[None, :], Z, mask=md[None, :])
+            tl.store(Ps + ch * D * D + off_k, P, mask=m_dd)
+        Mk = tl.where(comp, tl.dot(Mk, P, input_precision=PREC), Mk)
+        Mv = tl.where(comp, tl.dot(Mv, P, input_precision=PREC), Mv)
+        me = tl.where(comp, tl.reduce(me[:, None] * P, 0, tl.standard._sum_combine), me)
+        ma = tl.where(comp, tl.reduce(ma[:, None] * P, 0, tl.standard._sum_combine), ma)
     tl.store(Mst + st + off_k, Mk, mask=m_dd)
     tl.store(Mst + st + off_v, Mv, mask=m_dd)
     tl.store(Mst + st + off_e, me, mask=md)
     tl.store(Mst + st + off_a, ma, mask=md)
 
 
-def _hope_bwd(U, Valid, Start, Comp, EB, AB, Mpre, Xs, Ts, NEA, Kout, Vout, dKo, dVo, dM, dU, dInit, dEB, dAB,
+def _hope_bwd(U, Valid, Start, Comp, EB, AB, Mpre, Xs, Zs, Ps, Kout, Vout, dKo, dVo, dM, dU, dInit, dEB, dAB,
               H, N, D,
               C: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
     """dM [B, H, R, D] holds ∂L/∂(final memory) on entry and ∂L/∂mem on exit; dKo, dVo [B, N, C, H, D] the keys' and
     values' gradients; out: dU [B, N, C, H, D] float32, dInit [B, H, R, D] (zero on entry) and dEB, dAB [B, H] per
-    batch row (summed by the caller). Xs, Ts, NEA: the forward's X, (Wk, Ñ_k, Ñ_v, v̂_k, v̂_v), (Ñ_η, Ñ_α) per chunk.
-    Each saved tile is loaded right before its use (fewer live tiles: the kernel is bound by register spills)."""
+    batch row (summed by the caller). Mpre, Xs, Zs, Ps and Kout, Vout from the forward."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -199,7 +188,6 @@ def _hope_bwd(U, Valid, Start, Comp, EB, AB, Mpre, Xs, Ts, NEA, Kout, Vout, dKo,
     off_v = off_k + D * D
     off_e = 2 * D * D + rd
     off_a = off_e + D
-    t_off = rc[:, None] * D + rd[None, :]
     st = bh * R * D
     dMk = tl.load(dM + st + off_k, mask=m_dd, other=0.0)
     dMv = tl.load(dM + st + off_v, mask=m_dd, other=0.0)
@@ -215,17 +203,16 @@ def _hope_bwd(U, Valid, Start, Comp, EB, AB, Mpre, Xs, Ts, NEA, Kout, Vout, dKo,
         n = N - 1 - nn
         fresh = tl.load(Start + b * N + n) != 0
         compf = (tl.load(Comp + b * N + n) != 0).to(tl.float32)
-        pre = ((b * N + n) * H + h) * R * D
         ch = (b * N + n) * H + h
-        me = tl.load(Mpre + pre + off_e, mask=md, other=0.0)
-        ma = tl.load(Mpre + pre + off_a, mask=md, other=0.0)
+        me = tl.load(Mpre + ch * R * D + off_e, mask=md, other=0.0)
+        ma = tl.load(Mpre + ch * R * D + off_a, mask=md, other=0.0)
         tok = ((b * N + n) * C + rc) * H + h
         u = tl.load(U + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0).to(tl.float32)
         m = tl.load(Valid + (b * N + n) * C + rc).to(tl.float32)
         k = tl.load(Kout + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0)
         v = tl.load(Vout + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0)
-        sb = 1.0 / (1.0 + tl.exp(-(tl.reduce(u * me[None, :], 1, tl.standard._sum_combine) + eb)))
-        beta = m * sb
+        # --- chunk quantities (same lines as the forward) ---
+        beta = m / (1.0 + tl.exp(-(tl.reduce(u * me[None, :], 1, tl.standard._sum_combine) + eb)))
         za = tl.reduce(u * ma[None, :], 1, tl.standard._sum_combine) + ab
         g = m * (tl.minimum(za, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(za))))
         kr = tl.maximum(tl.sqrt(tl.reduce(k * k, 1, tl.standard._sum_combine)), EPS)
@@ -239,85 +226,51 @@ def _hope_bwd(U, Valid, Start, Comp, EB, AB, Mpre, Xs, Ts, NEA, Kout, Vout, dKo,
         gl = tl.reduce(tl.where(rc == C - 1, gamma, 0.0), 0, tl.standard._sum_combine)
         bw = beta * 0.5 * tl.exp(g)
         bg = beta * gamma
-        Ke = ed[:, None] * kn
-        # commit: M_next = M¹ if complete else M⁰;  M¹ = e^{G_{C−1}} M⁰ + Ñᵀ Ke
+        # --- end chunk quantities ---
+        # commit: M_next = M⁰ P if complete else M⁰
         d1k, d1v, d1e, d1a = compf * dMk, compf * dMv, compf * dme, compf * dma
-        Mk = tl.load(Mpre + pre + off_k, mask=m_dd, other=0.0)
-        Mv = tl.load(Mpre + pre + off_v, mask=m_dd, other=0.0)
-        dgl = (tl.reduce(tl.reduce(d1k * Mk, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
-               + tl.reduce(tl.reduce(d1v * Mv, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
-               + tl.reduce(d1e * me, 0, tl.standard._sum_combine) + tl.reduce(d1a * ma, 0, tl.standard._sum_combine))
-        dNk = tl.dot(Ke, tl.trans(d1k), input_precision=PREC)                   # ∂L/∂Ñ  [C, BD] by row block
-        dNv = tl.dot(Ke, tl.trans(d1v), input_precision=PREC)
-        dNe = tl.reduce(Ke * d1e[None, :], 1, tl.standard._sum_combine)
-        dNa = tl.reduce(Ke * d1a[None, :], 1, tl.standard._sum_combine)
-        dKe = tl.dot(tl.load(Ts + (ch * 5 + 1) * C * D + t_off, mask=md[None, :], other=0.0), d1k,
+        P = tl.load(Ps + ch * D * D + off_k, mask=m_dd, other=0.0)
+        Mk = tl.load(Mpre + ch * R * D + off_k, mask=m_dd, other=0.0)
+        Mv = tl.load(Mpre + ch * R * D + off_v, mask=m_dd, other=0.0)
+        dP = tl.dot(tl.trans(Mk), d1k, input_precision=PREC)
+        dP = tl.dot(tl.trans(Mv), d1v, acc=dP, input_precision=PREC)
+        dP += me[:, None] * d1e[None, :] + ma[:, None] * d1a[None, :]
+        dMk = tl.dot(d1k, tl.trans(P), acc=(1.0 - compf) * dMk, input_precision=PREC)
+        dMv = tl.dot(d1v, tl.trans(P), acc=(1.0 - compf) * dMv, input_precision=PREC)
+        dme = (1.0 - compf) * dme + tl.reduce(P * d1e[None, :], 1, tl.standard._sum_combine)
+        dma = (1.0 - compf) * dma + tl.reduce(P * d1a[None, :], 1, tl.standard._sum_combine)
+        # P = γ_{C−1} I + Zᵀ Ke,  Ke = e ⊙ k̂
+        dgl = tl.reduce(tl.reduce(tl.where(rd[:, None] == rd[None, :], dP, 0.0), 1, tl.standard._sum_combine), 0,
+                        tl.standard._sum_combine)
+        Ke = ed[:, None] * kn
+        dZ = tl.dot(Ke, tl.trans(dP), input_precision=PREC)                       # [C, BD]
+        dKe = tl.dot(tl.load(Zs + ch * C * D + rc[:, None] * D + rd[None, :], mask=md[None, :], other=0.0), dP,
                      input_precision=PREC)
-        dKe = tl.dot(tl.load(Ts + (ch * 5 + 2) * C * D + t_off, mask=md[None, :], other=0.0), d1v, acc=dKe,
-                     input_precision=PREC)
-        dKe += (tl.load(NEA + (ch * 2) * C + rc)[:, None] * d1e[None, :]
-                + tl.load(NEA + (ch * 2 + 1) * C + rc)[:, None] * d1a[None, :])
-        # Ñ = X (bw ⊙ v̂) − Wk M⁰ᵀ
-        dWk = -(tl.dot(dNk, Mk, input_precision=PREC) + tl.dot(dNv, Mv, input_precision=PREC)
-                + dNe[:, None] * me[None, :] + dNa[:, None] * ma[None, :])
-        Wk = tl.load(Ts + (ch * 5) * C * D + t_off, mask=md[None, :], other=0.0)
-        dMk = (1.0 - compf) * dMk + gl * d1k - tl.dot(tl.trans(dNk), Wk, input_precision=PREC)
-        dMv = (1.0 - compf) * dMv + gl * d1v - tl.dot(tl.trans(dNv), Wk, input_precision=PREC)
-        dme = (1.0 - compf) * dme + gl * d1e - tl.reduce(dNe[:, None] * Wk, 0, tl.standard._sum_combine)
-        dma = (1.0 - compf) * dma + gl * d1a - tl.reduce(dNa[:, None] * Wk, 0, tl.standard._sum_combine)
-        # Ke = e ⊙ k̂, e_i = e^{G_{C−1} − G_i}
         dkn = ed[:, None] * dKe
-        dee = ed * tl.reduce(dKe * kn, 1, tl.standard._sum_combine)
-        # X (bw ⊙ v̂) and Wk = X (βγ ⊙ k̂)
+        dee = ed * tl.reduce(dKe * kn, 1, tl.standard._sum_combine)              # ∂L/∂e ⊙ e
+        # Z = X Y, Y = bw ⊙ v̂n − βγ ⊙ k̂
         X = tl.load(Xs + ch * C * C + rc[:, None] * C + rc[None, :])
-        Xt = tl.trans(X)
-        rhe = tl.reduce(X * dNe[:, None], 0, tl.standard._sum_combine)
-        rha = tl.reduce(X * dNa[:, None], 0, tl.standard._sum_combine)
-        drk = tl.dot(Xt, dWk, input_precision=PREC)                               # ∂L/∂(βγ ⊙ k̂)
-        dX = tl.dot(dWk, tl.trans(bg[:, None] * kn), input_precision=PREC)
-        hk = tl.load(Ts + (ch * 5 + 3) * C * D + t_off, mask=md[None, :], other=0.0)
-        dX = tl.dot(dNk, tl.trans(bw[:, None] * hk), acc=dX, input_precision=PREC)
-        rhk = tl.dot(Xt, dNk, input_precision=PREC)                              # ∂L/∂(bw ⊙ v̂) by row block
-        dbw = tl.reduce(hk * rhk, 1, tl.standard._sum_combine)
-        dhk = bw[:, None] * rhk
-        hv = tl.load(Ts + (ch * 5 + 4) * C * D + t_off, mask=md[None, :], other=0.0)
-        dX = tl.dot(dNv, tl.trans(bw[:, None] * hv), acc=dX, input_precision=PREC)
-        rhv = tl.dot(Xt, dNv, input_precision=PREC)
-        dbw += tl.reduce(hv * rhv, 1, tl.standard._sum_combine)
-        dhv = bw[:, None] * rhv
-        he = tl.reduce(vn * me[None, :], 1, tl.standard._sum_combine)
-        ha = tl.reduce(vn * ma[None, :], 1, tl.standard._sum_combine)
-        dX += dNe[:, None] * (bw * he)[None, :] + dNa[:, None] * (bw * ha)[None, :]
-        dbw += he * rhe + ha * rha
-        dA = tl.where(strict, -tl.dot(tl.dot(Xt, dX, input_precision=PREC), Xt, input_precision=PREC), 0.0)
-        w8 = 0.5 * tl.exp(g)
-        kdrk = tl.reduce(kn * drk, 1, tl.standard._sum_combine)
-        dbeta = dbw * w8 + gamma * kdrk
-        dg = dbw * bw                                    # ∂(β ½ e^g)/∂g = β ½ e^g
-        dkn += bg[:, None] * drk
-        # A = (β ⊙rows k̂ k̂ᵀ) ⊙ Γ, strictly lower
+        dY = tl.dot(tl.trans(X), dZ, input_precision=PREC)
+        dX = tl.dot(dZ, tl.trans(bw[:, None] * vn - bg[:, None] * kn), input_precision=PREC)
+        dvn = bw[:, None] * dY
+        dbw = tl.reduce(dY * vn, 1, tl.standard._sum_combine)
+        dbg = -tl.reduce(dY * kn, 1, tl.standard._sum_combine)
+        dkn -= bg[:, None] * dY
+        # X = (I + A)⁻¹ ⇒ dA = −Xᵀ dX Xᵀ; A = (β ⊙rows k̂ k̂ᵀ) ⊙ Γ, strictly lower
+        dA = tl.where(strict, -tl.dot(tl.dot(tl.trans(X), dX, input_precision=PREC), tl.trans(X),
+                                      input_precision=PREC), 0.0)
         dAG = dA * Gm
         dAA = dAG * tl.where(strict, tl.dot(kn, tl.trans(kn), input_precision=PREC), 0.0)
-        dbeta += tl.reduce(dAA, 1, tl.standard._sum_combine)
+        dbeta = tl.reduce(dAA, 1, tl.standard._sum_combine) + dbw * 0.5 * tl.exp(g) + dbg * gamma
         dAA = dAA * beta[:, None]                        # dA ⊙ A
         dKK = dAG * beta[:, None]
         dkn = tl.dot(dKK, kn, acc=dkn, input_precision=PREC)
         dkn = tl.dot(tl.trans(dKK), kn, acc=dkn, input_precision=PREC)
-        # G = cumsum g: through Γ, γ = e^G, e and e^{G_{C−1}}
+        # G = cumsum g: through Γ, γ = e^G (βγ), e and γ_{C−1}; bw = β ½ e^g
         dG = (tl.reduce(dAA, 1, tl.standard._sum_combine) - tl.reduce(dAA, 0, tl.standard._sum_combine)
-              - dee + beta * kdrk * gamma)
+              - dee + dbg * bg)
         dG += tl.where(rc == C - 1, tl.reduce(dee, 0, tl.standard._sum_combine) + dgl * gl, 0.0)
-        dg += tl.associative_scan(dG, 0, tl.standard._sum_combine, reverse=True)
-        # v̂ = v̂n M⁰ᵀ by row block
-        dhe = bw * rhe
-        dha = bw * rha
-        dvn = tl.dot(dhk, Mk, input_precision=PREC)
-        dvn = tl.dot(dhv, Mv, acc=dvn, input_precision=PREC)
-        dvn += dhe[:, None] * me[None, :] + dha[:, None] * ma[None, :]
-        dMk = tl.dot(tl.trans(dhk), vn, acc=dMk, input_precision=PREC)
-        dMv = tl.dot(tl.trans(dhv), vn, acc=dMv, input_precision=PREC)
-        dme += tl.reduce(dhe[:, None] * vn, 0, tl.standard._sum_combine)
-        dma += tl.reduce(dha[:, None] * vn, 0, tl.standard._sum_combine)
+        dg = dbw * bw + tl.associative_scan(dG, 0, tl.standard._sum_combine, reverse=True)
         # x / max(‖x‖, ε): (dx̂ − x̂ (dx̂·x̂)) / ‖x‖ above ε, dx̂ / ε below (the clamp passes no gradient to ‖x‖)
         dv = (dvn - tl.where(vr > EPS, tl.reduce(dvn * vn, 1, tl.standard._sum_combine), 0.0)[:, None] * vn) / vr[:, None]
         dkm = dkn * m[:, None]
@@ -325,7 +278,8 @@ def _hope_bwd(U, Valid, Start, Comp, EB, AB, Mpre, Xs, Ts, NEA, Kout, Vout, dKo,
         dk = (dkm - tl.where(kr > EPS, tl.reduce(dkm * ku, 1, tl.standard._sum_combine), 0.0)[:, None] * ku) / kr[:, None]
         dk += tl.load(dKo + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0)
         dv += tl.load(dVo + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0)
-        # β = m σ(e + b_η), g = m log σ(za): d/dza log σ = 1 − σ(za)
+        # β = m σ(u·m_η + b_η), g = m log σ(za): d/dza log σ = 1 − σ(za)
+        sb = beta / tl.where(m != 0.0, m, 1.0)
         de = dbeta * m * sb * (1.0 - sb)
         da = dg * m * (1.0 - 1.0 / (1.0 + tl.exp(-za)))
         deb += de
@@ -394,22 +348,22 @@ class _HopeScan(torch.autograd.Function):
         f32 = {"dtype": torch.float32}
         k = u.new_empty(B, N, C, H, D, **f32)
         v = torch.empty_like(k)
-        if save:   # chunk-start memories, and per chunk X [C, C], (Wk, Ñ_k, Ñ_v, v̂_k, v̂_v) [C, D], (Ñ_η, Ñ_α) [C]
+        if save:   # chunk-start memories, and per chunk X [C, C], Z [C, D], P [D, D]
             Mpre, Xs = u.new_empty(B, N, H, R, D, **f32), u.new_empty(B, N, H, C, C, **f32)
-            Ts, NEA = u.new_empty(B, N, H, 5, C, D, **f32), u.new_empty(B, N, H, 2, C, **f32)
+            Zs, Ps = u.new_empty(B, N, H, C, D, **f32), u.new_empty(B, N, H, D, D, **f32)
         else:
-            Mpre = Xs = Ts = NEA = M                     # never written
+            Mpre = Xs = Zs = Ps = M                      # never written
         fwd, _ = _kernels(interpret)
-        fwd[(B * H,)](u, valid, start, comp, init, eta_bias, alpha_bias, M, Mpre, Xs, Ts, NEA, k, v,
+        fwd[(B * H,)](u, valid, start, comp, init, eta_bias, alpha_bias, M, Mpre, Xs, Zs, Ps, k, v,
                       H, _count(N, interpret), D, int(save), num_warps=WARPS["fwd"], **_meta(u))
         if save:
-            ctx.save_for_backward(u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Ts, NEA, k, v)
+            ctx.save_for_backward(u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Zs, Ps, k, v)
             ctx.init_shape = init.shape
         return M, k, v
 
     @staticmethod
     def backward(ctx, dM, dk, dv):
-        u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Ts, NEA, k, v = ctx.saved_tensors
+        u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Zs, Ps, k, v = ctx.saved_tensors
         B, N, _, H, D = u.shape
         interpret = u.device.type == "cpu"
         dmem = dM.float().contiguous().clone()
@@ -420,7 +374,7 @@ class _HopeScan(torch.autograd.Function):
         _, bwd = _kernels(interpret)
         meta = _meta(u)
         del meta["NB_ROUNDS"]
-        bwd[(B * H,)](u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Ts, NEA, k, v, dk.float().contiguous(),
+        bwd[(B * H,)](u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Zs, Ps, k, v, dk.float().contiguous(),
                       dv.float().contiguous(), dmem, du, dinit, deb, dab,
                       H, _count(N, interpret), D, num_warps=WARPS["bwd"], **meta)
         return du.to(u.dtype), dmem, dinit.sum(0), deb.sum(0), dab.sum(0), None, None, None
