@@ -71,14 +71,14 @@ def supports(u: Tensor, q: Tensor | None, *, mem: Tensor, **_: object) -> bool:
 # before `import triton`.
 # Layouts (contiguous): U [B, N, C, H, D] (u's dtype); Valid int8 [B, N, C]; Start, Comp int8 [B, N]; float32:
 # Init [H, R, D], EB, AB [H], Mst [B, H, R, D] (running memory, in place), Kout, Vout [B, N, C, H, D]; saved for the
-# backward: Mpre [B, N, H, R, D] (chunk-start memories), Xs [B, N, H, C, C], Zs [B, N, H, C, D], Ps [B, N, H, D, D].
+# backward: Mpre [B, N, H, R, D] (chunk-start memories), Xs [B, N, H, C, C], Zs [B, N, H, C, D], Qs [B, N, H, D, D].
 # Row offsets inside one [R, D] memory: M_k rows 0..D−1, M_v D..2D−1, m_η 2D, m_α 2D + 1.
 #
 # The write as one matrix: the targets are v̂ = M⁰ v̂n, so Ũ = X (bw ⊙ v̂n) M⁰ᵀ − X (βγ ⊙ k̂) M⁰ᵀ = Z M⁰ᵀ with
-# Z = X (bw ⊙ v̂n − βγ ⊙ k̂) [C, D], and M¹ = γ_{C−1} M⁰ + Ũᵀ Ke = M⁰ P, P = γ_{C−1} I + Zᵀ Ke [D, D]: every row
+# Z = X (bw ⊙ v̂n − βγ ⊙ k̂) [C, D], and M¹ = γ_{C−1} M⁰ + Ũᵀ Ke = M⁰ P, P = γ_{C−1} I + Q, Q = Zᵀ Ke [D, D]: every row
 # block of the memory is multiplied by the same P (two dots for the write, 17 instead of 29 in the backward).
 
-def _hope_fwd(U, Valid, Start, Comp, Init, EB, AB, Mst, Mpre, Xs, Zs, Ps, Kout, Vout,
+def _hope_fwd(U, Valid, Start, Comp, Init, EB, AB, Mst, Mpre, Xs, Zs, Qs, Kout, Vout,
               H, N, D, save,
               C: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, NB_ROUNDS: tl.constexpr, EPS: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
@@ -104,7 +104,6 @@ def _hope_fwd(U, Valid, Start, Comp, Init, EB, AB, Mst, Mpre, Xs, Zs, Ps, Kout, 
     pair = rc[:, None] >= rc[None, :]
     strict = rc[:, None] > rc[None, :]
     eye = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
-    eye_d = tl.where(rd[:, None] == rd[None, :], 1.0, 0.0)
     same_blk = (rc // BLK)[:, None] == (rc // BLK)[None, :]
     for n in range(N):
         fresh = tl.load(Start + b * N + n) != 0
@@ -155,27 +154,29 @@ def _hope_fwd(U, Valid, Start, Comp, Init, EB, AB, Mst, Mpre, Xs, Zs, Ps, Kout, 
             Y = tl.dot(Y, Mn, acc=Y, input_precision=PREC)
         X = tl.dot(Y, X, input_precision=PREC)
         Z = tl.dot(X, bw[:, None] * vn - bg[:, None] * kn, input_precision=PREC)
-        P = tl.dot(tl.trans(Z), ed[:, None] * kn, acc=gl * eye_d, input_precision=PREC)
+        Q = tl.dot(tl.trans(Z), ed[:, None] * kn, input_precision=PREC)
         if save != 0:
             tl.store(Xs + ch * C * C + rc[:, None] * C + rc[None, :], X)
             tl.store(Zs + ch * C * D + rc[:, None] * D + rd[None, :], Z, mask=md[None, :])
-            tl.store(Ps + ch * D * D + off_k, P, mask=m_dd)
-        Mk = tl.where(comp, tl.dot(Mk, P, input_precision=PREC), Mk)
-        Mv = tl.where(comp, tl.dot(Mv, P, input_precision=PREC), Mv)
-        me = tl.where(comp, tl.reduce(me[:, None] * P, 0, tl.standard._sum_combine), me)
-        ma = tl.where(comp, tl.reduce(ma[:, None] * P, 0, tl.standard._sum_combine), ma)
+            tl.store(Qs + ch * D * D + off_k, Q, mask=m_dd)
+        # M⁰ (γ I + Q) as γ M⁰ + M⁰ Q: the carried memory is not rounded to the dots' TF32 inputs every chunk
+        # (as M⁰ P it was: 8× the error against float64 at 32 chunks)
+        Mk = tl.where(comp, tl.dot(Mk, Q, acc=gl * Mk, input_precision=PREC), Mk)
+        Mv = tl.where(comp, tl.dot(Mv, Q, acc=gl * Mv, input_precision=PREC), Mv)
+        me = tl.where(comp, gl * me + tl.reduce(me[:, None] * Q, 0, tl.standard._sum_combine), me)
+        ma = tl.where(comp, gl * ma + tl.reduce(ma[:, None] * Q, 0, tl.standard._sum_combine), ma)
     tl.store(Mst + st + off_k, Mk, mask=m_dd)
     tl.store(Mst + st + off_v, Mv, mask=m_dd)
     tl.store(Mst + st + off_e, me, mask=md)
     tl.store(Mst + st + off_a, ma, mask=md)
 
 
-def _hope_bwd(U, Valid, Start, Comp, EB, AB, Mpre, Xs, Zs, Ps, Kout, Vout, dKo, dVo, dM, dU, dInit, dEB, dAB,
+def _hope_bwd(U, Valid, Start, Comp, EB, AB, Mpre, Xs, Zs, Qs, Kout, Vout, dKo, dVo, dM, dU, dInit, dEB, dAB,
               H, N, D,
               C: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
     """dM [B, H, R, D] holds ∂L/∂(final memory) on entry and ∂L/∂mem on exit; dKo, dVo [B, N, C, H, D] the keys' and
     values' gradients; out: dU [B, N, C, H, D] float32, dInit [B, H, R, D] (zero on entry) and dEB, dAB [B, H] per
-    batch row (summed by the caller). Mpre, Xs, Zs, Ps and Kout, Vout from the forward."""
+    batch row (summed by the caller). Mpre, Xs, Zs, Qs and Kout, Vout from the forward."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -227,19 +228,19 @@ def _hope_bwd(U, Valid, Start, Comp, EB, AB, Mpre, Xs, Zs, Ps, Kout, Vout, dKo, 
         bw = beta * 0.5 * tl.exp(g)
         bg = beta * gamma
         # --- end chunk quantities ---
-        # commit: M_next = M⁰ P if complete else M⁰
+        # commit: M_next = M⁰ P = γ_{C−1} M⁰ + M⁰ Q if complete, else M⁰
         d1k, d1v, d1e, d1a = compf * dMk, compf * dMv, compf * dme, compf * dma
-        P = tl.load(Ps + ch * D * D + off_k, mask=m_dd, other=0.0)
+        Q = tl.load(Qs + ch * D * D + off_k, mask=m_dd, other=0.0)
         Mk = tl.load(Mpre + ch * R * D + off_k, mask=m_dd, other=0.0)
         Mv = tl.load(Mpre + ch * R * D + off_v, mask=m_dd, other=0.0)
         dP = tl.dot(tl.trans(Mk), d1k, input_precision=PREC)
         dP = tl.dot(tl.trans(Mv), d1v, acc=dP, input_precision=PREC)
         dP += me[:, None] * d1e[None, :] + ma[:, None] * d1a[None, :]
-        dMk = tl.dot(d1k, tl.trans(P), acc=(1.0 - compf) * dMk, input_precision=PREC)
-        dMv = tl.dot(d1v, tl.trans(P), acc=(1.0 - compf) * dMv, input_precision=PREC)
-        dme = (1.0 - compf) * dme + tl.reduce(P * d1e[None, :], 1, tl.standard._sum_combine)
-        dma = (1.0 - compf) * dma + tl.reduce(P * d1a[None, :], 1, tl.standard._sum_combine)
-        # P = γ_{C−1} I + Zᵀ Ke,  Ke = e ⊙ k̂
+        dMk = tl.dot(d1k, tl.trans(Q), acc=(1.0 - compf) * dMk + gl * d1k, input_precision=PREC)
+        dMv = tl.dot(d1v, tl.trans(Q), acc=(1.0 - compf) * dMv + gl * d1v, input_precision=PREC)
+        dme = (1.0 - compf) * dme + gl * d1e + tl.reduce(Q * d1e[None, :], 1, tl.standard._sum_combine)
+        dma = (1.0 - compf) * dma + gl * d1a + tl.reduce(Q * d1a[None, :], 1, tl.standard._sum_combine)
+        # P = γ_{C−1} I + Q, Q = Zᵀ Ke,  Ke = e ⊙ k̂
         dgl = tl.reduce(tl.reduce(tl.where(rd[:, None] == rd[None, :], dP, 0.0), 1, tl.standard._sum_combine), 0,
                         tl.standard._sum_combine)
         Ke = ed[:, None] * kn
@@ -348,22 +349,22 @@ class _HopeScan(torch.autograd.Function):
         f32 = {"dtype": torch.float32}
         k = u.new_empty(B, N, C, H, D, **f32)
         v = torch.empty_like(k)
-        if save:   # chunk-start memories, and per chunk X [C, C], Z [C, D], P [D, D]
+        if save:   # chunk-start memories, and per chunk X [C, C], Z [C, D], Q [D, D]
             Mpre, Xs = u.new_empty(B, N, H, R, D, **f32), u.new_empty(B, N, H, C, C, **f32)
-            Zs, Ps = u.new_empty(B, N, H, C, D, **f32), u.new_empty(B, N, H, D, D, **f32)
+            Zs, Qs = u.new_empty(B, N, H, C, D, **f32), u.new_empty(B, N, H, D, D, **f32)
         else:
-            Mpre = Xs = Zs = Ps = M                      # never written
+            Mpre = Xs = Zs = Qs = M                      # never written
         fwd, _ = _kernels(interpret)
-        fwd[(B * H,)](u, valid, start, comp, init, eta_bias, alpha_bias, M, Mpre, Xs, Zs, Ps, k, v,
+        fwd[(B * H,)](u, valid, start, comp, init, eta_bias, alpha_bias, M, Mpre, Xs, Zs, Qs, k, v,
                       H, _count(N, interpret), D, int(save), num_warps=WARPS["fwd"], **_meta(u))
         if save:
-            ctx.save_for_backward(u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Zs, Ps, k, v)
+            ctx.save_for_backward(u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Zs, Qs, k, v)
             ctx.init_shape = init.shape
         return M, k, v
 
     @staticmethod
     def backward(ctx, dM, dk, dv):
-        u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Zs, Ps, k, v = ctx.saved_tensors
+        u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Zs, Qs, k, v = ctx.saved_tensors
         B, N, _, H, D = u.shape
         interpret = u.device.type == "cpu"
         dmem = dM.float().contiguous().clone()
@@ -374,7 +375,7 @@ class _HopeScan(torch.autograd.Function):
         _, bwd = _kernels(interpret)
         meta = _meta(u)
         del meta["NB_ROUNDS"]
-        bwd[(B * H,)](u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Zs, Ps, k, v, dk.float().contiguous(),
+        bwd[(B * H,)](u, valid, start, comp, eta_bias, alpha_bias, Mpre, Xs, Zs, Qs, k, v, dk.float().contiguous(),
                       dv.float().contiguous(), dmem, du, dinit, deb, dab,
                       H, _count(N, interpret), D, num_warps=WARPS["bwd"], **meta)
         return du.to(u.dtype), dmem, dinit.sum(0), deb.sum(0), dab.sum(0), None, None, None
