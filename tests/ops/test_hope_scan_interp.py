@@ -26,9 +26,10 @@ def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def scan_inputs(B=2, N=3, C=16, H=2, D=8, seed=0, device="cpu", dtype=torch.float32):
+def scan_inputs(B=2, N=3, C=16, H=2, D=8, seed=0, device="cpu", dtype=torch.float32, alpha_bias=2.0):
     """Memories near the identity (as Hope initialises them), a document start inside row 0, empty slots (zero u)
-    at the end of row 1, and an incomplete last chunk in row 0."""
+    at the end of row 1, and an incomplete last chunk in row 0. alpha_bias: mean retention logit (onyx's α ∈
+    [0.99, 0.999] is 4.6–6.9; long walks need it, or the memory decays to nothing)."""
     g = torch.Generator().manual_seed(seed)
     R = 2 * D + 2
 
@@ -43,7 +44,7 @@ def scan_inputs(B=2, N=3, C=16, H=2, D=8, seed=0, device="cpu", dtype=torch.floa
     valid[1, -1, C // 2:] = False
     u = torch.randn(B, N, C, H, D, generator=g) * valid[..., None, None]
     x = {"u": u.to(dtype), "mem": memory(B, H), "init": memory(H),
-         "eta_bias": 0.5 * torch.randn(H, generator=g), "alpha_bias": 2.0 + torch.randn(H, generator=g)}
+         "eta_bias": 0.5 * torch.randn(H, generator=g), "alpha_bias": alpha_bias + torch.randn(H, generator=g)}
     starts = torch.zeros(B, N, dtype=torch.bool)
     starts[0, 1] = True
     complete = valid.all(-1)

@@ -38,7 +38,7 @@ def test_fp32_matches_loop(C, D, N, monkeypatch):
 def test_bf16_inputs_within_loops_error_against_float64():
     """bf16 memory inputs (TF32 dots): relative error against a float64 loop on the same rounded inputs at most 3×
     that of the float32 loop, or 2e-3."""
-    x, kw = scan_inputs(B=2, N=8, C=64, H=2, D=64, seed=7, device="cuda", dtype=torch.bfloat16)
+    x, kw = scan_inputs(B=2, N=8, C=64, H=2, D=64, seed=7, device="cuda", dtype=torch.bfloat16, alpha_bias=5.0)
     got = run(triton_scan.hope_scan, x, kw)
     x64 = {n: t.double() for n, t in x.items()}
     want = run(reference.hope_scan, x64, kw)
@@ -48,33 +48,40 @@ def test_bf16_inputs_within_loops_error_against_float64():
         assert e <= max(3 * e_loop, 2e-3), f"{n}: triton {e:.2e} vs loop {e_loop:.2e} against float64"
 
 
-def layer_run(backend: str, compile: bool, dtype=torch.bfloat16):
+def layer_run(backend: str, compile: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> dict:
+    """y, the final memory and every parameter gradient of a HOPE attention-read layer at onyx's head shapes over a
+    packed batch with a reset; dtype: the autocast dtype (None: no autocast, the layer in float64)."""
     torch.manual_seed(0)
     cfg = HopeConfig(read="attention", n_kv_heads=2, head_dim=64, chunk_size=64)
     layer = Hope(cfg, ModelConfig(d_model=256, n_heads=4, layers=[cfg]), 0).cuda()
     x = torch.randn(2, 300, 256, device="cuda")
+    if dtype is None:
+        layer, x = layer.double(), x.double()
     reset = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
     reset[0, 129] = True
     f = torch.compile(layer, fullgraph=True) if compile else layer
-    with dispatch.force_backend("hope_scan", backend), torch.autocast("cuda", dtype=dtype):
+    with dispatch.force_backend("hope_scan", backend), torch.autocast("cuda", dtype=dtype or torch.bfloat16,
+                                                                      enabled=dtype is not None):
         y, s = f(x, None, reset=reset)
-    (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
-    return y.float(), s.mem, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    (y.double() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
+    return {"y": y, "mem": s.mem, **{n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}}
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_layer_bf16_autocast_matches_loop(compile):
-    y_t, m_t, g_t = layer_run("triton", compile)
-    y_l, m_l, g_l = layer_run("loop", False)
-    assert_close(y_t, y_l, dtype=torch.bfloat16, name="y")
-    assert_close(m_t, m_l, dtype=torch.bfloat16, name="mem")
-    for n in g_l:
-        assert_close(g_t[n], g_l[n], dtype=torch.bfloat16, kind="sum" if "bias" in n or "mem_init" in n else "grad",
-                     name=n)
+def test_layer_bf16_autocast_within_loops_error(compile):
+    """Under bf16 autocast the layer's output, memory and every parameter gradient stay within 3× the loop's own
+    error against a float64 layer (or 1e-2: reduced gradients such as the biases' sum every token)."""
+    truth = layer_run("loop", dtype=None)
+    loop = layer_run("loop")
+    got = layer_run("triton", compile)
+    assert set(got) == set(truth)
+    for n, t in truth.items():
+        e, e_loop = rel_err(got[n], t), rel_err(loop[n], t)
+        assert e <= max(3 * e_loop, 1e-2), f"{n}: triton {e:.2e} vs loop {e_loop:.2e} against float64"
 
 
 def test_every_input_gets_gradient():
-    x, kw = scan_inputs(B=2, N=3, C=64, H=2, D=64, seed=1, device="cuda")
+    x, kw = scan_inputs(B=2, N=3, C=64, H=2, D=64, seed=1, device="cuda", dtype=torch.bfloat16, alpha_bias=5.0)
     got = run(triton_scan.hope_scan, x, kw)
     for n in INS:
         assert torch.isfinite(got[f"d{n}"]).all() and got[f"d{n}"].abs().max() > 0, n
