@@ -25,10 +25,10 @@ def produce(M0: Tensor, u: Tensor, eta_bias: Tensor, alpha_bias: Tensor
     """Quantities of a chunk from its starting memory. M0 [B, H, R, D] f32, u [B, C, H, D], biases [H] ->
     k [B, C, H, D] (raw), v [B, C, H, D], v̂ [B, C, H, R] (every memory's target), β, g = log α [B, C, H]."""
     dh = M0.shape[-1]
-    out = torch.einsum("bhrd,bchd->bchr", M0, u.float())
+    out = torch.einsum("bhrd,bchd->bchr", M0, u.to(M0.dtype))
     k, v = out[..., :dh], out[..., dh: 2 * dh]
-    beta = torch.sigmoid(out[..., 2 * dh] + eta_bias.float())
-    g = F.logsigmoid(out[..., 2 * dh + 1] + alpha_bias.float())
+    beta = torch.sigmoid(out[..., 2 * dh] + eta_bias.to(M0.dtype))
+    g = F.logsigmoid(out[..., 2 * dh + 1] + alpha_bias.to(M0.dtype))
     # targets from the unit value: ‖v̂‖ ≤ ‖M⁰‖ whatever the scale of v, so a write neither shrinks the memory
     # towards zero (small v) nor inflates it (large v) — each memory stays on the scale of its initial value
     v_hat = torch.einsum("bhrd,bchd->bchr", M0, F.normalize(v, dim=-1))
@@ -57,7 +57,7 @@ def write(M0: Tensor, u: Tensor, q: Tensor | None, valid: Tensor, eta_bias: Tens
     k, v, v_hat, beta, g = produce(M0, u, eta_bias, alpha_bias)
     m = valid[..., None].float()
     kn = F.normalize(k, dim=-1) * m[..., None]
-    qq = None if q is None else F.normalize(q.float(), dim=-1)
+    qq = None if q is None else F.normalize(q.to(M0.dtype), dim=-1)
     o, M1 = dgd_chunk(M0, kn, v_hat, beta * m, g * m, q=qq, backend=backend)
     read = o[..., 2 * dh + 2:] if q is not None else None
     return M1, read, k, v
@@ -71,11 +71,13 @@ def hope_scan(u: Tensor, q: Tensor | None, *, mem: Tensor, init: Tensor, eta_bia
     u [B, N, C, H, D] memory inputs (empty slots zero); q [B, N, C, H, D] queries of the memory read or None;
     mem [B, H, R, D] f32 memory at the call's start; init [H, R, D] learned initial memory (a chunk that starts a
     document restarts from it); biases [H]; slot_valid [B, N, C], starts_doc, complete [B, N] bool (only complete
-    chunks commit their writes). Returns (memory after the last complete chunk [B, H, R, D] f32, reads
-    [B, N, C, H, D] f32 or None, keys k and values v [B, N, C, H, D] f32, raw as produced, for the attention read).
+    chunks commit their writes). Returns (memory after the last complete chunk [B, H, R, D], reads [B, N, C, H, D] or
+    None, keys k and values v [B, N, C, H, D], raw as produced, for the attention read), all float32 (float64 when
+    mem or init is).
     """
-    M = mem.float()
-    ini = init.float()[None]
+    wide = torch.promote_types(torch.promote_types(mem.dtype, init.dtype), torch.float32)  # float32, or float64 (tests)
+    M = mem.to(wide)
+    ini = init.to(wide)[None]
     reads, keys, vals = [], [], []
     for n in range(u.shape[1]):
         M0 = torch.where(starts_doc[:, n, None, None, None], ini, M)   # a document restarts the memory
