@@ -87,3 +87,33 @@ def test_every_input_gets_gradient():
     got = run(triton_scan.hope_scan, x, kw)
     for n in INS:
         assert torch.isfinite(got[f"d{n}"]).all() and got[f"d{n}"].abs().max() > 0, n
+
+
+def test_onyx_bf16_decode_with_cuda_graph(monkeypatch):
+    """onyx-debug in bf16 decodes through the Triton walk (one chunk per step, pending tokens carried): CUDA-graph
+    replays equal eager static steps, and both stay within bf16 tolerance of the loop's static steps."""
+    import memlm
+    from memlm.inference.engine import Engine
+
+    calls = []
+    inner = triton_scan._HopeScan.apply
+    monkeypatch.setattr(triton_scan._HopeScan, "apply", lambda *a: calls.append(1) or inner(*a))
+    torch.manual_seed(0)
+    model = memlm.build_model("onyx-debug").to("cuda", torch.bfloat16).eval()
+    prompt = torch.randint(0, 250, (1, 37), generator=torch.Generator().manual_seed(3)).cuda()
+    eng = Engine(model, cuda_graph=True)
+    logits, state = eng.prefill(prompt)
+    st_graph, step, _ = eng.decode_plan(state, 40)
+    st_eager, _, _ = Engine(model, static_cache=True).decode_plan(state, 40)
+    st_loop = st_eager.clone()
+    tok = logits.argmax(-1)
+    for i in range(30):
+        lg, st_graph = step(tok, st_graph)
+        lg = lg.clone()
+        le, st_eager = eng.step_static(tok, st_eager)
+        with dispatch.force_backend("hope_scan", "loop"):
+            ll, st_loop = eng.step_static(tok, st_loop)
+        assert_close(lg.float(), le.float(), tol=1e-5, name=f"graph step {i}")
+        assert_close(le.float(), ll.float(), dtype=torch.bfloat16, name=f"triton vs loop step {i}")
+        tok = le.argmax(-1)
+    assert calls and eng.decode_mode == "cuda_graph" and not eng.notes, eng.notes
