@@ -88,12 +88,14 @@ def bench_memlm(name: str, model, ctx: int, args, dev: torch.device, dtype: torc
                          ms_per_token=round(s * 1e3, 3)))
         if mode in args.engine_modes:
             stamps = []
-            gen = eng.generate_ids([[int(ids[0, -1])]], args.new_tokens, GREEDY, state=before, ignore_eos=True)
+            sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=0)
+            gen = eng.generate_ids([[int(ids[0, -1])]], args.new_tokens, sampling, state=before, ignore_eos=True)
             for _ in gen:
                 stamps.append(time.perf_counter())
             s = per_token(stamps)
             rows.append(emit(**common, mode=mode, loop="engine", tokens_per_s=round(1 / s, 1),
-                             ms_per_token=round(s * 1e3, 3), ran_as=eng.decode_mode))
+                             ms_per_token=round(s * 1e3, 3), ran_as=eng.decode_mode,
+                             sampling=f"temperature={args.temperature},top_p={args.top_p}"))
     return rows
 
 
@@ -184,6 +186,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--prefill-chunk", type=int, default=1024)
+    ap.add_argument("--temperature", type=float, default=0.0, help="engine loop sampling (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="engine loop nucleus mass")
     ap.add_argument("--modes", nargs="*", default=["eager", "static", "cuda_graph"],
                     choices=["eager", "static", "cuda_graph", "static_compiled", "cuda_graph_compiled"],
                     help="*_compiled: torch.compile the static step first (fused kernels; compiling takes minutes)")

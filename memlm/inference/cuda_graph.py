@@ -4,7 +4,10 @@ Notation: B batch rows, V vocabulary.
 
 A captured step is ``static_step`` (memlm.inference.static) recorded once on fixed buffers: token ids [B, 1], a
 static ModelState (every tensor of it) and the logits [B, V] it leaves. Decoding one token is then: copy the ids in,
-replay the graph (one launch for the whole model), read the logits. Sampling stays outside, in the engine's sampler.
+replay the graph (one launch for the whole model), read the logits. With a ``sampler`` (``step_sampled``) the graph
+also draws the next token (memlm.inference.sampling.packed_sample: the random part is an Exp(1) noise buffer filled
+before the replay), so a decode step is one fill, one replay and one device→host read of [3, B] (token, log-prob,
+entropy); without one, sampling stays outside, in the engine's sampler.
 Graphs are kept in a small LRU keyed by the state's layout, so batch sizes 1..N each get their own. A state that is
 not the one a graph handed back last (a new generation, rows dropped from the batch) is first copied into the
 graph's buffers.
@@ -17,14 +20,29 @@ CPU tests use to check it.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from memlm.inference.sampling import SamplingConfig, packed_sample
 from memlm.inference.static import copy_state_, fresh_view, static_step
 from memlm.models.state import ModelState
 
-__all__ = ["GraphCaptureError", "GraphDecoder"]
+__all__ = ["GraphCaptureError", "GraphDecoder", "Sampler"]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """What a captured graph samples with: the config (no history penalties: those read the growing history) and
+    the sampled vocabulary (the first ``vocab`` logits)."""
+
+    cfg: SamplingConfig
+    vocab: int
+
+    def key(self) -> tuple:
+        c = self.cfg
+        return (self.vocab, c.temperature, c.top_k, c.top_p, c.min_p)
 
 
 class GraphCaptureError(RuntimeError):
@@ -38,10 +56,15 @@ def _layout(state: ModelState) -> tuple:
 class _Captured:
     """Buffers and graph of one layout."""
 
-    def __init__(self, model, template: ModelState, *, capture: bool, warmup: int, forward=None) -> None:
-        self.model, self.forward = model, forward
+    def __init__(self, model, template: ModelState, *, capture: bool, warmup: int, forward=None,
+                 sampler: Sampler | None = None) -> None:
+        self.model, self.forward, self.sampler = model, forward, sampler
         self.state = template.clone()                      # the graph's own state buffers
-        self.tokens = torch.zeros(template.batch_size, 1, dtype=torch.long, device=template.pos.device)
+        dev = template.pos.device
+        self.tokens = torch.zeros(template.batch_size, 1, dtype=torch.long, device=dev)
+        self.noise = (torch.ones(template.batch_size, sampler.vocab, device=dev)
+                      if sampler is not None and not sampler.cfg.greedy else None)
+        self.packed: Tensor | None = None                  # [3, B] the sampler's output (token, log-prob, entropy)
         self.last: ModelState | None = None                # the view handed out by the latest replay
         self.graph = None
         if not capture:
@@ -53,16 +76,23 @@ class _Captured:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(warmup):
-                    static_step(model, self.tokens, self.state, forward)
+                    self._run()
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = static_step(model, self.tokens, self.state, forward)
+                self.logits, self.packed = self._run()
         except Exception as e:  # noqa: BLE001 — any capture failure means: decode without a graph
             self.graph = None
             raise GraphCaptureError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
-    def __call__(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+    def _run(self) -> tuple[Tensor, Tensor | None]:
+        logits = static_step(self.model, self.tokens, self.state, self.forward)
+        if self.sampler is None:
+            return logits, None
+        return logits, packed_sample(logits[:, :self.sampler.vocab], self.noise, self.sampler.cfg)
+
+    def __call__(self, tokens: Tensor, state: ModelState, generator: torch.Generator | None = None
+                 ) -> tuple[Tensor, ModelState]:
         if state is not self.last:
             owned = {t.data_ptr() for t in self.state.state_dict().values() if t.numel()}
             if any(t.numel() and t.data_ptr() in owned for t in state.state_dict().values()):
@@ -70,11 +100,13 @@ class _Captured:
                                    "decoder; decode one generation at a time per engine")
             copy_state_(self.state, state)
         self.tokens.copy_(tokens.reshape(-1, 1))
+        if self.noise is not None:
+            self.noise.exponential_(generator=generator)
         if self.graph is not None:
             self.graph.replay()
             logits = self.logits
         else:
-            logits = static_step(self.model, self.tokens, self.state, self.forward)
+            logits, self.packed = self._run()
         self.last = fresh_view(self.state)
         return logits, self.last
 
@@ -94,15 +126,27 @@ class GraphDecoder:
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
 
     def step(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        key = _layout(state)
+        return self._graph(state, None)(tokens, state)
+
+    def step_sampled(self, tokens: Tensor, state: ModelState, sampler: Sampler,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, ModelState, Tensor]:
+        """``step`` whose graph also samples the next token: (logits [B, V], state, packed [3, B] float64 = token
+        ids, log-probabilities, entropies; in the graph's buffers like the logits). generator: the noise's RNG."""
+        g = self._graph(state, sampler)
+        logits, st = g(tokens, state, generator)
+        return logits, st, g.packed
+
+    def _graph(self, state: ModelState, sampler: Sampler | None) -> _Captured:
+        key = (_layout(state), None if sampler is None else sampler.key())
         g = self.graphs.get(key)
         if g is None:
-            g = _Captured(self.model, state, capture=self.capture, warmup=self.warmup, forward=self.forward)
+            g = _Captured(self.model, state, capture=self.capture, warmup=self.warmup, forward=self.forward,
+                          sampler=sampler)
             self.graphs[key] = g
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
-        return g(tokens, state)
+        return g
 
     def clear(self) -> None:
         """Drop every graph (after the model's parameters were replaced or moved)."""

@@ -140,6 +140,25 @@ class Engine:
                 self.decode_mode = "static"
         return self.step_static(tokens, state)
 
+    def _graph_step_sampled(self, tokens: Tensor, state: ModelState, sampler, generator
+                            ) -> tuple[Tensor, ModelState, Tensor | None]:
+        """``_graph_step`` whose graph also samples (cuda_graph.GraphDecoder.step_sampled): (logits, state, packed
+        [3, B] token / log-prob / entropy, or None after a capture failure, when the caller samples itself)."""
+        from memlm.inference.cuda_graph import GraphCaptureError, GraphDecoder
+
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        if self.cuda_graph:
+            with self._mode():
+                try:
+                    if self._graphs is None:
+                        self._graphs = GraphDecoder(self.model, forward=self._forward())
+                    return self._graphs.step_sampled(tokens, state, sampler, generator)
+                except GraphCaptureError as e:
+                    self.cuda_graph, self._graphs = False, None
+                    self._note(f"CUDA graph capture failed ({e}); decoding with static states, eagerly")
+                    self.decode_mode = "static"
+        return (*self.step_static(tokens, state), None)
+
     def decode_plan(self, state: ModelState, budget: int, *, graphs: bool = True
                     ) -> tuple[ModelState, Callable, Callable[[ModelState], ModelState]]:
         """How to decode up to ``budget`` more tokens after ``state``: (state to step, step function, and a function
@@ -356,6 +375,26 @@ class IdGeneration:
         logits, state = self._fwd(eng.prefill, torch.tensor([p[:m] for p in prompts]), state)
         return logits, state, [list(p[m:]) for p in prompts]
 
+    def _sample_outside(self, logits: Tensor, hist: Tensor | None, hmask: Tensor | None, sampled: list[int],
+                        forced: list[list[int]], active: list[int], gen) -> tuple[Tensor, list[float], list[float]]:
+        """Next tokens [n] (sampled rows from the logits, forced rows their next prompt token), log-probs, entropies."""
+        eng, n = self.engine, len(active)
+        next_tok = torch.zeros(n, dtype=torch.long, device=eng.device)
+        lp, ent = [0.0] * n, [0.0] * n
+        if sampled:
+            gi = torch.tensor(sampled, device=eng.device)
+            with eng._mode():
+                s = sample(logits[gi, :eng.sample_vocab], hist[gi] if hist is not None else None, self.cfg, gen,
+                           history_mask=hmask[gi] if hmask is not None else None)
+            next_tok[gi] = s.tokens
+            lp_s, ent_s = s.logprobs.tolist(), s.entropy.tolist()
+            for j, i in enumerate(sampled):
+                lp[i], ent[i] = lp_s[j], ent_s[j]
+        for i in range(n):
+            if forced[active[i]]:
+                next_tok[i] = forced[active[i]].pop(0)
+        return next_tok, lp, ent
+
     def _run(self) -> Iterator[Step]:
         eng, cfg, rows = self.engine, self.cfg, self.rows
         logits, state, forced = self._start()
@@ -371,6 +410,16 @@ class IdGeneration:
                                              graphs=not self.want_unc)
         gen = make_generator(cfg.seed, eng.device)
         use_hist = cfg.uses_history
+        # CUDA graphs without history penalties: the graph samples too, and a step's token ids, log-probs and
+        # entropies come back in one host read (box: the packed sample behind the current logits, or None)
+        box: list[Tensor | None] = [None]
+        if eng.decode_mode == "cuda_graph" and not use_hist and not self.want_unc:
+            from memlm.inference.cuda_graph import Sampler
+            sampler = Sampler(cfg, eng.sample_vocab)
+
+            def step(tokens: Tensor, st: ModelState) -> tuple[Tensor, ModelState]:
+                logits_, st, box[0] = eng._graph_step_sampled(tokens, st, sampler, gen)
+                return logits_, st
         if use_hist:  # history columns grow one per step; the valid mask hides padding / unpenalised tokens
             if cfg.penalize_prompt:
                 hist, hmask = _left_pad(self.prompts, eng.device)
@@ -381,22 +430,15 @@ class IdGeneration:
             n = len(active)
             is_forced = [bool(forced[r]) for r in active]
             sampled = [i for i in range(n) if not is_forced[i]]
-            next_tok = torch.zeros(n, dtype=torch.long, device=eng.device)
-            lp = ent = [0.0] * n
-            if sampled:
-                gi = torch.tensor(sampled, device=eng.device)
-                with eng._mode():
-                    s = sample(logits[gi, :eng.sample_vocab], hist[gi] if use_hist else None, cfg, gen,
-                               history_mask=hmask[gi] if use_hist else None)
-                next_tok[gi] = s.tokens
-                lp_s, ent_s = s.logprobs.tolist(), s.entropy.tolist()
-                lp, ent = [0.0] * n, [0.0] * n
-                for j, i in enumerate(sampled):
-                    lp[i], ent[i] = lp_s[j], ent_s[j]
-            for i in range(n):
-                if is_forced[i]:
-                    next_tok[i] = forced[active[i]].pop(0)
-            toks = next_tok.tolist()
+            pre, box[0] = box[0], None
+            if pre is not None and len(sampled) == n:        # sampled inside the graph: one host read
+                next_tok = pre[0].long()
+                ids_f, lp, ent = pre.tolist()
+                toks = [int(t) for t in ids_f]
+            else:
+                next_tok, lp, ent = self._sample_outside(logits, hist if use_hist else None,
+                                                         hmask if use_hist else None, sampled, forced, active, gen)
+                toks = next_tok.tolist()
             finished: dict[int, str] = {}
             for i in sampled:
                 r, t = active[i], toks[i]

@@ -248,6 +248,26 @@ def sample(logits: Tensor, history: Tensor | Sequence[Sequence[int]] | None = No
     return Sampled(tokens, chosen, entropy)
 
 
+def packed_sample(logits: Tensor, noise: Tensor | None, cfg: SamplingConfig) -> Tensor:
+    """``sample`` without history penalties, as one graph-capturable function: no host reads, no RNG of its own.
+
+    logits [B, V]; noise [B, V] i.i.d. Exp(1) draws (None when greedy). A draw is argmax_v p_v / E_v, which picks v with
+    probability p_v (the exponential race), so the random part can be filled in before a CUDA-graph replay with the
+    caller's generator. Returns [3, B] float64: the token ids, their log-probabilities and the entropies (as
+    ``sample``), so that one device→host read delivers a step's results.
+    """
+    raw = logits.float()
+    logp = raw.log_softmax(-1)
+    if cfg.greedy or noise is None:
+        tokens = raw.argmax(-1)
+    else:
+        x = min_p_filter(top_p_filter(top_k_filter(raw / cfg.temperature, cfg.top_k), cfg.top_p), cfg.min_p)
+        tokens = (x.softmax(-1) / noise.clamp_min(1e-30)).argmax(-1)
+    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    entropy = -torch.special.xlogy(logp.exp(), logp.exp()).sum(-1)
+    return torch.stack([tokens.double(), chosen.double(), entropy.double()])
+
+
 __all__ = [
     "Sampled",
     "SamplingConfig",
@@ -257,6 +277,7 @@ __all__ = [
     "make_generator",
     "min_p_filter",
     "no_repeat_ngram_ban",
+    "packed_sample",
     "penalize",
     "sample",
     "token_counts",

@@ -18,6 +18,7 @@ from memlm.inference.sampling import (
     make_generator,
     min_p_filter,
     no_repeat_ngram_ban,
+    packed_sample,
     sample,
     token_counts,
     top_k_filter,
@@ -208,6 +209,26 @@ def test_sampling_respects_filters_and_distribution():
     assert (freq - want).abs().max() < 0.03, freq
     # Logprobs are the model's, not the truncated distribution's.
     assert torch.allclose(s.logprobs[s.tokens == 0], torch.tensor(math.log(0.4)), atol=1e-5)
+
+
+def test_packed_sample_matches_sample():
+    """The graph-capturable sampler: greedy picks exactly what ``sample`` picks; with Exp(1) noise its draws follow
+    the filtered distribution (the exponential race); log-probs and entropies are the model's, as ``sample``'s."""
+    V = 6
+    x = log_probs(0.4, 0.3, 0.15, 0.1, 0.04, 0.01).repeat(4000, 1) + 0.01 * torch.randn(4000, V)
+    greedy = SamplingConfig(temperature=0.0)
+    want = sample(x, None, greedy)
+    got = packed_sample(x, None, greedy)
+    assert got.shape == (3, 4000) and got.dtype == torch.float64
+    assert torch.equal(got[0].long(), want.tokens)
+    assert torch.allclose(got[1], want.logprobs.double(), atol=1e-6)
+    assert torch.allclose(got[2], want.entropy.double(), atol=1e-6)
+    cfg = SamplingConfig(temperature=1.0, top_k=3)
+    noise = torch.empty(4000, V).exponential_(generator=make_generator(0))
+    tok = packed_sample(x, noise, cfg)[0].long()
+    assert set(tok.tolist()) <= {0, 1, 2}
+    freq = torch.bincount(tok, minlength=V).float() / len(tok)
+    assert (freq - torch.tensor([0.4, 0.3, 0.15, 0, 0, 0]) / 0.85).abs().max() < 0.03, freq
 
 
 def test_low_temperature_concentrates():

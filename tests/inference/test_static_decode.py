@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import memlm
-from memlm.inference.cuda_graph import GraphDecoder
+from memlm.inference.cuda_graph import GraphDecoder, Sampler
 from memlm.inference.engine import Engine
 from memlm.inference.sampling import SamplingConfig
 from memlm.inference.static import HostSyncError, compact, forbid_host_sync, static_unsupported, to_static
@@ -183,6 +183,13 @@ def test_graph_decoder_buffer_logic_without_capture():
         dec.step(tok[1:], to_static(model, dyn1, 32))       # another generation takes the batch-1 buffers
         with pytest.raises(RuntimeError, match="taken over"):
             dec.step(tok[1:], stale)
+        # a sampling graph (greedy) for the same layout is a graph of its own; its packed token is the argmax of
+        # its own logits
+        lg, _, packed = dec.step_sampled(tok[1:], to_static(model, dyn1, 32), Sampler(GREEDY, model.config.vocab_size))
+        ld, dyn1 = eng.step(tok[1:], dyn1)
+        assert_close(lg, ld, tol=1e-5, name="sampling graph step")
+        assert packed.shape == (3, 1) and int(packed[0, 0]) == int(ld.argmax(-1)[0])
+        assert len(dec.graphs) == 3
 
 
 @pytest.mark.gpu
@@ -204,6 +211,15 @@ def test_cuda_graph_equals_eager_on_gpu(name):
     for r in range(3):
         toks = [runs[m].rows[r].token_ids for m in runs]
         assert toks[0] == toks[1] == toks[2]
+        # the graph sampled in place (one host read per step): the model's log-probs and entropies, as outside
+        for key in ("logprobs", "entropy"):
+            assert_close(torch.tensor(getattr(runs["cuda_graph"].rows[r], key)),
+                         torch.tensor(getattr(runs["dynamic"].rows[r], key)), tol=1e-4, name=f"{name} {key}")
+    # random sampling inside the graph: reproducible with a seed, every token from the top-p set
+    cfg = SamplingConfig(temperature=0.9, top_p=0.8, seed=5)
+    outs = [Engine(model, cuda_graph=True).generate_ids(prompts, 24, cfg, ignore_eos=True).run() for _ in range(2)]
+    assert [r.token_ids for r in outs[0].rows] == [r.token_ids for r in outs[1].rows]
+    assert all(len(r.token_ids) == 24 and min(r.token_ids) >= 0 for r in outs[0].rows)
     # logits step by step: graph replay vs eager static, batch 1
     eng = Engine(model, cuda_graph=True)
     logits, state = eng.prefill(torch.tensor([prompts[1]], device="cuda"))
