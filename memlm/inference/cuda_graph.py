@@ -137,7 +137,13 @@ class GraphDecoder:
         return logits, st, g.packed
 
     def _graph(self, state: ModelState, sampler: Sampler | None) -> _Captured:
-        key = (_layout(state), None if sampler is None else sampler.key())
+        skey = None if sampler is None else sampler.key()
+        if self.graphs:   # the common case, the state the latest replay handed out: no walk over its tensors
+            key = next(reversed(self.graphs))
+            g = self.graphs[key]
+            if g.last is state and key[1] == skey:
+                return g
+        key = (_layout(state), skey)
         g = self.graphs.get(key)
         if g is None:
             g = _Captured(self.model, state, capture=self.capture, warmup=self.warmup, forward=self.forward,
