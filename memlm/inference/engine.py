@@ -126,24 +126,13 @@ class Engine:
         return self._compiled
 
     def _graph_step(self, tokens: Tensor | Sequence[int], state: ModelState) -> tuple[Tensor, ModelState]:
-        from memlm.inference.cuda_graph import GraphCaptureError, GraphDecoder
+        return self._graph_step_sampled(tokens, state, None, None)[:2]
 
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
-        with self._mode():
-            try:
-                if self._graphs is None:
-                    self._graphs = GraphDecoder(self.model, forward=self._forward())
-                return self._graphs.step(tokens, state)
-            except GraphCaptureError as e:  # the state is untouched: capture works on the graph's own buffers
-                self.cuda_graph, self._graphs = False, None
-                self._note(f"CUDA graph capture failed ({e}); decoding with static states, eagerly")
-                self.decode_mode = "static"
-        return self.step_static(tokens, state)
-
-    def _graph_step_sampled(self, tokens: Tensor, state: ModelState, sampler, generator
+    def _graph_step_sampled(self, tokens: Tensor | Sequence[int], state: ModelState, sampler, generator
                             ) -> tuple[Tensor, ModelState, Tensor | None]:
-        """``_graph_step`` whose graph also samples (cuda_graph.GraphDecoder.step_sampled): (logits, state, packed
-        [3, B] token / log-prob / entropy, or None after a capture failure, when the caller samples itself)."""
+        """One CUDA-graph step (cuda_graph.GraphDecoder): (logits, state, packed [3, B] token / log-prob / entropy
+        when a sampler is given and the graph ran, else None — the caller then samples itself). A capture failure
+        switches the engine to static eager decoding with a note."""
         from memlm.inference.cuda_graph import GraphCaptureError, GraphDecoder
 
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
@@ -152,8 +141,10 @@ class Engine:
                 try:
                     if self._graphs is None:
                         self._graphs = GraphDecoder(self.model, forward=self._forward())
+                    if sampler is None:
+                        return (*self._graphs.step(tokens, state), None)
                     return self._graphs.step_sampled(tokens, state, sampler, generator)
-                except GraphCaptureError as e:
+                except GraphCaptureError as e:  # the state is untouched: capture works on the graph's own buffers
                     self.cuda_graph, self._graphs = False, None
                     self._note(f"CUDA graph capture failed ({e}); decoding with static states, eagerly")
                     self.decode_mode = "static"

@@ -238,14 +238,20 @@ def sample(logits: Tensor, history: Tensor | Sequence[Sequence[int]] | None = No
     if cfg.greedy:
         tokens = x.argmax(-1)
     else:
-        x = x / cfg.temperature
-        x = top_k_filter(x, cfg.top_k)
-        x = top_p_filter(x, cfg.top_p)
-        x = min_p_filter(x, cfg.min_p)
-        tokens = torch.multinomial(x.softmax(-1), 1, generator=generator).squeeze(-1)
+        tokens = torch.multinomial(_filtered_probs(x, cfg), 1, generator=generator).squeeze(-1)
+    return Sampled(tokens, *_chosen_and_entropy(logp, tokens))
+
+
+def _filtered_probs(x: Tensor, cfg: SamplingConfig) -> Tensor:
+    """The distribution a draw comes from: logits [B, V] / τ, then top-k, top-p, min-p, softmax."""
+    return min_p_filter(top_p_filter(top_k_filter(x / cfg.temperature, cfg.top_k), cfg.top_p), cfg.min_p).softmax(-1)
+
+
+def _chosen_and_entropy(logp: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """The chosen tokens' log-probabilities and the entropies [B], under the model's distribution logp [B, V]."""
     chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
     entropy = -torch.special.xlogy(logp.exp(), logp.exp()).sum(-1)  # xlogy: 0·log 0 = 0 for masked-out tokens
-    return Sampled(tokens, chosen, entropy)
+    return chosen, entropy
 
 
 def packed_sample(logits: Tensor, noise: Tensor | None, cfg: SamplingConfig) -> Tensor:
@@ -261,10 +267,8 @@ def packed_sample(logits: Tensor, noise: Tensor | None, cfg: SamplingConfig) -> 
     if cfg.greedy or noise is None:
         tokens = raw.argmax(-1)
     else:
-        x = min_p_filter(top_p_filter(top_k_filter(raw / cfg.temperature, cfg.top_k), cfg.top_p), cfg.min_p)
-        tokens = (x.softmax(-1) / noise.clamp_min(1e-30)).argmax(-1)
-    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
-    entropy = -torch.special.xlogy(logp.exp(), logp.exp()).sum(-1)
+        tokens = (_filtered_probs(raw, cfg) / noise.clamp_min(1e-30)).argmax(-1)
+    chosen, entropy = _chosen_and_entropy(logp, tokens)
     return torch.stack([tokens.double(), chosen.double(), entropy.double()])
 
 

@@ -212,8 +212,9 @@ def _hope_bwd(U, Valid, Start, Comp, EB, AB, Mpre, Xs, Zs, Qs, Kout, Vout, dKo, 
         m = tl.load(Valid + (b * N + n) * C + rc).to(tl.float32)
         k = tl.load(Kout + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0)
         v = tl.load(Vout + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0)
-        # --- chunk quantities (same lines as the forward) ---
-        beta = m / (1.0 + tl.exp(-(tl.reduce(u * me[None, :], 1, tl.standard._sum_combine) + eb)))
+        # --- chunk quantities (same lines as the forward; σ kept for β's gradient) ---
+        sb = 1.0 / (1.0 + tl.exp(-(tl.reduce(u * me[None, :], 1, tl.standard._sum_combine) + eb)))
+        beta = m * sb
         za = tl.reduce(u * ma[None, :], 1, tl.standard._sum_combine) + ab
         g = m * (tl.minimum(za, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(za))))
         kr = tl.maximum(tl.sqrt(tl.reduce(k * k, 1, tl.standard._sum_combine)), EPS)
@@ -280,7 +281,6 @@ def _hope_bwd(U, Valid, Start, Comp, EB, AB, Mpre, Xs, Zs, Qs, Kout, Vout, dKo, 
         dk += tl.load(dKo + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0)
         dv += tl.load(dVo + tok[:, None] * D + rd[None, :], mask=md[None, :], other=0.0)
         # β = m σ(u·m_η + b_η), g = m log σ(za): d/dza log σ = 1 − σ(za)
-        sb = beta / tl.where(m != 0.0, m, 1.0)
         de = dbeta * m * sb * (1.0 - sb)
         da = dg * m * (1.0 - 1.0 / (1.0 + tl.exp(-za)))
         deb += de
