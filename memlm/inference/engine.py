@@ -293,6 +293,7 @@ class IdGeneration:
             raise ValueError("return_uncertainty needs a model with the PFP residual (model.residual='pfp')")
         self.want_unc = return_uncertainty
         self._unc: Tensor | None = None  # variance [B] behind the current logits
+        self._pinned: dict[torch.Size, Tensor] = {}   # host buffers of the packed samples' reads (_reader)
         if state is not None and state.batch_size not in (1, len(prompts)):
             raise ValueError(f"state has batch {state.batch_size}; expected 1 or {len(prompts)} (one per prompt)")
         self.engine, self.prompts, self.cfg = engine, prompts, cfg
@@ -366,6 +367,25 @@ class IdGeneration:
         logits, state = self._fwd(eng.prefill, torch.tensor([p[:m] for p in prompts]), state)
         return logits, state, [list(p[m:]) for p in prompts]
 
+    def _reader(self, packed: Tensor) -> Callable[[], list]:
+        """Start the device→host copy of a packed sample [3, B] now; the returned function waits for it and gives
+        its rows as lists. On CUDA the copy goes to a pinned buffer (one per batch size) behind an event, so work
+        launched after this call does not delay the read."""
+        if not packed.is_cuda:
+            host = packed.clone()
+            return host.tolist
+        host = self._pinned.get(packed.shape)
+        if host is None:
+            host = self._pinned[packed.shape] = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def read() -> list:
+            done.synchronize()
+            return host.tolist()
+        return read
+
     def _sample_outside(self, logits: Tensor, hist: Tensor | None, hmask: Tensor | None, sampled: list[int],
                         forced: list[list[int]], active: list[int], gen) -> tuple[Tensor, list[float], list[float]]:
         """Next tokens [n] (sampled rows from the logits, forced rows their next prompt token), log-probs, entropies."""
@@ -422,9 +442,17 @@ class IdGeneration:
             is_forced = [bool(forced[r]) for r in active]
             sampled = [i for i in range(n) if not is_forced[i]]
             pre, box[0] = box[0], None
+            ahead: tuple[Tensor, ModelState] | None = None   # the next step, launched before this one's host read
             if pre is not None and len(sampled) == n:        # sampled inside the graph: one host read
                 next_tok = pre[0].long()
-                ids_f, lp, ent = pre.tolist()
+                read = self._reader(pre)
+                # Pipelining: the next step is launched with the sampled ids still on the device, so the GPU runs it
+                # while the host waits for this step's ids and does the bookkeeping. A row that then finishes keeps
+                # the state after its last token (the launched step computed it). Not launched when every row
+                # reaches max_new_tokens with this token (nothing would use it).
+                if any(len(rows[r].token_ids) + 1 < self.max_new_tokens for r in active):
+                    ahead = self._fwd(step, next_tok, state)
+                ids_f, lp, ent = read()
                 toks = [int(t) for t in ids_f]
             else:
                 next_tok, lp, ent = self._sample_outside(logits, hist if use_hist else None,
@@ -451,9 +479,12 @@ class IdGeneration:
                     res.finish_reason = reason
                     if res.tracker is not None:
                         res.tracker.finish()
-                    # The state before this token plus the token itself; the one step joining them runs only when
-                    # .state is read, so a batch whose last rows just finished needs no further forward pass.
-                    res._state, res._pending = plain(state.select(i)), t
+                    if ahead is not None:  # the launched step has fed this token already
+                        res._state = plain(ahead[1].select(i))
+                    else:
+                        # The state before this token plus the token itself; the one step joining them runs only
+                        # when .state is read, so a batch whose last rows just finished needs no further forward pass.
+                        res._state, res._pending = plain(state.select(i)), t
             if use_hist:
                 col_ok = torch.tensor([cfg.penalize_prompt or not f for f in is_forced], device=eng.device)
                 hist = torch.cat([hist, next_tok[:, None]], 1)
@@ -464,13 +495,20 @@ class IdGeneration:
             keep = [i for i in range(n) if active[i] not in finished]
             if not keep:
                 break
+            if ahead is not None:
+                logits, state = ahead
             if len(keep) < n:
                 idx = torch.tensor(keep, device=eng.device)
                 state, next_tok = state.select(idx), next_tok[idx]
+                if ahead is not None:
+                    logits = logits[idx]
+                    if box[0] is not None:
+                        box[0] = box[0][:, idx]
                 if use_hist:
                     hist, hmask = hist[idx], hmask[idx]
                 active = [active[i] for i in keep]
-            logits, state = self._fwd(step, next_tok, state)
+            if ahead is None:
+                logits, state = self._fwd(step, next_tok, state)
         if self.return_state:
             for r in rows:
                 _ = r.state  # materialise now (the model may change afterwards)

@@ -192,6 +192,64 @@ def test_graph_decoder_buffer_logic_without_capture():
         assert len(dec.graphs) == 3
 
 
+def _graph_engine_on_cpu(model) -> tuple[Engine, list[int]]:
+    """An engine whose CUDA-graph decoding runs the decoder's buffer logic eagerly (capture=False), so the
+    generation loop of cuda_graph mode (sampling in the graph, the next step launched before the host read) runs on
+    CPU; returns it and a list that counts the steps."""
+    eng = Engine(model, static_cache=True)
+    eng.cuda_graph, eng._graphs = True, GraphDecoder(model, capture=False)
+    calls: list[int] = []
+    inner = eng._graphs.step_sampled
+
+    def counted(tokens, state, sampler, generator=None):
+        calls.append(int(tokens.numel()))
+        return inner(tokens, state, sampler, generator)
+    eng._graphs.step_sampled = counted
+    return eng, calls
+
+
+@pytest.mark.parametrize("name", ["transformer-debug", "gated-deltanet-debug"])
+def test_pipelined_graph_loop_equals_dynamic(name):
+    """cuda_graph mode's loop launches step t+1 before reading step t's tokens, so a row that stops has already been
+    stepped past its last token. Its results must still equal the dynamic path's: tokens, log-probs and entropies
+    of rows that stop at different steps, and states that continue exactly like the dynamic ones; all rows ending
+    by length take no extra step."""
+    model = model_for(name)
+    prompts = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 19, 12)]
+    dyn = Engine(model).generate_ids(prompts, 16, GREEDY, ignore_eos=True).run()
+    stop = {dyn.rows[0].token_ids[4], dyn.rows[2].token_ids[9]}
+    runs = {}
+    for mode in ("dynamic", "graph"):
+        eng, calls = _graph_engine_on_cpu(model) if mode == "graph" else (Engine(model), [])
+        runs[mode] = eng.generate_ids(prompts, 16, GREEDY, stop_ids=stop, ignore_eos=True, return_state=True).run()
+    assert eng.decode_mode == "cuda_graph" and not eng.notes, eng.notes
+    a, b = runs["dynamic"].rows, runs["graph"].rows
+    assert [r.finish_reason for r in a] == [r.finish_reason for r in b]
+    assert len({len(r.token_ids) for r in a}) > 1, "the rows should stop at different steps"
+    nxt = torch.tensor([[5]])
+    for r in range(3):
+        assert a[r].token_ids == b[r].token_ids
+        assert_close(torch.tensor(b[r].logprobs), torch.tensor(a[r].logprobs), tol=1e-5, name="log-probs")
+        assert_close(torch.tensor(b[r].entropy), torch.tensor(a[r].entropy), tol=1e-5, name="entropies")
+        la, _ = Engine(model).prefill(nxt, a[r].state)
+        lb, _ = Engine(model).prefill(nxt, b[r].state)
+        assert_close(lb, la, tol=1e-5, name=f"row {r} continues from its state")
+    # one step per new token of the longest row, less the last one when that row ends by length (a stop still
+    # gets its launched step: it hands the stopped rows their states); 3 rows per step, then fewer
+    longest = max(len(r.token_ids) for r in a)
+    by_length = all(r.finish_reason == "length" for r in a if len(r.token_ids) == longest)
+    assert len(calls) == longest - by_length and calls[0] == 3 and calls[-1] < 3
+    # every row ends by length: 6 tokens need 5 steps after the prompt, none launched past the end
+    eng, calls = _graph_engine_on_cpu(model)
+    out = eng.generate_ids(prompts, 6, GREEDY, ignore_eos=True, return_state=True).run()
+    assert len(calls) == 5 and all(r.finish_reason == "length" and len(r.token_ids) == 6 for r in out.rows)
+    ref = Engine(model).generate_ids(prompts, 6, GREEDY, ignore_eos=True, return_state=True).run()
+    for r in range(3):
+        assert out.rows[r].token_ids == ref.rows[r].token_ids
+        assert_close(Engine(model).prefill(nxt, out.rows[r].state)[0], Engine(model).prefill(nxt, ref.rows[r].state)[0],
+                     tol=1e-5, name="state after the last token (pending step)")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["transformer-debug", "gated-deltanet-debug"])
 def test_cuda_graph_equals_eager_on_gpu(name):
@@ -206,11 +264,15 @@ def test_cuda_graph_equals_eager_on_gpu(name):
     runs = {}
     for mode in ("dynamic", "static", "cuda_graph"):
         eng = Engine(model, static_cache=mode == "static", cuda_graph=mode == "cuda_graph")
-        runs[mode] = eng.generate_ids(prompts, 40, GREEDY, stop_ids=stop, ignore_eos=True).run()
+        runs[mode] = eng.generate_ids(prompts, 40, GREEDY, stop_ids=stop, ignore_eos=True, return_state=True).run()
         assert eng.decode_mode == mode and not eng.notes, eng.notes
+    nxt = torch.tensor([[5]], device="cuda")
     for r in range(3):
         toks = [runs[m].rows[r].token_ids for m in runs]
         assert toks[0] == toks[1] == toks[2]
+        # a stopped row's state (the pipelined graph loop had already stepped past its last token) continues alike
+        assert_close(Engine(model).prefill(nxt, runs["cuda_graph"].rows[r].state)[0],
+                     Engine(model).prefill(nxt, runs["dynamic"].rows[r].state)[0], tol=1e-4, name=f"{name} state")
         # the graph sampled in place (one host read per step): the model's log-probs and entropies, as outside
         for key in ("logprobs", "entropy"):
             assert_close(torch.tensor(getattr(runs["cuda_graph"].rows[r], key)),
