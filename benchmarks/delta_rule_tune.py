@@ -5,7 +5,7 @@
     python benchmarks/delta_rule_tune.py --variants store=float32 store=bfloat16 store=bfloat16,warps=4
 
 A variant is comma-separated key=value on top of the defaults ("default" alone: none): store=<torch dtype>
-(triton_fused.STORE_DTYPE), rec_store=<torch dtype>|same (RECURRENCE_DTYPE), warps=N (every fused kernel), <kernel>=N (num_warps of one kernel: prelude_fwd,
+(triton_fused.STORE_DTYPE), rec_store=<torch dtype>|same|auto (RECURRENCE_DTYPE), warps=N (every fused kernel), <kernel>=N (num_warps of one kernel: prelude_fwd,
 output_fwd, output_bwd, prelude_bwd, rec_fwd, rec_bwd), rec_fwd.<key>=N / rec_bwd.<key>=N (a recurrence config
 key: BV, num_stages, num_warps).
 Notation: B batch rows, T tokens per row (B·T = --tokens), H heads, D head width. Prints JSON lines.
@@ -26,7 +26,7 @@ KERNELS = ("prelude_fwd", "output_fwd", "output_bwd", "prelude_bwd")
 
 def apply_variant(spec: str) -> None:
     triton_fused.STORE_DTYPE = None
-    triton_fused.RECURRENCE_DTYPE = torch.float32
+    triton_fused.RECURRENCE_DTYPE = "auto"
     triton_fused.WARPS = {}
     triton_impl.CONFIG_OVERRIDE = {}
     for item in filter(None, spec.split(",")):
@@ -40,7 +40,7 @@ def apply_variant(spec: str) -> None:
         if key == "store":
             triton_fused.STORE_DTYPE = getattr(torch, val)
         elif key == "rec_store":
-            triton_fused.RECURRENCE_DTYPE = None if val == "same" else getattr(torch, val)
+            triton_fused.RECURRENCE_DTYPE = {"same": None, "auto": "auto"}.get(val) or getattr(torch, val)
         elif key == "warps":
             triton_fused.WARPS = {k: int(val) for k in KERNELS}
         elif key in KERNELS:
@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--profile-T", type=int, default=2048)
+    ap.add_argument("--gated", choices=["both", "no", "yes"], default="both", help="plain and/or gated delta rule")
+    ap.add_argument("--no-reference-path", action="store_true", help="skip the recurrence-only path")
     args = ap.parse_args()
     dev, H, D = torch.device("cuda"), 8, 64
     fla = fla_delta_rule()
@@ -104,10 +106,10 @@ def main() -> None:
                 rec["err"] = errors(fla, a[:4], a[4], gated=False)
                 rec["kernels"] = kernel_ms(fla, a, 14)
             print(json.dumps(rec), flush=True)
-    for spec in ["recurrence-only", *args.variants]:
+    for spec in [*([] if args.no_reference_path else ["recurrence-only"]), *args.variants]:
         fused = spec != "recurrence-only"
         apply_variant("" if not fused else spec)
-        for gated in (False, True):
+        for gated in {"both": (False, True), "no": (False,), "yes": (True,)}[args.gated]:
             fn = memlm_fn(gated, fused)
             for T in args.seq if fused else [args.profile_T]:
                 a = make_inputs(args.tokens // T, T, H, D, torch.bfloat16, dev)

@@ -135,7 +135,8 @@ class Engine:
         switches the engine to static eager decoding with a note."""
         from memlm.inference.cuda_graph import GraphCaptureError, GraphDecoder
 
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        if not isinstance(tokens, Tensor) or tokens.device != self.device:
+            tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         if self.cuda_graph:
             with self._mode():
                 try:
@@ -148,7 +149,7 @@ class Engine:
                     self.cuda_graph, self._graphs = False, None
                     self._note(f"CUDA graph capture failed ({e}); decoding with static states, eagerly")
                     self.decode_mode = "static"
-        return (*self.step_static(tokens, state), None)
+        return (*self.step_static(tokens.long(), state), None)
 
     def decode_plan(self, state: ModelState, budget: int, *, graphs: bool = True
                     ) -> tuple[ModelState, Callable, Callable[[ModelState], ModelState]]:
@@ -444,7 +445,7 @@ class IdGeneration:
             pre, box[0] = box[0], None
             ahead: tuple[Tensor, ModelState] | None = None   # the next step, launched before this one's host read
             if pre is not None and len(sampled) == n:        # sampled inside the graph: one host read
-                next_tok = pre[0].long()
+                next_tok = pre[0]   # float64 ids in the graph's buffer: fed back in the graph (GraphDecoder)
                 read = self._reader(pre)
                 # Pipelining: the next step is launched with the sampled ids still on the device, so the GPU runs it
                 # while the host waits for this step's ids and does the bookkeeping. A row that then finishes keeps

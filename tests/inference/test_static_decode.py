@@ -262,21 +262,23 @@ def test_cuda_graph_equals_eager_on_gpu(name):
     dyn = Engine(model).generate_ids(prompts, 40, GREEDY, ignore_eos=True).run()
     stop = {dyn.rows[0].token_ids[9], dyn.rows[2].token_ids[25]}
     runs = {}
-    for mode in ("dynamic", "static", "cuda_graph"):
-        eng = Engine(model, static_cache=mode == "static", cuda_graph=mode == "cuda_graph")
+    for mode in ("dynamic", "static", "cuda_graph", "cuda_graph_compiled"):   # compiled: step and sampler
+        eng = Engine(model, static_cache=mode == "static", cuda_graph=mode.startswith("cuda_graph"),
+                     compile_step=mode == "cuda_graph_compiled")
         runs[mode] = eng.generate_ids(prompts, 40, GREEDY, stop_ids=stop, ignore_eos=True, return_state=True).run()
-        assert eng.decode_mode == mode and not eng.notes, eng.notes
+        assert eng.decode_mode == mode.removesuffix("_compiled") and not eng.notes, eng.notes
     nxt = torch.tensor([[5]], device="cuda")
     for r in range(3):
         toks = [runs[m].rows[r].token_ids for m in runs]
-        assert toks[0] == toks[1] == toks[2]
-        # a stopped row's state (the pipelined graph loop had already stepped past its last token) continues alike
-        assert_close(Engine(model).prefill(nxt, runs["cuda_graph"].rows[r].state)[0],
-                     Engine(model).prefill(nxt, runs["dynamic"].rows[r].state)[0], tol=1e-4, name=f"{name} state")
-        # the graph sampled in place (one host read per step): the model's log-probs and entropies, as outside
-        for key in ("logprobs", "entropy"):
-            assert_close(torch.tensor(getattr(runs["cuda_graph"].rows[r], key)),
-                         torch.tensor(getattr(runs["dynamic"].rows[r], key)), tol=1e-4, name=f"{name} {key}")
+        assert all(t == toks[0] for t in toks)
+        for m in ("cuda_graph", "cuda_graph_compiled"):
+            # a stopped row's state (the pipelined graph loop had already stepped past its last token) continues alike
+            assert_close(Engine(model).prefill(nxt, runs[m].rows[r].state)[0],
+                         Engine(model).prefill(nxt, runs["dynamic"].rows[r].state)[0], tol=1e-4, name=f"{name} state")
+            # the graph sampled in place (one host read per step): the model's log-probs and entropies, as outside
+            for key in ("logprobs", "entropy"):
+                assert_close(torch.tensor(getattr(runs[m].rows[r], key)),
+                             torch.tensor(getattr(runs["dynamic"].rows[r], key)), tol=1e-4, name=f"{name} {m} {key}")
     # random sampling inside the graph: reproducible with a seed, every token from the top-p set
     cfg = SamplingConfig(temperature=0.9, top_p=0.8, seed=5)
     outs = [Engine(model, cuda_graph=True).generate_ids(prompts, 24, cfg, ignore_eos=True).run() for _ in range(2)]

@@ -142,10 +142,23 @@ def test_fused_pipeline_error_within_bounds_of_the_unfused_path(monkeypatch, dty
     fused = run(functools.partial(triton_impl.delta_rule, fused=True), inp, reset, dtype)
     assert calls, "the fused path did not run"
     unfused = run(functools.partial(triton_impl.delta_rule, fused=False), inp, reset, dtype)
+    factor = 3 if dtype == torch.bfloat16 else 2
     for key, w in want.items():
         e_f, e_u = _rel(fused[key], w), _rel(unfused[key], w)
-        factor = 3 if dtype == torch.bfloat16 else 2
-        assert e_f <= max(factor * e_u, 2e-3), f"{key}: fused {e_f:.2e} vs unfused {e_u:.2e} (relative to float64)"
+        # under autograd bf16 walks store their inputs in bf16 (triton_fused.RECURRENCE_DTYPE "auto", as fla): the
+        # final state, which a training step does not read, then has bf16-level error (~6e-3)
+        bound = 1e-2 if key == "S" and dtype == torch.bfloat16 else max(factor * e_u, 2e-3)
+        assert e_f <= bound, f"{key}: fused {e_f:.2e} vs unfused {e_u:.2e} (relative to float64)"
+    # without autograd (prefill before decoding) the walks keep float32 inputs: the final state at the unfused
+    # path's accuracy
+    with torch.no_grad():
+        args = [None if inp[n] is None else inp[n].to("cuda", dtype) for n in NAMES[:5]]
+        S0 = inp["initial_state"].to("cuda", torch.float32)
+        r = None if reset is None else reset.cuda()
+        S_f = triton_impl.delta_rule(*args, initial_state=S0, reset=r, fused=True)[1]
+        S_u = triton_impl.delta_rule(*args, initial_state=S0, reset=r, fused=False)[1]
+    e_f, e_u = _rel(S_f, want["S"]), _rel(S_u, want["S"])
+    assert e_f <= max(factor * e_u, 2e-3), f"final state without autograd: fused {e_f:.2e} vs unfused {e_u:.2e}"
 
 
 def test_fused_pipeline_under_torch_compile_matches_eager():

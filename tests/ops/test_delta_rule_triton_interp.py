@@ -220,6 +220,21 @@ def test_fused_kernels_compile_for_hopper_without_a_gpu():
         assert compiled.metadata.shared <= 227 * 1024, f"{kernel.fn.__name__}: {compiled.metadata.shared} B shared"
 
 
+def test_walk_inputs_dtype_follows_autograd(fused, monkeypatch):
+    """RECURRENCE_DTYPE "auto": the state walks' inputs take the storage dtype when the op is differentiated
+    (training) and float32 without autograd (prefill: the final state is carried into decoding)."""
+    seen = []
+    inner = triton_fused._FusedDeltaRule.apply
+    monkeypatch.setattr(triton_fused._FusedDeltaRule, "apply", lambda *a: seen.append(a[-1]) or inner(*a))
+    inp = make_inputs(1, 20, 1, 16, 16, gated=True, init=False, seed=3)
+    args = [inp[n] for n in ("q", "k", "v", "beta", "g")]
+    with torch.no_grad():
+        triton_impl.delta_rule(*args)
+    triton_impl.delta_rule(*args)                                      # no input requires grad
+    triton_impl.delta_rule(args[0].requires_grad_(), *args[1:])
+    assert seen == [torch.float32, torch.float32, None]
+
+
 @pytest.mark.parametrize("store", [torch.bfloat16, torch.float16])
 def test_fused_with_half_precision_intermediates(fused, monkeypatch, store):
     """STORE_DTYPE = bf16/fp16: the per-chunk intermediates and partial gradients go through HBM in half precision
