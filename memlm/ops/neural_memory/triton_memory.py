@@ -48,14 +48,16 @@ AVAILABLE = triton is not None
 MAX_DIM = 128   # window c, hidden E, value width Dv, and min of each Newton–Schulz matrix's sides: register tiles
 MAX_SCAN = 64   # chunks per autograd Function call: bounds the stacked W_j kept for the reads (long prefill)
 # tl.dot precision of every kernel, by input dtype. float32 inputs: "ieee" (exact float32 products, like PyTorch
-# without TF32; the 1e-5 tests). bf16/fp16 inputs: HALF_DOT_PRECISION. "tf32x3" (three TF32 tensor-core products,
-# near float32) made atlas-mag-small train 1.55× faster on an H100 (docs/benchmarks.md), but with it the bf16 GPU tests
-# hit a CUDA illegal memory access (8 of 12, H100, Triton 3.6, 2026-11-22; IEEE passes), so half inputs stay on "ieee"
-# until a Triton builds it correctly (then set "tf32x3" here). The environment variable
-# MEMLM_TRITON_PRECISION ("ieee", "tf32x3" or "tf32") overrides both; read at every call, so one process can compare
-# them (benchmarks/memory_kernels.py does).
+# without TF32; the 1e-5 tests). bf16/fp16 inputs: HALF_DOT_PRECISION = "tf32" (one TF32 tensor-core product per dot,
+# 10-bit mantissa against the inputs' 7): atlas-mag-small trains 2.3× faster than with "ieee" (42,806 vs 18,274
+# tokens/s, H100, docs/benchmarks.md). Its errors against float64 on bf16 inputs (GPU test, T 1000, Muon) are
+# 5.8e-3–4.7e-2, about a tenth of the chunked PyTorch form's under bf16 autocast (6.7e-2–4.2e-1), what bf16 training
+# without these kernels computes. "tf32x3" (three TF32 products, near float32) hits a CUDA illegal memory access in
+# Triton 3.6's build (8 of 12 bf16 GPU tests, H100, 2026-11-22). The environment variable MEMLM_TRITON_PRECISION
+# ("ieee", "tf32x3" or "tf32") overrides both; read at every call, so one process can compare them
+# (benchmarks/memory_kernels.py does).
 DOT_PRECISION = "ieee"
-HALF_DOT_PRECISION = "ieee"
+HALF_DOT_PRECISION = "tf32"
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
