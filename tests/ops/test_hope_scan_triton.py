@@ -1,6 +1,6 @@
 """HOPE chunk walk in Triton on CUDA at onyx's shapes (C 64, D 64): the op against the PyTorch loop in float32 and
-against float64 with bf16 inputs, and a HOPE layer end to end (eager and torch.compile) under both backends. Marked
-gpu (deselected by default).
+against float64 with bf16 inputs, and a HOPE layer end to end (eager and torch.compile) under both backends, each with
+the attention read (q None) and the memory read (q given, the hope-* presets). Marked gpu (deselected by default).
 
 Notation: B batch, N chunks, C chunk length, H memory heads, D head width.
 """
@@ -23,38 +23,45 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("read", [False, True])
 @pytest.mark.parametrize("C,D,N", [(64, 32, 4), (32, 24, 3)])
-def test_fp32_matches_loop(C, D, N, monkeypatch):
+def test_fp32_matches_loop(C, D, N, read, monkeypatch):
     """IEEE dots for float32 inputs (switched on for D ≤ 32): every output and gradient at the fp32 tolerance."""
     monkeypatch.setattr(triton_scan, "FP32", True)
-    x, kw = scan_inputs(B=2, N=N, C=C, H=2, D=D, seed=C + D, device="cuda")
+    x, kw = scan_inputs(B=2, N=N, C=C, H=2, D=D, seed=C + D, device="cuda", read=read)
     got = run(triton_scan.hope_scan, x, kw)
     want = run(reference.hope_scan, x, kw)
+    assert set(got) == set(want)
     for n, w in want.items():
         kind = "sum" if n in REDUCED else "grad" if n.startswith("d") else "out"
         assert_close(got[n], w, kind=kind, name=n)
 
 
-def test_bf16_inputs_against_float64():
-    """bf16 memory inputs (TF32 dots) over 8 chunks: relative error against a float64 loop on the same rounded inputs
-    within the half-precision tolerance (5e-3 outputs, 1e-2 gradients) and at most 3× the float32 loop's where that
-    is larger."""
-    x, kw = scan_inputs(B=2, N=8, C=64, H=2, D=64, seed=7, device="cuda", dtype=torch.bfloat16, alpha_bias=5.0)
+@pytest.mark.parametrize("read", [False, True])
+def test_bf16_inputs_against_float64(read):
+    """bf16 memory inputs (and queries) with TF32 dots over 8 chunks: relative error against a float64 loop on the
+    same rounded inputs within the half-precision tolerance (5e-3 outputs, 1e-2 gradients) and at most 3× the float32
+    loop's where that is larger."""
+    x, kw = scan_inputs(B=2, N=8, C=64, H=2, D=64, seed=7, device="cuda", dtype=torch.bfloat16, alpha_bias=5.0,
+                        read=read)
     got = run(triton_scan.hope_scan, x, kw)
     x64 = {n: t.double() for n, t in x.items()}
     want = run(reference.hope_scan, x64, kw)
     loop = run(reference.hope_scan, {n: t.float() for n, t in x.items()}, kw)
+    assert set(got) == set(want)
     for n, w in want.items():
         e, e_loop = rel_err(got[n], w), rel_err(loop[n], w)
         assert e <= max(3 * e_loop, 1e-2 if n.startswith("d") else 5e-3), \
             f"{n}: triton {e:.2e} vs loop {e_loop:.2e} against float64"
 
 
-def layer_run(backend: str, compile: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> dict:
-    """y, the final memory and every parameter gradient of a HOPE attention-read layer at onyx's head shapes over a
-    packed batch with a reset; dtype: the autocast dtype (None: no autocast, the layer in float64)."""
+def layer_run(backend: str, compile: bool = False, dtype: torch.dtype | None = torch.bfloat16,
+              read: str = "attention") -> dict:
+    """y, the final memory and every parameter gradient of a HOPE layer at onyx's head shapes over a packed batch with
+    a reset; dtype: the autocast dtype (None: no autocast, the layer in float64); read: "attention" (GQA 4/2) or
+    "memory" (4 memory heads, the hope-* presets' read)."""
     torch.manual_seed(0)
-    cfg = HopeConfig(read="attention", n_kv_heads=2, head_dim=64, chunk_size=64)
+    cfg = HopeConfig(read=read, n_kv_heads=2 if read == "attention" else 4, head_dim=64, chunk_size=64)
     layer = Hope(cfg, ModelConfig(d_model=256, n_heads=4, layers=[cfg]), 0).cuda()
     x = torch.randn(2, 300, 256, device="cuda")
     if dtype is None:
@@ -69,29 +76,36 @@ def layer_run(backend: str, compile: bool = False, dtype: torch.dtype | None = t
     return {"y": y, "mem": s.mem, **{n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}}
 
 
+@pytest.mark.parametrize("read", ["attention", "memory"])
 @pytest.mark.parametrize("compile", [False, True])
-def test_layer_bf16_autocast_within_loops_error(compile):
+def test_layer_bf16_autocast_within_loops_error(compile, read):
     """Under bf16 autocast the layer's output, memory and every parameter gradient stay within 3× the loop's own
     error against a float64 layer (or 1e-2: reduced gradients such as the biases' sum every token)."""
-    truth = layer_run("loop", dtype=None)
-    loop = layer_run("loop")
-    got = layer_run("triton", compile)
+    truth = layer_run("loop", dtype=None, read=read)
+    loop = layer_run("loop", read=read)
+    got = layer_run("triton", compile, read=read)
     assert set(got) == set(truth)
     for n, t in truth.items():
         e, e_loop = rel_err(got[n], t), rel_err(loop[n], t)
         assert e <= max(3 * e_loop, 1e-2), f"{n}: triton {e:.2e} vs loop {e_loop:.2e} against float64"
 
 
-def test_every_input_gets_gradient():
-    x, kw = scan_inputs(B=2, N=3, C=64, H=2, D=64, seed=1, device="cuda", dtype=torch.bfloat16, alpha_bias=5.0)
+@pytest.mark.parametrize("read", [False, True])
+def test_every_input_gets_gradient(read):
+    x, kw = scan_inputs(B=2, N=3, C=64, H=2, D=64, seed=1, device="cuda", dtype=torch.bfloat16, alpha_bias=5.0,
+                        read=read)
     got = run(triton_scan.hope_scan, x, kw)
-    for n in INS:
+    for n in (*INS, "q") if read else INS:
         assert torch.isfinite(got[f"d{n}"]).all() and got[f"d{n}"].abs().max() > 0, n
+    if read:
+        assert got["dq"].dtype == torch.bfloat16 and torch.isfinite(got["read"]).all()
 
 
-def test_onyx_bf16_decode_with_cuda_graph(monkeypatch):
-    """onyx-debug in bf16 decodes through the Triton walk (one chunk per step, pending tokens carried): CUDA-graph
-    replays equal eager static steps, and both stay within bf16 tolerance of the loop's static steps."""
+@pytest.mark.parametrize("preset", ["onyx-debug", "hope-debug"])
+def test_onyx_bf16_decode_with_cuda_graph(preset, monkeypatch):
+    """onyx-debug (attention read) and hope-debug (memory read) in bf16 decode through the Triton walk (one chunk per
+    step, pending tokens carried): CUDA-graph replays equal eager static steps, and both stay within bf16 tolerance of
+    the loop's static steps."""
     import memlm
     from memlm.inference.engine import Engine
 
@@ -99,7 +113,7 @@ def test_onyx_bf16_decode_with_cuda_graph(monkeypatch):
     inner = triton_scan._HopeScan.apply
     monkeypatch.setattr(triton_scan._HopeScan, "apply", lambda *a: calls.append(1) or inner(*a))
     torch.manual_seed(0)
-    model = memlm.build_model("onyx-debug").to("cuda", torch.bfloat16).eval()
+    model = memlm.build_model(preset).to("cuda", torch.bfloat16).eval()
     prompt = torch.randint(0, 250, (1, 37), generator=torch.Generator().manual_seed(3)).cuda()
     eng = Engine(model, cuda_graph=True)
     logits, state = eng.prefill(prompt)

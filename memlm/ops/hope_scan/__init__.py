@@ -2,8 +2,8 @@
 targets from the chunk-start memory, then write the chunk (delta gradient descent in its parallel form).
 
 Backends (memlm.ops.dispatch, op name "hope_scan"): "loop" (a PyTorch step per chunk, calling memlm.ops.delta_rule;
-the CPU default, the only one for the memory read) and "triton" (the whole walk as one kernel per direction; CUDA,
-or CPU under TRITON_INTERPRET=1; the CUDA default for the attention read). `hope_scan(...)` dispatches.
+the CPU default) and "triton" (the whole walk as one kernel per direction; CUDA, or CPU under TRITON_INTERPRET=1; the
+CUDA default, for the attention and the memory read). `hope_scan(...)` dispatches.
 """
 from __future__ import annotations
 
