@@ -204,7 +204,9 @@ class NeuralMemory(Mixer):
         else:
             qkv = F.silu(qkv)
         q, k, v = (t.reshape(B, T, self.h, self.dk) for t in qkv.chunk(3, dim=-1))
-        q, k, v = F.normalize(q, dim=-1), F.normalize(k, dim=-1), F.normalize(v, dim=-1)
+        # autocast runs the norm in float32; back to the projection's (the autocast) dtype, so that bf16 training
+        # reaches the op in bf16 (its Triton kernels then take TF32 dots: triton_memory.HALF_DOT_PRECISION)
+        q, k, v = (F.normalize(t, dim=-1).to(qkv.dtype) for t in (q, k, v))
         a = self.gates(x).float().view(B, T, 4, self.h).transpose(2, 3)   # [B, T, H, 4]
         gates = torch.stack([torch.sigmoid(a[..., 0]), torch.sigmoid(a[..., 1]),
                              self.cfg.theta_max / self.c * torch.sigmoid(a[..., 2]), torch.sigmoid(a[..., 3])], dim=-1)

@@ -104,8 +104,10 @@ def test_every_input_gets_gradient(read):
 @pytest.mark.parametrize("preset", ["onyx-debug", "hope-debug"])
 def test_onyx_bf16_decode_with_cuda_graph(preset, monkeypatch):
     """onyx-debug (attention read) and hope-debug (memory read) in bf16 decode through the Triton walk (one chunk per
-    step, pending tokens carried): CUDA-graph replays equal eager static steps, and both stay within bf16 tolerance of
-    the loop's static steps."""
+    step, pending tokens carried): CUDA-graph replays equal eager static steps, and against the same model in float32
+    (loop) the Triton steps' logits stay within bf16 tolerance or 3× the bf16 loop's own error."""
+    import copy
+
     import memlm
     from memlm.inference.engine import Engine
 
@@ -120,6 +122,10 @@ def test_onyx_bf16_decode_with_cuda_graph(preset, monkeypatch):
     st_graph, step, _ = eng.decode_plan(state, 40)
     st_eager, _, _ = Engine(model, static_cache=True).decode_plan(state, 40)
     st_loop = st_eager.clone()
+    model32 = copy.deepcopy(model).float()
+    with dispatch.force_backend("hope_scan", "loop"):
+        eng32 = Engine(model32, static_cache=True)
+        st32, _, _ = eng32.decode_plan(eng32.prefill(prompt)[1], 40)
     tok = logits.argmax(-1)
     for i in range(30):
         lg, st_graph = step(tok, st_graph)
@@ -127,7 +133,8 @@ def test_onyx_bf16_decode_with_cuda_graph(preset, monkeypatch):
         le, st_eager = eng.step_static(tok, st_eager)
         with dispatch.force_backend("hope_scan", "loop"):
             ll, st_loop = eng.step_static(tok, st_loop)
+            l32, st32 = eng32.step_static(tok, st32)
         assert_close(lg.float(), le.float(), tol=1e-5, name=f"graph step {i}")
-        assert_close(le.float(), ll.float(), dtype=torch.bfloat16, name=f"triton vs loop step {i}")
+        assert_close(le.float(), l32, tol=max(5e-3, 3 * rel_err(ll.float(), l32)), name=f"triton vs float32 step {i}")
         tok = le.argmax(-1)
     assert calls and eng.decode_mode == "cuda_graph" and not eng.notes, eng.notes
