@@ -86,7 +86,7 @@ class _Captured:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits, self.packed = self._run()
-        except Exception as e:  # noqa: BLE001 — any capture failure means: decode without a graph
+        except Exception as e:  # any capture failure means: decode without a graph
             self.graph = None
             raise GraphCaptureError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
