@@ -19,6 +19,7 @@ CPU tests use to check it.
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -67,11 +68,11 @@ class _Captured:
         self.packed: Tensor | None = None                  # [3, B] the sampler's output (token, log-prob, entropy)
         self.last: ModelState | None = None                # the view handed out by the latest replay
         self.graph = None
-        cfg = None if sampler is None else sampler.cfg
-        # with a compiled step, the sampler is compiled too: eagerly it is ~12 small kernels per token (greedy) in
-        # the graph, a few per cent of a 34M model's decode step
-        self.sample = (torch.compile(lambda lg, nz: packed_sample(lg, nz, cfg), dynamic=False) if forward is not None
-                       else lambda lg, nz: packed_sample(lg, nz, cfg))
+        self.sample = None if sampler is None else functools.partial(packed_sample, cfg=sampler.cfg)
+        if self.sample is not None and forward is not None:
+            # with a compiled step, the sampler is compiled too: eagerly it is ~12 small kernels per token (greedy) in
+            # the graph, a few per cent of a 34M model's decode step
+            self.sample = torch.compile(self.sample, dynamic=False)
         if not capture:
             return
         try:

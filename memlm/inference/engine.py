@@ -500,8 +500,10 @@ class IdGeneration:
                 logits, state = ahead
             if len(keep) < n:
                 idx = torch.tensor(keep, device=eng.device)
-                state, next_tok = state.select(idx), next_tok[idx]
-                if ahead is not None:
+                state = state.select(idx)
+                if ahead is None:
+                    next_tok = next_tok[idx]
+                else:   # the launched step's outputs; next_tok's buffer already holds its sample
                     logits = logits[idx]
                     if box[0] is not None:
                         box[0] = box[0][:, idx]

@@ -31,14 +31,7 @@ from torch import Tensor
 
 from memlm.ops import dispatch
 from memlm.ops.attention import masked_attention_sdpa
-from memlm.ops.triton_common import interpreting
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: supports() is False and only the SDPA backend runs
-    triton = None
-    tl = None
+from memlm.ops.triton_common import interpreting, tl, triton  # None, None without Triton
 
 __all__ = ["AVAILABLE", "decode_attention", "decode_attention_sdpa", "decode_attention_triton", "supports"]
 

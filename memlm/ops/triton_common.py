@@ -1,14 +1,17 @@
-"""What the Triton backends (delta_rule, neural_memory, compressive) share: the interpreter switch and its loop bounds."""
+"""What the Triton backends share: the optional import (``triton`` and ``tl`` are None without Triton, so the backends
+report unsupported and never call their kernels), the interpreter switch and its loop bounds."""
 from __future__ import annotations
 
 import os
 
 try:
+    import triton
     import triton.language as tl
-except ImportError:  # no Triton: the backends report unsupported and never call these
+except ImportError:  # no Triton: the backends report unsupported and never call their kernels
+    triton = None
     tl = None
 
-__all__ = ["interpreting", "loop_count"]
+__all__ = ["interpreting", "loop_count", "tl", "triton"]
 
 
 def interpreting() -> bool:

@@ -23,17 +23,10 @@ import functools
 import torch
 from torch import Tensor
 
-from memlm.ops.triton_common import interpreting
+from memlm.ops.triton_common import interpreting, tl, triton  # None, None without Triton
 from memlm.ops.triton_common import loop_count as _count
 
 from ..neural_memory.triton_memory import precision
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: the backend reports unsupported and is never picked
-    triton = None
-    tl = None
 
 __all__ = ["AVAILABLE", "MAX_DIM", "interpreting", "segment_memory", "supports"]
 

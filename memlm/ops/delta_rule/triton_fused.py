@@ -30,14 +30,9 @@ import functools
 import torch
 from torch import Tensor
 
-from . import triton_impl
+from memlm.ops.triton_common import tl, triton  # None, None without Triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: supports() is False and nothing here runs
-    triton = None
-    tl = None
+from . import triton_impl
 
 __all__ = ["CHUNKS", "MAX_DIM", "delta_rule", "supports"]
 

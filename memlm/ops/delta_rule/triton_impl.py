@@ -23,18 +23,11 @@ import functools
 import torch
 from torch import Tensor
 
-from memlm.ops.triton_common import interpreting
+from memlm.ops.triton_common import interpreting, tl, triton  # None, None without Triton
 from memlm.ops.triton_common import loop_count as _count
 
 from . import chunked, triton_fused
 from .reference import check_inputs
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: the backend reports unsupported and is never picked
-    triton = None
-    tl = None
 
 __all__ = ["AVAILABLE", "MAX_CHUNK", "MAX_HEAD_DIM", "delta_rule", "interpreting", "state_recurrence", "supports"]
 

@@ -32,15 +32,8 @@ import functools
 import torch
 from torch import Tensor
 
-from memlm.ops.triton_common import interpreting
+from memlm.ops.triton_common import interpreting, tl, triton  # None, None without Triton
 from memlm.ops.triton_common import loop_count as _count
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: supports() is False and nothing here runs
-    triton = None
-    tl = None
 
 __all__ = ["CHUNKS", "MAX_DIM", "hope_scan", "supports"]
 

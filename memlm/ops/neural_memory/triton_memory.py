@@ -29,18 +29,11 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from memlm.ops.triton_common import interpreting
+from memlm.ops.triton_common import interpreting, tl, triton  # None, None without Triton
 from memlm.ops.triton_common import loop_count as _count
 
 from .common import NS5_COEFFS, NS5_EPS, NS5_STEPS, NeuralMemoryState, Pending, maybe_any
 from .parallel import Prelude, Stream, chunk_gates, finish, memory_read, prepare, read_only, stream
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: the backend reports unsupported and is never picked
-    triton = None
-    tl = None
 
 __all__ = ["AVAILABLE", "MAX_DIM", "MAX_SCAN", "interpreting", "neural_memory", "supports"]
 
