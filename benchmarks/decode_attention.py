@@ -15,6 +15,7 @@ a captured decode step). kv_gbps: bytes of K and V read per call / graph time. O
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--samples", type=int, default=15)
+    ap.add_argument("--tune", action="store_true", help="sweep the Triton kernel's programs, block, warps and stages "
+                    "(graph time per setting, then the best per length)")
     args = ap.parse_args()
     if args.tiny:
         device, dtype, args.lengths, args.reps, args.samples = torch.device("cpu"), torch.float32, [64, 256], 1, 1
@@ -97,6 +100,8 @@ def main() -> None:
     print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "torch": torch.__version__, "triton": getattr(da.triton, "__version__", None), "B": B,
                       "Hq": Hq, "Hk": Hk, "Dh": Dh, "dtype": str(dtype).removeprefix("torch.")}), flush=True)
+    if args.tune:
+        return tune(args, B, Hq, Hk, Dh, dtype, device)
     for L in args.lengths:
         kv_bytes = 2 * B * Hk * L * Dh * dtype.itemsize
         copies = 1 if device.type == "cpu" else max(2, -(-(256 << 20) // kv_bytes))   # ≥ 256 MB: not in L2
@@ -118,6 +123,32 @@ def main() -> None:
         a, b = outs["triton"].double(), outs["sdpa"].double()
         print(json.dumps({"check": "relative difference triton vs sdpa", "L": L,
                           "value": f"{((a - b).norm() / b.norm()).item():.2e}"}), flush=True)
+
+
+def tune(args, B: int, Hq: int, Hk: int, Dh: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Graph time of the Triton kernels for every (PROGRAMS, BLOCK, num_warps, num_stages) in a small grid."""
+    default = da.PROGRAMS
+    for L in args.lengths:
+        kv_bytes = 2 * B * Hk * L * Dh * dtype.itemsize
+        inputs = [make_inputs(B, Hq, Hk, L, Dh, dtype, device) for _ in range(max(2, -(-(256 << 20) // kv_bytes)))]
+        fns = [lambda inp=inp: da.decode_attention(*inp, slot_is_pos=True, backend="triton") for inp in inputs]
+        best = []
+        for programs, block, warps, stages in itertools.product((256, 512, 1024), (32, 64, 128), (1, 2, 4),
+                                                                (1, 2, 3)):
+            da.PROGRAMS, da.TUNE = programs, {"BLOCK": block, "num_warps": warps, "num_stages": stages}
+            try:
+                us = time_us(fns, reps=max(args.reps, len(fns)), samples=args.samples, device=device, graph=True)
+            except Exception as e:  # noqa: BLE001 (a setting that fails to build is reported and skipped), e.g. out of shared memory / registers for a large tile
+                print(json.dumps({"L": L, **da.TUNE, "PROGRAMS": programs, "error": type(e).__name__}), flush=True)
+                continue
+            rec = {"L": L, "PROGRAMS": programs, **da.TUNE, "graph_us": round(us, 2),
+                   "kv_gbps": round(kv_bytes / us / 1e3, 1)}
+            best.append(rec)
+            print(json.dumps(rec), flush=True)
+        best.sort(key=lambda r: r["graph_us"])
+        print(json.dumps({"best": best[:5]}), flush=True)
+        del inputs, fns
+    da.PROGRAMS, da.TUNE = default, {}
 
 
 if __name__ == "__main__":

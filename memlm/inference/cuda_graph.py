@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from memlm.inference.sampling import SamplingConfig, packed_sample
+from memlm.inference.sampling import SamplingConfig, fused_sampler, packed_sample
 from memlm.inference.static import copy_state_, fresh_view, static_step
 from memlm.models.state import ModelState
 
@@ -69,9 +69,9 @@ class _Captured:
         self.last: ModelState | None = None                # the view handed out by the latest replay
         self.graph = None
         self.sample = None if sampler is None else functools.partial(packed_sample, cfg=sampler.cfg)
-        if self.sample is not None and forward is not None:
-            # with a compiled step, the sampler is compiled too: eagerly it is ~12 small kernels per token (greedy) in
-            # the graph, a few per cent of a 34M model's decode step
+        if self.sample is not None and forward is not None and not fused_sampler(sampler.cfg, dev):
+            # with a compiled step, the torch sampler is compiled too: eagerly it is ~12 small kernels per token
+            # (greedy) in the graph, a few per cent of a 34M model's decode step (the Triton one is two kernels)
             self.sample = torch.compile(self.sample, dynamic=False)
         if not capture:
             return

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 
 from memlm.config.base import Config
+from memlm.ops import dispatch
+from memlm.ops.sample_kernel import packed_sample_triton  # also registers op "packed_sample"
 
 NEG_INF = float("-inf")
 
@@ -260,8 +262,12 @@ def packed_sample(logits: Tensor, noise: Tensor | None, cfg: SamplingConfig) -> 
     logits [B, V]; noise [B, V] i.i.d. Exp(1) draws (None when greedy). A draw is argmax_v p_v / E_v, which picks v with
     probability p_v (the exponential race), so the random part can be filled in before a CUDA-graph replay with the
     caller's generator. Returns [3, B] float64: the token ids, their log-probabilities and the entropies (as
-    ``sample``), so that one device→host read delivers a step's results.
+    ``sample``), so that one device→host read delivers a step's results. Without top-k / top-p / min-p this is op
+    "packed_sample" (memlm.ops.sample_kernel: one pass of two Triton kernels on CUDA, the same computation in torch
+    elsewhere).
     """
+    if unfiltered(cfg):
+        return dispatch.call("packed_sample", logits, noise, cfg.temperature)
     raw = logits.float()
     logp = raw.log_softmax(-1)
     if cfg.greedy or noise is None:
@@ -272,12 +278,27 @@ def packed_sample(logits: Tensor, noise: Tensor | None, cfg: SamplingConfig) -> 
     return torch.stack([tokens.double(), chosen.double(), entropy.double()])
 
 
+def unfiltered(cfg: SamplingConfig) -> bool:
+    """No top-k, top-p or min-p: the draw is from softmax(logits / τ) itself."""
+    return cfg.top_k == 0 and cfg.top_p == 1 and cfg.min_p == 0
+
+
+def fused_sampler(cfg: SamplingConfig, device: torch.device | str) -> bool:
+    """Whether ``packed_sample`` with cfg runs the Triton kernels on device (dispatch's choice, forced names
+    included, for a one-logit probe)."""
+    if not unfiltered(cfg):
+        return False
+    probe = torch.zeros(1, 1, device=device)
+    return dispatch.get("packed_sample", args=(probe, None, cfg.temperature)) is packed_sample_triton
+
+
 __all__ = [
     "Sampled",
     "SamplingConfig",
     "apply_frequency_presence_penalty",
     "apply_repetition_penalty",
     "as_history",
+    "fused_sampler",
     "make_generator",
     "min_p_filter",
     "no_repeat_ngram_ban",
@@ -287,4 +308,5 @@ __all__ = [
     "token_counts",
     "top_k_filter",
     "top_p_filter",
+    "unfiltered",
 ]

@@ -41,6 +41,9 @@ MAX_HEAD_DIM = 256
 # of 2 warps read 16K slots in 20.0 µs and 64K in 57.1 µs (SDPA: 33.2 / 65.4); 1,024 programs took 21.3 / 58.9.
 PROGRAMS = 512
 MAX_SPLIT = 4096
+# overrides for tuning runs (benchmarks/decode_attention.py --tune): "BLOCK" slots per iteration, "num_warps",
+# "num_stages" of the split kernel
+TUNE: dict[str, int] = {}
 # initial running max: finite, so an empty split ends with l = 0 and e^(m − M) stays finite (no inf − inf)
 NEG = tl.constexpr(-1e30) if tl is not None else -1e30
 
@@ -190,7 +193,7 @@ def plan(B: int, Hq: int, L: int, Np: int, Dh: int) -> dict:
     power of two with B·Hq·NS ≈ PROGRAMS, between BLOCK and MAX_SPLIT, ≥ Np so one split holds the persistent keys),
     NS cache splits."""
     BD = max(16, _pow2(Dh))
-    BLOCK = min(64 if BD <= 128 else 32, max(16, _pow2(max(L, Np))))   # [BLOCK, BD] K and V tiles in registers
+    BLOCK = min(TUNE.get("BLOCK", 64 if BD <= 128 else 32), max(16, _pow2(max(L, Np))))   # [BLOCK, BD] K, V tiles
     want = _pow2(-(-L // max(1, PROGRAMS // (B * Hq))))
     SPLIT = max(min(max(want, BLOCK), MAX_SPLIT), _pow2(Np))
     return {"BD": BD, "BLOCK": BLOCK, "SPLIT": SPLIT, "NS": max(1, -(-L // SPLIT))}
@@ -227,14 +230,15 @@ def decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, kpos: T
     split, combine = _interpreted() if dev.type == "cpu" else _JIT
     # 2 warps for a 64 × 64 tile (faster than 4 on an H100: more programs resident per SM), more for larger tiles;
     # ≤ 201 registers a thread without spills for every BD ≤ 256 (sm_90, ptxas)
-    warps = max(2, cfg["BLOCK"] * BD // 2048)
+    warps = TUNE.get("num_warps", max(2, cfg["BLOCK"] * BD // 2048))
+    stages = {"num_stages": TUNE["num_stages"]} if "num_stages" in TUNE else {}
     split[(NSP, B * Hq)](q, k_cache, v_cache, kpos, qpos, qdoc, pk, pv, part_m, part_l, part_acc,
                          q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                          v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), kpos.stride(0), qpos.stride(0),
                          qdoc.stride(0), pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1),
                          L, NS, NSP, Np, Hq, Hq // Hk, 0 if window is None else window,
                          D=Dh, SCALE=1.0 / math.sqrt(Dh), HAS_W=window is not None, SKIP=bool(slot_is_pos),
-                         num_warps=warps, **cfg)
+                         num_warps=warps, **stages, **cfg)
     CS = min(64, max(16, _pow2(NSP)))
     combine[(B * Hq,)](part_m, part_l, part_acc, o, o.stride(0), o.stride(1), NSP, Hq,
                        D=Dh, BD=BD, CS=CS, NC=-(-NSP // CS), num_warps=4)
