@@ -29,6 +29,7 @@ from torch import Tensor
 from memlm.inference.sampling import SamplingConfig, fused_sampler, packed_sample
 from memlm.inference.static import copy_state_, fresh_view, static_step
 from memlm.models.state import ModelState
+from memlm.ops.sample_kernel import packed_sample_triton
 
 __all__ = ["GraphCaptureError", "GraphDecoder", "Sampler"]
 
@@ -55,21 +56,34 @@ def _layout(state: ModelState) -> tuple:
 
 
 class _Captured:
-    """Buffers and graph of one layout."""
+    """Buffers and graph(s) of one layout.
+
+    With the Triton sampler (no top-k / top-p / min-p, memlm.ops.sample_kernel) the sampler writes the packed sample
+    straight into host memory (pinned on CUDA) and the token ids into the graph's input: a step is then one replay
+    and no device→host copy (the separate copy cost ~12 µs a token in front of the next replay on an H100). Two
+    graphs, identical but for the host slot they write, alternate: the engine launches step t+1 before reading step
+    t's sample, so step t+1 must not overwrite it; step t+2, which does, is launched only after that read.
+    """
 
     def __init__(self, model, template: ModelState, *, capture: bool, warmup: int, forward=None,
                  sampler: Sampler | None = None) -> None:
         self.model, self.forward, self.sampler = model, forward, sampler
         self.state = template.clone()                      # the graph's own state buffers
         dev = template.pos.device
-        self.tokens = torch.zeros(template.batch_size, 1, dtype=torch.long, device=dev)
-        self.noise = (torch.ones(template.batch_size, sampler.vocab, device=dev)
+        B = template.batch_size
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.noise = (torch.ones(B, sampler.vocab, device=dev)
                       if sampler is not None and not sampler.cfg.greedy else None)
         self.packed: Tensor | None = None                  # [3, B] the sampler's output (token, log-prob, entropy)
         self.last: ModelState | None = None                # the view handed out by the latest replay
-        self.graph = None
+        self.fused = sampler is not None and fused_sampler(sampler.cfg, dev)
+        # the host ring of the fused sampler: slot s is written by graph s
+        self.host = (torch.empty(2, 3, B, dtype=torch.float64, pin_memory=dev.type == "cuda") if self.fused else None)
+        self.turn = 0
+        self.graphs: list = []
+        self.outputs: list[tuple[Tensor, Tensor | None]] = []
         self.sample = None if sampler is None else functools.partial(packed_sample, cfg=sampler.cfg)
-        if self.sample is not None and forward is not None and not fused_sampler(sampler.cfg, dev):
+        if self.sample is not None and forward is not None and not self.fused:
             # with a compiled step, the torch sampler is compiled too: eagerly it is ~12 small kernels per token
             # (greedy) in the graph, a few per cent of a 34M model's decode step (the Triton one is two kernels)
             self.sample = torch.compile(self.sample, dynamic=False)
@@ -81,24 +95,30 @@ class _Captured:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._run()
+                for i in range(warmup):
+                    self._run(i % 2)
             torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits, self.packed = self._run()
+            for slot in range(2 if self.fused else 1):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.outputs.append(self._run(slot))
+                self.graphs.append(graph)
         except Exception as e:  # any capture failure means: decode without a graph
-            self.graph = None
+            self.graphs = []
             raise GraphCaptureError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
-    def _run(self) -> tuple[Tensor, Tensor | None]:
+    def _run(self, slot: int = 0) -> tuple[Tensor, Tensor | None]:
         logits = static_step(self.model, self.tokens, self.state, self.forward)
         if self.sampler is None:
             return logits, None
-        packed = self.sample(logits[:, :self.sampler.vocab], self.noise)
         # the sampled ids become the next replay's input ids in the graph itself: a caller feeding them back (the
         # engine's loop) passes the packed row and nothing is copied between replays (see __call__)
-        self.tokens.copy_(packed[0].view(-1, 1))
+        if self.fused:
+            packed = packed_sample_triton(logits[:, :self.sampler.vocab], self.noise, self.sampler.cfg.temperature,
+                                          out=self.host[slot], ids=self.tokens)
+        else:
+            packed = self.sample(logits[:, :self.sampler.vocab], self.noise)
+            self.tokens.copy_(packed[0].view(-1, 1))
         return logits, packed
 
     def __call__(self, tokens: Tensor, state: ModelState, generator: torch.Generator | None = None
@@ -115,11 +135,13 @@ class _Captured:
             self.tokens.copy_(tokens.reshape(-1, 1))
         if self.noise is not None:
             self.noise.exponential_(generator=generator)
-        if self.graph is not None:
-            self.graph.replay()
-            logits = self.logits
+        slot = self.turn
+        self.turn ^= self.fused                             # the fused sampler's two graphs alternate
+        if self.graphs:
+            self.graphs[slot].replay()
+            logits, self.packed = self.outputs[slot]
         else:
-            logits, self.packed = self._run()
+            logits, self.packed = self._run(slot)
         self.last = fresh_view(self.state)
         return logits, self.last
 

@@ -135,7 +135,9 @@ class Engine:
         switches the engine to static eager decoding with a note."""
         from memlm.inference.cuda_graph import GraphCaptureError, GraphDecoder
 
-        if not isinstance(tokens, Tensor) or tokens.device != self.device:
+        # (the pinned host row of a graph-written sample stays as it is: the graph feeds it back without a copy, and
+        # reading it now would be a host read before the step that writes it has run)
+        if not isinstance(tokens, Tensor) or (tokens.device != self.device and not tokens.is_pinned()):
             tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         if self.cuda_graph:
             with self._mode():
@@ -149,7 +151,7 @@ class Engine:
                     self.cuda_graph, self._graphs = False, None
                     self._note(f"CUDA graph capture failed ({e}); decoding with static states, eagerly")
                     self.decode_mode = "static"
-        return (*self.step_static(tokens.long(), state), None)
+        return (*self.step_static(tokens.to(self.device).long(), state), None)
 
     def decode_plan(self, state: ModelState, budget: int, *, graphs: bool = True
                     ) -> tuple[ModelState, Callable, Callable[[ModelState], ModelState]]:
@@ -371,8 +373,13 @@ class IdGeneration:
     def _reader(self, packed: Tensor) -> Callable[[], list]:
         """Start the device→host copy of a packed sample [3, B] now; the returned function waits for it and gives
         its rows as lists. On CUDA the copy goes to a pinned buffer (one per batch size) behind an event, so work
-        launched after this call does not delay the read."""
+        launched after this call does not delay the read. A sample already in pinned host memory (the CUDA graph's
+        Triton sampler writes it there; cuda_graph._Captured) is read after an event, without a copy."""
         if not packed.is_cuda:
+            if packed.is_pinned():   # written into host memory by the graph's sampler: wait for the replay, no copy
+                done = torch.cuda.Event()
+                done.record()
+                return lambda: (done.synchronize(), packed.tolist())[1]
             host = packed.clone()
             return host.tolist
         host = self._pinned.get(packed.shape)
@@ -506,6 +513,8 @@ class IdGeneration:
                 else:   # the launched step's outputs; next_tok's buffer already holds its sample
                     logits = logits[idx]
                     if box[0] is not None:
+                        if not box[0].is_cuda:   # the graph's host ring: copied in stream order, after its step
+                            box[0] = box[0].to(eng.device, non_blocking=True)
                         box[0] = box[0][:, idx]
                 if use_hist:
                     hist, hmask = hist[idx], hmask[idx]

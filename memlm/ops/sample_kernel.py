@@ -132,8 +132,10 @@ def _split_kernel(X, E, Pm, Ps, Pt, Pb, Pi, sx, se, V, NS, INV_T,
     tl.store(Pi + row, arg)
 
 
-def _combine_kernel(X, Pm, Ps, Pt, Pb, Pi, O, sx, V, NS, B, CS: tl.constexpr, NC: tl.constexpr):
-    """Merge the NS partials of row b, CS at a time (NC = cdiv(NS, CS) rounds), with a running max M."""
+def _combine_kernel(X, Pm, Ps, Pt, Pb, Pi, O, ID, sx, sid, V, NS, B, CS: tl.constexpr, NC: tl.constexpr,
+                    HAS_IDS: tl.constexpr):
+    """Merge the NS partials of row b, CS at a time (NC = cdiv(NS, CS) rounds), with a running max M; with HAS_IDS
+    the token id also goes to ID[b] (int64, stride sid)."""
     b = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, CS)
     M = tl.full((), NEG, tl.float32)
@@ -165,6 +167,8 @@ def _combine_kernel(X, Pm, Ps, Pt, Pb, Pi, O, sx, V, NS, B, CS: tl.constexpr, NC
     lz = tl.log(Z)
     xt = tl.load(X + b * sx + tok).to(tl.float32)
     tl.store(O + b, tok.to(tl.float64))
+    if HAS_IDS:
+        tl.store(ID + b * sid, tok.to(tl.int64))
     tl.store(O + B + b, ((xt - M) - lz).to(tl.float64))           # the rounding order of torch's log_softmax
     tl.store(O + 2 * B + b, (lz - T / Z).to(tl.float64))
 
@@ -177,7 +181,7 @@ def _build(interpret: bool) -> tuple:
     from triton.runtime.jit import JITFunction
     # V stays specialised (a model has one; its divisibility lets the masked loads vectorise); NS, B only enter offsets
     return (JITFunction(_split_kernel, do_not_specialize=["NS"]),
-            JITFunction(_combine_kernel, do_not_specialize=["NS", "B"]))
+            JITFunction(_combine_kernel, do_not_specialize=["NS", "B", "sid"]))
 
 
 # built at import: torch.compile finds plain kernel objects (building them inside a trace would break the graph)
@@ -197,9 +201,14 @@ def plan(B: int, V: int) -> dict:
     return {"BLOCK": BLOCK, "SPLIT": SPLIT, "NS": -(-V // SPLIT)}
 
 
-def packed_sample_triton(logits: Tensor, noise: Tensor | None, temperature: float) -> Tensor:
+def packed_sample_triton(logits: Tensor, noise: Tensor | None, temperature: float, *, out: Tensor | None = None,
+                         ids: Tensor | None = None) -> Tensor:
     """The two kernels; arguments and result as packed_sample_torch. Logits and noise are read in their own dtype,
-    with any row stride (the sampled vocabulary may be a slice of wider logits)."""
+    with any row stride (the sampled vocabulary may be a slice of wider logits).
+
+    out: a contiguous float64 [3, B] to write the result into instead of a new tensor — it may be pinned host memory,
+    which the kernel writes across the bus (a CUDA graph's decode step then needs no device→host copy of its own);
+    ids: an int64 tensor of B elements (e.g. the next step's input ids [B, 1]) that also receives the token ids."""
     if not supports(logits, noise):
         raise ValueError("packed_sample backend 'triton' needs Triton, CUDA tensors (or CPU with TRITON_INTERPRET=1) "
                          "and float [B, V] logits; use backend 'torch' otherwise")
@@ -215,15 +224,21 @@ def packed_sample_triton(logits: Tensor, noise: Tensor | None, temperature: floa
     dev = logits.device
     part = torch.empty(4, B, NS, dtype=torch.float32, device=dev)     # m, s, t, best score
     part_i = torch.empty(B, NS, dtype=torch.int32, device=dev)
-    out = torch.empty(3, B, dtype=torch.float64, device=dev)
+    if out is None:
+        out = torch.empty(3, B, dtype=torch.float64, device=dev)
+    elif out.shape != (3, B) or out.dtype != torch.float64 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float64 [3, {B}] tensor, got {out.dtype} {tuple(out.shape)}")
+    if ids is not None and (ids.numel() != B or ids.dtype != torch.int64):
+        raise ValueError(f"ids must be an int64 tensor of {B} elements, got {ids.dtype} {tuple(ids.shape)}")
+    idv = ids.view(B) if ids is not None else part_i      # placeholder when None: never written
     split, combine = _interpreted() if dev.type == "cpu" else _JIT
     split[(NS, B)](logits, e, part[0], part[1], part[2], part[3], part_i, logits.stride(0), e.stride(0), V, NS,
                    1.0 / temperature if sampled else 1.0, SAMPLED=sampled, num_warps=max(1, cfg["BLOCK"] // 256),
                    **cfg)
     CS = min(64, max(16, _pow2(NS)))
     # one warp: the merge of ≤ 64 partials is a few shuffles, no shared memory
-    combine[(B,)](logits, part[0], part[1], part[2], part[3], part_i, out, logits.stride(0), V, NS, B,
-                  CS=CS, NC=-(-NS // CS), num_warps=1)
+    combine[(B,)](logits, part[0], part[1], part[2], part[3], part_i, out, idv, logits.stride(0), idv.stride(0), V,
+                  NS, B, CS=CS, NC=-(-NS // CS), HAS_IDS=ids is not None, num_warps=1)
     return out
 
 

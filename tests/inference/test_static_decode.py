@@ -208,12 +208,18 @@ def _graph_engine_on_cpu(model) -> tuple[Engine, list[int]]:
     return eng, calls
 
 
-@pytest.mark.parametrize("name", ["transformer-debug", "gated-deltanet-debug"])
-def test_pipelined_graph_loop_equals_dynamic(name):
+@pytest.mark.parametrize("name,sampler", [("transformer-debug", "torch"), ("gated-deltanet-debug", "torch"),
+                                          ("transformer-debug", "triton")])
+def test_pipelined_graph_loop_equals_dynamic(name, sampler, monkeypatch):
     """cuda_graph mode's loop launches step t+1 before reading step t's tokens, so a row that stops has already been
     stepped past its last token. Its results must still equal the dynamic path's: tokens, log-probs and entropies
     of rows that stop at different steps, and states that continue exactly like the dynamic ones; all rows ending
-    by length take no extra step."""
+    by length take no extra step. sampler "triton": the Triton sampler (interpreted) writes each step's sample into
+    the host ring's next slot and the ids into the graph's input, as on CUDA."""
+    if sampler == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("MEMLM_BACKEND_PACKED_SAMPLE", "triton")
     model = model_for(name)
     prompts = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 19, 12)]
     dyn = Engine(model).generate_ids(prompts, 16, GREEDY, ignore_eos=True).run()
@@ -243,6 +249,7 @@ def test_pipelined_graph_loop_equals_dynamic(name):
     eng, calls = _graph_engine_on_cpu(model)
     out = eng.generate_ids(prompts, 6, GREEDY, ignore_eos=True, return_state=True).run()
     assert len(calls) == 5 and all(r.finish_reason == "length" and len(r.token_ids) == 6 for r in out.rows)
+    assert all(g.fused == (sampler == "triton") for g in eng._graphs.graphs.values())
     ref = Engine(model).generate_ids(prompts, 6, GREEDY, ignore_eos=True, return_state=True).run()
     for r in range(3):
         assert out.rows[r].token_ids == ref.rows[r].token_ids
@@ -284,6 +291,12 @@ def test_cuda_graph_equals_eager_on_gpu(name):
     outs = [Engine(model, cuda_graph=True).generate_ids(prompts, 24, cfg, ignore_eos=True).run() for _ in range(2)]
     assert [r.token_ids for r in outs[0].rows] == [r.token_ids for r in outs[1].rows]
     assert all(len(r.token_ids) == 24 and min(r.token_ids) >= 0 for r in outs[0].rows)
+    # temperature only: the Triton sampler writes into the host ring (two graphs alternating), also reproducible
+    cfg = SamplingConfig(temperature=0.8, seed=3)
+    engs = [Engine(model, cuda_graph=True) for _ in range(2)]
+    outs = [e.generate_ids(prompts, 24, cfg, ignore_eos=True).run() for e in engs]
+    assert [r.token_ids for r in outs[0].rows] == [r.token_ids for r in outs[1].rows]
+    assert all(g.fused and len(g.graphs) == 2 for g in engs[0]._graphs.graphs.values())
     # logits step by step: graph replay vs eager static, batch 1
     eng = Engine(model, cuda_graph=True)
     logits, state = eng.prefill(torch.tensor([prompts[1]], device="cuda"))
