@@ -20,6 +20,7 @@ dynamically; the reason is logged once (``engine.notes``) and ``engine.decode_mo
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class Engine:
         self.notes: list[str] = []
         self.decode_mode = "dynamic"
         self._graphs = None
+        self._unmade: list[RowResult] = []   # finished rows whose state is still to be made (see _settle)
         if cuda_graph and self.device.type != "cuda":
             self.cuda_graph = False
             self._note(f"cuda_graph ignored on {self.device.type}: CUDA graphs need a CUDA device (decoding with "
@@ -125,6 +127,14 @@ class Engine:
             self._compiled = torch.compile(self.model, dynamic=False)
         return self._compiled
 
+    def _settle(self) -> None:
+        """Make the states of finished rows whose making was deferred past their last yield (IdGeneration._run):
+        they are read out of the graph's buffers, which the next replay overwrites."""
+        for row in self._unmade:
+            if row._make is not None:
+                row._state, row._make = row._make(), None
+        self._unmade.clear()
+
     def _graph_step(self, tokens: Tensor | Sequence[int], state: ModelState) -> tuple[Tensor, ModelState]:
         return self._graph_step_sampled(tokens, state, None, None)[:2]
 
@@ -137,6 +147,8 @@ class Engine:
 
         # (the pinned host row of a graph-written sample stays as it is: the graph feeds it back without a copy, and
         # reading it now would be a host read before the step that writes it has run)
+        if self._unmade:   # a caller stopped iterating right at a row's end: its state first, then the buffers
+            self._settle()
         if not isinstance(tokens, Tensor) or (tokens.device != self.device and not tokens.is_pinned()):
             tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         if self.cuda_graph:
@@ -254,6 +266,7 @@ class RowResult:
     _state: ModelState | None = None
     _pending: int | None = None  # last token, not yet fed into _state
     _engine: Engine | None = None
+    _make: Callable[[], ModelState] | None = None  # makes _state (the generation loop runs it right after the yield)
 
     @property
     def text(self) -> str | None:
@@ -261,6 +274,8 @@ class RowResult:
 
     @property
     def state(self) -> ModelState | None:
+        if self._make is not None:
+            self._state, self._make = self._make(), None
         if self._pending is not None and self._state is not None:
             _, self._state = self._engine.step([self._pending], self._state)
             self._pending = None
@@ -487,19 +502,26 @@ class IdGeneration:
                     res.finish_reason = reason
                     if res.tracker is not None:
                         res.tracker.finish()
+                    # The finished row's own state (compacted out of the static buffers: at 16K context a copy of
+                    # the whole KV cache, ~3 ms on an H100) is made right after this step is yielded, so the token
+                    # reaches the caller first; reading .state during the yield makes it then. With no launched
+                    # step, it is the state before this token plus the token itself; the one step joining them runs
+                    # only when .state is read, so a batch whose last rows just finished needs no further forward pass.
                     if ahead is not None:  # the launched step has fed this token already
-                        res._state = plain(ahead[1].select(i))
+                        res._make = functools.partial(lambda s, j: plain(s.select(j)), ahead[1], i)
                     else:
-                        # The state before this token plus the token itself; the one step joining them runs only
-                        # when .state is read, so a batch whose last rows just finished needs no further forward pass.
-                        res._state, res._pending = plain(state.select(i)), t
+                        res._make, res._pending = functools.partial(lambda s, j: plain(s.select(j)), state, i), t
+                    eng._unmade.append(res)
             if use_hist:
                 col_ok = torch.tensor([cfg.penalize_prompt or not f for f in is_forced], device=eng.device)
                 hist = torch.cat([hist, next_tok[:, None]], 1)
                 hmask = torch.cat([hmask, col_ok[:, None]], 1)
-            if sampled:
-                yield Step([active[i] for i in sampled], [toks[i] for i in sampled], [lp[i] for i in sampled],
-                           [ent[i] for i in sampled], finished)
+            try:
+                if sampled:
+                    yield Step([active[i] for i in sampled], [toks[i] for i in sampled], [lp[i] for i in sampled],
+                               [ent[i] for i in sampled], finished)
+            finally:
+                eng._settle()
             keep = [i for i in range(n) if active[i] not in finished]
             if not keep:
                 break

@@ -257,6 +257,26 @@ def test_pipelined_graph_loop_equals_dynamic(name, sampler, monkeypatch):
                      tol=1e-5, name="state after the last token (pending step)")
 
 
+def test_finished_state_survives_a_break_and_a_later_generation():
+    """A finished row's state is compacted out of the graph's buffers right after its last step is yielded (the
+    token first). A caller that stops iterating at that step, then runs another generation on the same engine (which
+    reuses those buffers), must still get the state after the first generation's tokens."""
+    model = model_for("transformer-debug")
+    prompt = torch.randint(0, 250, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = Engine(model).generate_ids([prompt], 5, GREEDY, ignore_eos=True, return_state=True).run().rows[0]
+    eng, _ = _graph_engine_on_cpu(model)
+    gen = eng.generate_ids([prompt], 5, GREEDY, ignore_eos=True)
+    for step in gen:
+        if step.finished:
+            break
+    eng.generate_ids([prompt[::-1]], 7, GREEDY, ignore_eos=True).run()     # same layout: the same buffers
+    row = gen.rows[0]
+    assert row.token_ids == ref.token_ids
+    nxt = torch.tensor([[5]])
+    assert_close(Engine(model).prefill(nxt, row.state)[0], Engine(model).prefill(nxt, ref.state)[0], tol=1e-5,
+                 name="state after a break")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["transformer-debug", "gated-deltanet-debug"])
 def test_cuda_graph_equals_eager_on_gpu(name):
