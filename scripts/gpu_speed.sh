@@ -14,4 +14,5 @@ t hope_scan 60 python3 benchmarks/hope_scan.py --loop
 t hope_scan_read 60 python3 benchmarks/hope_scan.py --read --loop
 t onyx 200 python3 benchmarks/atlas_throughput.py --preset onyx-11m --only onyx-11m "'transformer(d384,L6,H6)'" --batch 16 --steps 5 --warmup 2 --compile
 t decode 90 python3 benchmarks/decode.py --presets transformer-34m gated-deltanet-34m atlas-mag-medium --contexts 1024 16384 --modes cuda_graph cuda_graph_compiled --engine-modes cuda_graph_compiled --hf none --new-tokens 128
+t sampler 60 python3 benchmarks/sample_kernel.py
 t compile 150 python3 benchmarks/compile_check.py --presets gated-deltanet-34m --batch 16 --seq 2048 --inductor --skip-graph --eager --docs no --steps 10 --warmup 3
