@@ -5,7 +5,7 @@
     python benchmarks/delta_rule_tune.py --variants store=float32 store=bfloat16 store=bfloat16,warps=4
 
 A variant is comma-separated key=value on top of the defaults ("default" alone: none): store=<torch dtype>
-(triton_fused.STORE_DTYPE), rec_store=<torch dtype>|same|auto (RECURRENCE_DTYPE), warps=N (every fused kernel), <kernel>=N (num_warps of one kernel: prelude_fwd,
+(triton_fused.STORE_DTYPE), lowp_bwd=0|1|auto (HALF_BWD_DOTS), rec_store=<torch dtype>|same|auto (RECURRENCE_DTYPE), warps=N (every fused kernel), <kernel>=N (num_warps of one kernel: prelude_fwd,
 output_fwd, output_bwd, prelude_bwd, rec_fwd, rec_bwd), rec_fwd.<key>=N / rec_bwd.<key>=N (a recurrence config
 key: BV, num_stages, num_warps).
 Notation: B batch rows, T tokens per row (B·T = --tokens), H heads, D head width. Prints JSON lines.
@@ -28,6 +28,7 @@ def apply_variant(spec: str) -> None:
     triton_fused.STORE_DTYPE = None
     triton_fused.RECURRENCE_DTYPE = "auto"
     triton_fused.WARPS = {}
+    triton_fused.HALF_BWD_DOTS = "auto"
     triton_impl.CONFIG_OVERRIDE = {}
     for item in filter(None, spec.split(",")):
         if item == "default":
@@ -41,6 +42,8 @@ def apply_variant(spec: str) -> None:
             triton_fused.STORE_DTYPE = getattr(torch, val)
         elif key == "rec_store":
             triton_fused.RECURRENCE_DTYPE = {"same": None, "auto": "auto"}.get(val) or getattr(torch, val)
+        elif key == "lowp_bwd":
+            triton_fused.HALF_BWD_DOTS = {"auto": "auto"}.get(val) or bool(int(val))
         elif key == "warps":
             triton_fused.WARPS = {k: int(val) for k in KERNELS}
         elif key in KERNELS:

@@ -208,10 +208,13 @@ def test_fused_kernels_compile_for_hopper_without_a_gpu():
         pytest.skip("triton without its nvidia backend")
     meta = triton_fused._meta(64, 64, 64, triton_impl.HALF_DOT_PRECISION)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
-    consts = {"HAS_G": True, "HAS_R": True, "NB_ROUNDS": 1, "scale": 0.125, **meta}
+    consts = {"HAS_G": True, "HAS_R": True, "NB_ROUNDS": 1, "scale": 0.125, "LP": False, **meta}
     ints = {"T", "H", "Dk", "Dv", "N", "NV", "BH_", "skb", "skt", "skh", "svb", "svt", "svh", "sqb", "sqt", "sqh", "sdb", "sdt", "sdh"}
     halves = {"K", "V", "Q", "O", "dO", "dQ", "dK", "dV"}
-    for kernel in triton_fused._kernels(False).values():
+    kernels = [(k, consts) for k in triton_fused._kernels(False).values()]
+    # the prelude backward with bf16 operands for its dots of float32 intermediates (HALF_BWD_DOTS)
+    kernels.append((triton_fused._kernels(False)["prelude_bwd"], {**consts, "LP": True}))
+    for kernel, consts in kernels:
         c = {a: v for a, v in consts.items() if a in kernel.arg_names}
         sig = {a: ("constexpr" if a in c else "i32" if a in ints
                    else "*bf16" if a in halves else "*i8" if a == "R" else "*fp32") for a in kernel.arg_names}

@@ -26,6 +26,7 @@ bf16/fp16 (fp32 only when `FP32` is set: the interpreter tests).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -54,6 +55,14 @@ STORE_DTYPE: torch.dtype | None = None
 # state, carried into decoding, then keeps TF32 accuracy (with bf16 walk inputs its error against float64 is ~6e-3).
 # A dtype pins it; None: STORE_DTYPE's choice always.
 RECURRENCE_DTYPE: torch.dtype | str | None = "auto"
+# bf16/fp16 inputs: the prelude backward's dots of float32 intermediates (S, dS, W, X, the partial gradients) take
+# operands rounded to the input dtype (full-rate tensor cores and half the registers, as flash-linear-attention's
+# backward) instead of TF32. H100, 65,536 tokens, H 8, D 64, bf16 (benchmarks/delta_rule_tune.py lowp_bwd=1): the
+# kernel 0.84 → 0.44 ms, the op fwd+bwd 2.44 → 2.06 ms at T 2K; errors against float64 dk 4.0e-3 → 4.7e-3, dv 3.1e-3 →
+# 3.7e-3, dbeta 3.5e-3 → 4.2e-3 (fla 0.6.0: 5.9e-3, 4.0e-3, 4.8e-3), and the half-precision GPU tests at D 64 pass.
+# "auto": on for Dk = Dv = 64 only — at Dk 32 / Dv 48 the bf16 build hit an illegal memory access on Triton 3.6
+# (not investigated; the TF32 build of the same kernel is fine). True / False force it (MEMLM_DELTA_HALF_BWD_DOTS=1/0).
+HALF_BWD_DOTS: bool | str = {"1": True, "0": False}.get(os.environ.get("MEMLM_DELTA_HALF_BWD_DOTS", ""), "auto")
 # num_warps per kernel ("prelude_fwd", "output_fwd", "output_bwd", "prelude_bwd") overriding `_meta` (tuning runs)
 WARPS: dict[str, int] = {}
 BLK = tl.constexpr(16) if tl is not None else 16   # diagonal blocks of the inverse
@@ -265,8 +274,9 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, U, Wk, S_all, dS_next, dU_o, dWk_o, dKo, 
                  skb, skt, skh, svb, svt, svh,
                  T, H, Dk, Dv, N,
                  HAS_G: tl.constexpr, HAS_R: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 PREC: tl.constexpr):
-    """dK, dV contiguous, in k's and v's dtype; dBeta, dG [B, T, H] float32 (contiguous). dS_next [BH, N, Dv, Dk]
+                 PREC: tl.constexpr, LP: tl.constexpr):
+    """dK, dV contiguous, in k's and v's dtype; dBeta, dG [B, T, H] float32 (contiguous). LP: the dots of float32
+    intermediates take operands rounded to k's dtype (HALF_BWD_DOTS). dS_next [BH, N, Dv, Dk]
     (∂L/∂S_{n+1}) from the recurrence's backward: the chunk's own recurrence gradients (dU = Ke dS_{n+1}ᵀ,
     dKe = W dS_{n+1}, dWk = −dU S_n, dγ_{C−1} = ⟨dS_{n+1}, S_n⟩) are formed here, in parallel over chunks;
     dU_o, dWk_o, dKo, dGC_o from _output_bwd."""
@@ -280,6 +290,7 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, U, Wk, S_all, dS_next, dU_o, dWk_o, dKo, 
     rk = tl.arange(0, BK)
     rv = tl.arange(0, BV)
     mk, mv = rk < Dk, rv < Dv
+    DT: tl.constexpr = K.dtype.element_ty if LP else tl.float32
     k = tl.load(K + b * skb + t[:, None] * skt + h * skh + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
     v = tl.load(V + b * svb + t[:, None] * svt + h * svh + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
     tok = (b * T + t) * H + h
@@ -308,13 +319,13 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, U, Wk, S_all, dS_next, dU_o, dWk_o, dKo, 
     S = tl.load(S_all + s_off, mask=mv[:, None] & mk[None, :], other=0.0).to(tl.float32)
     dSn = tl.load(dS_next + s_off, mask=mv[:, None] & mk[None, :], other=0.0).to(tl.float32)
     dgl = tl.reduce(tl.reduce(dSn * S, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
-    dw_r = tl.dot(e[:, None] * kf, tl.trans(dSn), input_precision=PREC)        # ∂L/∂W through S_{n+1}  [C, BV]
+    dw_r = tl.dot((e[:, None] * kf).to(DT), tl.trans(dSn).to(DT), input_precision=PREC)        # ∂L/∂W through S_{n+1}  [C, BV]
     W = tl.load(U + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32) - tl.dot(
-        tl.load(Wk + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32), tl.trans(S),
+        tl.load(Wk + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(DT), tl.trans(S).to(DT),
         input_precision=PREC)
-    dke = tl.dot(W, dSn, input_precision=PREC)                                  # ∂L/∂Ke  [C, BK]
+    dke = tl.dot(W.to(DT), dSn.to(DT), input_precision=PREC)                                  # ∂L/∂Ke  [C, BK]
     dwk = tl.load(dWk_o + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32) - tl.dot(
-        dw_r, S, input_precision=PREC)
+        dw_r.to(DT), S.to(DT), input_precision=PREC)
     du = tl.load(dU_o + cb * Dv + rv[None, :], mask=mv[None, :], other=0.0).to(tl.float32) + dw_r
     # Ke = e ⊙ K, e_i = exp(G_{C−1} − G_i) [same segment]; γ_{C−1} = exp(G_{C−1}) [no reset in the chunk]
     dk = e[:, None] * dke
@@ -323,13 +334,14 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, U, Wk, S_all, dS_next, dU_o, dWk_o, dKo, 
     # U = X (β V), Wk = X (βγ K)
     X = tl.load(Xm + (bh * N + n) * C * C + rc[:, None] * C + rc[None, :], mask=rc[:, None] >= rc[None, :],
                 other=0.0).to(tl.float32)
-    drv = tl.dot(tl.trans(X), du, input_precision=PREC)                         # ∂L/∂(β V)
-    drk = tl.dot(tl.trans(X), dwk, input_precision=PREC)                        # ∂L/∂(βγ K)
-    dX = tl.dot(du, tl.trans(beta[:, None] * vf), input_precision=PREC)
-    dX = tl.dot(dwk, tl.trans(bg[:, None] * kf), acc=dX, input_precision=PREC)
+    drv = tl.dot(tl.trans(X).to(DT), du.to(DT), input_precision=PREC)                         # ∂L/∂(β V)
+    drk = tl.dot(tl.trans(X).to(DT), dwk.to(DT), input_precision=PREC)                        # ∂L/∂(βγ K)
+    dX = tl.dot(du.to(DT), tl.trans(beta[:, None] * vf).to(DT), input_precision=PREC)
+    dX = tl.dot(dwk.to(DT), tl.trans(bg[:, None] * kf).to(DT), acc=dX, input_precision=PREC)
     # X = (I + A)⁻¹  ⇒  dA = −Xᵀ dX Xᵀ on the strictly lower part; A = (β ⊙rows K Kᵀ) ⊙ D⁻
     strict = rc[:, None] > rc[None, :]
-    dA = tl.where(strict, -tl.dot(tl.dot(tl.trans(X), dX, input_precision=PREC), tl.trans(X), input_precision=PREC),
+    dA = tl.where(strict, -tl.dot(tl.dot(tl.trans(X).to(DT), dX.to(DT), input_precision=PREC).to(DT), tl.trans(X).to(DT),
+                                  input_precision=PREC),
                   0.0)
     tl.store(dV + tok[:, None] * Dv + rv[None, :], (beta[:, None] * drv).to(dV.dtype.element_ty),
              mask=mt[:, None] & mv[None, :])
@@ -343,8 +355,8 @@ def _prelude_bwd(K, V, Beta, G, R, Xm, U, Wk, S_all, dS_next, dU_o, dWk_o, dKo, 
     dAA = dAA * beta[:, None]                                                   # dA ⊙ A
     dl = tl.reduce(dAA, 1, tl.standard._sum_combine) - tl.reduce(dAA, 0, tl.standard._sum_combine)
     dKK = dAD * beta[:, None]
-    dk = tl.dot(dKK, kf, acc=dk, input_precision=PREC)
-    dk = tl.dot(tl.trans(dKK), kf, acc=dk, input_precision=PREC)
+    dk = tl.dot(dKK.to(DT), kf.to(DT), acc=dk, input_precision=PREC)
+    dk = tl.dot(tl.trans(dKK).to(DT), kf.to(DT), acc=dk, input_precision=PREC)
     dk += tl.load(dKo + cb * Dk + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
     tl.store(dK + tok[:, None] * Dk + rk[None, :], dk.to(dK.dtype.element_ty),
              mask=mt[:, None] & mk[None, :])
@@ -393,6 +405,15 @@ def _meta(Dk: int, Dv: int, C: int, prec: str) -> dict:
 
 def _tuned(kernel: str, meta: dict) -> dict:
     return {**meta, "num_warps": WARPS[kernel]} if kernel in WARPS else meta
+
+
+def _half_bwd_dots(k: Tensor, v: Tensor) -> bool:
+    """HALF_BWD_DOTS for these inputs ("auto": bf16/fp16 with Dk = Dv = 64, see there)."""
+    if k.dtype == torch.float32:
+        return False
+    if HALF_BWD_DOTS == "auto":
+        return k.shape[-1] == v.shape[-1] == 64
+    return bool(HALF_BWD_DOTS)
 
 
 def _s3(x: Tensor) -> tuple[int, int, int]:
@@ -473,7 +494,7 @@ class _FusedDeltaRule(torch.autograd.Function):
         dg = torch.empty(B, T, H, **f32) if g is not None else dbeta
         kern["prelude_bwd"][(N, BH)](k, v, beta, gx, rx, Xm, U, Wk, S_all, dS_next, dU_o, dWk_o, dKo, dGC_o,
                                      dk, dv, dbeta, dg, *_s3(k), *_s3(v), T, H, Dk, Dv, N,
-                                     **_tuned("prelude_bwd", meta))
+                                     LP=_half_bwd_dots(k, v), **_tuned("prelude_bwd", meta))
         return (dq, dk, dv, dbeta.to(beta.dtype), dg.to(g.dtype) if g is not None else None,
                 dS0.view(B, H, Dv, Dk).to(S0_dtype) if S0_dtype is not None else None, None, None, None, None,
                 None)
