@@ -46,3 +46,20 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, *, dtype: torch.dtype = torch
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a freshly allocated buffer with NaN so that reads of unwritten memory show up."""
     return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+def count_launches(module, monkeypatch) -> list:
+    """Patch ``module._interpreted`` (a backend's interpreted kernels, a tuple) so that launches of its first kernel
+    are recorded; returns the list that collects their grids."""
+    launches: list = []
+    real = module._interpreted()
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+    monkeypatch.setattr(module, "_interpreted", lambda: (Spy(real[0]), *real[1:]))
+    return launches

@@ -16,7 +16,7 @@ from memlm.inference.engine import Engine
 from memlm.inference.static import to_static
 from memlm.ops import decode_attention as da
 from memlm.ops import dispatch
-from memlm.ops.testing import assert_close
+from memlm.ops.testing import assert_close, count_launches
 
 pytest.importorskip("triton")
 
@@ -132,17 +132,7 @@ class TestInterpreted:
     def test_static_decode_logits(self, name, monkeypatch):
         """Static decode steps of a tiny model with the Triton backend forced equal those with "sdpa" (full attention
         with rows at different document starts; atlas-mag: a window ring with persistent keys)."""
-        launches = []
-        real = da._interpreted()
-
-        class Spy:
-            def __init__(self, kernel):
-                self.kernel = kernel
-
-            def __getitem__(self, grid):
-                launches.append(grid)
-                return self.kernel[grid]
-        monkeypatch.setattr(da, "_interpreted", lambda: (Spy(real[0]), real[1]))
+        launches = count_launches(da, monkeypatch)
         torch.manual_seed(0)
         model = memlm.build_model(name)
         eng = Engine(model, prefill_chunk=8)

@@ -18,6 +18,7 @@ import torch
 from memlm.inference.sampling import SamplingConfig, fused_sampler, packed_sample
 from memlm.ops import dispatch
 from memlm.ops import sample_kernel as sk
+from memlm.ops.testing import count_launches
 
 pytest.importorskip("triton")
 
@@ -139,17 +140,7 @@ class TestInterpreted:
     def test_dispatch(self, monkeypatch):
         """packed_sample: the torch backend on CPU unless the kernels are asked for by name; with a filter the kernels
         never run (the filtered path), forced or not."""
-        launches = []
-        real = sk._interpreted()
-
-        class Spy:
-            def __init__(self, kernel):
-                self.kernel = kernel
-
-            def __getitem__(self, grid):
-                launches.append(grid)
-                return self.kernel[grid]
-        monkeypatch.setattr(sk, "_interpreted", lambda: (Spy(real[0]), real[1]))
+        launches = count_launches(sk, monkeypatch)
         x = make_logits(3, 300)
         noise = torch.empty(3, 300).exponential_(generator=torch.Generator().manual_seed(0))
         assert dispatch.get("packed_sample", args=(x, None, 0.0)) is sk.packed_sample_torch
