@@ -39,7 +39,8 @@ __all__ = ["AVAILABLE", "packed_sample_torch", "packed_sample_triton", "plan", "
 
 AVAILABLE = triton is not None
 # Aim for about this many split programs (B·NS), with at least one block per program. At B = 1 and V = 16,384 the
-# block floor gives 16 (not measured on a GPU yet: a first guess of two programs per SM of an H100 at larger B·V).
+# block floor gives 16; H100, bf16, graph replay (benchmarks/sample_kernel.py): 3.9 µs at B 1 for V 16K and 50K,
+# 6.3 µs at B 64 — both passes together, against 15–25 µs for the compiled torch form.
 PROGRAMS = 256
 MAX_BLOCK = 1024      # logits per block: 8 a thread at 4 warps (two 16-byte loads of float32, one of bf16)
 MIN_BLOCK = 128       # small vocabularies (tests): one warp (BLOCK / 256 warps, at least one)
