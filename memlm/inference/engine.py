@@ -145,10 +145,10 @@ class Engine:
         switches the engine to static eager decoding with a note."""
         from memlm.inference.cuda_graph import GraphCaptureError, GraphDecoder
 
-        # (the pinned host row of a graph-written sample stays as it is: the graph feeds it back without a copy, and
-        # reading it now would be a host read before the step that writes it has run)
         if self._unmade:   # a caller stopped iterating right at a row's end: its state first, then the buffers
             self._settle()
+        # (the pinned host row of a graph-written sample stays as it is: the graph feeds it back without a copy, and
+        # reading it now would be a host read before the step that writes it has run)
         if not isinstance(tokens, Tensor) or (tokens.device != self.device and not tokens.is_pinned()):
             tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         if self.cuda_graph:
@@ -283,6 +283,11 @@ class RowResult:
         return self._state
 
 
+def _row_state(plain: Callable[[ModelState], ModelState], state: ModelState, i: int) -> ModelState:
+    """Row i of a decoding state as an ordinary one (``plain``: decode_plan's conversion out of static buffers)."""
+    return plain(state.select(i))
+
+
 def _plain(state: ModelState) -> ModelState:
     """Ordinary tensors (inference-mode tensors cannot take part in autograd later, e.g. in training)."""
     return state.clone() if any(t.is_inference() for t in state.state_dict().values()) else state
@@ -390,17 +395,16 @@ class IdGeneration:
         its rows as lists. On CUDA the copy goes to a pinned buffer (one per batch size) behind an event, so work
         launched after this call does not delay the read. A sample already in pinned host memory (the CUDA graph's
         Triton sampler writes it there; cuda_graph._Captured) is read after an event, without a copy."""
-        if not packed.is_cuda:
-            if packed.is_pinned():   # written into host memory by the graph's sampler: wait for the replay, no copy
-                done = torch.cuda.Event()
-                done.record()
-                return lambda: (done.synchronize(), packed.tolist())[1]
+        if not packed.is_cuda and not packed.is_pinned():
             host = packed.clone()
             return host.tolist
-        host = self._pinned.get(packed.shape)
-        if host is None:
-            host = self._pinned[packed.shape] = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        host.copy_(packed, non_blocking=True)
+        if packed.is_cuda:
+            host = self._pinned.get(packed.shape)
+            if host is None:
+                host = self._pinned[packed.shape] = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+        else:   # written into pinned memory by the graph's sampler: only wait for the replay
+            host = packed
         done = torch.cuda.Event()
         done.record()
 
@@ -507,10 +511,9 @@ class IdGeneration:
                     # reaches the caller first; reading .state during the yield makes it then. With no launched
                     # step, it is the state before this token plus the token itself; the one step joining them runs
                     # only when .state is read, so a batch whose last rows just finished needs no further forward pass.
-                    if ahead is not None:  # the launched step has fed this token already
-                        res._make = functools.partial(lambda s, j: plain(s.select(j)), ahead[1], i)
-                    else:
-                        res._make, res._pending = functools.partial(lambda s, j: plain(s.select(j)), state, i), t
+                    # (a launched step has fed this token already)
+                    res._make = functools.partial(_row_state, plain, state if ahead is None else ahead[1], i)
+                    res._pending = t if ahead is None else None
                     eng._unmade.append(res)
             if use_hist:
                 col_ok = torch.tensor([cfg.penalize_prompt or not f for f in is_forced], device=eng.device)
