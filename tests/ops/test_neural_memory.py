@@ -98,6 +98,22 @@ def random_resets(B, T, seed, p=0.04):
 # ------------------------------------------------------------------------------------------------ building blocks
 
 
+@pytest.mark.parametrize("d", [1, 3, 8])
+def test_poly_features_gradient_matches_indexing(d):
+    """φ's hand-written backward (gathers and one-hot matmuls, not autograd of x[..., i]) equals autograd of the plain
+    indexing form, on a non-contiguous input, and is itself differentiable (double backward)."""
+    x = torch.randn(6, 5, d, dtype=torch.float64).transpose(0, 1).requires_grad_()
+    i, j = torch.triu_indices(d, d)
+    s = torch.ones(i.shape, dtype=torch.float64).masked_fill(i == j, 0.5 ** 0.5)
+    plain = torch.cat([x, x[..., i] * x[..., j] * s], dim=-1)
+    assert rel_err(poly_features(x), plain) < 1e-15
+    g = torch.randn_like(plain)
+    got, = torch.autograd.grad(poly_features(x), x, g)
+    want, = torch.autograd.grad(plain, x, g)
+    assert rel_err(got, want) < 1e-14
+    torch.autograd.gradgradcheck(poly_features, (x[:2, :2].detach().requires_grad_(),))
+
+
 def test_poly_features_kernel():
     a, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
     pa, pb = poly_features(a), poly_features(b)

@@ -102,3 +102,22 @@ def test_atlas_mag_small_model_two_layers():
     assert ggot.keys() == gwant.keys()
     for n in gwant:
         assert rel_err(ggot[n], gwant[n]) <= max(1e-5, NOISE * rel_err(gb[n], gwant[n])), n
+
+
+def test_poly_features_on_cuda_match_torch_form(monkeypatch):
+    """φ on float32 CUDA tensors (Triton kernels) against its torch form, forward and backward, training shapes."""
+    from memlm.ops.neural_memory import common
+    x = torch.randn(4, 8, 333, 32, device=DEVICE)
+    g = torch.randn(4, 8, 333, 32 + 528, device=DEVICE)
+
+    def fb():
+        xr = x.clone().requires_grad_()
+        y = common.poly_features(xr)
+        return y, torch.autograd.grad(y, xr, g)[0]
+
+    y, dx = fb()
+    monkeypatch.setattr(common, "POLY_TRITON", False)
+    y0, dx0 = fb()
+    assert torch.equal(y, y0)
+    assert rel_err(dx, dx0) < 1e-6
+

@@ -189,3 +189,20 @@ def test_dispatch_opt_in_and_errors(monkeypatch):
         dispatch.get("neural_memory", "triton", args=args, kwargs=kw)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         triton_memory.neural_memory(*args, **kw)
+
+
+@pytest.mark.parametrize("d", [1, 5, 32])
+def test_poly_kernels_match_torch(d):
+    """The feature map's Triton kernels (forward, backward) against common._Poly's torch form, rows not a multiple
+    of the row block."""
+    from memlm.ops.neural_memory.common import POLY_TRITON, poly_features  # the torch form on CPU tensors
+    assert POLY_TRITON
+    torch.manual_seed(d)
+    x = torch.randn(3, 13, d)
+    want = poly_features(x)
+    assert torch.equal(triton_memory.poly_forward(x), want)
+    g = torch.randn_like(want)
+    xr = x.clone().requires_grad_()
+    gwant, = torch.autograd.grad(poly_features(xr), xr, g)
+    assert rel_err(triton_memory.poly_backward(x, g), gwant) < 1e-6
+

@@ -9,6 +9,7 @@ Notation:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -81,10 +82,76 @@ def poly_features(x: Tensor) -> Tensor:
     x [..., D] -> [..., D + D(D+1)/2]. The scaling makes φ(a)·φ(b) = a·b + (a·b)²/2, the first two terms of
     exp(a·b) − 1, so the quadratic part neither dominates nor vanishes for unit-norm keys.
     """
-    d = x.shape[-1]
-    i, j = torch.triu_indices(d, d, device=x.device)
-    scale = torch.ones(i.shape, dtype=x.dtype, device=x.device).masked_fill(i == j, 1.0 / math.sqrt(2.0))
-    return torch.cat([x, x[..., i] * x[..., j] * scale], dim=-1)
+    return _Poly.apply(x)
+
+
+class _PolyMaps(NamedTuple):
+    """Index maps of φ for width d (P = d(d+1)/2): i, j, s [P] the upper triangle and its scale (s float64, cast at use);
+    Oi, Oj [P, d] float32 one-hot rows of i and j (products with them are exact, so a float32 matmul sums without
+    rounding the terms); pos [d, d] the entry of u that (m, n) or (n, m) is, gs [d, d] ∂u_pos/∂(x_m x_n) counted for
+    both factors (1 off the diagonal, 2/√2 on it; float64) — the Triton backward's form."""
+
+    i: Tensor
+    j: Tensor
+    s: Tensor
+    Oi: Tensor
+    Oj: Tensor
+    pos: Tensor
+    gs: Tensor
+
+
+@functools.cache
+def _poly_maps(d: int, device: torch.device) -> _PolyMaps:
+    i, j = torch.triu_indices(d, d, device=device)
+    s = torch.ones(i.shape, dtype=torch.float64, device=device).masked_fill(i == j, 1.0 / math.sqrt(2.0))
+    eye = torch.eye(d, device=device)
+    pos = torch.empty(d, d, dtype=torch.long, device=device)
+    pos[i, j] = pos[j, i] = torch.arange(i.numel(), device=device)
+    gs = torch.ones(d, d, dtype=torch.float64, device=device).fill_diagonal_(math.sqrt(2.0))
+    return _PolyMaps(i, j, s, eye[i], eye[j], pos, gs)
+
+
+# φ on float32 CUDA tensors runs as two Triton kernels (triton_memory.poly_forward / poly_backward): the torch form
+# below writes and re-reads [rows, P] temporaries several times (8 ms per layer's forward + backward at
+# atlas-mag-small's training shapes on an H100). False: always the torch form (the reference the kernels are tested on).
+POLY_TRITON = True
+
+
+def _poly_triton(x: Tensor) -> bool:
+    if not (POLY_TRITON and x.is_cuda):
+        return False
+    from . import triton_memory
+    return triton_memory.poly_supports(x)
+
+
+class _Poly(torch.autograd.Function):
+    """φ(x) with a backward of gathers and matmuls. Autograd of ``x[..., i]`` accumulates through a sorting index_put
+    (its indices repeat), which took 14 ms per call at atlas-mag-small's training shapes on an H100 — half of the whole
+    memory op. Here, with g = s ⊙ ∂L/∂u: ∂L/∂x = ∂L/∂x_lin + (g ⊙ x_j) Oi + (g ⊙ x_i) Oj (on the diagonal both terms
+    add s x_i: ∂(s x_i²) = 2 s x_i). Half inputs are summed in float32."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        if _poly_triton(x):
+            from .triton_memory import poly_forward
+            return poly_forward(x)
+        m = _poly_maps(x.shape[-1], x.device)
+        return torch.cat([x, x[..., m.i] * x[..., m.j] * m.s.to(x.dtype)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        if _poly_triton(x) and g.dtype == torch.float32 and not torch.is_grad_enabled():
+            from .triton_memory import poly_backward
+            return poly_backward(x, g)
+        d = x.shape[-1]
+        m = _poly_maps(d, x.device)
+        dt = torch.promote_types(g.dtype, torch.float32)
+        xf = x.to(dt)
+        gu = g[..., d:].to(dt) * m.s.to(dt)
+        dx = g[..., :d].to(dt) + (gu * xf[..., m.j]) @ m.Oi.to(dt) + (gu * xf[..., m.i]) @ m.Oj.to(dt)
+        return dx.to(x.dtype)
 
 
 def features(x: Tensor, poly: bool) -> Tensor:

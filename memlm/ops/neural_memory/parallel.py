@@ -145,10 +145,10 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: 
     W1i = W2i = None
     if W1_init is not None:
         W1i, W2i = W1_init.to(dt).expand(B, *W1_init.shape), W2_init.to(dt).expand(B, *W2_init.shape)
-    qd = q.to(dt)
+    qd = _bh(q.to(dt))   # features after the transpose: moving F-wide rows would copy F/Dk times the bytes
     reset = torch.zeros(B, T, dtype=torch.bool, device=q.device) if reset is None else reset
     return Prelude(c, chunk_size, dt, q.dtype, residual, poly, W1.to(dt), W2.to(dt), S1.to(dt), S2.to(dt), W1i, W2i,
-                   _bh(features(qd, poly)), _bh(qd) if residual else None, reset, pending)
+                   features(qd, poly), qd if residual else None, reset, pending)
 
 
 def read_only(pre: Prelude) -> tuple[Tensor, NeuralMemoryState]:
@@ -173,8 +173,9 @@ def stream(pre: Prelude, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta
     n_full, n_chunks = L // C, -(-L // C)
     any_reset = maybe_any(rs)  # compiled: the general (reset-masked) path, which equals the plain one without resets
     after, valid, has = _reset_masks(rs, n_chunks, C) if any_reset else (None, None, None)
-    return Stream(p, L, n_full, n_chunks, ks, vs, gs, es, ts, als, rs, _bh(features(ks, pre.poly)),
-                  _bh(ks) if pre.residual else None, _bh(vs), _bh(gs), _bh(es), _bh(ts), _bh(als), any_reset,
+    kb = _bh(ks)
+    return Stream(p, L, n_full, n_chunks, ks, vs, gs, es, ts, als, rs, features(kb, pre.poly),
+                  kb if pre.residual else None, _bh(vs), _bh(gs), _bh(es), _bh(ts), _bh(als), any_reset,
                   after, valid, has)
 
 

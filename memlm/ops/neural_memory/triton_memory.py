@@ -93,10 +93,11 @@ def supports(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta:
 def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
               j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
               HAS_XR: tl.constexpr, MUON: tl.constexpr,
-              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
+              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr, LP: tl.constexpr):
     """Grid (B·H,). Writes S_{j+1} into slot i + 1 of S1s/S2s and W_{j+1} (MUON: only (1 − α) Ws; _ns5_fwd adds
     NS5(S_{j+1})) into slot i + 1 of W1s/W2s."""
     bh = tl.program_id(0).to(tl.int64)
+    DT: tl.constexpr = tl.bfloat16 if LP else tl.float32
     b = bh // H
     h = bh % H
     rc = tl.arange(0, BC)
@@ -127,30 +128,30 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         mf = cf < F
         x = tl.load(X + rows[:, None] * F + cf[None, :], mask=mc[:, None] & mf[None, :], other=0.0)
         w1 = tl.load(src1 + re[:, None] * F + cf[None, :], mask=me[:, None] & mf[None, :], other=0.0)
-        z += tl.dot(x, tl.trans(w1), input_precision=PREC)
+        z += tl.dot(x.to(DT), tl.trans(w1).to(DT), input_precision=PREC)
     cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
     a = z * cdf                                                              # gelu(Z)
     h1 = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327                # gelu'(Z)
     w2 = tl.load(src2 + off2, mask=m_ve, other=0.0)                          # [BV, BE]
-    y = tl.dot(a, tl.trans(w2), input_precision=PREC)                        # [BC, BV]
+    y = tl.dot(a.to(DT), tl.trans(w2).to(DT), input_precision=PREC)                        # [BC, BV]
     if HAS_XR:
         y += tl.load(XR + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0)
     r = 2.0 * w[:, None] * (y - tl.load(V + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0))
-    g2 = tl.dot(tl.trans(r), a, input_precision=PREC)                        # G2 [BV, BE]
+    g2 = tl.dot(tl.trans(r).to(DT), a.to(DT), input_precision=PREC)                        # G2 [BV, BE]
     s2 = eta * keep * tl.load(S2s + cur * Dv * E + off2, mask=m_ve, other=0.0) - theta * g2
     tl.store(S2s + (cur + 1) * Dv * E + off2, s2, mask=m_ve)
     w2n = (1.0 - alpha) * w2
     if not MUON:
         w2n += s2
     tl.store(W2s + (cur + 1) * Dv * E + off2, w2n, mask=m_ve)
-    dz = tl.dot(r, w2, input_precision=PREC) * h1                           # ∂L/∂Z [BC, BE]
+    dz = tl.dot(r.to(DT), w2.to(DT), input_precision=PREC) * h1                           # ∂L/∂Z [BC, BE]
     for fi in range(NF):                                                     # G1 = dZᵀ X, and the step, per F tile
         cf = fi * BF + rf
         mf = cf < F
         m_ef = me[:, None] & mf[None, :]
         off1 = re[:, None] * F + cf[None, :]
         x = tl.load(X + rows[:, None] * F + cf[None, :], mask=mc[:, None] & mf[None, :], other=0.0)
-        g1 = tl.dot(tl.trans(dz), x, input_precision=PREC)                   # [BE, BF]
+        g1 = tl.dot(tl.trans(dz).to(DT), x.to(DT), input_precision=PREC)                   # [BE, BF]
         s1 = eta * keep * tl.load(S1s + cur * E * F + off1, mask=m_ef, other=0.0) - theta * g1
         tl.store(S1s + (cur + 1) * E * F + off1, s1, mask=m_ef)
         w1n = (1.0 - alpha) * tl.load(src1 + off1, mask=m_ef, other=0.0)
@@ -163,12 +164,13 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
               gW1, gW2, gS1, gS2, R1, R2, dX, dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
               j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
               HAS_XR: tl.constexpr, MUON: tl.constexpr,
-              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
+              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr, LP: tl.constexpr):
     """Grid (B·H,). On entry gW, gS hold ∂L/∂W_{j+1}, ∂L/∂S_{j+1} (MUON: gS already includes the Newton–Schulz
     path, added by _ns5_bwd); on exit ∂L/∂W_j (plus R's slot i, the reads' gradient), ∂L/∂S_j. Writes the window
     rows of dX, dXR, dV and dWg, dEta, dTheta, dAlpha of chunk j; rows with a reset add ∂L/∂Ws to dW1i/dW2i
     [B·H, ...] and pass nothing to (W_j, S_j) through the write."""
     bh = tl.program_id(0).to(tl.int64)
+    DT: tl.constexpr = tl.bfloat16 if LP else tl.float32
     b = bh // H
     h = bh % H
     rc = tl.arange(0, BC)
@@ -209,8 +211,8 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         gs = tl.load(gS1 + bh * E * F + off1, mask=m_ef, other=0.0)
         if not MUON:
             gs += gw                                                         # U = identity: W_{j+1} ∋ S_{j+1}
-        z += tl.dot(x, tl.trans(w1), input_precision=PREC)
-        q += tl.dot(x, tl.trans(gs), input_precision=PREC)
+        z += tl.dot(x.to(DT), tl.trans(w1).to(DT), input_precision=PREC)
+        q += tl.dot(x.to(DT), tl.trans(gs).to(DT), input_precision=PREC)
         acc_eta += keep * tl.load(S1s + cur * E * F + off1, mask=m_ef, other=0.0) * gs
         acc_alpha += w1 * gw
     cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
@@ -223,14 +225,14 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     if not MUON:
         gs2 += gw2
     s2 = keep * tl.load(S2s + cur * Dv * E + off2, mask=m_ve, other=0.0)
-    y = tl.dot(a, tl.trans(w2), input_precision=PREC)
+    y = tl.dot(a.to(DT), tl.trans(w2).to(DT), input_precision=PREC)
     if HAS_XR:
         y += tl.load(XR + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0)
     diff = y - tl.load(V + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0)
     r = 2.0 * w[:, None] * diff
-    u = tl.dot(r, w2, input_precision=PREC)                                  # R W2 [BC, BE]
+    u = tl.dot(r.to(DT), w2.to(DT), input_precision=PREC)                                  # R W2 [BC, BE]
     dz = u * h1
-    g2 = tl.dot(tl.trans(r), a, input_precision=PREC)
+    g2 = tl.dot(tl.trans(r).to(DT), a.to(DT), input_precision=PREC)
     # Σ G1 ⊙ gS1 = Σ dZ ⊙ Q; the W1/S1 sums were accumulated as tiles in pass 1
     d_theta = -(tl.reduce(dz * q, None, tl.standard._sum_combine)
                 + tl.reduce(g2 * gs2, None, tl.standard._sum_combine))
@@ -242,19 +244,19 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     # R = 2 w (Y − V), Y = [XR] + A W2ᵀ, A = gelu(Z)
     ddz = -theta * q                                                         # ∂/∂dZ
     dg2 = -theta * gs2
-    dr = tl.dot(a, tl.trans(dg2), input_precision=PREC)                      # [BC, BV]
-    da = tl.dot(r, dg2, input_precision=PREC)                                # [BC, BE]
+    dr = tl.dot(a.to(DT), tl.trans(dg2).to(DT), input_precision=PREC)                      # [BC, BV]
+    da = tl.dot(r.to(DT), dg2.to(DT), input_precision=PREC)                                # [BC, BE]
     du = ddz * h1
     dzt = ddz * u * pdf * (2.0 - z * z)                                      # through gelu''(Z) = φ(Z)(2 − Z²)
-    dr += tl.dot(du, tl.trans(w2), input_precision=PREC)
-    dw2 = tl.dot(tl.trans(r), du, input_precision=PREC)                      # [BV, BE]
+    dr += tl.dot(du.to(DT), tl.trans(w2).to(DT), input_precision=PREC)
+    dw2 = tl.dot(tl.trans(r).to(DT), du.to(DT), input_precision=PREC)                      # [BV, BE]
     dy = 2.0 * w[:, None] * dr
     tl.store(dWg + gi * c + rc, 2.0 * tl.reduce(diff * dr, 1, tl.standard._sum_combine), mask=mc)
     tl.store(dV + rows[:, None] * Dv + rv[None, :], -dy, mask=m_cv)
     if HAS_XR:
         tl.store(dXR + rows[:, None] * Dv + rv[None, :], dy, mask=m_cv)
-    da += tl.dot(dy, w2, input_precision=PREC)
-    dw2 += tl.dot(tl.trans(dy), a, input_precision=PREC)
+    da += tl.dot(dy.to(DT), w2.to(DT), input_precision=PREC)
+    dw2 += tl.dot(tl.trans(dy).to(DT), a.to(DT), input_precision=PREC)
     dzt += da * h1                                                           # ∂L/∂Z in total
     tl.store(dEta + gi, d_eta)
     tl.store(dTheta + gi, d_theta)
@@ -280,9 +282,9 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         gs = tl.load(gS1 + bh * E * F + off1, mask=m_ef, other=0.0)
         if not MUON:
             gs += gw
-        dx = tl.dot(dzt, w1, input_precision=PREC) - theta * tl.dot(dz, gs, input_precision=PREC)
+        dx = tl.dot(dzt.to(DT), w1.to(DT), input_precision=PREC) - theta * tl.dot(dz.to(DT), gs.to(DT), input_precision=PREC)
         tl.store(dX + rows[:, None] * F + cf[None, :], dx, mask=m_cf)
-        dws1 = (1.0 - alpha) * gw + tl.dot(tl.trans(dzt), x, input_precision=PREC)
+        dws1 = (1.0 - alpha) * gw + tl.dot(tl.trans(dzt).to(DT), x.to(DT), input_precision=PREC)
         rd1 = tl.load(R1 + cur * E * F + off1, mask=m_ef, other=0.0)
         # every thread has read this tile of gW1, gS1 before any overwrites it (the store may use another layout)
         tl.debug_barrier()
@@ -295,10 +297,11 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
 
 def _ns5_fwd(S, Out, Xs, s_bh, o_bh, sr, sc, M, N, NT, EPS2,
              A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, LP: tl.constexpr):
     """Grid (B·H,). Out += NS5(S) for one matrix per program, seen as [M, N] (M ≤ N) through strides (sr, sc)
     (a tall matrix is passed transposed); S at S + bh·s_bh, Out at Out + bh·o_bh, scratch Xs [B·H, M, N]."""
     bh = tl.program_id(0).to(tl.int64)
+    DT: tl.constexpr = tl.bfloat16 if LP else tl.float32
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     mm = rm < M
@@ -321,15 +324,15 @@ def _ns5_fwd(S, Out, Xs, s_bh, o_bh, sr, sc, M, N, NT, EPS2,
             cn = t * BN + rn
             m = mm[:, None] & (cn < N)[None, :]
             x = tl.load(Xs + bh * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
-            g += tl.dot(x, tl.trans(x), input_precision=PREC)
-        p = B_ * g + C_ * tl.dot(g, g, input_precision=PREC)
+            g += tl.dot(x.to(DT), tl.trans(x).to(DT), input_precision=PREC)
+        p = B_ * g + C_ * tl.dot(g.to(DT), g.to(DT), input_precision=PREC)
         tl.debug_barrier()
         for t in range(NT):
             cn = t * BN + rn
             m = mm[:, None] & (cn < N)[None, :]
             ptr = Xs + bh * M * N + rm[:, None] * N + cn[None, :]
             x = tl.load(ptr, mask=m, other=0.0)
-            tl.store(ptr, A_ * x + tl.dot(p, x, input_precision=PREC), mask=m)
+            tl.store(ptr, A_ * x + tl.dot(p.to(DT), x.to(DT), input_precision=PREC), mask=m)
     tl.debug_barrier()
     for t in range(NT):
         cn = t * BN + rn
@@ -341,12 +344,13 @@ def _ns5_fwd(S, Out, Xs, s_bh, o_bh, sr, sc, M, N, NT, EPS2,
 
 def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
              A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, LP: tl.constexpr):
     """Grid (B·H,). dS += (∂NS5/∂S)ᵀ dOut for one matrix per program (layout as _ns5_fwd; dOut, dS at bh·g_bh).
     Recomputes the iterates X_0 … X_{STEPS−1} into Xs [B·H, STEPS, M, N], walks them back with dY [B·H, M, N]:
     Y = a X + P X, P = b G + c G², G = X Xᵀ  =>  dX = a dY + P dY + (dG + dGᵀ) X, dG = b dP + c (dP G + G dP),
     dP = dY Xᵀ; finally X_0 = S / n, n = sqrt(‖S‖² + ε²)  =>  dS = dX_0 / n − ⟨dX_0, S⟩ S / n³."""
     bh = tl.program_id(0).to(tl.int64)
+    DT: tl.constexpr = tl.bfloat16 if LP else tl.float32
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     mm = rm < M
@@ -373,14 +377,14 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
             cn = t * BN + rn
             m = mm[:, None] & (cn < N)[None, :]
             x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
-            g += tl.dot(x, tl.trans(x), input_precision=PREC)
-        p = B_ * g + C_ * tl.dot(g, g, input_precision=PREC)
+            g += tl.dot(x.to(DT), tl.trans(x).to(DT), input_precision=PREC)
+        p = B_ * g + C_ * tl.dot(g.to(DT), g.to(DT), input_precision=PREC)
         for t in range(NT):
             cn = t * BN + rn
             m = mm[:, None] & (cn < N)[None, :]
             x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
             tl.store(xb + (it + 1) * M * N + rm[:, None] * N + cn[None, :],
-                     A_ * x + tl.dot(p, x, input_precision=PREC), mask=m)
+                     A_ * x + tl.dot(p.to(DT), x.to(DT), input_precision=PREC), mask=m)
     for k in range(STEPS):
         it = STEPS - 1 - k
         tl.debug_barrier()
@@ -391,10 +395,11 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
             m = mm[:, None] & (cn < N)[None, :]
             x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
             dy = tl.load(yb + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
-            g += tl.dot(x, tl.trans(x), input_precision=PREC)
-            dp += tl.dot(dy, tl.trans(x), input_precision=PREC)
-        p = B_ * g + C_ * tl.dot(g, g, input_precision=PREC)
-        dg = B_ * dp + C_ * (tl.dot(dp, g, input_precision=PREC) + tl.dot(g, dp, input_precision=PREC))
+            g += tl.dot(x.to(DT), tl.trans(x).to(DT), input_precision=PREC)
+            dp += tl.dot(dy.to(DT), tl.trans(x).to(DT), input_precision=PREC)
+        p = B_ * g + C_ * tl.dot(g.to(DT), g.to(DT), input_precision=PREC)
+        dg = B_ * dp + C_ * (tl.dot(dp.to(DT), g.to(DT), input_precision=PREC)
+                             + tl.dot(g.to(DT), dp.to(DT), input_precision=PREC))
         dgs = dg + tl.trans(dg)
         tl.debug_barrier()
         for t in range(NT):
@@ -402,7 +407,8 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
             m = mm[:, None] & (cn < N)[None, :]
             x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
             dy = tl.load(yb + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
-            dy = A_ * dy + tl.dot(p, dy, input_precision=PREC) + tl.dot(dgs, x, input_precision=PREC)
+            dy = (A_ * dy + tl.dot(p.to(DT), dy.to(DT), input_precision=PREC)
+                  + tl.dot(dgs.to(DT), x.to(DT), input_precision=PREC))
             tl.store(yb + rm[:, None] * N + cn[None, :], dy, mask=m)
     tl.debug_barrier()
     acc = tl.full([BM, BN], 0.0, tl.float32)
@@ -421,9 +427,46 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
         tl.store(pd, tl.load(pd, mask=m, other=0.0) + scale * dy - scale * scale * scale * inner * s, mask=m)
 
 
+def _poly_fwd(X, Out, I, J, S, R, D, P, NP, BR: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr):
+    """Grid (cdiv(R, BR),). Out [R, D + P] = [x, x_i x_j s] for rows x of X [R, D] (common.poly_features)."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rd = tl.arange(0, BD)
+    mr = r < R
+    m = mr[:, None] & (rd < D)[None, :]
+    tl.store(Out + r[:, None] * (D + P) + rd[None, :], tl.load(X + r[:, None] * D + rd[None, :], mask=m), mask=m)
+    for t in range(NP):
+        cp = t * BP + tl.arange(0, BP)
+        mp = cp < P
+        i = tl.load(I + cp, mask=mp, other=0)
+        j = tl.load(J + cp, mask=mp, other=0)
+        s = tl.load(S + cp, mask=mp, other=0.0)
+        m2 = mr[:, None] & mp[None, :]
+        xi = tl.load(X + r[:, None] * D + i[None, :], mask=m2, other=0.0)
+        xj = tl.load(X + r[:, None] * D + j[None, :], mask=m2, other=0.0)
+        tl.store(Out + r[:, None] * (D + P) + D + cp[None, :], xi * xj * s[None, :], mask=m2)
+
+
+def _poly_bwd(X, G, DX, POS, GS, R, D, P, BR: tl.constexpr, BD: tl.constexpr):
+    """Grid (cdiv(R, BR),). DX [R, D] = G[:, :D] + Σ_n (G[:, D + pos] ⊙ gs)[:, m, n] x_n (common._Poly.backward)."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rd = tl.arange(0, BD)
+    mr, md = r < R, rd < D
+    m = mr[:, None] & md[None, :]
+    x = tl.load(X + r[:, None] * D + rd[None, :], mask=m, other=0.0)
+    mdd = md[:, None] & md[None, :]
+    pos = tl.load(POS + rd[:, None] * D + rd[None, :], mask=mdd, other=0)
+    gs = tl.load(GS + rd[:, None] * D + rd[None, :], mask=mdd, other=0.0)
+    m3 = mr[:, None, None] & mdd[None, :, :]
+    g = tl.load(G + r[:, None, None] * (D + P) + D + pos[None, :, :], mask=m3, other=0.0)        # [BR, BD, BD]
+    dx = tl.load(G + r[:, None] * (D + P) + rd[None, :], mask=m, other=0.0)
+    dx += tl.reduce(g * gs[None, :, :] * x[:, None, :], 2, tl.standard._sum_combine)
+    tl.store(DX + r[:, None] * D + rd[None, :], dx, mask=m)
+
+
 def _build(interpret: bool) -> dict:
-    """The four kernels, compiled for the GPU or wrapped for the interpreter (CPU tensors)."""
-    fns = {"step_fwd": _step_fwd, "step_bwd": _step_bwd, "ns5_fwd": _ns5_fwd, "ns5_bwd": _ns5_bwd}
+    """The kernels, compiled for the GPU or wrapped for the interpreter (CPU tensors)."""
+    fns = {"step_fwd": _step_fwd, "step_bwd": _step_bwd, "ns5_fwd": _ns5_fwd, "ns5_bwd": _ns5_bwd,
+           "poly_fwd": _poly_fwd, "poly_bwd": _poly_bwd}
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
         return {n: InterpretedFunction(f) for n, f in fns.items()}
@@ -440,9 +483,45 @@ _interpreted = functools.cache(lambda: _build(True))
 
 
 def _kernels(interpret: bool):
-    """The four kernels by name, for CPU tensors (interpreter) or CUDA tensors."""
+    """The kernels by name, for CPU tensors (interpreter) or CUDA tensors."""
     return _interpreted() if interpret else _JIT
 
+
+
+def poly_supports(x: Tensor) -> bool:
+    """The Triton feature map takes float32 tensors on CUDA (or CPU under TRITON_INTERPRET=1) with Dk ≤ 64."""
+    return (AVAILABLE and x.dtype == torch.float32 and x.shape[-1] <= 64
+            and (x.is_cuda or (x.device.type == "cpu" and interpreting())))
+
+
+def poly_forward(x: Tensor) -> Tensor:
+    """common.poly_features' forward as one kernel: x [..., D] float32 -> [..., D + D(D+1)/2]."""
+    from .common import _poly_maps
+    D = x.shape[-1]
+    m = _poly_maps(D, x.device)
+    P = m.i.numel()
+    xf = x.reshape(-1, D).contiguous()
+    out = torch.empty(*x.shape[:-1], D + P, device=x.device, dtype=x.dtype)
+    R, interpret = xf.shape[0], x.device.type == "cpu"
+    BR, BP = 32, 128
+    _kernels(interpret)["poly_fwd"][(triton.cdiv(R, BR),)](
+        xf, out, m.i, m.j, m.s.to(x.dtype), R, D, P, _count(triton.cdiv(P, BP), interpret),
+        BR=BR, BD=_pow2(D), BP=BP, num_warps=4)
+    return out
+
+
+def poly_backward(x: Tensor, g: Tensor) -> Tensor:
+    """common._Poly's backward as one kernel: x [..., D], g [..., D + P] float32 -> ∂L/∂x [..., D]."""
+    from .common import _poly_maps
+    D = x.shape[-1]
+    m = _poly_maps(D, x.device)
+    xf, gf = x.reshape(-1, D).contiguous(), g.reshape(-1, g.shape[-1]).contiguous()
+    dx = torch.empty_like(xf)
+    R, interpret = xf.shape[0], x.device.type == "cpu"
+    BR = 8
+    _kernels(interpret)["poly_bwd"][(triton.cdiv(R, BR),)](
+        xf, gf, dx, m.pos, m.gs.to(x.dtype), R, D, gf.shape[-1] - D, BR=BR, BD=_pow2(D), num_warps=4)
+    return dx.view(x.shape)
 
 
 def _empty(like: Tensor, *shape: int) -> Tensor:
@@ -459,12 +538,36 @@ def _pow2(n: int) -> int:
 # the registers, so the backward spills (~5 KB a thread at 16 warps, ~9 KB at 8); narrower F tiles and more warps
 # spill less and compile faster (10 s instead of 18–30 s). TF32×3 dots spill far less (tensor-core operands).
 
-def _step_config(c: int, E: int, Dv: int, F: int, backward: bool) -> dict:
+# With TF32 dots (bf16 training) the tensor-core operands spill far less: on the H100 at atlas-mag-small's training
+# shapes (B 16, T 2048) the op's forward took 15.0 ms with the IEEE tiles and 13.2 with 64-column tiles at 4 warps,
+# forward + backward 45.3 ms and 40.5 with 32-column backward tiles at 4 warps (the best of 16/32/64 × 4/8/16).
+
+def _step_config(c: int, E: int, Dv: int, F: int, backward: bool, prec: str = "ieee") -> dict:
     BC, BE, BV = _pow2(c), _pow2(E), _pow2(Dv)
+    over = STEP_CONFIG.get("bwd" if backward else "fwd", {})
     if BC * BE < 64 * 64:
-        return {"BC": BC, "BE": BE, "BV": BV, "BF": min(64, _pow2(F)), "num_warps": 4}
-    return {"BC": BC, "BE": BE, "BV": BV, "BF": min(16 if backward else 32, _pow2(F)),
-            "num_warps": 16 if backward else 8}
+        return {"BC": BC, "BE": BE, "BV": BV, "BF": min(64, _pow2(F)), "num_warps": 4, **over}
+    if prec == "ieee":
+        BF, warps = (16, 16) if backward else (32, 8)
+    else:
+        BF, warps = (32, 4) if backward else (64, 4)
+    return {"BC": BC, "BE": BE, "BV": BV, "BF": min(BF, _pow2(F)), "num_warps": warps, **over}
+
+
+# bf16 dot operands (float32 accumulation and state) when the op's inputs are bf16/fp16, per kernel family: "step"
+# (_step_fwd/_step_bwd) and "ns5" (_ns5_fwd/_ns5_bwd). Newton–Schulz error against float64 (emulated, 64×560 momenta
+# of ranks 3–64): 4e-3–1.8e-2, against TF32's 5e-4–2e-3 and the chunked form's under bf16 autocast (what bf16 training
+# without these kernels computes: bf16 iterates) 4.8e-2–1.5. MEMLM_NM_HALF_DOTS="step,ns5" (or "" for none) overrides.
+HALF_DOTS: tuple[str, ...] = ()
+NS5_CONFIG: dict = {}    # launch overrides {"BN": ..., "num_warps": ...} (benchmarks)
+STEP_CONFIG: dict = {}   # launch overrides {"fwd": {...}, "bwd": {...}} (benchmarks)
+
+
+def half_dots(kind: str, half: bool, interpret: bool = False) -> bool:
+    """bf16 operands for this kernel family's dots? Never in the interpreter: Triton 3.6's interpreter multiplies the
+    bf16 bit patterns as integers in tl.dot, so interpreter runs keep float32 operands (the GPU tests cover bf16)."""
+    env = os.environ.get("MEMLM_NM_HALF_DOTS")
+    return half and not interpret and kind in (HALF_DOTS if env is None else env.split(","))
 
 
 class _NS5:
@@ -474,14 +577,16 @@ class _NS5:
         self.M, self.N = min(rows, cols), max(rows, cols)
         self.sr, self.sc = (cols, 1) if rows <= cols else (1, cols)          # a tall matrix is read transposed
         BM = _pow2(self.M)
-        BN = 16        # narrow column tiles: the [BM, BM] Gram-side matrices already fill the registers
-        self.cfg = {"BM": BM, "BN": BN, "num_warps": 8 if BM >= 64 else 4}
-        self.NT = triton.cdiv(self.N, BN)
+        # H100, 128 programs of 64×560, TF32 / bf16 dots (fwd, bwd µs): BN 16 and 8 warps 204/607, 175/458; BN 64 and
+        # 4 warps 145/419, 117/288 (the best of BN 16/32/64 × 4/8 warps). 128 rows: narrow tiles, unmeasured.
+        cfg = {"BN": 64, "num_warps": 4} if BM <= 64 else {"BN": 16, "num_warps": 8}
+        self.cfg = {"BM": BM, **cfg, **NS5_CONFIG}
+        self.NT = triton.cdiv(self.N, self.cfg["BN"])
         self.BH, self.device = BH, device
 
-    def consts(self, prec: str) -> dict:
+    def consts(self, prec: str, lp: bool = False) -> dict:
         a, b, c = NS5_COEFFS
-        return {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "PREC": prec, **self.cfg}
+        return {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "PREC": prec, "LP": lp, **self.cfg}
 
 
 class _Scan(torch.autograd.Function):
@@ -504,9 +609,9 @@ class _Scan(torch.autograd.Function):
         W1all, S1all = (_empty(X, B, H, K1, E, F) for _ in range(2))
         W2all, S2all = (_empty(X, B, H, K1, Dv, E) for _ in range(2))
         W1all[:, :, 0], W2all[:, :, 0], S1all[:, :, 0], S2all[:, :, 0] = W1, W2, S1, S2
-        cfg = _step_config(c, E, Dv, F, backward=False)
-        prec = precision(half)
-        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
+        prec, lp = precision(half), half_dots("ns5", half, interpret)
+        cfg = _step_config(c, E, Dv, F, backward=False, prec=prec)
+        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec, "LP": half_dots("step", half, interpret)}
         if muon:
             ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
             scratch = [_empty(X, BH, g.M * g.N) for g in ns]
@@ -519,7 +624,7 @@ class _Scan(torch.autograd.Function):
                 for g, Sa, Wa, xs in zip(ns, (S1all, S2all), (W1all, W2all), scratch):
                     s, o = Sa[:, :, i + 1], Wa[:, :, i + 1]
                     kern["ns5_fwd"][(BH,)](s, o, xs, s.stride(1), o.stride(1), g.sr, g.sc, g.M, g.N,
-                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts(prec))
+                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts(prec, lp))
         ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has)
         ctx.meta = (j0, j1, C, muon, half)
         return W1all, W2all, S1all[:, :, -1].clone(), S2all[:, :, -1].clone()
@@ -541,9 +646,9 @@ class _Scan(torch.autograd.Function):
         dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
         # rows with a reset in chunk j send the write's ∂L/∂Ws here (summed over rows at the end)
         dW1i, dW2i = X.new_zeros(B, H, E, F), X.new_zeros(B, H, Dv, E)
-        cfg = _step_config(c, E, Dv, F, backward=True)
-        prec = precision(half)
-        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
+        prec, lp = precision(half), half_dots("ns5", half, interpret)
+        cfg = _step_config(c, E, Dv, F, backward=True, prec=prec)
+        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec, "LP": half_dots("step", half, interpret)}
         if muon:
             ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
             scratch = [(_empty(X, BH, NS5_STEPS, g.M * g.N), _empty(X, BH, g.M * g.N)) for g in ns]
@@ -552,7 +657,7 @@ class _Scan(torch.autograd.Function):
                 for g, Sa, gw, gs, (xs, dy) in zip(ns, (S1all, S2all), (gW1, gW2), (gS1, gS2), scratch):
                     s = Sa[:, :, i + 1]
                     kern["ns5_bwd"][(BH,)](s, gw, gs, xs, dy, s.stride(1), gw.stride(1), g.sr, g.sc, g.M, g.N,
-                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts(prec))
+                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts(prec, lp))
             kern["step_bwd"][(BH,)](
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
