@@ -8,6 +8,7 @@ output and of every input gradient against the chunked backend on the same input
     python benchmarks/memory_kernels.py --precision ieee tf32x3      # also the TF32×3 tensor-core dots
     python benchmarks/memory_kernels.py --tiny                       # CPU smoke test through the Triton interpreter
     python benchmarks/memory_kernels.py --precompile                 # fill Triton's cache, one process per kernel
+    python benchmarks/memory_kernels.py --ops neural_memory --half --profile   # kernel times of one fwd + bwd
 
 --precompile compiles every kernel variant the presets (and tests/ops/test_*_triton.py) use in parallel processes
 — one kernel each, the others replaced by no-ops — into Triton's on-disk cache, so that the tests and the timed runs
@@ -192,6 +193,24 @@ def precompile(precisions: list[str]) -> None:
     print(json.dumps({"precompile_s": round(time.perf_counter() - t, 1)}), flush=True)
 
 
+def profile_kernels(op: str, args: tuple, kw: dict, device: torch.device, top: int = 15) -> None:
+    """One forward + backward of the triton backend under torch.profiler (after a warm-up call): one JSON line per
+    kernel name (the `top` by total time) with its total ms and launch count, then the total. Host-to-device copies
+    are left out: they are this script's random loss weights, made on the CPU in every call."""
+    from torch.profiler import ProfilerActivity, profile
+    measure(op, "triton", args, kw, device, repeats=0)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        measure(op, "triton", args, kw, device, repeats=0)
+    total, calls = {}, {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and not e.name.startswith("Memcpy HtoD"):
+            total[e.name] = total.get(e.name, 0.0) + e.device_time / 1e3
+            calls[e.name] = calls.get(e.name, 0) + 1
+    for name in sorted(total, key=total.get, reverse=True)[:top]:
+        print(json.dumps({"op": op, "kernel": name[:90], "ms": round(total[name], 3), "calls": calls[name]}), flush=True)
+    print(json.dumps({"op": op, "kernel_total_ms": round(sum(total.values()), 3)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test through the Triton interpreter")
@@ -201,6 +220,8 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=["ieee"], help="tl.dot precisions for the triton backend")
     ap.add_argument("--ops", nargs="+", default=["neural_memory", "compressive_memory"])
     ap.add_argument("--precompile", action="store_true", help="only compile the kernels, in parallel (CUDA)")
+    ap.add_argument("--half", action="store_true", help="the first three inputs (q, k, v) in bf16, as bf16 training")
+    ap.add_argument("--profile", action="store_true", help="kernel times of the triton backend's fwd + bwd (CUDA)")
     a = ap.parse_args()
     if a.precompile:
         precompile(a.precision)
@@ -223,6 +244,13 @@ def main() -> None:
         T = (17 if a.tiny else train.seq_len) if a.seq is None else a.seq
         B = (2 if a.tiny else train.batch_size) if a.batch is None else a.batch
         shape, args, kw = make(preset, B, T, device, a.tiny)
+        if a.half:
+            args = tuple(x.bfloat16() if i < 3 else x for i, x in enumerate(args))
+        if a.profile:
+            if device.type != "cuda":
+                raise SystemExit("--profile needs CUDA")
+            profile_kernels(op, args, kw, device)
+            continue
         base = measure(op, "chunked", args, kw, device, repeats)
         runs = [("chunked", None, base)]
         for p in a.precision:

@@ -93,7 +93,8 @@ def supports(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta:
 def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
               j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
               HAS_XR: tl.constexpr, MUON: tl.constexpr,
-              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr, LP: tl.constexpr):
+              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
+              LP: tl.constexpr):
     """Grid (B·H,). Writes S_{j+1} into slot i + 1 of S1s/S2s and W_{j+1} (MUON: only (1 − α) Ws; _ns5_fwd adds
     NS5(S_{j+1})) into slot i + 1 of W1s/W2s."""
     bh = tl.program_id(0).to(tl.int64)
@@ -164,7 +165,8 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
               gW1, gW2, gS1, gS2, R1, R2, dX, dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
               j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
               HAS_XR: tl.constexpr, MUON: tl.constexpr,
-              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr, LP: tl.constexpr):
+              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
+              LP: tl.constexpr):
     """Grid (B·H,). On entry gW, gS hold ∂L/∂W_{j+1}, ∂L/∂S_{j+1} (MUON: gS already includes the Newton–Schulz
     path, added by _ns5_bwd); on exit ∂L/∂W_j (plus R's slot i, the reads' gradient), ∂L/∂S_j. Writes the window
     rows of dX, dXR, dV and dWg, dEta, dTheta, dAlpha of chunk j; rows with a reset add ∂L/∂Ws to dW1i/dW2i
@@ -282,7 +284,8 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         gs = tl.load(gS1 + bh * E * F + off1, mask=m_ef, other=0.0)
         if not MUON:
             gs += gw
-        dx = tl.dot(dzt.to(DT), w1.to(DT), input_precision=PREC) - theta * tl.dot(dz.to(DT), gs.to(DT), input_precision=PREC)
+        dx = (tl.dot(dzt.to(DT), w1.to(DT), input_precision=PREC)
+              - theta * tl.dot(dz.to(DT), gs.to(DT), input_precision=PREC))
         tl.store(dX + rows[:, None] * F + cf[None, :], dx, mask=m_cf)
         dws1 = (1.0 - alpha) * gw + tl.dot(tl.trans(dzt).to(DT), x.to(DT), input_precision=PREC)
         rd1 = tl.load(R1 + cur * E * F + off1, mask=m_ef, other=0.0)
@@ -555,17 +558,18 @@ def _step_config(c: int, E: int, Dv: int, F: int, backward: bool, prec: str = "i
 
 
 # bf16 dot operands (float32 accumulation and state) when the op's inputs are bf16/fp16, per kernel family: "step"
-# (_step_fwd/_step_bwd) and "ns5" (_ns5_fwd/_ns5_bwd). Newton–Schulz error against float64 (emulated, 64×560 momenta
-# of ranks 3–64): 4e-3–1.8e-2, against TF32's 5e-4–2e-3 and the chunked form's under bf16 autocast (what bf16 training
-# without these kernels computes: bf16 iterates) 4.8e-2–1.5. MEMLM_NM_HALF_DOTS="step,ns5" (or "" for none) overrides.
+# (_step_fwd/_step_bwd) and "ns5" (_ns5_fwd/_ns5_bwd). Off by default: "ns5" makes the Newton–Schulz backward 1.45×
+# faster (H100, 64×560) but misses the bf16 GPU test's bound (the chunked form under bf16 autocast) on dη by ~10 % at
+# T 65 and 100; "step" gave NaN gradients on Triton 3.6 (not investigated). MEMLM_NM_HALF_DOTS="ns5" (or "step,ns5")
+# turns them on.
 HALF_DOTS: tuple[str, ...] = ()
 NS5_CONFIG: dict = {}    # launch overrides {"BN": ..., "num_warps": ...} (benchmarks)
 STEP_CONFIG: dict = {}   # launch overrides {"fwd": {...}, "bwd": {...}} (benchmarks)
 
 
 def half_dots(kind: str, half: bool, interpret: bool = False) -> bool:
-    """bf16 operands for this kernel family's dots? Never in the interpreter: Triton 3.6's interpreter multiplies the
-    bf16 bit patterns as integers in tl.dot, so interpreter runs keep float32 operands (the GPU tests cover bf16)."""
+    """bf16 operands for this kernel family's dots? Never in the interpreter: Triton 3.6's interpreter gets tl.dot of
+    bf16 operands wrong (a 16 × 16 product was off by 2.5e10), so interpreter runs keep float32 operands."""
     env = os.environ.get("MEMLM_NM_HALF_DOTS")
     return half and not interpret and kind in (HALF_DOTS if env is None else env.split(","))
 
