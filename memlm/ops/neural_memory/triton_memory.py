@@ -32,7 +32,7 @@ from torch import Tensor
 from memlm.ops.triton_common import interpreting, tl, triton  # None, None without Triton
 from memlm.ops.triton_common import loop_count as _count
 
-from .common import NS5_COEFFS, NS5_EPS, NS5_STEPS, NeuralMemoryState, Pending, maybe_any
+from .common import NS5_COEFFS, NS5_EPS, NS5_STEPS, NeuralMemoryState, Pending, _poly_maps, maybe_any
 from .parallel import Prelude, Stream, chunk_gates, finish, memory_read, prepare, read_only, stream
 
 __all__ = ["AVAILABLE", "MAX_DIM", "MAX_SCAN", "interpreting", "neural_memory", "supports"]
@@ -93,12 +93,10 @@ def supports(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta:
 def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
               j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
               HAS_XR: tl.constexpr, MUON: tl.constexpr,
-              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
-              LP: tl.constexpr):
+              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
     """Grid (B·H,). Writes S_{j+1} into slot i + 1 of S1s/S2s and W_{j+1} (MUON: only (1 − α) Ws; _ns5_fwd adds
     NS5(S_{j+1})) into slot i + 1 of W1s/W2s."""
     bh = tl.program_id(0).to(tl.int64)
-    DT: tl.constexpr = tl.bfloat16 if LP else tl.float32
     b = bh // H
     h = bh % H
     rc = tl.arange(0, BC)
@@ -129,30 +127,30 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         mf = cf < F
         x = tl.load(X + rows[:, None] * F + cf[None, :], mask=mc[:, None] & mf[None, :], other=0.0)
         w1 = tl.load(src1 + re[:, None] * F + cf[None, :], mask=me[:, None] & mf[None, :], other=0.0)
-        z += tl.dot(x.to(DT), tl.trans(w1).to(DT), input_precision=PREC)
+        z += tl.dot(x, tl.trans(w1), input_precision=PREC)
     cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
     a = z * cdf                                                              # gelu(Z)
     h1 = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327                # gelu'(Z)
     w2 = tl.load(src2 + off2, mask=m_ve, other=0.0)                          # [BV, BE]
-    y = tl.dot(a.to(DT), tl.trans(w2).to(DT), input_precision=PREC)                        # [BC, BV]
+    y = tl.dot(a, tl.trans(w2), input_precision=PREC)                        # [BC, BV]
     if HAS_XR:
         y += tl.load(XR + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0)
     r = 2.0 * w[:, None] * (y - tl.load(V + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0))
-    g2 = tl.dot(tl.trans(r).to(DT), a.to(DT), input_precision=PREC)                        # G2 [BV, BE]
+    g2 = tl.dot(tl.trans(r), a, input_precision=PREC)                        # G2 [BV, BE]
     s2 = eta * keep * tl.load(S2s + cur * Dv * E + off2, mask=m_ve, other=0.0) - theta * g2
     tl.store(S2s + (cur + 1) * Dv * E + off2, s2, mask=m_ve)
     w2n = (1.0 - alpha) * w2
     if not MUON:
         w2n += s2
     tl.store(W2s + (cur + 1) * Dv * E + off2, w2n, mask=m_ve)
-    dz = tl.dot(r.to(DT), w2.to(DT), input_precision=PREC) * h1                           # ∂L/∂Z [BC, BE]
+    dz = tl.dot(r, w2, input_precision=PREC) * h1                           # ∂L/∂Z [BC, BE]
     for fi in range(NF):                                                     # G1 = dZᵀ X, and the step, per F tile
         cf = fi * BF + rf
         mf = cf < F
         m_ef = me[:, None] & mf[None, :]
         off1 = re[:, None] * F + cf[None, :]
         x = tl.load(X + rows[:, None] * F + cf[None, :], mask=mc[:, None] & mf[None, :], other=0.0)
-        g1 = tl.dot(tl.trans(dz).to(DT), x.to(DT), input_precision=PREC)                   # [BE, BF]
+        g1 = tl.dot(tl.trans(dz), x, input_precision=PREC)                   # [BE, BF]
         s1 = eta * keep * tl.load(S1s + cur * E * F + off1, mask=m_ef, other=0.0) - theta * g1
         tl.store(S1s + (cur + 1) * E * F + off1, s1, mask=m_ef)
         w1n = (1.0 - alpha) * tl.load(src1 + off1, mask=m_ef, other=0.0)
@@ -165,14 +163,12 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
               gW1, gW2, gS1, gS2, R1, R2, dX, dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
               j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
               HAS_XR: tl.constexpr, MUON: tl.constexpr,
-              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
-              LP: tl.constexpr):
+              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
     """Grid (B·H,). On entry gW, gS hold ∂L/∂W_{j+1}, ∂L/∂S_{j+1} (MUON: gS already includes the Newton–Schulz
     path, added by _ns5_bwd); on exit ∂L/∂W_j (plus R's slot i, the reads' gradient), ∂L/∂S_j. Writes the window
     rows of dX, dXR, dV and dWg, dEta, dTheta, dAlpha of chunk j; rows with a reset add ∂L/∂Ws to dW1i/dW2i
     [B·H, ...] and pass nothing to (W_j, S_j) through the write."""
     bh = tl.program_id(0).to(tl.int64)
-    DT: tl.constexpr = tl.bfloat16 if LP else tl.float32
     b = bh // H
     h = bh % H
     rc = tl.arange(0, BC)
@@ -213,8 +209,8 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         gs = tl.load(gS1 + bh * E * F + off1, mask=m_ef, other=0.0)
         if not MUON:
             gs += gw                                                         # U = identity: W_{j+1} ∋ S_{j+1}
-        z += tl.dot(x.to(DT), tl.trans(w1).to(DT), input_precision=PREC)
-        q += tl.dot(x.to(DT), tl.trans(gs).to(DT), input_precision=PREC)
+        z += tl.dot(x, tl.trans(w1), input_precision=PREC)
+        q += tl.dot(x, tl.trans(gs), input_precision=PREC)
         acc_eta += keep * tl.load(S1s + cur * E * F + off1, mask=m_ef, other=0.0) * gs
         acc_alpha += w1 * gw
     cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
@@ -227,14 +223,14 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     if not MUON:
         gs2 += gw2
     s2 = keep * tl.load(S2s + cur * Dv * E + off2, mask=m_ve, other=0.0)
-    y = tl.dot(a.to(DT), tl.trans(w2).to(DT), input_precision=PREC)
+    y = tl.dot(a, tl.trans(w2), input_precision=PREC)
     if HAS_XR:
         y += tl.load(XR + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0)
     diff = y - tl.load(V + rows[:, None] * Dv + rv[None, :], mask=m_cv, other=0.0)
     r = 2.0 * w[:, None] * diff
-    u = tl.dot(r.to(DT), w2.to(DT), input_precision=PREC)                                  # R W2 [BC, BE]
+    u = tl.dot(r, w2, input_precision=PREC)                                  # R W2 [BC, BE]
     dz = u * h1
-    g2 = tl.dot(tl.trans(r).to(DT), a.to(DT), input_precision=PREC)
+    g2 = tl.dot(tl.trans(r), a, input_precision=PREC)
     # Σ G1 ⊙ gS1 = Σ dZ ⊙ Q; the W1/S1 sums were accumulated as tiles in pass 1
     d_theta = -(tl.reduce(dz * q, None, tl.standard._sum_combine)
                 + tl.reduce(g2 * gs2, None, tl.standard._sum_combine))
@@ -246,19 +242,19 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     # R = 2 w (Y − V), Y = [XR] + A W2ᵀ, A = gelu(Z)
     ddz = -theta * q                                                         # ∂/∂dZ
     dg2 = -theta * gs2
-    dr = tl.dot(a.to(DT), tl.trans(dg2).to(DT), input_precision=PREC)                      # [BC, BV]
-    da = tl.dot(r.to(DT), dg2.to(DT), input_precision=PREC)                                # [BC, BE]
+    dr = tl.dot(a, tl.trans(dg2), input_precision=PREC)                      # [BC, BV]
+    da = tl.dot(r, dg2, input_precision=PREC)                                # [BC, BE]
     du = ddz * h1
     dzt = ddz * u * pdf * (2.0 - z * z)                                      # through gelu''(Z) = φ(Z)(2 − Z²)
-    dr += tl.dot(du.to(DT), tl.trans(w2).to(DT), input_precision=PREC)
-    dw2 = tl.dot(tl.trans(r).to(DT), du.to(DT), input_precision=PREC)                      # [BV, BE]
+    dr += tl.dot(du, tl.trans(w2), input_precision=PREC)
+    dw2 = tl.dot(tl.trans(r), du, input_precision=PREC)                      # [BV, BE]
     dy = 2.0 * w[:, None] * dr
     tl.store(dWg + gi * c + rc, 2.0 * tl.reduce(diff * dr, 1, tl.standard._sum_combine), mask=mc)
     tl.store(dV + rows[:, None] * Dv + rv[None, :], -dy, mask=m_cv)
     if HAS_XR:
         tl.store(dXR + rows[:, None] * Dv + rv[None, :], dy, mask=m_cv)
-    da += tl.dot(dy.to(DT), w2.to(DT), input_precision=PREC)
-    dw2 += tl.dot(tl.trans(dy).to(DT), a.to(DT), input_precision=PREC)
+    da += tl.dot(dy, w2, input_precision=PREC)
+    dw2 += tl.dot(tl.trans(dy), a, input_precision=PREC)
     dzt += da * h1                                                           # ∂L/∂Z in total
     tl.store(dEta + gi, d_eta)
     tl.store(dTheta + gi, d_theta)
@@ -284,10 +280,9 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         gs = tl.load(gS1 + bh * E * F + off1, mask=m_ef, other=0.0)
         if not MUON:
             gs += gw
-        dx = (tl.dot(dzt.to(DT), w1.to(DT), input_precision=PREC)
-              - theta * tl.dot(dz.to(DT), gs.to(DT), input_precision=PREC))
+        dx = tl.dot(dzt, w1, input_precision=PREC) - theta * tl.dot(dz, gs, input_precision=PREC)
         tl.store(dX + rows[:, None] * F + cf[None, :], dx, mask=m_cf)
-        dws1 = (1.0 - alpha) * gw + tl.dot(tl.trans(dzt).to(DT), x.to(DT), input_precision=PREC)
+        dws1 = (1.0 - alpha) * gw + tl.dot(tl.trans(dzt), x, input_precision=PREC)
         rd1 = tl.load(R1 + cur * E * F + off1, mask=m_ef, other=0.0)
         # every thread has read this tile of gW1, gS1 before any overwrites it (the store may use another layout)
         tl.debug_barrier()
@@ -499,7 +494,6 @@ def poly_supports(x: Tensor) -> bool:
 
 def poly_forward(x: Tensor) -> Tensor:
     """common.poly_features' forward as one kernel: x [..., D] float32 -> [..., D + D(D+1)/2]."""
-    from .common import _poly_maps
     D = x.shape[-1]
     m = _poly_maps(D, x.device)
     P = m.i.numel()
@@ -515,7 +509,6 @@ def poly_forward(x: Tensor) -> Tensor:
 
 def poly_backward(x: Tensor, g: Tensor) -> Tensor:
     """common._Poly's backward as one kernel: x [..., D], g [..., D + P] float32 -> ∂L/∂x [..., D]."""
-    from .common import _poly_maps
     D = x.shape[-1]
     m = _poly_maps(D, x.device)
     xf, gf = x.reshape(-1, D).contiguous(), g.reshape(-1, g.shape[-1]).contiguous()
@@ -547,31 +540,27 @@ def _pow2(n: int) -> int:
 
 def _step_config(c: int, E: int, Dv: int, F: int, backward: bool, prec: str = "ieee") -> dict:
     BC, BE, BV = _pow2(c), _pow2(E), _pow2(Dv)
-    over = STEP_CONFIG.get("bwd" if backward else "fwd", {})
     if BC * BE < 64 * 64:
-        return {"BC": BC, "BE": BE, "BV": BV, "BF": min(64, _pow2(F)), "num_warps": 4, **over}
+        return {"BC": BC, "BE": BE, "BV": BV, "BF": min(64, _pow2(F)), "num_warps": 4}
     if prec == "ieee":
         BF, warps = (16, 16) if backward else (32, 8)
     else:
         BF, warps = (32, 4) if backward else (64, 4)
-    return {"BC": BC, "BE": BE, "BV": BV, "BF": min(BF, _pow2(F)), "num_warps": warps, **over}
+    return {"BC": BC, "BE": BE, "BV": BV, "BF": min(BF, _pow2(F)), "num_warps": warps}
 
 
-# bf16 dot operands (float32 accumulation and state) when the op's inputs are bf16/fp16, per kernel family: "step"
-# (_step_fwd/_step_bwd) and "ns5" (_ns5_fwd/_ns5_bwd). Off by default: "ns5" makes the Newton–Schulz backward 1.45×
-# faster (H100, 64×560) but misses the bf16 GPU test's bound (the chunked form under bf16 autocast) on dη by ~10 % at
-# T 65 and 100; "step" gave NaN gradients on Triton 3.6 (not investigated). MEMLM_NM_HALF_DOTS="ns5" (or "step,ns5")
-# turns them on.
-HALF_DOTS: tuple[str, ...] = ()
-NS5_CONFIG: dict = {}    # launch overrides {"BN": ..., "num_warps": ...} (benchmarks)
-STEP_CONFIG: dict = {}   # launch overrides {"fwd": {...}, "bwd": {...}} (benchmarks)
+# bf16 dot operands (float32 accumulation, float32 iterates) in the Newton–Schulz kernels when the op's inputs are
+# bf16/fp16: the backward gets 1.45× faster (H100, 64×560) but misses the bf16 GPU test's bound (the chunked form under
+# bf16 autocast) on dη by ~10 % at T 65 and 100, so it is off by default; MEMLM_NS5_HALF_DOTS=1 turns it on. (The step
+# kernels gave NaN gradients with bf16 operands on Triton 3.6 and keep TF32.)
+NS5_HALF_DOTS = False
 
 
-def half_dots(kind: str, half: bool, interpret: bool = False) -> bool:
-    """bf16 operands for this kernel family's dots? Never in the interpreter: Triton 3.6's interpreter gets tl.dot of
+def ns5_half_dots(half: bool, interpret: bool = False) -> bool:
+    """bf16 operands for the Newton–Schulz dots? Never in the interpreter: Triton 3.6's interpreter gets tl.dot of
     bf16 operands wrong (a 16 × 16 product was off by 2.5e10), so interpreter runs keep float32 operands."""
-    env = os.environ.get("MEMLM_NM_HALF_DOTS")
-    return half and not interpret and kind in (HALF_DOTS if env is None else env.split(","))
+    env = os.environ.get("MEMLM_NS5_HALF_DOTS")
+    return half and not interpret and (NS5_HALF_DOTS if env is None else env == "1")
 
 
 class _NS5:
@@ -584,7 +573,7 @@ class _NS5:
         # H100, 128 programs of 64×560, TF32 / bf16 dots (fwd, bwd µs): BN 16 and 8 warps 204/607, 175/458; BN 64 and
         # 4 warps 145/419, 117/288 (the best of BN 16/32/64 × 4/8 warps). 128 rows: narrow tiles, unmeasured.
         cfg = {"BN": 64, "num_warps": 4} if BM <= 64 else {"BN": 16, "num_warps": 8}
-        self.cfg = {"BM": BM, **cfg, **NS5_CONFIG}
+        self.cfg = {"BM": BM, **cfg}
         self.NT = triton.cdiv(self.N, self.cfg["BN"])
         self.BH, self.device = BH, device
 
@@ -613,9 +602,9 @@ class _Scan(torch.autograd.Function):
         W1all, S1all = (_empty(X, B, H, K1, E, F) for _ in range(2))
         W2all, S2all = (_empty(X, B, H, K1, Dv, E) for _ in range(2))
         W1all[:, :, 0], W2all[:, :, 0], S1all[:, :, 0], S2all[:, :, 0] = W1, W2, S1, S2
-        prec, lp = precision(half), half_dots("ns5", half, interpret)
+        prec, lp = precision(half), ns5_half_dots(half, interpret)
         cfg = _step_config(c, E, Dv, F, backward=False, prec=prec)
-        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec, "LP": half_dots("step", half, interpret)}
+        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
         if muon:
             ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
             scratch = [_empty(X, BH, g.M * g.N) for g in ns]
@@ -650,9 +639,9 @@ class _Scan(torch.autograd.Function):
         dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
         # rows with a reset in chunk j send the write's ∂L/∂Ws here (summed over rows at the end)
         dW1i, dW2i = X.new_zeros(B, H, E, F), X.new_zeros(B, H, Dv, E)
-        prec, lp = precision(half), half_dots("ns5", half, interpret)
+        prec, lp = precision(half), ns5_half_dots(half, interpret)
         cfg = _step_config(c, E, Dv, F, backward=True, prec=prec)
-        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec, "LP": half_dots("step", half, interpret)}
+        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
         if muon:
             ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
             scratch = [(_empty(X, BH, NS5_STEPS, g.M * g.N), _empty(X, BH, g.M * g.N)) for g in ns]
