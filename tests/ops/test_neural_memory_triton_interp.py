@@ -13,6 +13,7 @@ not cutting a gradient, a wrong Newton–Schulz transpose) gave errors of 3e-2 a
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -206,3 +207,29 @@ def test_poly_kernels_match_torch(d):
     gwant, = torch.autograd.grad(poly_features(xr), xr, g)
     assert rel_err(triton_memory.poly_backward(x, g), gwant) < 1e-6
 
+
+
+@pytest.mark.parametrize("rows,cols", [(3, 20), (24, 5), (16, 70), (6, 6), (1, 9)])
+def test_ns5_kernels_match_torch(rows, cols):
+    """Newton–Schulz kernels alone: Out += NS5(S) and dS += (∂NS5/∂S)ᵀ dOut (wide and tall, sizes that are no
+    multiple of the tiles), against newton_schulz5 and its autograd in float64."""
+    from memlm.ops.neural_memory.common import NS5_EPS, NS5_STEPS, newton_schulz5
+    kern, BH = triton_memory._kernels(True), 3
+    g = triton_memory._NS5(rows, cols, BH, torch.device("cpu"))
+    torch.manual_seed(rows * cols)
+    S, O, G, dS = (torch.randn(BH, rows, cols) for _ in range(4))
+    want, base = {}, {}
+    for dtype, out in ((torch.float64, want), (torch.float32, base)):
+        s = S.to(dtype).requires_grad_()
+        y = newton_schulz5(s)
+        out["Out"] = O.to(dtype) + y
+        out["dS"] = dS.to(dtype) + torch.autograd.grad(y, s, G.to(dtype))[0]
+    nan = functools.partial(torch.full, fill_value=float("nan"))
+    c = g.consts("ieee")
+    count = triton_memory._count(g.NT, True)
+    kern["ns5_fwd"][(BH,)](S, O, nan((BH, g.M * g.N)), S.stride(0), O.stride(0), g.sr, g.sc, g.M, g.N, count,
+                           NS5_EPS ** 2, **c)
+    kern["ns5_bwd"][(BH,)](S, G, dS, nan((BH, NS5_STEPS, g.M * g.N)), nan((BH, g.M * g.N)), S.stride(0), G.stride(0),
+                           g.sr, g.sc, g.M, g.N, count, NS5_EPS ** 2, **c)
+    for n, got in (("Out", O), ("dS", dS)):
+        assert rel_err(got, want[n]) <= max(1e-5, NOISE * rel_err(base[n], want[n])), n
