@@ -12,6 +12,7 @@ tokens/s, step time, peak CUDA memory (GiB), parameter count, loss.
     python benchmarks/atlas_throughput.py                               # GPU: atlas-mag-small, B ∈ {4, 8}, T 2048
     python benchmarks/atlas_throughput.py --extra titans-mag-small --batch 2 4 8 16
     python benchmarks/atlas_throughput.py --tiny                        # CPU smoke test at -debug sizes (seconds)
+    python benchmarks/atlas_throughput.py --batch 16 --only atlas-mag-small --profile 25   # + where a step's time goes
 
 Notation: B batch rows, T tokens per row.
 """
@@ -43,11 +44,33 @@ def models_for(preset: str, extra: list[str]) -> list[tuple[str, ModelConfig]]:
     return out
 
 
+def short(kernel: str) -> str:
+    """A kernel's name without namespaces and the template noise of PyTorch's elementwise kernels, 100 characters."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::", "gpu_kernel_impl_nocast<", "gpu_kernel_impl<",
+                  "(at::TensorIteratorBase&)", "::{lambda()#1}::operator()() const", "c10::"):
+        kernel = kernel.replace(noise, "")
+    return kernel[:100]
+
+
+def kernel_table(step, top: int) -> dict:
+    """Device time of one more step by kernel (torch.profiler): the ``top`` largest as [name, launches, ms], the rest
+    summed, and the total."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = sorted(((short(e.key), e.count, e.device_time_total / 1e3) for e in prof.key_averages()
+                   if e.device_time_total > 0), key=lambda r: -r[2])
+    return {"kernels": [[n, c, round(ms, 2)] for n, c, ms in rows[:top]],
+            "other_ms": round(sum(r[2] for r in rows[top:]), 2), "total_ms": round(sum(r[2] for r in rows), 2)}
+
+
 def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
-        backend: str | None = None, compile: bool = False) -> dict:
+        backend: str | None = None, compile: bool = False, profile: int = 0) -> dict:
     """Train ``steps`` timed steps after ``warmup`` untimed ones on random tokens; returns one record.
     backend: force this backend of the neural_memory op (None: dispatch's choice); compile: torch.compile the
-    model's forward (the loss and optimizer stay eager)."""
+    model's forward (the loss and optimizer stay eager); profile > 0 (CUDA): also the kernel table of one more step
+    (`kernel_table`)."""
     torch.manual_seed(0)
     model = memlm.build_model(cfg).to(device).train()
     rec = {"model": name, "params": model.num_params(), "batch": batch, "seq": seq,
@@ -89,6 +112,8 @@ def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup
     dt = (time.perf_counter() - t0) / steps
     rec.update(tokens_per_s=round(batch * seq / dt), step_ms=round(dt * 1e3, 1), loss=round(loss.item(), 4),
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None)
+    if profile and device.type == "cuda":
+        rec["profile"] = kernel_table(step, profile)
     return rec
 
 
@@ -106,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                     "with (e.g. chunked triton); the transformer runs once")
     ap.add_argument("--compile", action="store_true", help="also time every model with torch.compile (the forward)")
     ap.add_argument("--only", nargs="*", default=None, help="time only these model names (e.g. the preset alone)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="CUDA: also profile one more step and print its N largest kernels by device time")
     args = ap.parse_args(argv)
     if args.tiny:
         args.preset, args.extra, args.batch, args.seq, args.steps, args.warmup = "atlas-mag-debug", [], [2], 64, 2, 1
@@ -124,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         for be, comp in variants:
             for b in args.batch:
                 print(json.dumps(run(name, cfg, batch=b, seq=args.seq, steps=args.steps, warmup=args.warmup,
-                                     device=dev, backend=be, compile=comp)), flush=True)
+                                     device=dev, backend=be, compile=comp, profile=args.profile)), flush=True)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
 

@@ -69,6 +69,29 @@ def test_bf16_inputs(T, opt):
 
 
 @pytest.mark.parametrize("opt", ["momentum", "muon"])
+def test_reads_in_autocast_dtype(opt, monkeypatch):
+    """Under bf16 autocast the reads' weight stack is cast once and φ writes the query features in bf16, and the
+    kernels take their gradients in bf16, instead of autocast casting them at every read (and the gradients back):
+    outputs, states and every gradient within 5e-3 (gradients 1e-2) of float64, or 1.5× the error with the casts.
+    (Not bit for bit on the GPU: a read of a sliced bf16 tensor may pick another GEMM than one of the contiguous
+    cast autocast makes; the CPU test checks bit equality.)"""
+    from memlm.ops.neural_memory import parallel
+    x, kw, _ = case(LENGTHS[4])                                      # resets, a split with pending tokens
+    low = ("q", "k", "v")
+    xr = {n: (t.bfloat16().double() if n in low else t) for n, t in x.items()}
+    want = run(neural_memory, xr, torch.float64, optimizer=opt, **kw)
+    with torch.autocast("cuda", torch.bfloat16):
+        got = run(triton_memory.neural_memory, xr, torch.float32, low=low, optimizer=opt, **kw)
+        monkeypatch.setattr(parallel, "read_dtype", lambda dt, device: dt)
+        casts = run(triton_memory.neural_memory, xr, torch.float32, low=low, optimizer=opt, **kw)
+    assert got["o"].dtype == torch.bfloat16
+    for n, w in want.items():
+        if w.dtype != torch.bool and w.numel():
+            err, tol = rel_err(got[n], w), max(1e-2 if n.startswith("d") else 5e-3, 1.5 * rel_err(casts[n], w))
+            assert err <= tol, f"{n}: {err:.2e} > {tol:.2e} (with the casts {rel_err(casts[n], w):.2e})"
+
+
+@pytest.mark.parametrize("opt", ["momentum", "muon"])
 def test_matches_token_reference(opt):
     T = 2 * C + 2                                                    # two writes and an open chunk
     x = inputs(B=2, T=T, seed=5, device=DEVICE, **ATLAS)

@@ -233,3 +233,20 @@ def test_ns5_kernels_match_torch(rows, cols):
                            g.sr, g.sc, g.M, g.N, count, NS5_EPS ** 2, **c)
     for n, got in (("Out", O), ("dS", dS)):
         assert rel_err(got, want[n]) <= max(1e-5, NOISE * rel_err(base[n], want[n])), n
+
+
+@pytest.mark.parametrize("opt", ["momentum", "muon"])
+def test_reads_in_autocast_dtype(opt, monkeypatch):
+    """Under autocast the reads' tensors (query features, the weight stack) are made in bf16 once, and their
+    gradients taken in bf16, instead of autocast casting them at the reads' matmuls (and the gradients back):
+    outputs, states and every gradient bit for bit as with autocast's casts."""
+    from memlm.ops.neural_memory import parallel
+    x = inputs(B=2, T=29, poly=True, E=8, Dk=4, Dv=4)
+    kw = {"chunk_size": 8, "optimizer": opt, "poly": True, "split": 11, "reset": resets(2, 29, [(5, 20), ()])}
+    with torch.autocast("cpu", torch.bfloat16):
+        got = run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)
+        monkeypatch.setattr(parallel, "read_dtype", lambda dt, device: dt)
+        want = run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)
+    assert got["o"].dtype == torch.bfloat16
+    for n, w in want.items():
+        assert torch.equal(got[n], w), n

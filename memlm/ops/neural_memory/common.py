@@ -76,13 +76,15 @@ def feature_dim(dk: int, poly: bool) -> int:
     return dk + dk * (dk + 1) // 2 if poly else dk
 
 
-def poly_features(x: Tensor) -> Tensor:
+def poly_features(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Degree-2 feature map φ(x) = [x, u(x)], u_ij = x_i x_j · s_ij for i <= j, s_ij = 1 (i < j), 1/√2 (i = j).
 
-    x [..., D] -> [..., D + D(D+1)/2]. The scaling makes φ(a)·φ(b) = a·b + (a·b)²/2, the first two terms of
-    exp(a·b) − 1, so the quadratic part neither dominates nor vanishes for unit-norm keys.
+    x [..., D] -> [..., D + D(D+1)/2], computed in x's dtype and returned in ``dtype`` (default x's: e.g. bf16 for
+    features only a bf16 matmul reads, rounded once as that matmul would). The scaling makes φ(a)·φ(b) =
+    a·b + (a·b)²/2, the first two terms of exp(a·b) − 1, so the quadratic part neither dominates nor vanishes for
+    unit-norm keys.
     """
-    return _Poly.apply(x)
+    return _Poly.apply(x, dtype or x.dtype)
 
 
 class _PolyMaps(NamedTuple):
@@ -131,31 +133,41 @@ class _Poly(torch.autograd.Function):
     add s x_i: ∂(s x_i²) = 2 s x_i). Half inputs are summed in float32."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:
         ctx.save_for_backward(x)
         if _poly_triton(x):
             from .triton_memory import poly_forward
-            return poly_forward(x)
+            return poly_forward(x, dtype)
         m = _poly_maps(x.shape[-1], x.device)
-        return torch.cat([x, x[..., m.i] * x[..., m.j] * m.s.to(x.dtype)], dim=-1)
+        return torch.cat([x, x[..., m.i] * x[..., m.j] * m.s.to(x.dtype)], dim=-1).to(dtype)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
-        if _poly_triton(x) and g.dtype == torch.float32 and not torch.is_grad_enabled():
+        if _poly_triton(x) and g.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled():
             from .triton_memory import poly_backward
-            return poly_backward(x, g)
+            return poly_backward(x, g), None
         d = x.shape[-1]
         m = _poly_maps(d, x.device)
         dt = torch.promote_types(g.dtype, torch.float32)
         xf = x.to(dt)
         gu = g[..., d:].to(dt) * m.s.to(dt)
         dx = g[..., :d].to(dt) + (gu * xf[..., m.j]) @ m.Oi.to(dt) + (gu * xf[..., m.i]) @ m.Oj.to(dt)
-        return dx.to(x.dtype)
+        return dx.to(x.dtype), None
 
 
-def features(x: Tensor, poly: bool) -> Tensor:
-    return poly_features(x) if poly else x
+def features(x: Tensor, poly: bool, dtype: torch.dtype | None = None) -> Tensor:
+    """The memory's input: φ(x) or x, in ``dtype`` (default x's)."""
+    return poly_features(x, dtype) if poly else x.to(dtype or x.dtype)
+
+
+def read_dtype(dt: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the reads' matmuls run in: autocast's when it is on for this device and the op computes in float32
+    (autocast leaves float64 alone), else dt. Tensors only the reads use (query features, the weight stack of the
+    Triton backend) are made in it directly: the same values as autocast's cast at every read, minus the copies."""
+    if dt == torch.float32 and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dt
 
 
 def newton_schulz5(s: Tensor) -> Tensor:

@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from .common import NeuralMemoryState, Pending, check_args, compute_dtype, features, maybe_any, newton_schulz5
+from .common import (
+    NeuralMemoryState,
+    Pending,
+    check_args,
+    compute_dtype,
+    features,
+    maybe_any,
+    newton_schulz5,
+    read_dtype,
+)
 
 __all__ = ["Prelude", "Stream", "chunk_gates", "finish", "memory_read", "neural_memory", "omega_grad", "prepare",
            "read_only", "stream"]
@@ -148,7 +157,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: 
     qd = _bh(q.to(dt))   # features after the transpose: moving F-wide rows would copy F/Dk times the bytes
     reset = torch.zeros(B, T, dtype=torch.bool, device=q.device) if reset is None else reset
     return Prelude(c, chunk_size, dt, q.dtype, residual, poly, W1.to(dt), W2.to(dt), S1.to(dt), S2.to(dt), W1i, W2i,
-                   features(qd, poly), qd if residual else None, reset, pending)
+                   features(qd, poly, read_dtype(dt, q.device)), qd if residual else None, reset, pending)
 
 
 def read_only(pre: Prelude) -> tuple[Tensor, NeuralMemoryState]:

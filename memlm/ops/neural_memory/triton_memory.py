@@ -260,7 +260,7 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     tl.store(dTheta + gi, d_theta)
     tl.store(dAlpha + gi, d_alpha)
     dws2 = (1.0 - alpha) * gw2 + dw2                                         # ∂L/∂Ws2
-    rd2 = tl.load(R2 + cur * Dv * E + off2, mask=m_ve, other=0.0)
+    rd2 = tl.load(R2 + cur * Dv * E + off2, mask=m_ve, other=0.0).to(tl.float32)
     tl.debug_barrier()                                                       # every read of gW, gS is done
     if keep == 0.0:
         p2 = dW2i + bh * Dv * E + off2
@@ -283,7 +283,7 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         dx = tl.dot(dzt, w1, input_precision=PREC) - theta * tl.dot(dz, gs, input_precision=PREC)
         tl.store(dX + rows[:, None] * F + cf[None, :], dx, mask=m_cf)
         dws1 = (1.0 - alpha) * gw + tl.dot(tl.trans(dzt), x, input_precision=PREC)
-        rd1 = tl.load(R1 + cur * E * F + off1, mask=m_ef, other=0.0)
+        rd1 = tl.load(R1 + cur * E * F + off1, mask=m_ef, other=0.0).to(tl.float32)
         # every thread has read this tile of gW1, gS1 before any overwrites it (the store may use another layout)
         tl.debug_barrier()
         if keep == 0.0:
@@ -455,8 +455,8 @@ def _poly_bwd(X, G, DX, POS, GS, R, D, P, BR: tl.constexpr, BD: tl.constexpr):
     pos = tl.load(POS + rd[:, None] * D + rd[None, :], mask=mdd, other=0)
     gs = tl.load(GS + rd[:, None] * D + rd[None, :], mask=mdd, other=0.0)
     m3 = mr[:, None, None] & mdd[None, :, :]
-    g = tl.load(G + r[:, None, None] * (D + P) + D + pos[None, :, :], mask=m3, other=0.0)        # [BR, BD, BD]
-    dx = tl.load(G + r[:, None] * (D + P) + rd[None, :], mask=m, other=0.0)
+    g = tl.load(G + r[:, None, None] * (D + P) + D + pos[None, :, :], mask=m3, other=0.0).to(tl.float32)
+    dx = tl.load(G + r[:, None] * (D + P) + rd[None, :], mask=m, other=0.0).to(tl.float32)
     dx += tl.reduce(g * gs[None, :, :] * x[:, None, :], 2, tl.standard._sum_combine)
     tl.store(DX + r[:, None] * D + rd[None, :], dx, mask=m)
 
@@ -492,13 +492,13 @@ def poly_supports(x: Tensor) -> bool:
             and (x.is_cuda or (x.device.type == "cpu" and interpreting())))
 
 
-def poly_forward(x: Tensor) -> Tensor:
-    """common.poly_features' forward as one kernel: x [..., D] float32 -> [..., D + D(D+1)/2]."""
+def poly_forward(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """common.poly_features' forward as one kernel: x [..., D] float32 -> [..., D + D(D+1)/2] in dtype."""
     D = x.shape[-1]
     m = _poly_maps(D, x.device)
     P = m.i.numel()
     xf = x.reshape(-1, D).contiguous()
-    out = torch.empty(*x.shape[:-1], D + P, device=x.device, dtype=x.dtype)
+    out = torch.empty(*x.shape[:-1], D + P, device=x.device, dtype=dtype)
     R, interpret = xf.shape[0], x.device.type == "cpu"
     BR, BP = 32, 128
     _kernels(interpret)["poly_fwd"][(triton.cdiv(R, BR),)](
@@ -508,7 +508,8 @@ def poly_forward(x: Tensor) -> Tensor:
 
 
 def poly_backward(x: Tensor, g: Tensor) -> Tensor:
-    """common._Poly's backward as one kernel: x [..., D], g [..., D + P] float32 -> ∂L/∂x [..., D]."""
+    """common._Poly's backward as one kernel: x [..., D] float32, g [..., D + P] float32 or bf16 -> ∂L/∂x [..., D]
+    float32."""
     D = x.shape[-1]
     m = _poly_maps(D, x.device)
     xf, gf = x.reshape(-1, D).contiguous(), g.reshape(-1, g.shape[-1]).contiguous()
@@ -588,12 +589,17 @@ class _Scan(torch.autograd.Function):
     Inputs: X [B, H, L, F], XR [B, H, L, Dv] or None, V [B, H, L, Dv] (contiguous); Wg [B, H, NJ, c]; Eta, Theta,
     Alpha [B, H, NJ]; W1, S1 [B, H, E, F], W2, S2 [B, H, Dv, E] (state before chunk j0); W1i [H, E, F], W2i
     [H, Dv, E] or None (then has is all zero); has int8 [B, NJ]; j0, j1, C, muon (not differentiable).
-    Outputs: W1all [B, H, K1, E, F], W2all [B, H, K1, Dv, E] with K1 = j1 − j0 + 1 (slot i: W_{j0+i}), and the
-    final S1, S2. All float32. half: the op's inputs were bf16/fp16 (picks the dot precision, `precision`).
+    half: the op's inputs were bf16/fp16 (picks the dot precision, `precision`); rd: the reads' dtype (parallel.
+    read_dtype).
+    Outputs: the reads' stacks W1r [B, H, K1, E, F], W2r [B, H, K1, Dv, E] in rd with K1 = j1 − j0 + 1 (slot i:
+    W_{j0+i}), and the final W1, W2, S1, S2 in float32. With rd float32 the stacks are the kernels' own; otherwise
+    cast once here, and the backward kernels read their gradient in rd as it comes (autocast would cast the
+    gradient back to float32 in a copy the size of the stack). Writing the copy from the Newton–Schulz kernel
+    instead of casting was slower: its [M, N] stores are not coalesced (+30 µs a call, H100).
     """
 
     @staticmethod
-    def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, half):
+    def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, half, rd):
         B, H, L, F = X.shape
         E, Dv, NJ, c = W1.shape[2], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
         BH, K1 = B * H, j1 - j0 + 1
@@ -620,10 +626,11 @@ class _Scan(torch.autograd.Function):
                                            _count(g.NT, interpret), NS5_EPS ** 2, **g.consts(prec, lp))
         ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has)
         ctx.meta = (j0, j1, C, muon, half)
-        return W1all, W2all, S1all[:, :, -1].clone(), S2all[:, :, -1].clone()
+        last = (W1all[:, :, -1].clone(), W2all[:, :, -1].clone(), S1all[:, :, -1].clone(), S2all[:, :, -1].clone())
+        return W1all.to(rd), W2all.to(rd), *last
 
     @staticmethod
-    def backward(ctx, dW1all, dW2all, dS1, dS2):
+    def backward(ctx, dW1r, dW2r, dW1, dW2, dS1, dS2):
         X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has = ctx.saved_tensors
         j0, j1, C, muon, half = ctx.meta
         B, H, L, F = X.shape
@@ -631,8 +638,9 @@ class _Scan(torch.autograd.Function):
         BH = B * H
         interpret = X.device.type == "cpu"
         kern = _kernels(interpret)
-        R1, R2 = dW1all.float().contiguous(), dW2all.float().contiguous()
-        gW1, gW2 = R1[:, :, -1].clone(), R2[:, :, -1].clone()        # carried ∂L/∂W_j, ∂L/∂S_j [B, H, ...]
+        R1, R2 = dW1r.contiguous(), dW2r.contiguous()                # the reads' ∂L/∂W_j, in their dtype
+        # carried ∂L/∂W_j, ∂L/∂S_j [B, H, ...]
+        gW1, gW2 = ((d.float() + R[:, :, -1]).contiguous() for d, R in ((dW1, R1), (dW2, R2)))
         gS1, gS2 = dS1.float().contiguous().clone(), dS2.float().contiguous().clone()
         dX, dV, dWg = torch.zeros_like(X), torch.zeros_like(V), torch.zeros_like(Wg)
         dXR = None if XR is None else torch.zeros_like(XR)
@@ -659,7 +667,7 @@ class _Scan(torch.autograd.Function):
                 **flags, **cfg)
         dW1i, dW2i = (None, None) if W1i is None else (dW1i.sum(0), dW2i.sum(0))
         return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _read_chunks(pre: Prelude, st: Stream, j0: int, j_end: int, W1: Tensor, W2: Tensor) -> Tensor:
@@ -717,11 +725,10 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
     outs = []
     for j0 in range(0, st.n_full, MAX_SCAN):
         j1 = min(j0 + MAX_SCAN, st.n_full)
-        W1all, W2all, S1, S2 = _Scan.apply(st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2,
-                                           W1i, W2i, has, j0, j1, pre.C, optimizer == "muon",
-                                           q.dtype in (torch.bfloat16, torch.float16))
-        # the stack's last slot W_{j1} is the next scan's start; after the last scan it serves the open chunk
-        outs.append(_read_chunks(pre, st, j0, st.n_chunks if j1 == st.n_full else j1, W1all, W2all))
-        # clone: a view would keep the whole stack alive inside the carried state
-        W1, W2 = W1all[:, :, -1].clone(), W2all[:, :, -1].clone()
+        W1r, W2r, W1, W2, S1, S2 = _Scan.apply(st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2,
+                                               W1i, W2i, has, j0, j1, pre.C, optimizer == "muon",
+                                               q.dtype in (torch.bfloat16, torch.float16), pre.qf.dtype)
+        # the stack's last slot W_{j1} (also returned alone, in float32: the next scan's start and the final state)
+        # serves the open chunk after the last scan
+        outs.append(_read_chunks(pre, st, j0, st.n_chunks if j1 == st.n_full else j1, W1r, W2r))
     return finish(torch.cat(outs, dim=2), pre, st, W1, W2, S1, S2)
