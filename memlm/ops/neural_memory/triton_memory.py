@@ -161,11 +161,12 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
 
 def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
               gW1, gW2, gS1, gS2, R1, R2, dX, dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
-              j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
+              j, i, H, L, NJ, K1, C, c, E, F, Dv, NF, r1e, r1f, r2v, r2e,
               HAS_XR: tl.constexpr, MUON: tl.constexpr,
               BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
     """Grid (B·H,). On entry gW, gS hold ∂L/∂W_{j+1}, ∂L/∂S_{j+1} (MUON: gS already includes the Newton–Schulz
-    path, added by _ns5_bwd); on exit ∂L/∂W_j (plus R's slot i, the reads' gradient), ∂L/∂S_j. Writes the window
+    path, added by _ns5_bwd); on exit ∂L/∂W_j (plus R's slot i, the reads' gradient, any dtype, slots packed but
+    strides (r1e, r1f), (r2v, r2e) inside one: the reads' matmul leaves it transposed), ∂L/∂S_j. Writes the window
     rows of dX, dXR, dV and dWg, dEta, dTheta, dAlpha of chunk j; rows with a reset add ∂L/∂Ws to dW1i/dW2i
     [B·H, ...] and pass nothing to (W_j, S_j) through the write."""
     bh = tl.program_id(0).to(tl.int64)
@@ -260,7 +261,7 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     tl.store(dTheta + gi, d_theta)
     tl.store(dAlpha + gi, d_alpha)
     dws2 = (1.0 - alpha) * gw2 + dw2                                         # ∂L/∂Ws2
-    rd2 = tl.load(R2 + cur * Dv * E + off2, mask=m_ve, other=0.0).to(tl.float32)
+    rd2 = tl.load(R2 + cur * Dv * E + rv[:, None] * r2v + re[None, :] * r2e, mask=m_ve, other=0.0).to(tl.float32)
     tl.debug_barrier()                                                       # every read of gW, gS is done
     if keep == 0.0:
         p2 = dW2i + bh * Dv * E + off2
@@ -283,7 +284,7 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         dx = tl.dot(dzt, w1, input_precision=PREC) - theta * tl.dot(dz, gs, input_precision=PREC)
         tl.store(dX + rows[:, None] * F + cf[None, :], dx, mask=m_cf)
         dws1 = (1.0 - alpha) * gw + tl.dot(tl.trans(dzt), x, input_precision=PREC)
-        rd1 = tl.load(R1 + cur * E * F + off1, mask=m_ef, other=0.0).to(tl.float32)
+        rd1 = tl.load(R1 + cur * E * F + re[:, None] * r1e + cf[None, :] * r1f, mask=m_ef, other=0.0).to(tl.float32)
         # every thread has read this tile of gW1, gS1 before any overwrites it (the store may use another layout)
         tl.debug_barrier()
         if keep == 0.0:
@@ -638,7 +639,7 @@ class _Scan(torch.autograd.Function):
         BH = B * H
         interpret = X.device.type == "cpu"
         kern = _kernels(interpret)
-        R1, R2 = dW1r.contiguous(), dW2r.contiguous()                # the reads' ∂L/∂W_j, in their dtype
+        R1, R2 = _slots(dW1r), _slots(dW2r)                           # the reads' ∂L/∂W_j, in their dtype
         # carried ∂L/∂W_j, ∂L/∂S_j [B, H, ...]
         gW1, gW2 = ((d.float() + R[:, :, -1]).contiguous() for d, R in ((dW1, R1), (dW2, R2)))
         gS1, gS2 = dS1.float().contiguous().clone(), dS2.float().contiguous().clone()
@@ -664,10 +665,18 @@ class _Scan(torch.autograd.Function):
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
                 gW1, gW2, gS1, gS2, R1, R2, dX, dX if XR is None else dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
                 j0 + i, i, H, L, NJ, j1 - j0 + 1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret),
-                **flags, **cfg)
+                *R1.stride()[3:], *R2.stride()[3:], **flags, **cfg)
         dW1i, dW2i = (None, None) if W1i is None else (dW1i.sum(0), dW2i.sum(0))
         return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
                 None, None, None, None, None, None, None)
+
+
+def _slots(t: Tensor) -> Tensor:
+    """t [B, H, K, a, b] as _step_bwd reads it: slots packed one after another, each dense in either orientation (the
+    gradient of the reads' `x @ W.mT` is a transposed view: no copy for it), else a contiguous copy."""
+    B, H, K, a, b = t.shape
+    packed = t.stride()[:3] == (H * K * a * b, K * a * b, a * b) and t.stride()[3:] in ((b, 1), (1, a))
+    return t if packed else t.contiguous()
 
 
 def _read_chunks(pre: Prelude, st: Stream, j0: int, j_end: int, W1: Tensor, W2: Tensor) -> Tensor:
