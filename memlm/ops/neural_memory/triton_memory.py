@@ -674,7 +674,7 @@ class _Scan(torch.autograd.Function):
 def _slots(t: Tensor) -> Tensor:
     """t [B, H, K, a, b] as _step_bwd reads it: slots packed one after another, each dense in either orientation (the
     gradient of the reads' `x @ W.mT` is a transposed view: no copy for it), else a contiguous copy."""
-    B, H, K, a, b = t.shape
+    H, K, a, b = t.shape[1:]
     packed = t.stride()[:3] == (H * K * a * b, K * a * b, a * b) and t.stride()[3:] in ((b, 1), (1, a))
     return t if packed else t.contiguous()
 
