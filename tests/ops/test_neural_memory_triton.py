@@ -48,17 +48,25 @@ def test_fp32_matches_chunked_float64(T, opt):
     check(x, optimizer=opt, nonzero=nonzero, **kw)
 
 
+LOW = ("q", "k", "v")   # the inputs given in bf16 by the bf16 tests
+
+
+def bf16_case(T: int, opt: str):
+    """case(T) with q, k, v rounded to bf16 (the values triton sees), its kwargs, and the chunked form in float64."""
+    x, kw, _ = case(T)
+    xr = {n: (t.bfloat16().double() if n in LOW else t) for n, t in x.items()}
+    kw = {**kw, "optimizer": opt}
+    return xr, kw, run(neural_memory, xr, torch.float64, **kw)
+
+
 @pytest.mark.parametrize("opt", ["momentum", "muon"])
 @pytest.mark.parametrize("T", LENGTHS)
 def test_bf16_inputs(T, opt):
-    x, kw, _ = case(T)
-    low = ("q", "k", "v")
-    xr = {n: (t.bfloat16().double() if n in low else t) for n, t in x.items()}   # the values triton sees
-    want = run(neural_memory, xr, torch.float64, optimizer=opt, **kw)
-    base = run(neural_memory, xr, torch.float32, low=low, optimizer=opt, **kw)
+    xr, kw, want = bf16_case(T, opt)
+    base = run(neural_memory, xr, torch.float32, low=LOW, **kw)
     with torch.autocast("cuda", torch.bfloat16):   # what bf16 training computes with the PyTorch (chunked) backend
-        mixed = run(neural_memory, xr, torch.float32, low=low, optimizer=opt, **kw)
-    got = run(triton_memory.neural_memory, xr, torch.float32, low=low, optimizer=opt, **kw)
+        mixed = run(neural_memory, xr, torch.float32, low=LOW, **kw)
+    got = run(triton_memory.neural_memory, xr, torch.float32, low=LOW, **kw)
     assert got["o"].dtype == torch.bfloat16 and got["W1"].dtype == torch.float32
     if T == 1000:
         print(f"\n{opt} {triton_memory.precision(half=True)} T {T}: " + ", ".join(
@@ -76,14 +84,11 @@ def test_reads_in_autocast_dtype(opt, monkeypatch):
     (Not bit for bit on the GPU: a read of a sliced bf16 tensor may pick another GEMM than one of the contiguous
     cast autocast makes; the CPU test checks bit equality.)"""
     from memlm.ops.neural_memory import parallel
-    x, kw, _ = case(LENGTHS[4])                                      # resets, a split with pending tokens
-    low = ("q", "k", "v")
-    xr = {n: (t.bfloat16().double() if n in low else t) for n, t in x.items()}
-    want = run(neural_memory, xr, torch.float64, optimizer=opt, **kw)
+    xr, kw, want = bf16_case(LENGTHS[4], opt)                         # resets, a split with pending tokens
     with torch.autocast("cuda", torch.bfloat16):
-        got = run(triton_memory.neural_memory, xr, torch.float32, low=low, optimizer=opt, **kw)
+        got = run(triton_memory.neural_memory, xr, torch.float32, low=LOW, **kw)
         monkeypatch.setattr(parallel, "read_dtype", lambda dt, device: dt)
-        casts = run(triton_memory.neural_memory, xr, torch.float32, low=low, optimizer=opt, **kw)
+        casts = run(triton_memory.neural_memory, xr, torch.float32, low=LOW, **kw)
     assert got["o"].dtype == torch.bfloat16
     for n, w in want.items():
         if w.dtype != torch.bool and w.numel():
