@@ -215,7 +215,7 @@ def test_ns5_kernels_match_torch(rows, cols):
     multiple of the tiles), against newton_schulz5 and its autograd in float64."""
     from memlm.ops.neural_memory.common import NS5_EPS, NS5_STEPS, newton_schulz5
     kern, BH = triton_memory._kernels(True), 3
-    g = triton_memory._NS5(rows, cols, BH, torch.device("cpu"))
+    g, gb = (triton_memory._NS5(rows, cols, BH, torch.device("cpu"), backward=b) for b in (False, True))
     torch.manual_seed(rows * cols)
     S, O, G, dS = (torch.randn(BH, rows, cols) for _ in range(4))
     want, base = {}, {}
@@ -225,12 +225,10 @@ def test_ns5_kernels_match_torch(rows, cols):
         out["Out"] = O.to(dtype) + y
         out["dS"] = dS.to(dtype) + torch.autograd.grad(y, s, G.to(dtype))[0]
     nan = functools.partial(torch.full, fill_value=float("nan"))
-    c = g.consts("ieee")
-    count = triton_memory._count(g.NT, True)
-    kern["ns5_fwd"][(BH,)](S, O, nan((BH, g.M * g.N)), S.stride(0), O.stride(0), g.sr, g.sc, g.M, g.N, count,
-                           NS5_EPS ** 2, **c)
+    kern["ns5_fwd"][(BH,)](S, O, nan((BH, g.M * g.N)), S.stride(0), O.stride(0), g.sr, g.sc, g.M, g.N,
+                           triton_memory._count(g.NT, True), NS5_EPS ** 2, **g.consts("ieee"))
     kern["ns5_bwd"][(BH,)](S, G, dS, nan((BH, NS5_STEPS, g.M * g.N)), nan((BH, g.M * g.N)), S.stride(0), G.stride(0),
-                           g.sr, g.sc, g.M, g.N, count, NS5_EPS ** 2, **c)
+                           g.sr, g.sc, g.M, g.N, triton_memory._count(gb.NT, True), NS5_EPS ** 2, **gb.consts("ieee"))
     for n, got in (("Out", O), ("dS", dS)):
         assert rel_err(got, want[n]) <= max(1e-5, NOISE * rel_err(base[n], want[n])), n
 

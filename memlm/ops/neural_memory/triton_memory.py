@@ -426,23 +426,22 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
         tl.store(pd, tl.load(pd, mask=m, other=0.0) + scale * dy - scale * scale * scale * inner * s, mask=m)
 
 
-def _poly_fwd(X, Out, I, J, S, R, D, P, NP, BR: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr):
-    """Grid (cdiv(R, BR),). Out [R, D + P] = [x, x_i x_j s] for rows x of X [R, D] (common.poly_features)."""
+def _poly_fwd(X, Out, R, D, P, BR: tl.constexpr, BD: tl.constexpr):
+    """Grid (cdiv(R, BR),). Out [R, D + P] = [x, x_i x_j s] for rows x of X [R, D] (common.poly_features): the
+    outer product x xᵀ of each row in registers [BR, BD, BD], its upper triangle stored at its place in the row
+    (position i·D − i(i−1)/2 + j − i of pair i ≤ j; lanes run along j, so each (row, i) is one contiguous store)."""
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rd = tl.arange(0, BD)
     mr = r < R
     m = mr[:, None] & (rd < D)[None, :]
-    tl.store(Out + r[:, None] * (D + P) + rd[None, :], tl.load(X + r[:, None] * D + rd[None, :], mask=m), mask=m)
-    for t in range(NP):
-        cp = t * BP + tl.arange(0, BP)
-        mp = cp < P
-        i = tl.load(I + cp, mask=mp, other=0)
-        j = tl.load(J + cp, mask=mp, other=0)
-        s = tl.load(S + cp, mask=mp, other=0.0)
-        m2 = mr[:, None] & mp[None, :]
-        xi = tl.load(X + r[:, None] * D + i[None, :], mask=m2, other=0.0)
-        xj = tl.load(X + r[:, None] * D + j[None, :], mask=m2, other=0.0)
-        tl.store(Out + r[:, None] * (D + P) + D + cp[None, :], xi * xj * s[None, :], mask=m2)
+    x = tl.load(X + r[:, None] * D + rd[None, :], mask=m, other=0.0)
+    tl.store(Out + r[:, None] * (D + P) + rd[None, :], x, mask=m)
+    i, j = rd[:, None], rd[None, :]
+    pos = i * D - (i * (i - 1)) // 2 + j - i
+    s = tl.where(i == j, 0.7071067811865476, 1.0)                 # float32(1/√2), as common._poly_maps' s
+    u = x[:, :, None] * x[:, None, :] * s[None, :, :]
+    mu = mr[:, None, None] & ((i <= j) & (j < D))[None, :, :]
+    tl.store(Out + r[:, None, None] * (D + P) + D + pos[None, :, :], u, mask=mu)
 
 
 def _poly_bwd(X, G, DX, POS, GS, R, D, P, BR: tl.constexpr, BD: tl.constexpr):
@@ -496,15 +495,12 @@ def poly_supports(x: Tensor) -> bool:
 def poly_forward(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """common.poly_features' forward as one kernel: x [..., D] float32 -> [..., D + D(D+1)/2] in dtype."""
     D = x.shape[-1]
-    m = _poly_maps(D, x.device)
-    P = m.i.numel()
+    P = D * (D + 1) // 2
     xf = x.reshape(-1, D).contiguous()
     out = torch.empty(*x.shape[:-1], D + P, device=x.device, dtype=dtype)
     R, interpret = xf.shape[0], x.device.type == "cpu"
-    BR, BP = 32, 128
-    _kernels(interpret)["poly_fwd"][(triton.cdiv(R, BR),)](
-        xf, out, m.i, m.j, m.s.to(x.dtype), R, D, P, _count(triton.cdiv(P, BP), interpret),
-        BR=BR, BD=_pow2(D), BP=BP, num_warps=4)
+    BR = 8
+    _kernels(interpret)["poly_fwd"][(triton.cdiv(R, BR),)](xf, out, R, D, P, BR=BR, BD=_pow2(D), num_warps=4)
     return out
 
 
@@ -568,13 +564,16 @@ def ns5_half_dots(half: bool, interpret: bool = False) -> bool:
 class _NS5:
     """Launch geometry of Newton–Schulz on every [rows, cols] matrix of a [B·H, ...] batch (wide orientation)."""
 
-    def __init__(self, rows: int, cols: int, BH: int, device: torch.device):
+    def __init__(self, rows: int, cols: int, BH: int, device: torch.device, backward: bool = False):
         self.M, self.N = min(rows, cols), max(rows, cols)
         self.sr, self.sc = (cols, 1) if rows <= cols else (1, cols)          # a tall matrix is read transposed
         BM = _pow2(self.M)
         # H100, 128 programs of 64×560, TF32 / bf16 dots (fwd, bwd µs): BN 16 and 8 warps 204/607, 175/458; BN 64 and
         # 4 warps 145/419, 117/288 (the best of BN 16/32/64 × 4/8 warps). 128 rows: narrow tiles, unmeasured.
-        cfg = {"BN": 64, "num_warps": 4} if BM <= 64 else {"BN": 16, "num_warps": 8}
+        # Tenth session, TF32, best of 3 × 20 launches: the backward at BN 32 405 µs against 416–421 at BN 64 (no
+        # spills against 64 B), and 26 against 36 µs on 32 × 64 (W2's map); the forward stays at BN 64 (143–150 against
+        # 154 at BN 32; 19 against 28 on 32 × 64).
+        cfg = {"BN": 32 if backward else 64, "num_warps": 4} if BM <= 64 else {"BN": 16, "num_warps": 8}
         self.cfg = {"BM": BM, **cfg}
         self.NT = triton.cdiv(self.N, self.cfg["BN"])
         self.BH, self.device = BH, device
@@ -652,7 +651,7 @@ class _Scan(torch.autograd.Function):
         cfg = _step_config(c, E, Dv, F, backward=True, prec=prec)
         flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
         if muon:
-            ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
+            ns = [_NS5(E, F, BH, X.device, backward=True), _NS5(Dv, E, BH, X.device, backward=True)]
             scratch = [(_empty(X, BH, NS5_STEPS, g.M * g.N), _empty(X, BH, g.M * g.N)) for g in ns]
         for i in reversed(range(j1 - j0)):
             if muon:   # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1}
