@@ -215,7 +215,7 @@ def test_ns5_kernels_match_torch(rows, cols):
     multiple of the tiles), against newton_schulz5 and its autograd in float64."""
     from memlm.ops.neural_memory.common import NS5_EPS, NS5_STEPS, newton_schulz5
     kern, BH = triton_memory._kernels(True), 3
-    g, gb = (triton_memory._NS5(rows, cols, BH, torch.device("cpu"), backward=b) for b in (False, True))
+    g, gb = (triton_memory._NS5(rows, cols, backward=b) for b in (False, True))
     torch.manual_seed(rows * cols)
     S, O, G, dS = (torch.randn(BH, rows, cols) for _ in range(4))
     want, base = {}, {}

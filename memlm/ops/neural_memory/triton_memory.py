@@ -562,9 +562,10 @@ def ns5_half_dots(half: bool, interpret: bool = False) -> bool:
 
 
 class _NS5:
-    """Launch geometry of Newton–Schulz on every [rows, cols] matrix of a [B·H, ...] batch (wide orientation)."""
+    """Launch geometry of Newton–Schulz on every [rows, cols] matrix of a [B·H, ...] batch (wide orientation), for the
+    forward or the backward kernel."""
 
-    def __init__(self, rows: int, cols: int, BH: int, device: torch.device, backward: bool = False):
+    def __init__(self, rows: int, cols: int, backward: bool = False):
         self.M, self.N = min(rows, cols), max(rows, cols)
         self.sr, self.sc = (cols, 1) if rows <= cols else (1, cols)          # a tall matrix is read transposed
         BM = _pow2(self.M)
@@ -576,7 +577,6 @@ class _NS5:
         cfg = {"BN": 32 if backward else 64, "num_warps": 4} if BM <= 64 else {"BN": 16, "num_warps": 8}
         self.cfg = {"BM": BM, **cfg}
         self.NT = triton.cdiv(self.N, self.cfg["BN"])
-        self.BH, self.device = BH, device
 
     def consts(self, prec: str, lp: bool = False) -> dict:
         a, b, c = NS5_COEFFS
@@ -612,7 +612,7 @@ class _Scan(torch.autograd.Function):
         cfg = _step_config(c, E, Dv, F, backward=False, prec=prec)
         flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
         if muon:
-            ns = [_NS5(E, F, BH, X.device), _NS5(Dv, E, BH, X.device)]
+            ns = [_NS5(E, F), _NS5(Dv, E)]
             scratch = [_empty(X, BH, g.M * g.N) for g in ns]
         for i, j in enumerate(range(j0, j1)):
             kern["step_fwd"][(BH,)](
@@ -651,7 +651,7 @@ class _Scan(torch.autograd.Function):
         cfg = _step_config(c, E, Dv, F, backward=True, prec=prec)
         flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
         if muon:
-            ns = [_NS5(E, F, BH, X.device, backward=True), _NS5(Dv, E, BH, X.device, backward=True)]
+            ns = [_NS5(E, F, backward=True), _NS5(Dv, E, backward=True)]
             scratch = [(_empty(X, BH, NS5_STEPS, g.M * g.N), _empty(X, BH, g.M * g.N)) for g in ns]
         for i in reversed(range(j1 - j0)):
             if muon:   # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1}
