@@ -19,6 +19,7 @@ from memlm.ops.neural_memory import (
     neural_memory,
     neural_memory_reference,
     newton_schulz5,
+    newton_schulz5_gram,
     omega_grad,
     poly_features,
 )
@@ -133,6 +134,22 @@ def test_newton_schulz5_orthogonalises():
     assert_close(newton_schulz5(s.mT), x.mT, tol=1e-12, name="orientation")
     assert_close(newton_schulz5(5.0 * s), x, tol=1e-12, name="scale invariance")
     assert newton_schulz5(torch.zeros(2, 3, 4)).abs().max() == 0
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 14), (2, 9, 4), (1, 6, 6), (2, 64, 560)])
+def test_newton_schulz5_gram_form_is_the_same_map(shape):
+    """The Gram form (the Triton kernels' algorithm) equals the iterative form in float64, values and gradients, on
+    Gaussian, rank-deficient and zero matrices."""
+    torch.manual_seed(sum(shape))
+    low = torch.randn(*shape[:-1], 2, dtype=torch.float64) @ torch.randn(*shape[:-2], 2, shape[-1], dtype=torch.float64)
+    for s in (torch.randn(*shape, dtype=torch.float64), low, torch.zeros(*shape, dtype=torch.float64)):
+        a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+        ya, yb = newton_schulz5(a), newton_schulz5_gram(b)
+        g = torch.randn_like(ya)
+        assert (ya - yb).abs().max() <= 1e-11 * max(1.0, ya.abs().max().item())
+        ga, = torch.autograd.grad(ya, a, g)
+        gb, = torch.autograd.grad(yb, b, g)
+        assert (ga - gb).abs().max() <= 1e-9 * max(1.0, ga.abs().max().item())
 
 
 @pytest.mark.parametrize("residual", [True, False])

@@ -13,7 +13,6 @@ not cutting a gradient, a wrong Newton–Schulz transpose) gave errors of 3e-2 a
 """
 from __future__ import annotations
 
-import functools
 import itertools
 
 import pytest
@@ -105,6 +104,16 @@ def compare(got, want, base, *, nonzero=(), floor=1e-5, grad_floor=None, also=No
         assert want[n].abs().max() > 0, f"{n}: zero reference gradient, the comparison would be vacuous"
 
 
+def run_base(x, **kw) -> dict[str, torch.Tensor]:
+    """run() of the chunked form in float32 with Newton–Schulz in Gram form (common.newton_schulz5_gram, whose float32
+    error grows with the momentum's condition): the noise floor of the kernels on bf16 inputs, which take that form."""
+    from memlm.ops.neural_memory import parallel
+    from memlm.ops.neural_memory.common import newton_schulz5_gram
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parallel, "newton_schulz5", newton_schulz5_gram)
+        return run(neural_memory, x, torch.float32, **kw)
+
+
 def check(x, *, nonzero=LEAVES, truth=neural_memory, **kw):
     """triton (float32) vs truth (float64), allowed NOISE × the error of the chunked form in float32."""
     want = run(truth, x, torch.float64, **kw)
@@ -135,6 +144,19 @@ def test_muon_resets_pending_all_gradients():
     x = inputs(T=21, poly=True, seed=7)
     reset = resets(2, 21, [(9,), (16,)])
     check(x, chunk_size=8, window=5, optimizer="muon", poly=True, reset=reset, split=11)
+
+
+def test_muon_bf16_inputs_take_the_gram_form():
+    """bf16 q, k, v select the Gram-form Newton–Schulz kernels: outputs, states and every gradient against float64 on
+    the bf16-rounded inputs within the GPU bf16 test's bounds (5e-3, gradients 1e-2; the reads are bf16)."""
+    low = ("q", "k", "v")
+    x = {n: (t.bfloat16().double() if n in low else t) for n, t in inputs(T=21, poly=True, seed=7).items()}
+    kw = {"chunk_size": 8, "window": 5, "optimizer": "muon", "poly": True, "split": 11,
+          "reset": resets(2, 21, [(9,), (16,)])}
+    assert triton_memory._NS5(8, 14, triton_memory.precision(half=True)).gram
+    want = run(neural_memory, x, torch.float64, **kw)
+    got = run(triton_memory.neural_memory, x, torch.float32, low=low, **kw)
+    compare(got, want, run_base(x, low=low, **kw), floor=5e-3, grad_floor=1e-2, nonzero=[f"d{n}" for n in LEAVES])
 
 
 def test_muon_tall_and_wide_matrices_no_reset():
@@ -209,26 +231,27 @@ def test_poly_kernels_match_torch(d):
 
 
 
+@pytest.mark.parametrize("prec", ["ieee", "tf32"])
 @pytest.mark.parametrize("rows,cols", [(3, 20), (24, 5), (16, 70), (6, 6), (1, 9)])
-def test_ns5_kernels_match_torch(rows, cols):
+def test_ns5_kernels_match_torch(rows, cols, prec):
     """Newton–Schulz kernels alone: Out += NS5(S) and dS += (∂NS5/∂S)ᵀ dOut (wide and tall, sizes that are no
-    multiple of the tiles), against newton_schulz5 and its autograd in float64."""
-    from memlm.ops.neural_memory.common import NS5_EPS, NS5_STEPS, newton_schulz5
-    kern, BH = triton_memory._kernels(True), 3
-    g, gb = (triton_memory._NS5(rows, cols, backward=b) for b in (False, True))
+    multiple of the tiles), against newton_schulz5 and its autograd in float64, within NOISE × the float32 error of
+    the same algorithm in PyTorch: the iterative kernels (float32 inputs, "ieee") and the Gram-form ones (bf16 inputs;
+    the interpreter computes their dots in float32)."""
+    from memlm.ops.neural_memory.common import newton_schulz5, newton_schulz5_gram
+    fwd, bwd = (triton_memory._NS5(rows, cols, prec, backward=b) for b in (False, True))
+    assert fwd.gram == bwd.gram == (prec != "ieee")
     torch.manual_seed(rows * cols)
-    S, O, G, dS = (torch.randn(BH, rows, cols) for _ in range(4))
+    S, O, G, dS = (torch.randn(1, 3, rows, cols) for _ in range(4))
     want, base = {}, {}
-    for dtype, out in ((torch.float64, want), (torch.float32, base)):
+    for dtype, out, ns in ((torch.float64, want, newton_schulz5),
+                           (torch.float32, base, newton_schulz5_gram if fwd.gram else newton_schulz5)):
         s = S.to(dtype).requires_grad_()
-        y = newton_schulz5(s)
+        y = ns(s)
         out["Out"] = O.to(dtype) + y
         out["dS"] = dS.to(dtype) + torch.autograd.grad(y, s, G.to(dtype))[0]
-    nan = functools.partial(torch.full, fill_value=float("nan"))
-    kern["ns5_fwd"][(BH,)](S, O, nan((BH, g.M * g.N)), S.stride(0), O.stride(0), g.sr, g.sc, g.M, g.N,
-                           triton_memory._count(g.NT, True), NS5_EPS ** 2, **g.consts("ieee"))
-    kern["ns5_bwd"][(BH,)](S, G, dS, nan((BH, NS5_STEPS, g.M * g.N)), nan((BH, g.M * g.N)), S.stride(0), G.stride(0),
-                           g.sr, g.sc, g.M, g.N, triton_memory._count(gb.NT, True), NS5_EPS ** 2, **gb.consts("ieee"))
+    fwd(S, O, fwd.scratch(S, 3))
+    bwd(S, G, bwd.scratch(S, 3), dS=dS)
     for n, got in (("Out", O), ("dS", dS)):
         assert rel_err(got, want[n]) <= max(1e-5, NOISE * rel_err(base[n], want[n])), n
 

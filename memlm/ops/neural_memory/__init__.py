@@ -11,13 +11,13 @@ from memlm.ops import dispatch
 
 from . import triton_memory
 from .common import (NS5_COEFFS, NeuralMemoryState, Pending, empty_pending, feature_dim, newton_schulz5,
-                     poly_features)
+                     newton_schulz5_gram, poly_features)
 from .parallel import memory_read, neural_memory, omega_grad
 from .reference import neural_memory_reference
 
 __all__ = ["neural_memory", "neural_memory_reference", "NeuralMemoryState", "Pending", "empty_pending",
-           "feature_dim", "poly_features", "newton_schulz5", "NS5_COEFFS", "omega_grad", "memory_read",
-           "TRITON_PRIORITY", "triton_memory"]
+           "feature_dim", "poly_features", "newton_schulz5", "newton_schulz5_gram", "NS5_COEFFS", "omega_grad",
+           "memory_read", "TRITON_PRIORITY", "triton_memory"]
 
 # Above 0: the CUDA default. tests/ops/test_neural_memory_triton.py passed on an H100 with Triton 3.6 on 2026-11-22
 # (outputs, fast weights and every gradient against the chunked form). Below 0: by name only (layer

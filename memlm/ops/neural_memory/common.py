@@ -188,6 +188,31 @@ def newton_schulz5(s: Tensor) -> Tensor:
     return x.mT if tall else x
 
 
+def newton_schulz5_gram(s: Tensor) -> Tensor:
+    """newton_schulz5 computed on the Gram matrix (the same map; the reference of the Triton kernels' form).
+
+    Every iterate is X_k = K_k X_0 with K_k [m, m] (m ≤ n, wide orientation), so the steps need only
+    A_0 = X_0 X_0ᵀ: Q_k = a I + b A_k + c A_k², K_{k+1} = Q_k K_k, A_{k+1} = Q_k A_k Q_k, and NS5(s) = K_5 X_0 —
+    two products with the n-wide matrix instead of ten. Equal in exact arithmetic (float64: 1e-13); in float32 its
+    error grows with the condition of s (K_5's eigenvalues reach a⁵ ≈ 484 where s is small): 1e-6 on a Gaussian
+    64 × 560, up to 3e-4 against the iterative form's 1e-5 when s's singular values span 1 … 1e-6.
+    """
+    a, b, c = NS5_COEFFS
+    tall = s.shape[-2] > s.shape[-1]
+    x = s.mT if tall else s
+    n2 = s.square().sum(dim=(-2, -1), keepdim=True) + NS5_EPS**2
+    A = (x @ x.mT) / n2
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    K = None
+    for it in range(NS5_STEPS):
+        q = a * eye + b * A + c * (A @ A)
+        K = q if K is None else q @ K
+        if it < NS5_STEPS - 1:
+            A = q @ A @ q
+    y = (K @ x) * torch.rsqrt(n2)
+    return y.mT if tall else y
+
+
 def compute_dtype(*ts: Tensor | None) -> torch.dtype:
     """float32, or float64 when any input is float64 (references in double for tight comparisons)."""
     dt = torch.float32

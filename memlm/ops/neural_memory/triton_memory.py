@@ -296,11 +296,10 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
 
 def _ns5_fwd(S, Out, Xs, s_bh, o_bh, sr, sc, M, N, NT, EPS2,
              A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, LP: tl.constexpr):
+             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Grid (B·H,). Out += NS5(S) for one matrix per program, seen as [M, N] (M ≤ N) through strides (sr, sc)
     (a tall matrix is passed transposed); S at S + bh·s_bh, Out at Out + bh·o_bh, scratch Xs [B·H, M, N]."""
     bh = tl.program_id(0).to(tl.int64)
-    DT: tl.constexpr = tl.bfloat16 if LP else tl.float32
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     mm = rm < M
@@ -323,15 +322,15 @@ def _ns5_fwd(S, Out, Xs, s_bh, o_bh, sr, sc, M, N, NT, EPS2,
             cn = t * BN + rn
             m = mm[:, None] & (cn < N)[None, :]
             x = tl.load(Xs + bh * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
-            g += tl.dot(x.to(DT), tl.trans(x).to(DT), input_precision=PREC)
-        p = B_ * g + C_ * tl.dot(g.to(DT), g.to(DT), input_precision=PREC)
+            g += tl.dot(x, tl.trans(x), input_precision=PREC)
+        p = B_ * g + C_ * tl.dot(g, g, input_precision=PREC)
         tl.debug_barrier()
         for t in range(NT):
             cn = t * BN + rn
             m = mm[:, None] & (cn < N)[None, :]
             ptr = Xs + bh * M * N + rm[:, None] * N + cn[None, :]
             x = tl.load(ptr, mask=m, other=0.0)
-            tl.store(ptr, A_ * x + tl.dot(p.to(DT), x.to(DT), input_precision=PREC), mask=m)
+            tl.store(ptr, A_ * x + tl.dot(p, x, input_precision=PREC), mask=m)
     tl.debug_barrier()
     for t in range(NT):
         cn = t * BN + rn
@@ -343,13 +342,12 @@ def _ns5_fwd(S, Out, Xs, s_bh, o_bh, sr, sc, M, N, NT, EPS2,
 
 def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
              A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, LP: tl.constexpr):
+             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Grid (B·H,). dS += (∂NS5/∂S)ᵀ dOut for one matrix per program (layout as _ns5_fwd; dOut, dS at bh·g_bh).
     Recomputes the iterates X_0 … X_{STEPS−1} into Xs [B·H, STEPS, M, N], walks them back with dY [B·H, M, N]:
     Y = a X + P X, P = b G + c G², G = X Xᵀ  =>  dX = a dY + P dY + (dG + dGᵀ) X, dG = b dP + c (dP G + G dP),
     dP = dY Xᵀ; finally X_0 = S / n, n = sqrt(‖S‖² + ε²)  =>  dS = dX_0 / n − ⟨dX_0, S⟩ S / n³."""
     bh = tl.program_id(0).to(tl.int64)
-    DT: tl.constexpr = tl.bfloat16 if LP else tl.float32
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     mm = rm < M
@@ -376,14 +374,14 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
             cn = t * BN + rn
             m = mm[:, None] & (cn < N)[None, :]
             x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
-            g += tl.dot(x.to(DT), tl.trans(x).to(DT), input_precision=PREC)
-        p = B_ * g + C_ * tl.dot(g.to(DT), g.to(DT), input_precision=PREC)
+            g += tl.dot(x, tl.trans(x), input_precision=PREC)
+        p = B_ * g + C_ * tl.dot(g, g, input_precision=PREC)
         for t in range(NT):
             cn = t * BN + rn
             m = mm[:, None] & (cn < N)[None, :]
             x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
             tl.store(xb + (it + 1) * M * N + rm[:, None] * N + cn[None, :],
-                     A_ * x + tl.dot(p.to(DT), x.to(DT), input_precision=PREC), mask=m)
+                     A_ * x + tl.dot(p, x, input_precision=PREC), mask=m)
     for k in range(STEPS):
         it = STEPS - 1 - k
         tl.debug_barrier()
@@ -394,11 +392,11 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
             m = mm[:, None] & (cn < N)[None, :]
             x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
             dy = tl.load(yb + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
-            g += tl.dot(x.to(DT), tl.trans(x).to(DT), input_precision=PREC)
-            dp += tl.dot(dy.to(DT), tl.trans(x).to(DT), input_precision=PREC)
-        p = B_ * g + C_ * tl.dot(g.to(DT), g.to(DT), input_precision=PREC)
-        dg = B_ * dp + C_ * (tl.dot(dp.to(DT), g.to(DT), input_precision=PREC)
-                             + tl.dot(g.to(DT), dp.to(DT), input_precision=PREC))
+            g += tl.dot(x, tl.trans(x), input_precision=PREC)
+            dp += tl.dot(dy, tl.trans(x), input_precision=PREC)
+        p = B_ * g + C_ * tl.dot(g, g, input_precision=PREC)
+        dg = B_ * dp + C_ * (tl.dot(dp, g, input_precision=PREC)
+                             + tl.dot(g, dp, input_precision=PREC))
         dgs = dg + tl.trans(dg)
         tl.debug_barrier()
         for t in range(NT):
@@ -406,8 +404,8 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
             m = mm[:, None] & (cn < N)[None, :]
             x = tl.load(xb + it * M * N + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
             dy = tl.load(yb + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
-            dy = (A_ * dy + tl.dot(p.to(DT), dy.to(DT), input_precision=PREC)
-                  + tl.dot(dgs.to(DT), x.to(DT), input_precision=PREC))
+            dy = (A_ * dy + tl.dot(p, dy, input_precision=PREC)
+                  + tl.dot(dgs, x, input_precision=PREC))
             tl.store(yb + rm[:, None] * N + cn[None, :], dy, mask=m)
     tl.debug_barrier()
     acc = tl.full([BM, BN], 0.0, tl.float32)
@@ -424,6 +422,113 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
         dy = tl.load(yb + rm[:, None] * N + cn[None, :], mask=m, other=0.0)
         pd = dS + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc
         tl.store(pd, tl.load(pd, mask=m, other=0.0) + scale * dy - scale * scale * scale * inner * s, mask=m)
+
+
+def _ns5g_fwd(S, Out, s_bh, o_bh, sr, sc, M, N, NT, EPS2,
+             A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PC: tl.constexpr):
+    """_ns5_fwd in Gram form (layout and arguments as there, no scratch; used for bf16/fp16 inputs, NOTES.md): every
+    iterate is X_k = K_k X_0 with K_k [M, M], so the five steps run on M × M matrices in registers and S is read
+    twice (G = S Sᵀ and ‖S‖², then Out += (K_5 / n) S) instead of twice per step:
+    n = sqrt(‖S‖² + ε²), A_0 = G / n², K_0 = I;  Q_k = a I + b A_k + c A_k²,  K_{k+1} = Q_k K_k,  A_{k+1} = Q_k A_k Q_k.
+    PREC: dots over N (the passes); PC: dots of the M × M chain."""
+    bh = tl.program_id(0).to(tl.int64)
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    mm = rm < M
+    g = tl.full([BM, BM], 0.0, tl.float32)
+    acc = tl.full([BM, BN], 0.0, tl.float32)
+    for t in range(NT):
+        cn = t * BN + rn
+        m = mm[:, None] & (cn < N)[None, :]
+        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        acc += s * s
+        g += tl.dot(s, tl.trans(s), input_precision=PREC)
+    scale = 1.0 / tl.sqrt(tl.reduce(acc, None, tl.standard._sum_combine) + EPS2)
+    eye = tl.where(rm[:, None] == rm[None, :], 1.0, 0.0)
+    a = g * (scale * scale)
+    k = eye
+    for it in range(STEPS):          # a runtime loop: unrolled, the backward's chain took minutes to compile
+        q = A_ * eye + B_ * a + C_ * tl.dot(a, a, input_precision=PC)
+        k = tl.dot(q, k, input_precision=PC)
+        if it < STEPS - 1:
+            a = tl.dot(tl.dot(q, a, input_precision=PC), q, input_precision=PC)
+    k = k * scale
+    for t in range(NT):
+        cn = t * BN + rn
+        m = mm[:, None] & (cn < N)[None, :]
+        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        po = Out + bh * o_bh + rm[:, None] * sr + cn[None, :] * sc
+        tl.store(po, tl.load(po, mask=m, other=0.0) + tl.dot(k, s, input_precision=PREC), mask=m)
+
+
+def _ns5g_bwd(S, dOut, dS, Ch, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
+             A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PC: tl.constexpr):
+    """Grid (B·H,). dS += (∂NS5/∂S)ᵀ dOut for one matrix per program (layout as _ns5_fwd; dOut, dS at bh·g_bh), in
+    the Gram form of _ns5g_fwd. Pass 1: G = S Sᵀ, D = dOut Sᵀ, ‖S‖²; the chain again, its A_k, Q_k, K_k kept in the
+    scratch Ch [B·H, STEPS, 3, BM, BM]; then back through it from dK_5 = D / n (all chain matrices are polynomials
+    of A_0, hence symmetric and commuting, so P_k = Q_k A_k = A_k Q_k):
+      dQ = dK' K_k (dK' at k = 0) + dA' P_k + P_k dA',  dA = Q_k dA' Q_k + b dQ + c (dQ A_k + A_k dQ),  dK = Q_k dK';
+    with dA_s = dA_0 + dA_0ᵀ and ι = ⟨dK_5, K_5⟩ + ⟨dA_s, A_0⟩, pass 2: dS += (K_5 / n)ᵀ dOut + (dA_s − ι I) S / n²."""
+    bh = tl.program_id(0).to(tl.int64)
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    mm = rm < M
+    g = tl.full([BM, BM], 0.0, tl.float32)
+    d = tl.full([BM, BM], 0.0, tl.float32)
+    acc = tl.full([BM, BN], 0.0, tl.float32)
+    for t in range(NT):
+        cn = t * BN + rn
+        m = mm[:, None] & (cn < N)[None, :]
+        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        dy = tl.load(dOut + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        acc += s * s
+        g += tl.dot(s, tl.trans(s), input_precision=PREC)
+        d += tl.dot(dy, tl.trans(s), input_precision=PREC)
+    scale = 1.0 / tl.sqrt(tl.reduce(acc, None, tl.standard._sum_combine) + EPS2)
+    eye = tl.where(rm[:, None] == rm[None, :], 1.0, 0.0)
+    a0 = g * (scale * scale)
+    a = a0
+    k = eye
+    cb = Ch + bh * (STEPS * 3 * BM * BM)
+    off = rm[:, None] * BM + rm[None, :]
+    for it in range(STEPS):
+        q = A_ * eye + B_ * a + C_ * tl.dot(a, a, input_precision=PC)
+        tl.store(cb + (3 * it) * BM * BM + off, a)
+        tl.store(cb + (3 * it + 1) * BM * BM + off, q)
+        tl.store(cb + (3 * it + 2) * BM * BM + off, k)
+        k = tl.dot(q, k, input_precision=PC)
+        if it < STEPS - 1:
+            a = tl.dot(tl.dot(q, a, input_precision=PC), q, input_precision=PC)
+    tl.debug_barrier()
+    dk = d * scale
+    inner = tl.reduce(dk * k, None, tl.standard._sum_combine)
+    da = tl.full([BM, BM], 0.0, tl.float32)
+    for i in range(STEPS):
+        r = STEPS - 1 - i
+        ak = tl.load(cb + (3 * r) * BM * BM + off)
+        qk = tl.load(cb + (3 * r + 1) * BM * BM + off)
+        dq = tl.dot(dk, tl.load(cb + (3 * r + 2) * BM * BM + off), input_precision=PC)
+        if r > 0:
+            dk = tl.dot(qk, dk, input_precision=PC)
+        if r < STEPS - 1:
+            p = tl.dot(qk, ak, input_precision=PC)
+            dq += tl.dot(da, p, input_precision=PC) + tl.dot(p, da, input_precision=PC)
+            da = tl.dot(tl.dot(qk, da, input_precision=PC), qk, input_precision=PC)
+        da += B_ * dq + C_ * (tl.dot(dq, ak, input_precision=PC) + tl.dot(ak, dq, input_precision=PC))
+    das = da + tl.trans(da)
+    inner += tl.reduce(das * a0, None, tl.standard._sum_combine)
+    t2 = (das - inner * eye) * (scale * scale)
+    kt = tl.trans(k) * scale
+    for t in range(NT):
+        cn = t * BN + rn
+        m = mm[:, None] & (cn < N)[None, :]
+        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        dy = tl.load(dOut + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+        pd = dS + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc
+        upd = tl.dot(kt, dy, input_precision=PREC) + tl.dot(t2, s, input_precision=PREC)
+        tl.store(pd, tl.load(pd, mask=m, other=0.0) + upd, mask=m)
 
 
 def _poly_fwd(X, Out, R, D, P, BR: tl.constexpr, BD: tl.constexpr):
@@ -464,7 +569,7 @@ def _poly_bwd(X, G, DX, POS, GS, R, D, P, BR: tl.constexpr, BD: tl.constexpr):
 def _build(interpret: bool) -> dict:
     """The kernels, compiled for the GPU or wrapped for the interpreter (CPU tensors)."""
     fns = {"step_fwd": _step_fwd, "step_bwd": _step_bwd, "ns5_fwd": _ns5_fwd, "ns5_bwd": _ns5_bwd,
-           "poly_fwd": _poly_fwd, "poly_bwd": _poly_bwd}
+           "ns5g_fwd": _ns5g_fwd, "ns5g_bwd": _ns5g_bwd, "poly_fwd": _poly_fwd, "poly_bwd": _poly_bwd}
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
         return {n: InterpretedFunction(f) for n, f in fns.items()}
@@ -547,40 +652,54 @@ def _step_config(c: int, E: int, Dv: int, F: int, backward: bool, prec: str = "i
     return {"BC": BC, "BE": BE, "BV": BV, "BF": min(BF, _pow2(F)), "num_warps": warps}
 
 
-# bf16 dot operands (float32 accumulation, float32 iterates) in the Newton–Schulz kernels when the op's inputs are
-# bf16/fp16: the backward gets 1.45× faster (H100, 64×560) but misses the bf16 GPU test's bound (the chunked form under
-# bf16 autocast) on dη by ~10 % at T 65 and 100, so it is off by default; MEMLM_NS5_HALF_DOTS=1 turns it on. (The step
-# kernels gave NaN gradients with bf16 operands on Triton 3.6 and keep TF32.)
-NS5_HALF_DOTS = False
-
-
-def ns5_half_dots(half: bool, interpret: bool = False) -> bool:
-    """bf16 operands for the Newton–Schulz dots? Never in the interpreter: Triton 3.6's interpreter gets tl.dot of
-    bf16 operands wrong (a 16 × 16 product was off by 2.5e10), so interpreter runs keep float32 operands."""
-    env = os.environ.get("MEMLM_NS5_HALF_DOTS")
-    return half and not interpret and (NS5_HALF_DOTS if env is None else env == "1")
+# Which Newton–Schulz kernels run, by the op's dot precision. Float32 inputs ("ieee"): the iterative form (_ns5_fwd,
+# _ns5_bwd), float32-accurate. bf16/fp16 inputs: the Gram form (_ns5g_fwd, _ns5g_bwd), two passes over each matrix
+# instead of ten (forward) or twenty-two (backward). Its float32 error grows with the momentum's condition (NOTES.md:
+# the chain carries A_0's rounding along S's null space, amplified by up to a⁸ by A_4), so its dots must be near
+# float32 (passes over N, M × M chain): with one TF32 product per dot the map's error reached 2e-1 on an S with
+# singular values from 1 to 1e-3 (CPU emulation; the iterative TF32 form's is 1e-3 there), with three 1e-4.
+NS5_GRAM_PRECISION = ("tf32x3", "tf32x3")
 
 
 class _NS5:
-    """Launch geometry of Newton–Schulz on every [rows, cols] matrix of a [B·H, ...] batch (wide orientation), for the
-    forward or the backward kernel."""
+    """Newton–Schulz on every [rows, cols] matrix of a [B, H, ...] batch (wide orientation): kernel choice, launch
+    geometry, scratch, launch, for the forward or the backward and the op's dot precision `prec`."""
 
-    def __init__(self, rows: int, cols: int, backward: bool = False):
+    def __init__(self, rows: int, cols: int, prec: str, backward: bool = False):
         self.M, self.N = min(rows, cols), max(rows, cols)
         self.sr, self.sc = (cols, 1) if rows <= cols else (1, cols)          # a tall matrix is read transposed
-        BM = _pow2(self.M)
+        self.gram, self.backward = prec != "ieee", backward
+        self.BM = BM = _pow2(self.M)
         # H100, 128 programs of 64×560, TF32 / bf16 dots (fwd, bwd µs): BN 16 and 8 warps 204/607, 175/458; BN 64 and
         # 4 warps 145/419, 117/288 (the best of BN 16/32/64 × 4/8 warps). 128 rows: narrow tiles, unmeasured.
         # Tenth session, TF32, best of 3 × 20 launches: the backward at BN 32 405 µs against 416–421 at BN 64 (no
         # spills against 64 B), and 26 against 36 µs on 32 × 64 (W2's map); the forward stays at BN 64 (143–150 against
         # 154 at BN 32; 19 against 28 on 32 × 64).
         cfg = {"BN": 32 if backward else 64, "num_warps": 4} if BM <= 64 else {"BN": 16, "num_warps": 8}
-        self.cfg = {"BM": BM, **cfg}
-        self.NT = triton.cdiv(self.N, self.cfg["BN"])
-
-    def consts(self, prec: str, lp: bool = False) -> dict:
         a, b, c = NS5_COEFFS
-        return {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "PREC": prec, "LP": lp, **self.cfg}
+        dots = dict(zip(("PREC", "PC"), NS5_GRAM_PRECISION)) if self.gram else {"PREC": prec}
+        self.consts = {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "BM": BM, **dots, **cfg}
+        self.NT = triton.cdiv(self.N, cfg["BN"])
+        self.name = ("ns5g_" if self.gram else "ns5_") + ("bwd" if backward else "fwd")
+
+    def scratch(self, like: Tensor, BH: int) -> tuple[Tensor, ...]:
+        """Iterative: the iterate [B·H, M·N] (forward), or every iterate and dY [B·H, STEPS, M·N], [B·H, M·N]
+        (backward). Gram: nothing (forward), or the chain's A_k, Q_k, K_k [B·H, STEPS, 3, BM, BM] (backward)."""
+        M, N, BM = self.M, self.N, self.BM
+        if self.gram:
+            return (_empty(like, BH, NS5_STEPS, 3, BM, BM),) if self.backward else ()
+        if self.backward:
+            return _empty(like, BH, NS5_STEPS, M * N), _empty(like, BH, M * N)
+        return (_empty(like, BH, M * N),)
+
+    def __call__(self, s: Tensor, o: Tensor, scratch: tuple[Tensor, ...], dS: Tensor | None = None) -> None:
+        """Forward: o += NS5(s). Backward: dS += (∂NS5/∂s)ᵀ o. s, o, dS [B, H, rows, cols] views, dense over (B, H)
+        with per-head strides s.stride(1), o.stride(1) (dS as o)."""
+        interpret = s.device.type == "cpu"
+        BH = s.shape[0] * s.shape[1]
+        args = (s, o, *scratch) if dS is None else (s, o, dS, *scratch)
+        _kernels(interpret)[self.name][(BH,)](*args, s.stride(1), o.stride(1), self.sr, self.sc, self.M, self.N,
+                                              _count(self.NT, interpret), NS5_EPS ** 2, **self.consts)
 
 
 class _Scan(torch.autograd.Function):
@@ -608,22 +727,18 @@ class _Scan(torch.autograd.Function):
         W1all, S1all = (_empty(X, B, H, K1, E, F) for _ in range(2))
         W2all, S2all = (_empty(X, B, H, K1, Dv, E) for _ in range(2))
         W1all[:, :, 0], W2all[:, :, 0], S1all[:, :, 0], S2all[:, :, 0] = W1, W2, S1, S2
-        prec, lp = precision(half), ns5_half_dots(half, interpret)
+        prec = precision(half)
         cfg = _step_config(c, E, Dv, F, backward=False, prec=prec)
         flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
-        if muon:
-            ns = [_NS5(E, F), _NS5(Dv, E)]
-            scratch = [_empty(X, BH, g.M * g.N) for g in ns]
+        ns = [_NS5(E, F, prec), _NS5(Dv, E, prec)] if muon else []
+        scratch = [g.scratch(X, BH) for g in ns]
         for i, j in enumerate(range(j0, j1)):
             kern["step_fwd"][(BH,)](
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
                 j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg)
-            if muon:
-                for g, Sa, Wa, xs in zip(ns, (S1all, S2all), (W1all, W2all), scratch):
-                    s, o = Sa[:, :, i + 1], Wa[:, :, i + 1]
-                    kern["ns5_fwd"][(BH,)](s, o, xs, s.stride(1), o.stride(1), g.sr, g.sc, g.M, g.N,
-                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts(prec, lp))
+            for g, Sa, Wa, sc in zip(ns, (S1all, S2all), (W1all, W2all), scratch):
+                g(Sa[:, :, i + 1], Wa[:, :, i + 1], sc)
         ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has)
         ctx.meta = (j0, j1, C, muon, half)
         last = (W1all[:, :, -1].clone(), W2all[:, :, -1].clone(), S1all[:, :, -1].clone(), S2all[:, :, -1].clone())
@@ -647,18 +762,15 @@ class _Scan(torch.autograd.Function):
         dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
         # rows with a reset in chunk j send the write's ∂L/∂Ws here (summed over rows at the end)
         dW1i, dW2i = X.new_zeros(B, H, E, F), X.new_zeros(B, H, Dv, E)
-        prec, lp = precision(half), ns5_half_dots(half, interpret)
+        prec = precision(half)
         cfg = _step_config(c, E, Dv, F, backward=True, prec=prec)
         flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
-        if muon:
-            ns = [_NS5(E, F, backward=True), _NS5(Dv, E, backward=True)]
-            scratch = [(_empty(X, BH, NS5_STEPS, g.M * g.N), _empty(X, BH, g.M * g.N)) for g in ns]
+        ns = [_NS5(E, F, prec, backward=True), _NS5(Dv, E, prec, backward=True)] if muon else []
+        scratch = [g.scratch(X, BH) for g in ns]
         for i in reversed(range(j1 - j0)):
-            if muon:   # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1}
-                for g, Sa, gw, gs, (xs, dy) in zip(ns, (S1all, S2all), (gW1, gW2), (gS1, gS2), scratch):
-                    s = Sa[:, :, i + 1]
-                    kern["ns5_bwd"][(BH,)](s, gw, gs, xs, dy, s.stride(1), gw.stride(1), g.sr, g.sc, g.M, g.N,
-                                           _count(g.NT, interpret), NS5_EPS ** 2, **g.consts(prec, lp))
+            # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1} (Muon)
+            for g, Sa, gw, gs, sc in zip(ns, (S1all, S2all), (gW1, gW2), (gS1, gS2), scratch):
+                g(Sa[:, :, i + 1], gw, sc, dS=gs)
             kern["step_bwd"][(BH,)](
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
