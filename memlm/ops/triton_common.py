@@ -11,7 +11,7 @@ except ImportError:  # no Triton: the backends report unsupported and never call
     triton = None
     tl = None
 
-__all__ = ["interpreting", "loop_count", "tl", "triton"]
+__all__ = ["Relauncher", "interpreting", "loop_count", "tl", "triton"]
 
 
 def interpreting() -> bool:
@@ -27,3 +27,32 @@ def loop_count(n: int, interpret: bool):
     import numpy as np
     from triton.runtime.interpreter import TensorHandle
     return tl.tensor(TensorHandle(np.array(n, dtype=np.int32), tl.int32), tl.int32)
+
+
+class Relauncher:
+    """``kernel[grid](*args, **kw)`` for a launch sequence in which nothing the JIT specialises on changes — a chunk
+    loop: the same dtypes, constexprs and launch options, pointers at the same 16-byte alignment, integers that differ
+    only where the kernel is built with ``do_not_specialize``. The first launch goes through Triton's JIT (compiles,
+    specialises, finds the kernel); the later ones call that compiled kernel's launcher with the arguments bound in
+    the same order, skipping the JIT's argument binding and cache lookup (H100, Triton 3.6: 30.5 → 10.3 µs of host
+    time a launch). The caller vouches for the invariance. ``direct=False`` (the interpreter, code traced by
+    torch.compile) launches through the JIT every time."""
+
+    def __init__(self, kernel, grid: tuple[int, ...], direct: bool = True):
+        self.kernel, self.grid, self.direct, self.compiled = kernel, tuple(grid) + (1,) * (3 - len(grid)), direct, None
+
+    def __call__(self, *args, **kw) -> None:
+        if self.compiled is None or not self.direct:
+            k = self.kernel[self.grid](*args, **kw)
+            if self.direct:
+                self.compiled = k.result() if hasattr(k, "result") else k
+                self.names = self.kernel.arg_names[len(args):]     # the rest of the parameters, given by keyword
+                from triton.runtime import driver
+                self.stream = driver.active.get_current_stream(driver.active.get_current_device())
+            return
+        k, (g0, g1, g2) = self.compiled, self.grid
+        bound = (*args, *(kw[n] for n in self.names))
+        hooks = triton.knobs.runtime
+        meta = k.launch_metadata(self.grid, self.stream, *bound) if hooks.launch_enter_hook is not None else None
+        k.run(g0, g1, g2, self.stream, k.function, k.packed_metadata, meta, hooks.launch_enter_hook,
+              hooks.launch_exit_hook, *bound)

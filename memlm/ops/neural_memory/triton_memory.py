@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from memlm.ops.triton_common import interpreting, tl, triton  # None, None without Triton
+from memlm.ops.triton_common import Relauncher, interpreting, tl, triton  # None, None without Triton
 from memlm.ops.triton_common import loop_count as _count
 
 from .common import NS5_COEFFS, NS5_EPS, NS5_STEPS, NeuralMemoryState, Pending, _poly_maps, maybe_any
@@ -665,8 +665,9 @@ class _NS5:
     """Newton–Schulz on every [rows, cols] matrix of a [B, H, ...] batch (wide orientation): kernel choice, launch
     geometry, scratch, launch, for the forward or the backward and the op's dot precision `prec`."""
 
-    def __init__(self, rows: int, cols: int, prec: str, backward: bool = False):
+    def __init__(self, rows: int, cols: int, prec: str, backward: bool = False, direct: bool = False):
         self.M, self.N = min(rows, cols), max(rows, cols)
+        self.direct, self.launch = direct, None         # Relauncher's direct launches (see _Scan), made at first call
         self.sr, self.sc = (cols, 1) if rows <= cols else (1, cols)          # a tall matrix is read transposed
         self.gram, self.backward = prec != "ieee", backward
         self.BM = BM = _pow2(self.M)
@@ -696,10 +697,24 @@ class _NS5:
         """Forward: o += NS5(s). Backward: dS += (∂NS5/∂s)ᵀ o. s, o, dS [B, H, rows, cols] views, dense over (B, H)
         with per-head strides s.stride(1), o.stride(1) (dS as o)."""
         interpret = s.device.type == "cpu"
-        BH = s.shape[0] * s.shape[1]
+        if self.launch is None:
+            self.launch = Relauncher(_kernels(interpret)[self.name], (s.shape[0] * s.shape[1],), self.direct)
         args = (s, o, *scratch) if dS is None else (s, o, dS, *scratch)
-        _kernels(interpret)[self.name][(BH,)](*args, s.stride(1), o.stride(1), self.sr, self.sc, self.M, self.N,
-                                              _count(self.NT, interpret), NS5_EPS ** 2, **self.consts)
+        self.launch(*args, s.stride(1), o.stride(1), self.sr, self.sc, self.M, self.N, _count(self.NT, interpret),
+                    NS5_EPS ** 2, **self.consts)
+
+
+def _direct(interpret: bool) -> bool:
+    """Launch a scan's chunks after the first straight through the compiled kernel (triton_common.Relauncher): its
+    kernels take the same tensors every chunk and differ only in the chunk indices, built do_not_specialize. Not in
+    the interpreter, nor while torch.compile traces (it captures the JIT's launches)."""
+    return not interpret and not torch.compiler.is_compiling()
+
+
+def _aligned(*stacks: Tensor) -> bool:
+    """Every slot of these [B, H, K, …] stacks starts at the 16-byte alignment of slot 0 (the Newton–Schulz kernels
+    take one slot per chunk, and Triton specialises on 16-byte pointer alignment)."""
+    return all(t.stride(2) * t.element_size() % 16 == 0 for t in stacks)
 
 
 class _Scan(torch.autograd.Function):
@@ -730,10 +745,13 @@ class _Scan(torch.autograd.Function):
         prec = precision(half)
         cfg = _step_config(c, E, Dv, F, backward=False, prec=prec)
         flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
-        ns = [_NS5(E, F, prec), _NS5(Dv, E, prec)] if muon else []
+        direct = _direct(interpret)
+        step = Relauncher(kern["step_fwd"], (BH,), direct)
+        ns = [_NS5(E, F, prec, direct=direct and _aligned(S1all, W1all)),
+              _NS5(Dv, E, prec, direct=direct and _aligned(S2all, W2all))] if muon else []
         scratch = [g.scratch(X, BH) for g in ns]
         for i, j in enumerate(range(j0, j1)):
-            kern["step_fwd"][(BH,)](
+            step(
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
                 j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg)
@@ -765,13 +783,16 @@ class _Scan(torch.autograd.Function):
         prec = precision(half)
         cfg = _step_config(c, E, Dv, F, backward=True, prec=prec)
         flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
-        ns = [_NS5(E, F, prec, backward=True), _NS5(Dv, E, prec, backward=True)] if muon else []
+        direct = _direct(interpret)
+        step = Relauncher(kern["step_bwd"], (BH,), direct)
+        ns = [_NS5(E, F, prec, backward=True, direct=direct and _aligned(S1all)),
+              _NS5(Dv, E, prec, backward=True, direct=direct and _aligned(S2all))] if muon else []
         scratch = [g.scratch(X, BH) for g in ns]
         for i in reversed(range(j1 - j0)):
             # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1} (Muon)
             for g, Sa, gw, gs, sc in zip(ns, (S1all, S2all), (gW1, gW2), (gS1, gS2), scratch):
                 g(Sa[:, :, i + 1], gw, sc, dS=gs)
-            kern["step_bwd"][(BH,)](
+            step(
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
                 gW1, gW2, gS1, gS2, R1, R2, dX, dX if XR is None else dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
