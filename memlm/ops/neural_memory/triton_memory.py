@@ -9,8 +9,10 @@ in a row whose chunk j holds a reset;
 What runs where. The chunked form spends its time in small launches, ~60 computing ops per chunk forward (~180
 with the two Newton–Schulz maps of Muon) and ~4× that with the backward, plus a full-size zero-fill for every
 per-chunk slice of the stream in the backward (NOTES.md). Here one chunk's write is one kernel
-(`_step_fwd`, one program per batch·head, tiles over F), Newton–Schulz one kernel per matrix (`_ns5_fwd`, the Gram
-matrix in registers, X streamed over column tiles from an L2-resident scratch); the backward walks the chunks in
+(`_step_fwd`, one program per batch·head, tiles over F), Newton–Schulz one kernel per matrix (float32 inputs: `_ns5_fwd`,
+iterating on X streamed over column tiles from an L2-resident scratch; bf16/fp16 inputs: `_ns5g_fwd`, the same map on
+the M × M Gram matrix in registers, NOTES.md); later chunks relaunch the compiled kernels directly (`Relauncher`,
+`_direct`); the backward walks the chunks in
 reverse with the matching `_step_bwd` / `_ns5_bwd` (closed-form second-order terms of the inner gradient,
 Newton–Schulz iterates recomputed). Both are wrapped in one torch.autograd.Function (`_Scan`) per stretch of at
 most MAX_SCAN chunks that returns the stacked weights W_j of every chunk; the reads o_t = M_{W_j}(q_t) of all
