@@ -1,5 +1,5 @@
 """Newton–Schulz kernels of the Triton neural memory (issue 10): the iterative form (`_ns5_fwd`, `_ns5_bwd`) against
-the Gram form (`_ns5g_fwd`, `_ns5g_bwd`) at atlas-mag-small's shapes — one matrix per batch·head, B·H = 128 of
+the Gram form (`_ns5g`) at atlas-mag-small's shapes — one matrix per batch·head, B·H = 128 of
 W1's momentum [E 64, F 560] and of W2's [Dv 32, E 64] — forward (Out += NS5(S)) and backward (dS += J ᵀ dOut).
 One JSON line per (matrix, form, dot precisions): best-of-repeats µs per launch, and the relative error of Out and
 dS against newton_schulz5 in float64 on three kinds of S (Gaussian; a momentum-like sum of low-rank terms; rank 8).

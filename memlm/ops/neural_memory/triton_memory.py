@@ -10,7 +10,7 @@ What runs where. The chunked form spends its time in small launches, ~60 computi
 with the two Newton–Schulz maps of Muon) and ~4× that with the backward, plus a full-size zero-fill for every
 per-chunk slice of the stream in the backward (NOTES.md). Here one chunk's write is one kernel
 (`_step_fwd`, one program per batch·head, tiles over F), Newton–Schulz one kernel per matrix (float32 inputs: `_ns5_fwd`,
-iterating on X streamed over column tiles from an L2-resident scratch; bf16/fp16 inputs: `_ns5g_fwd`, the same map on
+iterating on X streamed over column tiles from an L2-resident scratch; bf16/fp16 inputs: `_ns5g`, the same map on
 the M × M Gram matrix in registers, NOTES.md); later chunks relaunch the compiled kernels directly (`Relauncher`,
 `_direct`); the backward walks the chunks in
 reverse with the matching `_step_bwd` / `_ns5_bwd` (closed-form second-order terms of the inner gradient,
@@ -426,53 +426,22 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
         tl.store(pd, tl.load(pd, mask=m, other=0.0) + scale * dy - scale * scale * scale * inner * s, mask=m)
 
 
-def _ns5g_fwd(S, Out, s_bh, o_bh, sr, sc, M, N, NT, EPS2,
-             A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PC: tl.constexpr):
-    """_ns5_fwd in Gram form (layout and arguments as there, no scratch; used for bf16/fp16 inputs, NOTES.md): every
-    iterate is X_k = K_k X_0 with K_k [M, M], so the five steps run on M × M matrices in registers and S is read
-    twice (G = S Sᵀ and ‖S‖², then Out += (K_5 / n) S) instead of twice per step:
-    n = sqrt(‖S‖² + ε²), A_0 = G / n², K_0 = I;  Q_k = a I + b A_k + c A_k²,  K_{k+1} = Q_k K_k,  A_{k+1} = Q_k A_k Q_k.
+def _ns5g(S, Y, dS, Ch, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
+          A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PC: tl.constexpr, BWD: tl.constexpr):
+    """Grid (B·H,). Newton–Schulz in Gram form, one matrix per program, layout as _ns5_fwd (S at bh·s_bh, Y and dS
+    at bh·g_bh); the kernels of bf16/fp16 inputs (NOTES.md). Forward (BWD false): Y += NS5(S) (dS, Ch unused).
+    Backward: dS += (∂NS5/∂S)ᵀ Y.
+
+    Every iterate is X_k = K_k X_0 with K_k [M, M], so the five steps run on M × M matrices in registers and S is read
+    twice instead of twice per step: n = sqrt(‖S‖² + ε²), A_0 = S Sᵀ / n², K_0 = I;
+    Q_k = a I + b A_k + c A_k²,  K_{k+1} = Q_k K_k,  A_{k+1} = Q_k A_k Q_k;  NS5(S) = K_5 S / n.
+    The backward also takes D = Y Sᵀ in the first pass and keeps A_k, Q_k, K_k in the scratch Ch [B·H, STEPS, 3, BM,
+    BM]; all chain matrices are polynomials of A_0, hence symmetric and commuting (P_k = Q_k A_k = A_k Q_k), so from
+    dK_5 = D / n, dA_5 = 0, for k = 4 … 0:
+      dQ = dK' K_k + dA' P_k + P_k dA',  dA = Q_k dA' Q_k + b dQ + c (dQ A_k + A_k dQ),  dK = Q_k dK';
+    with dA_s = dA_0 + dA_0ᵀ and ι = ⟨dK_5, K_5⟩ + ⟨dA_s, A_0⟩, the second pass: dS += (K_5 / n)ᵀ Y + (dA_s − ι I) S / n².
     PREC: dots over N (the passes); PC: dots of the M × M chain."""
-    bh = tl.program_id(0).to(tl.int64)
-    rm = tl.arange(0, BM)
-    rn = tl.arange(0, BN)
-    mm = rm < M
-    g = tl.full([BM, BM], 0.0, tl.float32)
-    acc = tl.full([BM, BN], 0.0, tl.float32)
-    for t in range(NT):
-        cn = t * BN + rn
-        m = mm[:, None] & (cn < N)[None, :]
-        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
-        acc += s * s
-        g += tl.dot(s, tl.trans(s), input_precision=PREC)
-    scale = 1.0 / tl.sqrt(tl.reduce(acc, None, tl.standard._sum_combine) + EPS2)
-    eye = tl.where(rm[:, None] == rm[None, :], 1.0, 0.0)
-    a = g * (scale * scale)
-    k = eye
-    for it in range(STEPS):          # a runtime loop: unrolled, the backward's chain took minutes to compile
-        q = A_ * eye + B_ * a + C_ * tl.dot(a, a, input_precision=PC)
-        k = tl.dot(q, k, input_precision=PC)
-        if it < STEPS - 1:
-            a = tl.dot(tl.dot(q, a, input_precision=PC), q, input_precision=PC)
-    k = k * scale
-    for t in range(NT):
-        cn = t * BN + rn
-        m = mm[:, None] & (cn < N)[None, :]
-        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
-        po = Out + bh * o_bh + rm[:, None] * sr + cn[None, :] * sc
-        tl.store(po, tl.load(po, mask=m, other=0.0) + tl.dot(k, s, input_precision=PREC), mask=m)
-
-
-def _ns5g_bwd(S, dOut, dS, Ch, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
-             A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PC: tl.constexpr):
-    """Grid (B·H,). dS += (∂NS5/∂S)ᵀ dOut for one matrix per program (layout as _ns5_fwd; dOut, dS at bh·g_bh), in
-    the Gram form of _ns5g_fwd. Pass 1: G = S Sᵀ, D = dOut Sᵀ, ‖S‖²; the chain again, its A_k, Q_k, K_k kept in the
-    scratch Ch [B·H, STEPS, 3, BM, BM]; then back through it from dK_5 = D / n (all chain matrices are polynomials
-    of A_0, hence symmetric and commuting, so P_k = Q_k A_k = A_k Q_k):
-      dQ = dK' K_k (dK' at k = 0) + dA' P_k + P_k dA',  dA = Q_k dA' Q_k + b dQ + c (dQ A_k + A_k dQ),  dK = Q_k dK';
-    with dA_s = dA_0 + dA_0ᵀ and ι = ⟨dK_5, K_5⟩ + ⟨dA_s, A_0⟩, pass 2: dS += (K_5 / n)ᵀ dOut + (dA_s − ι I) S / n²."""
     bh = tl.program_id(0).to(tl.int64)
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
@@ -484,10 +453,11 @@ def _ns5g_bwd(S, dOut, dS, Ch, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
         cn = t * BN + rn
         m = mm[:, None] & (cn < N)[None, :]
         s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
-        dy = tl.load(dOut + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
         acc += s * s
         g += tl.dot(s, tl.trans(s), input_precision=PREC)
-        d += tl.dot(dy, tl.trans(s), input_precision=PREC)
+        if BWD:
+            dy = tl.load(Y + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+            d += tl.dot(dy, tl.trans(s), input_precision=PREC)
     scale = 1.0 / tl.sqrt(tl.reduce(acc, None, tl.standard._sum_combine) + EPS2)
     eye = tl.where(rm[:, None] == rm[None, :], 1.0, 0.0)
     a0 = g * (scale * scale)
@@ -495,42 +465,52 @@ def _ns5g_bwd(S, dOut, dS, Ch, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
     k = eye
     cb = Ch + bh * (STEPS * 3 * BM * BM)
     off = rm[:, None] * BM + rm[None, :]
-    for it in range(STEPS):
+    for it in range(STEPS):          # a runtime loop: unrolled, the backward's chain took minutes to compile
         q = A_ * eye + B_ * a + C_ * tl.dot(a, a, input_precision=PC)
-        tl.store(cb + (3 * it) * BM * BM + off, a)
-        tl.store(cb + (3 * it + 1) * BM * BM + off, q)
-        tl.store(cb + (3 * it + 2) * BM * BM + off, k)
+        if BWD:
+            tl.store(cb + (3 * it) * BM * BM + off, a)
+            tl.store(cb + (3 * it + 1) * BM * BM + off, q)
+            tl.store(cb + (3 * it + 2) * BM * BM + off, k)
         k = tl.dot(q, k, input_precision=PC)
         if it < STEPS - 1:
             a = tl.dot(tl.dot(q, a, input_precision=PC), q, input_precision=PC)
-    tl.debug_barrier()
-    dk = d * scale
-    inner = tl.reduce(dk * k, None, tl.standard._sum_combine)
-    da = tl.full([BM, BM], 0.0, tl.float32)
-    for i in range(STEPS):
-        r = STEPS - 1 - i
-        ak = tl.load(cb + (3 * r) * BM * BM + off)
-        qk = tl.load(cb + (3 * r + 1) * BM * BM + off)
-        dq = tl.dot(dk, tl.load(cb + (3 * r + 2) * BM * BM + off), input_precision=PC)
-        if r > 0:
-            dk = tl.dot(qk, dk, input_precision=PC)
-        if r < STEPS - 1:
-            p = tl.dot(qk, ak, input_precision=PC)
-            dq += tl.dot(da, p, input_precision=PC) + tl.dot(p, da, input_precision=PC)
-            da = tl.dot(tl.dot(qk, da, input_precision=PC), qk, input_precision=PC)
-        da += B_ * dq + C_ * (tl.dot(dq, ak, input_precision=PC) + tl.dot(ak, dq, input_precision=PC))
-    das = da + tl.trans(da)
-    inner += tl.reduce(das * a0, None, tl.standard._sum_combine)
-    t2 = (das - inner * eye) * (scale * scale)
-    kt = tl.trans(k) * scale
-    for t in range(NT):
-        cn = t * BN + rn
-        m = mm[:, None] & (cn < N)[None, :]
-        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
-        dy = tl.load(dOut + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
-        pd = dS + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc
-        upd = tl.dot(kt, dy, input_precision=PREC) + tl.dot(t2, s, input_precision=PREC)
-        tl.store(pd, tl.load(pd, mask=m, other=0.0) + upd, mask=m)
+    if BWD:
+        tl.debug_barrier()
+        dk = d * scale
+        inner = tl.reduce(dk * k, None, tl.standard._sum_combine)
+        da = tl.full([BM, BM], 0.0, tl.float32)
+        for i in range(STEPS):
+            r = STEPS - 1 - i
+            ak = tl.load(cb + (3 * r) * BM * BM + off)
+            qk = tl.load(cb + (3 * r + 1) * BM * BM + off)
+            dq = tl.dot(dk, tl.load(cb + (3 * r + 2) * BM * BM + off), input_precision=PC)
+            if r > 0:
+                dk = tl.dot(qk, dk, input_precision=PC)
+            if r < STEPS - 1:
+                p = tl.dot(qk, ak, input_precision=PC)
+                dq += tl.dot(da, p, input_precision=PC) + tl.dot(p, da, input_precision=PC)
+                da = tl.dot(tl.dot(qk, da, input_precision=PC), qk, input_precision=PC)
+            da += B_ * dq + C_ * (tl.dot(dq, ak, input_precision=PC) + tl.dot(ak, dq, input_precision=PC))
+        das = da + tl.trans(da)
+        inner += tl.reduce(das * a0, None, tl.standard._sum_combine)
+        t2 = (das - inner * eye) * (scale * scale)
+        kt = tl.trans(k) * scale
+        for t in range(NT):
+            cn = t * BN + rn
+            m = mm[:, None] & (cn < N)[None, :]
+            s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+            dy = tl.load(Y + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+            pd = dS + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc
+            upd = tl.dot(kt, dy, input_precision=PREC) + tl.dot(t2, s, input_precision=PREC)
+            tl.store(pd, tl.load(pd, mask=m, other=0.0) + upd, mask=m)
+    else:
+        k = k * scale
+        for t in range(NT):
+            cn = t * BN + rn
+            m = mm[:, None] & (cn < N)[None, :]
+            s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+            po = Y + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc
+            tl.store(po, tl.load(po, mask=m, other=0.0) + tl.dot(k, s, input_precision=PREC), mask=m)
 
 
 def _poly_fwd(X, Out, R, D, P, BR: tl.constexpr, BD: tl.constexpr):
@@ -571,7 +551,7 @@ def _poly_bwd(X, G, DX, POS, GS, R, D, P, BR: tl.constexpr, BD: tl.constexpr):
 def _build(interpret: bool) -> dict:
     """The kernels, compiled for the GPU or wrapped for the interpreter (CPU tensors)."""
     fns = {"step_fwd": _step_fwd, "step_bwd": _step_bwd, "ns5_fwd": _ns5_fwd, "ns5_bwd": _ns5_bwd,
-           "ns5g_fwd": _ns5g_fwd, "ns5g_bwd": _ns5g_bwd, "poly_fwd": _poly_fwd, "poly_bwd": _poly_bwd}
+           "ns5g": _ns5g, "poly_fwd": _poly_fwd, "poly_bwd": _poly_bwd}
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
         return {n: InterpretedFunction(f) for n, f in fns.items()}
@@ -655,7 +635,7 @@ def _step_config(c: int, E: int, Dv: int, F: int, backward: bool, prec: str = "i
 
 
 # Which Newton–Schulz kernels run, by the op's dot precision. Float32 inputs ("ieee"): the iterative form (_ns5_fwd,
-# _ns5_bwd), float32-accurate. bf16/fp16 inputs: the Gram form (_ns5g_fwd, _ns5g_bwd), two passes over each matrix
+# _ns5_bwd), float32-accurate. bf16/fp16 inputs: the Gram form (_ns5g, both ways), two passes over each matrix
 # instead of ten (forward) or twenty-two (backward). Its float32 error grows with the momentum's condition (NOTES.md:
 # the chain carries A_0's rounding along S's null space, amplified by up to a⁸ by A_4), so its dots must be near
 # float32 (passes over N, M × M chain): with one TF32 product per dot the map's error reached 2e-1 on an S with
@@ -680,10 +660,10 @@ class _NS5:
         # 154 at BN 32; 19 against 28 on 32 × 64).
         cfg = {"BN": 32 if backward else 64, "num_warps": 4} if BM <= 64 else {"BN": 16, "num_warps": 8}
         a, b, c = NS5_COEFFS
-        dots = dict(zip(("PREC", "PC"), NS5_GRAM_PRECISION)) if self.gram else {"PREC": prec}
+        dots = {**dict(zip(("PREC", "PC"), NS5_GRAM_PRECISION)), "BWD": backward} if self.gram else {"PREC": prec}
         self.consts = {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "BM": BM, **dots, **cfg}
         self.NT = triton.cdiv(self.N, cfg["BN"])
-        self.name = ("ns5g_" if self.gram else "ns5_") + ("bwd" if backward else "fwd")
+        self.name = "ns5g" if self.gram else "ns5_bwd" if backward else "ns5_fwd"
 
     def scratch(self, like: Tensor, BH: int) -> tuple[Tensor, ...]:
         """Iterative: the iterate [B·H, M·N] (forward), or every iterate and dY [B·H, STEPS, M·N], [B·H, M·N]
@@ -701,7 +681,10 @@ class _NS5:
         interpret = s.device.type == "cpu"
         if self.launch is None:
             self.launch = Relauncher(_kernels(interpret)[self.name], (s.shape[0] * s.shape[1],), self.direct)
-        args = (s, o, *scratch) if dS is None else (s, o, dS, *scratch)
+        if self.gram:                    # one kernel both ways; the forward's dS, Ch slots unused
+            args = (s, o, o, o) if dS is None else (s, o, dS, *scratch)
+        else:
+            args = (s, o, *scratch) if dS is None else (s, o, dS, *scratch)
         self.launch(*args, s.stride(1), o.stride(1), self.sr, self.sc, self.M, self.N, _count(self.NT, interpret),
                     NS5_EPS ** 2, **self.consts)
 
