@@ -657,7 +657,8 @@ class _NS5:
         # 4 warps 145/419, 117/288 (the best of BN 16/32/64 × 4/8 warps). 128 rows: narrow tiles, unmeasured.
         # Tenth session, TF32, best of 3 × 20 launches: the backward at BN 32 405 µs against 416–421 at BN 64 (no
         # spills against 64 B), and 26 against 36 µs on 32 × 64 (W2's map); the forward stays at BN 64 (143–150 against
-        # 154 at BN 32; 19 against 28 on 32 × 64).
+        # 154 at BN 32; 19 against 28 on 32 × 64). The Gram kernel takes the same tiles (eleventh session: 4 warps
+        # 78 / 326 µs against 125 / 474 at 8 on 64 × 560; BN not swept).
         cfg = {"BN": 32 if backward else 64, "num_warps": 4} if BM <= 64 else {"BN": 16, "num_warps": 8}
         a, b, c = NS5_COEFFS
         dots = {**dict(zip(("PREC", "PC"), NS5_GRAM_PRECISION)), "BWD": backward} if self.gram else {"PREC": prec}
