@@ -51,8 +51,7 @@ def kernel_set(form: str, prec: str, pc: str | None, rows: int, cols: int, warps
 def run_case(form: str, prec: str, pc: str | None, warps: int | None, rows: int, cols: int, BH: int,
              device: torch.device, repeats: int, calls: int) -> dict:
     from memlm.ops.neural_memory.common import newton_schulz5
-    fwd, bwd = kernel_set(form, prec, pc, rows, cols, warps)
-    tfwd, tbwd = kernel_set(form, prec, pc, rows, cols, warps, direct=device.type == "cuda")   # for the timing
+    fwd, bwd = kernel_set(form, prec, pc, rows, cols, warps, direct=device.type == "cuda")
     g = torch.Generator().manual_seed(rows * cols)
     rec = {"matrix": f"{rows}x{cols}", "B·H": BH, "form": form, "prec": prec, "chain_prec": pc,
            "warps": fwd.consts["num_warps"]}
@@ -63,16 +62,16 @@ def run_case(form: str, prec: str, pc: str | None, warps: int | None, rows: int,
         y = newton_schulz5(s)
         dS_want, = torch.autograd.grad(y, s, dY)
         Sf, dYf = S.float().to(device), dY.float().to(device)
-        O, dS = torch.zeros_like(Sf), torch.zeros_like(Sf)
-        fwd(Sf, O, fwd.scratch(Sf, BH))
+        Out, dS = torch.zeros_like(Sf), torch.zeros_like(Sf)
+        fwd(Sf, Out, fwd.scratch(Sf, BH))
         bwd(Sf, dYf, bwd.scratch(Sf, BH), dS=dS)
-        for n, got, want in (("out", O, y.detach()), ("dS", dS, dS_want)):
+        for n, got, want in (("out", Out, y.detach()), ("dS", dS, dS_want)):
             rec[f"err_{n}_{kind}"] = float((got.double().cpu() - want).norm() / want.norm())
     if device.type == "cuda":
         S, dY = (torch.randn(1, BH, rows, cols, device=device) for _ in range(2))
-        O, dS = torch.zeros_like(S), torch.zeros_like(S)
-        for name, fn in (("fwd", lambda sc: tfwd(S, O, sc)), ("bwd", lambda sc: tbwd(S, dY, sc, dS=dS))):
-            sc = (tfwd if name == "fwd" else tbwd).scratch(S, BH)
+        Out, dS = torch.zeros_like(S), torch.zeros_like(S)
+        for name, fn in (("fwd", lambda sc: fwd(S, Out, sc)), ("bwd", lambda sc: bwd(S, dY, sc, dS=dS))):
+            sc = (fwd if name == "fwd" else bwd).scratch(S, BH)
             fn(sc)
             best = float("inf")
             for _ in range(repeats):
@@ -92,7 +91,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--variants", nargs="*", default=None,
-                    help="form:prec[:chain_prec][@warps], e.g. iterative:tf32 gram:tf32x3:tf32x3@8 (default: a fixed set)")
+                    help="form:prec[:chain_prec][@warps], e.g. iterative:tf32 gram:tf32x3:tf32x3@8 "
+                         "(default: a fixed set)")
     args = ap.parse_args()
     if args.tiny:
         os.environ["TRITON_INTERPRET"] = "1"
