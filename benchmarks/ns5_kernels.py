@@ -1,8 +1,10 @@
 """Newton–Schulz kernels of the Triton neural memory (issue 10): the iterative form (`_ns5_fwd`, `_ns5_bwd`) against
 the Gram form (`_ns5g`) at atlas-mag-small's shapes — one matrix per batch·head, B·H = 128 of
 W1's momentum [E 64, F 560] and of W2's [Dv 32, E 64] — forward (Out += NS5(S)) and backward (dS += J ᵀ dOut).
-One JSON line per (matrix, form, dot precisions): best-of-repeats µs per launch, and the relative error of Out and
-dS against newton_schulz5 in float64 on three kinds of S (Gaussian; a momentum-like sum of low-rank terms; rank 8).
+Forms: iterative, gram (the backward recomputes the chain), gram-kept (the forward stores the chain, the backward
+reads it: the op's training path). One JSON line per (matrix, form, dot precisions): best-of-repeats µs per launch,
+and the relative error of Out and dS against newton_schulz5 in float64 on three kinds of S (Gaussian; a
+momentum-like sum of low-rank terms; rank 8).
 
     python benchmarks/ns5_kernels.py                 # CUDA
     python benchmarks/ns5_kernels.py --tiny          # CPU smoke test through the Triton interpreter (small shapes)
@@ -41,8 +43,9 @@ def kernel_set(form: str, prec: str, pc: str | None, rows: int, cols: int, warps
     from memlm.ops.neural_memory import triton_memory as tm
     out = []
     for backward in (False, True):
-        g = tm._NS5(rows, cols, "ieee" if form == "iterative" else "tf32", backward=backward, direct=direct)
-        g.consts = {**g.consts, "PREC": prec, **({"PC": pc} if form == "gram" else {}),
+        g = tm._NS5(rows, cols, "ieee" if form == "iterative" else "tf32", backward=backward, direct=direct,
+                    store=form == "gram-kept")
+        g.consts = {**g.consts, "PREC": prec, **({"PC": pc} if g.gram else {}),
                     **({"num_warps": warps} if warps else {})}
         out.append(g)
     return out
@@ -63,14 +66,18 @@ def run_case(form: str, prec: str, pc: str | None, warps: int | None, rows: int,
         dS_want, = torch.autograd.grad(y, s, dY)
         Sf, dYf = S.float().to(device), dY.float().to(device)
         Out, dS = torch.zeros_like(Sf), torch.zeros_like(Sf)
-        fwd(Sf, Out, fwd.scratch(Sf, BH))
-        bwd(Sf, dYf, bwd.scratch(Sf, BH), dS=dS)
+        ch = fwd.chain(Sf, BH, 1)
+        ch = None if ch is None else ch[:, 0]
+        fwd(Sf, Out, fwd.scratch(Sf, BH), ch=ch)
+        bwd(Sf, dYf, bwd.scratch(Sf, BH), dS=dS, ch=ch)
         for n, got, want in (("out", Out, y.detach()), ("dS", dS, dS_want)):
             rec[f"err_{n}_{kind}"] = float((got.double().cpu() - want).norm() / want.norm())
     if device.type == "cuda":
         S, dY = (torch.randn(1, BH, rows, cols, device=device) for _ in range(2))
         Out, dS = torch.zeros_like(S), torch.zeros_like(S)
-        for name, fn in (("fwd", lambda sc: fwd(S, Out, sc)), ("bwd", lambda sc: bwd(S, dY, sc, dS=dS))):
+        ch = fwd.chain(S, BH, 1)
+        ch = None if ch is None else ch[:, 0]
+        for name, fn in (("fwd", lambda sc: fwd(S, Out, sc, ch=ch)), ("bwd", lambda sc: bwd(S, dY, sc, dS=dS, ch=ch))):
             sc = (fwd if name == "fwd" else bwd).scratch(S, BH)
             fn(sc)
             best = float("inf")
@@ -91,7 +98,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--variants", nargs="*", default=None,
-                    help="form:prec[:chain_prec][@warps], e.g. iterative:tf32 gram:tf32x3:tf32x3@8 "
+                    help="form:prec[:chain_prec][@warps], e.g. iterative:tf32 gram-kept:tf32x3:tf32x3@8 "
                          "(default: a fixed set)")
     args = ap.parse_args()
     if args.tiny:
@@ -99,9 +106,9 @@ def main() -> None:
         device, shapes, BH = torch.device("cpu"), [(8, 14), (4, 8)], 2
     else:
         device, shapes, BH = torch.device("cuda"), [(64, 560), (32, 64)], 128
-    variants = args.variants or (["iterative:ieee", "gram:ieee:ieee"] if args.tiny else
-                                 ["iterative:ieee", "iterative:tf32", "gram:tf32x3:tf32x3", "gram:tf32x3:tf32x3@8",
-                                  "gram:tf32:tf32", "gram:ieee:ieee@8"])
+    variants = args.variants or (["iterative:ieee", "gram:ieee:ieee", "gram-kept:ieee:ieee"] if args.tiny else
+                                 ["iterative:ieee", "iterative:tf32", "gram:tf32x3:tf32x3", "gram-kept:tf32x3:tf32x3",
+                                  "gram-kept:tf32x3:tf32x3@8", "gram-kept:ieee:ieee@8"])
     meta = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                      "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}}
     print(json.dumps(meta), flush=True)

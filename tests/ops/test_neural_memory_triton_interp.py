@@ -250,10 +250,16 @@ def test_ns5_kernels_match_torch(rows, cols, prec):
         y = ns(s)
         out["Out"] = O.to(dtype) + y
         out["dS"] = dS.to(dtype) + torch.autograd.grad(y, s, G.to(dtype))[0]
-    fwd(S, O, fwd.scratch(S, 3))
-    bwd(S, G, bwd.scratch(S, 3), dS=dS)
-    for n, got in (("Out", O), ("dS", dS)):
-        assert rel_err(got, want[n]) <= max(1e-5, NOISE * rel_err(base[n], want[n])), n
+    runs = {"": (S, O.clone(), dS.clone(), None)}
+    if fwd.gram:   # also with the chain stored by the forward and read by the backward (the op's training path)
+        keep = [triton_memory._NS5(rows, cols, prec, backward=b, store=True) for b in (False, True)]
+        runs["stored chain "] = (S, O.clone(), dS.clone(), keep[0].chain(S, 3, 2)[:, 1])
+    for name, (s, o, ds, ch) in runs.items():
+        f, b = (fwd, bwd) if ch is None else keep
+        f(s, o, f.scratch(s, 3), ch=ch)
+        b(s, G, b.scratch(s, 3), dS=ds, ch=ch)
+        for n, got in (("Out", o), ("dS", ds)):
+            assert rel_err(got, want[n]) <= max(1e-5, NOISE * rel_err(base[n], want[n])), name + n
 
 
 @pytest.mark.parametrize("opt", ["momentum", "muon"])

@@ -8,16 +8,16 @@ in a row whose chunk j holds a reset;
 
 What runs where. The chunked form spends its time in small launches, ~60 computing ops per chunk forward (~180
 with the two Newton–Schulz maps of Muon) and ~4× that with the backward, plus a full-size zero-fill for every
-per-chunk slice of the stream in the backward (NOTES.md). Here one chunk's write is one kernel
-(`_step_fwd`, one program per batch·head, tiles over F), Newton–Schulz one kernel per matrix (float32 inputs: `_ns5_fwd`,
-iterating on X streamed over column tiles from an L2-resident scratch; bf16/fp16 inputs: `_ns5g`, the same map on
-the M × M Gram matrix in registers, NOTES.md); later chunks relaunch the compiled kernels directly (`Relauncher`,
-`_direct`); the backward walks the chunks in
-reverse with the matching `_step_bwd` / `_ns5_bwd` (closed-form second-order terms of the inner gradient,
-Newton–Schulz iterates recomputed). Both are wrapped in one torch.autograd.Function (`_Scan`) per stretch of at
-most MAX_SCAN chunks that returns the stacked weights W_j of every chunk; the reads o_t = M_{W_j}(q_t) of all
-chunks are then one batched PyTorch matmul pair on that stack (autograd differentiates them). Everything before
-the loop (stream, features, gate means) is parallel.py's, shared.
+per-chunk slice of the stream in the backward (NOTES.md). Here one chunk's write is one kernel (`_step_fwd`, one
+program per batch·head, tiles over F), Newton–Schulz one kernel per matrix (float32 inputs: `_ns5_fwd`, iterating
+on X streamed over column tiles from an L2-resident scratch; bf16/fp16 inputs: `_ns5g`, the same map on the M × M
+Gram matrix in registers, NOTES.md); later chunks relaunch the compiled kernels directly (`Relauncher`, `_direct`);
+the backward walks the chunks in reverse with the matching `_step_bwd` / `_ns5_bwd` / `_ns5g` (closed-form
+second-order terms of the inner gradient; Newton–Schulz iterates recomputed, or the Gram chain the forward kept).
+Both are wrapped in one torch.autograd.Function (`_Scan`) per stretch of at most MAX_SCAN chunks that returns the
+stacked weights W_j of every chunk; the reads o_t = M_{W_j}(q_t) of all chunks are then one batched PyTorch matmul
+pair on that stack (autograd differentiates them). Everything before the loop (stream, features, gate means) is
+parallel.py's, shared.
 
 Kernel math is float32 whatever the input dtype, like the chunked form; dot precision per input dtype (`precision`).
 CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests without a GPU).
@@ -426,21 +426,26 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
         tl.store(pd, tl.load(pd, mask=m, other=0.0) + scale * dy - scale * scale * scale * inner * s, mask=m)
 
 
-def _ns5g(S, Y, dS, Ch, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
+def _ns5g(S, Y, dS, Ch, s_bh, g_bh, c_bh, sr, sc, M, N, NT, EPS2,
           A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
-          BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PC: tl.constexpr, BWD: tl.constexpr):
+          BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PC: tl.constexpr, BWD: tl.constexpr,
+          CHAIN: tl.constexpr, SAVE: tl.constexpr):
     """Grid (B·H,). Newton–Schulz in Gram form, one matrix per program, layout as _ns5_fwd (S at bh·s_bh, Y and dS
-    at bh·g_bh); the kernels of bf16/fp16 inputs (NOTES.md). Forward (BWD false): Y += NS5(S) (dS, Ch unused).
+    at bh·g_bh); the kernels of bf16/fp16 inputs (NOTES.md). Forward (BWD false): Y += NS5(S) (dS unused).
     Backward: dS += (∂NS5/∂S)ᵀ Y.
 
     Every iterate is X_k = K_k X_0 with K_k [M, M], so the five steps run on M × M matrices in registers and S is read
     twice instead of twice per step: n = sqrt(‖S‖² + ε²), A_0 = S Sᵀ / n², K_0 = I;
-    Q_k = a I + b A_k + c A_k²,  K_{k+1} = Q_k K_k,  A_{k+1} = Q_k A_k Q_k;  NS5(S) = K_5 S / n.
-    The backward also takes D = Y Sᵀ in the first pass and keeps A_k, Q_k, K_k in the scratch Ch [B·H, STEPS, 3, BM,
-    BM]; all chain matrices are polynomials of A_0, hence symmetric and commuting (P_k = Q_k A_k = A_k Q_k), so from
-    dK_5 = D / n, dA_5 = 0, for k = 4 … 0:
-      dQ = dK' K_k + dA' P_k + P_k dA',  dA = Q_k dA' Q_k + b dQ + c (dQ A_k + A_k dQ),  dK = Q_k dK';
-    with dA_s = dA_0 + dA_0ᵀ and ι = ⟨dK_5, K_5⟩ + ⟨dA_s, A_0⟩, the second pass: dS += (K_5 / n)ᵀ Y + (dA_s − ι I) S / n².
+    Q_k = a I + b A_k + c A_k²,  P_k = Q_k A_k,  K_{k+1} = Q_k K_k,  A_{k+1} = P_k Q_k;  NS5(S) = K_5 S / n.
+    The chain lives in Ch at bh·c_bh as [STEPS, 4, BM, BM]: (A_k, Q_k, K_{k+1}, P_k) per step. CHAIN: this launch
+    computes it (from the pass G = S Sᵀ); SAVE: and stores it (a forward for a later backward, or the backward's own
+    recompute); a backward with CHAIN false reads the one its forward stored. The backward also takes D = Y Sᵀ in the
+    first pass. All chain matrices are polynomials of A_0, hence symmetric and commuting, and the walk back keeps only
+    the symmetric part of ∂L/∂A_k and ∂L/∂Q_k (the maps A ↦ Q, A ↦ P Q are transpose-equivariant, so the symmetric part
+    of ∂L/∂A_0, all that reaches S, is unchanged: NOTES.md). From dK_5 = D / n, dA = 0, for k = 4 … 0:
+      m = sym(dK K_k) + Y + Yᵀ with Y = dA P_k,  dA <- Q_k dA Q_k + b m + c (Z + Zᵀ) with Z = m A_k,  dK <- Q_k dK
+    (25 products of M × M); with ι = ⟨dK_5, K_5⟩ + 2 ⟨dA, A_0⟩, the second pass:
+      dS += (K_5 / n)ᵀ Y + (2 dA − ι I) S / n².
     PREC: dots over N (the passes); PC: dots of the M × M chain."""
     bh = tl.program_id(0).to(tl.int64)
     rm = tl.arange(0, BM)
@@ -454,45 +459,55 @@ def _ns5g(S, Y, dS, Ch, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
         m = mm[:, None] & (cn < N)[None, :]
         s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
         acc += s * s
-        g += tl.dot(s, tl.trans(s), input_precision=PREC)
+        if CHAIN:
+            g += tl.dot(s, tl.trans(s), input_precision=PREC)
         if BWD:
             dy = tl.load(Y + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
             d += tl.dot(dy, tl.trans(s), input_precision=PREC)
     scale = 1.0 / tl.sqrt(tl.reduce(acc, None, tl.standard._sum_combine) + EPS2)
     eye = tl.where(rm[:, None] == rm[None, :], 1.0, 0.0)
-    a0 = g * (scale * scale)
-    a = a0
-    k = eye
-    cb = Ch + bh * (STEPS * 3 * BM * BM)
+    cb = Ch + bh * c_bh
     off = rm[:, None] * BM + rm[None, :]
-    for it in range(STEPS):          # a runtime loop: unrolled, the backward's chain took minutes to compile
-        q = A_ * eye + B_ * a + C_ * tl.dot(a, a, input_precision=PC)
-        if BWD:
-            tl.store(cb + (3 * it) * BM * BM + off, a)
-            tl.store(cb + (3 * it + 1) * BM * BM + off, q)
-            tl.store(cb + (3 * it + 2) * BM * BM + off, k)
-        k = tl.dot(q, k, input_precision=PC)
-        if it < STEPS - 1:
-            a = tl.dot(tl.dot(q, a, input_precision=PC), q, input_precision=PC)
+    MM = BM * BM
+    k = eye
+    if CHAIN:
+        a = g * (scale * scale)
+        for it in range(STEPS):          # a runtime loop: unrolled, the backward's chain took minutes to compile
+            q = A_ * eye + B_ * a + C_ * tl.dot(a, a, input_precision=PC)
+            k = tl.dot(q, k, input_precision=PC)
+            if SAVE:
+                tl.store(cb + (4 * it) * MM + off, a)
+                tl.store(cb + (4 * it + 1) * MM + off, q)
+                tl.store(cb + (4 * it + 2) * MM + off, k)
+            if it < STEPS - 1:
+                p = tl.dot(q, a, input_precision=PC)
+                if SAVE:
+                    tl.store(cb + (4 * it + 3) * MM + off, p)
+                a = tl.dot(p, q, input_precision=PC)
     if BWD:
-        tl.debug_barrier()
+        tl.debug_barrier()               # the chain's stores above were made by other threads of this program
+        k = tl.load(cb + (4 * (STEPS - 1) + 2) * MM + off)                   # K_5
         dk = d * scale
         inner = tl.reduce(dk * k, None, tl.standard._sum_combine)
         da = tl.full([BM, BM], 0.0, tl.float32)
         for i in range(STEPS):
             r = STEPS - 1 - i
-            ak = tl.load(cb + (3 * r) * BM * BM + off)
-            qk = tl.load(cb + (3 * r + 1) * BM * BM + off)
-            dq = tl.dot(dk, tl.load(cb + (3 * r + 2) * BM * BM + off), input_precision=PC)
+            ak = tl.load(cb + (4 * r) * MM + off)
+            qk = tl.load(cb + (4 * r + 1) * MM + off)
             if r > 0:
+                m2 = tl.dot(dk, tl.load(cb + (4 * r - 2) * MM + off), input_precision=PC)      # dK K_r
                 dk = tl.dot(qk, dk, input_precision=PC)
+            else:
+                m2 = dk                                                                         # K_0 = I
+            m2 = 0.5 * (m2 + tl.trans(m2))
             if r < STEPS - 1:
-                p = tl.dot(qk, ak, input_precision=PC)
-                dq += tl.dot(da, p, input_precision=PC) + tl.dot(p, da, input_precision=PC)
+                y = tl.dot(da, tl.load(cb + (4 * r + 3) * MM + off), input_precision=PC)
+                m2 += y + tl.trans(y)
                 da = tl.dot(tl.dot(qk, da, input_precision=PC), qk, input_precision=PC)
-            da += B_ * dq + C_ * (tl.dot(dq, ak, input_precision=PC) + tl.dot(ak, dq, input_precision=PC))
-        das = da + tl.trans(da)
-        inner += tl.reduce(das * a0, None, tl.standard._sum_combine)
+            z = tl.dot(m2, ak, input_precision=PC)
+            da += B_ * m2 + C_ * (z + tl.trans(z))
+        das = 2.0 * da
+        inner += tl.reduce(das * tl.load(cb + off), None, tl.standard._sum_combine)
         t2 = (das - inner * eye) * (scale * scale)
         kt = tl.trans(k) * scale
         for t in range(NT):
@@ -641,17 +656,24 @@ def _step_config(c: int, E: int, Dv: int, F: int, backward: bool, prec: str = "i
 # float32 (passes over N, M × M chain): with one TF32 product per dot the map's error reached 2e-1 on an S with
 # singular values from 1 to 1e-3 (CPU emulation; the iterative TF32 form's is 1e-3 there), with three 1e-4.
 NS5_GRAM_PRECISION = ("tf32x3", "tf32x3")
+# The Gram form's forward stores each chunk's chain (A_k, Q_k, K_{k+1}, P_k: 20 M × M float32 matrices, 1.3 GB per
+# atlas-mag-small layer at B 16 × 2048 with M = 64) when a backward will follow, so that the backward walks it back
+# without recomputing it (25 products instead of 18 + 25). False: recompute (memory for time).
+NS5_KEEP_CHAIN = True
 
 
 class _NS5:
     """Newton–Schulz on every [rows, cols] matrix of a [B, H, ...] batch (wide orientation): kernel choice, launch
-    geometry, scratch, launch, for the forward or the backward and the op's dot precision `prec`."""
+    geometry, scratch, launch, for the forward or the backward and the op's dot precision `prec`. store (Gram form):
+    the forward keeps each chunk's chain for the backward (`chain`), which then skips recomputing it."""
 
-    def __init__(self, rows: int, cols: int, prec: str, backward: bool = False, direct: bool = False):
+    def __init__(self, rows: int, cols: int, prec: str, backward: bool = False, direct: bool = False,
+                 store: bool = False):
         self.M, self.N = min(rows, cols), max(rows, cols)
         self.direct, self.launch = direct, None         # Relauncher's direct launches (see _Scan), made at first call
         self.sr, self.sc = (cols, 1) if rows <= cols else (1, cols)          # a tall matrix is read transposed
         self.gram, self.backward = prec != "ieee", backward
+        self.store = store and self.gram
         self.BM = BM = _pow2(self.M)
         # H100, 128 programs of 64×560, TF32 / bf16 dots (fwd, bwd µs): BN 16 and 8 warps 204/607, 175/458; BN 64 and
         # 4 warps 145/419, 117/288 (the best of BN 16/32/64 × 4/8 warps). 128 rows: narrow tiles, unmeasured.
@@ -661,33 +683,44 @@ class _NS5:
         # 78 / 326 µs against 125 / 474 at 8 on 64 × 560; BN not swept).
         cfg = {"BN": 32 if backward else 64, "num_warps": 4} if BM <= 64 else {"BN": 16, "num_warps": 8}
         a, b, c = NS5_COEFFS
-        dots = {**dict(zip(("PREC", "PC"), NS5_GRAM_PRECISION)), "BWD": backward} if self.gram else {"PREC": prec}
+        if self.gram:
+            chain = not (backward and self.store)        # a backward with a stored chain only reads it
+            dots = {**dict(zip(("PREC", "PC"), NS5_GRAM_PRECISION)), "BWD": backward, "CHAIN": chain,
+                    "SAVE": chain and (backward or self.store)}
+        else:
+            dots = {"PREC": prec}
         self.consts = {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "BM": BM, **dots, **cfg}
         self.NT = triton.cdiv(self.N, cfg["BN"])
         self.name = "ns5g" if self.gram else "ns5_bwd" if backward else "ns5_fwd"
 
     def scratch(self, like: Tensor, BH: int) -> tuple[Tensor, ...]:
         """Iterative: the iterate [B·H, M·N] (forward), or every iterate and dY [B·H, STEPS, M·N], [B·H, M·N]
-        (backward). Gram: nothing (forward), or the chain's A_k, Q_k, K_k [B·H, STEPS, 3, BM, BM] (backward)."""
+        (backward). Gram: the recomputed chain [B·H, STEPS, 4, BM, BM] (a backward without a stored one), or nothing."""
         M, N, BM = self.M, self.N, self.BM
         if self.gram:
-            return (_empty(like, BH, NS5_STEPS, 3, BM, BM),) if self.backward else ()
+            return (_empty(like, BH, NS5_STEPS, 4, BM, BM),) if self.backward and not self.store else ()
         if self.backward:
             return _empty(like, BH, NS5_STEPS, M * N), _empty(like, BH, M * N)
         return (_empty(like, BH, M * N),)
 
-    def __call__(self, s: Tensor, o: Tensor, scratch: tuple[Tensor, ...], dS: Tensor | None = None) -> None:
+    def chain(self, like: Tensor, BH: int, K: int) -> Tensor | None:
+        """The forward's stored chains of K chunks [B·H, K, STEPS, 4, BM, BM] (store), else None."""
+        return _empty(like, BH, K, NS5_STEPS, 4, self.BM, self.BM) if self.store else None
+
+    def __call__(self, s: Tensor, o: Tensor, scratch: tuple[Tensor, ...], dS: Tensor | None = None,
+                 ch: Tensor | None = None) -> None:
         """Forward: o += NS5(s). Backward: dS += (∂NS5/∂s)ᵀ o. s, o, dS [B, H, rows, cols] views, dense over (B, H)
-        with per-head strides s.stride(1), o.stride(1) (dS as o)."""
+        with per-head strides s.stride(1), o.stride(1) (dS as o). ch: this chunk's slot [B·H, STEPS, 4, BM, BM] of
+        the stored chains (store; per-row stride ch.stride(0))."""
         interpret = s.device.type == "cpu"
         if self.launch is None:
             self.launch = Relauncher(_kernels(interpret)[self.name], (s.shape[0] * s.shape[1],), self.direct)
-        if self.gram:                    # one kernel both ways; the forward's dS, Ch slots unused
-            args = (s, o, o, o) if dS is None else (s, o, dS, *scratch)
+        if self.gram:                    # one kernel both ways; unused slots (a forward's dS; Ch) take o
+            ch = scratch[0] if scratch else ch if ch is not None else o
+            args = (s, o, o if dS is None else dS, ch, s.stride(1), o.stride(1), ch.stride(0))
         else:
-            args = (s, o, *scratch) if dS is None else (s, o, dS, *scratch)
-        self.launch(*args, s.stride(1), o.stride(1), self.sr, self.sc, self.M, self.N, _count(self.NT, interpret),
-                    NS5_EPS ** 2, **self.consts)
+            args = ((s, o, *scratch) if dS is None else (s, o, dS, *scratch)) + (s.stride(1), o.stride(1))
+        self.launch(*args, self.sr, self.sc, self.M, self.N, _count(self.NT, interpret), NS5_EPS ** 2, **self.consts)
 
 
 def _direct(interpret: bool) -> bool:
@@ -710,7 +743,7 @@ class _Scan(torch.autograd.Function):
     Alpha [B, H, NJ]; W1, S1 [B, H, E, F], W2, S2 [B, H, Dv, E] (state before chunk j0); W1i [H, E, F], W2i
     [H, Dv, E] or None (then has is all zero); has int8 [B, NJ]; j0, j1, C, muon (not differentiable).
     half: the op's inputs were bf16/fp16 (picks the dot precision, `precision`); rd: the reads' dtype (parallel.
-    read_dtype).
+    read_dtype); keep: store the Newton–Schulz chains for the backward (NS5_KEEP_CHAIN, and autograd records).
     Outputs: the reads' stacks W1r [B, H, K1, E, F], W2r [B, H, K1, Dv, E] in rd with K1 = j1 − j0 + 1 (slot i:
     W_{j0+i}), and the final W1, W2, S1, S2 in float32. With rd float32 the stacks are the kernels' own; otherwise
     cast once here, and the backward kernels read their gradient in rd as it comes (autocast would cast the
@@ -719,7 +752,7 @@ class _Scan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, half, rd):
+    def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, half, rd, keep):
         B, H, L, F = X.shape
         E, Dv, NJ, c = W1.shape[2], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
         BH, K1 = B * H, j1 - j0 + 1
@@ -733,24 +766,26 @@ class _Scan(torch.autograd.Function):
         flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
         direct = _direct(interpret)
         step = Relauncher(kern["step_fwd"], (BH,), direct)
-        ns = [_NS5(E, F, prec, direct=direct and _aligned(S1all, W1all)),
-              _NS5(Dv, E, prec, direct=direct and _aligned(S2all, W2all))] if muon else []
+        keep = keep and any(ctx.needs_input_grad)          # a backward will run: store the chains for it
+        ns = [_NS5(E, F, prec, direct=direct and _aligned(S1all, W1all), store=keep),
+              _NS5(Dv, E, prec, direct=direct and _aligned(S2all, W2all), store=keep)] if muon else []
         scratch = [g.scratch(X, BH) for g in ns]
+        chains = [g.chain(X, BH, K1 - 1) for g in ns] + [None] * (2 - len(ns))
         for i, j in enumerate(range(j0, j1)):
             step(
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
                 j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg)
-            for g, Sa, Wa, sc in zip(ns, (S1all, S2all), (W1all, W2all), scratch):
-                g(Sa[:, :, i + 1], Wa[:, :, i + 1], sc)
-        ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has)
+            for g, Sa, Wa, sc, ch in zip(ns, (S1all, S2all), (W1all, W2all), scratch, chains):
+                g(Sa[:, :, i + 1], Wa[:, :, i + 1], sc, ch=None if ch is None else ch[:, i])
+        ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *chains)
         ctx.meta = (j0, j1, C, muon, half)
         last = (W1all[:, :, -1].clone(), W2all[:, :, -1].clone(), S1all[:, :, -1].clone(), S2all[:, :, -1].clone())
         return W1all.to(rd), W2all.to(rd), *last
 
     @staticmethod
     def backward(ctx, dW1r, dW2r, dW1, dW2, dS1, dS2):
-        X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has = ctx.saved_tensors
+        X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *chains = ctx.saved_tensors
         j0, j1, C, muon, half = ctx.meta
         B, H, L, F = X.shape
         E, Dv, NJ, c = W1all.shape[3], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
@@ -771,13 +806,14 @@ class _Scan(torch.autograd.Function):
         flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
         direct = _direct(interpret)
         step = Relauncher(kern["step_bwd"], (BH,), direct)
-        ns = [_NS5(E, F, prec, backward=True, direct=direct and _aligned(S1all)),
-              _NS5(Dv, E, prec, backward=True, direct=direct and _aligned(S2all))] if muon else []
+        keep = chains[0] is not None
+        ns = [_NS5(E, F, prec, backward=True, direct=direct and _aligned(S1all), store=keep),
+              _NS5(Dv, E, prec, backward=True, direct=direct and _aligned(S2all), store=keep)] if muon else []
         scratch = [g.scratch(X, BH) for g in ns]
         for i in reversed(range(j1 - j0)):
             # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1} (Muon)
-            for g, Sa, gw, gs, sc in zip(ns, (S1all, S2all), (gW1, gW2), (gS1, gS2), scratch):
-                g(Sa[:, :, i + 1], gw, sc, dS=gs)
+            for g, Sa, gw, gs, sc, ch in zip(ns, (S1all, S2all), (gW1, gW2), (gS1, gS2), scratch, chains):
+                g(Sa[:, :, i + 1], gw, sc, dS=gs, ch=None if ch is None else ch[:, i])
             step(
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
@@ -786,7 +822,7 @@ class _Scan(torch.autograd.Function):
                 *R1.stride()[3:], *R2.stride()[3:], **flags, **cfg)
         dW1i, dW2i = (None, None) if W1i is None else (dW1i.sum(0), dW2i.sum(0))
         return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _slots(t: Tensor) -> Tensor:
@@ -854,7 +890,8 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
         j1 = min(j0 + MAX_SCAN, st.n_full)
         W1r, W2r, W1, W2, S1, S2 = _Scan.apply(st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2,
                                                W1i, W2i, has, j0, j1, pre.C, optimizer == "muon",
-                                               q.dtype in (torch.bfloat16, torch.float16), pre.qf.dtype)
+                                               q.dtype in (torch.bfloat16, torch.float16), pre.qf.dtype,
+                                               NS5_KEEP_CHAIN and torch.is_grad_enabled())
         # the stack's last slot W_{j1} (also returned alone, in float32: the next scan's start and the final state)
         # serves the open chunk after the last scan
         outs.append(_read_chunks(pre, st, j0, st.n_chunks if j1 == st.n_full else j1, W1r, W2r))
