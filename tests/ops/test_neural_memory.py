@@ -462,3 +462,29 @@ def test_state_nbytes_formula():
     F, p = feature_dim(Dk, True), T % C
     assert s.pending.length == p
     assert s.nbytes() == B * (8 * H * (E * F + Dv * E) + p * (4 * H * (Dk + Dv + 4) + 1))
+
+
+@pytest.mark.parametrize("opt", ["momentum", "muon"])
+def test_skipping_reset_work_changes_nothing(opt, monkeypatch):
+    """maybe_any answers True without looking on CUDA (no host sync): the reset-masked path taken on a stream without
+    resets gives what the plain path gives, outputs, state and gradients (float64, here on the CPU)."""
+    from memlm.ops.neural_memory import parallel
+    x = make(T=30, seed=11, poly=True, grad=True)
+    kw = dict(chunk_size=8, window=5, optimizer=opt, poly=True)
+    with torch.no_grad():
+        _, s0 = call(neural_memory, x, sl=slice(0, 13), **kw)       # momenta and 5 pending tokens, no reset
+    looked = []
+
+    def run():
+        o, s = call(neural_memory, x, state=s0, sl=slice(13, 30), **kw)
+        loss = scalar_loss(o, s)
+        return o, s, grads(loss, list(x.values()))
+    monkeypatch.setattr(parallel, "maybe_any", lambda m: looked.append(bool(m.any())) or bool(m.any()))
+    o, s, g = run()
+    assert looked and not any(looked)           # the plain path: every mask was read, and none held a reset
+    monkeypatch.setattr(parallel, "maybe_any", lambda m: True)
+    o2, s2, g2 = run()
+    assert_close(o2, o, tol=1e-12, name="o")
+    assert_states_close(s2, s, tol=1e-12)
+    for n, a, b in zip(x, g2, g):
+        assert_close(a, b, tol=1e-12, name=f"d{n}")

@@ -24,9 +24,13 @@ NS5_EPS = 1e-7
 
 
 def maybe_any(mask: Tensor) -> bool:
-    """``mask.any()`` as a Python bool in eager mode; True inside torch.compile, where reading it would break the
-    graph. Callers only use it to skip work whose result is masked out anyway, so both answers give the same output."""
-    return True if torch.compiler.is_compiling() else bool(mask.any())
+    """``mask.any()`` as a Python bool for CPU tensors; True without looking for CUDA tensors and inside
+    torch.compile. Callers only use it to skip work whose result is masked out anyway, so both answers give the same
+    output (tests pin them together). Reading a CUDA mask stalls the host until the GPU has caught up, and the work
+    it could skip costs less: atlas-mag-small's training step took 272 ms with its 12 such reads and 248 without
+    (H100, B 16 × 2048; training streams always hold a reset, the first token). Inside torch.compile a read would
+    break the graph."""
+    return True if torch.compiler.is_compiling() or mask.is_cuda else bool(mask.any())
 
 
 class Pending(NamedTuple):
