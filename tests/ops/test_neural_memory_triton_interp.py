@@ -262,14 +262,16 @@ def test_ns5_kernels_match_torch(rows, cols, prec):
             assert rel_err(got, want[n]) <= max(1e-5, NOISE * rel_err(base[n], want[n])), name + n
 
 
-@pytest.mark.parametrize("opt", ["momentum", "muon"])
-def test_reads_in_autocast_dtype(opt, monkeypatch):
+@pytest.mark.parametrize("opt,T,split", [("momentum", 29, 11), ("muon", 29, 11), ("muon", 32, 11), ("muon", 32, 16)])
+def test_reads_in_autocast_dtype(opt, T, split, monkeypatch):
     """Under autocast the reads' tensors (query features, the weight stack) are made in bf16 once, and their
     gradients taken in bf16, instead of autocast casting them at the reads' matmuls (and the gradients back):
-    outputs, states and every gradient bit for bit as with autocast's casts."""
+    outputs, states and every gradient bit for bit as with autocast's casts. A call that ends on a chunk boundary
+    (T 32: the second; with split 16 both, from a chunk start) leaves the slot no token reads out of the bf16 stack,
+    so its reads need no padding chunk."""
     from memlm.ops.neural_memory import parallel
-    x = inputs(B=2, T=29, poly=True, E=8, Dk=4, Dv=4)
-    kw = {"chunk_size": 8, "optimizer": opt, "poly": True, "split": 11, "reset": resets(2, 29, [(5, 20), ()])}
+    x = inputs(B=2, T=T, poly=True, E=8, Dk=4, Dv=4)
+    kw = {"chunk_size": 8, "optimizer": opt, "poly": True, "split": split, "reset": resets(2, T, [(5, 20), ()])}
     with torch.autocast("cpu", torch.bfloat16):
         got = run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)
         monkeypatch.setattr(parallel, "read_dtype", lambda dt, device: dt)

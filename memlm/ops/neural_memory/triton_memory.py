@@ -163,11 +163,11 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
 
 def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
               gW1, gW2, gS1, gS2, R1, R2, dX, dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
-              j, i, H, L, NJ, K1, C, c, E, F, Dv, NF, r1e, r1f, r2v, r2e,
+              j, i, H, L, NJ, K1, KR, C, c, E, F, Dv, NF, r1e, r1f, r2v, r2e,
               HAS_XR: tl.constexpr, MUON: tl.constexpr,
               BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
     """Grid (B·H,). On entry gW, gS hold ∂L/∂W_{j+1}, ∂L/∂S_{j+1} (MUON: gS already includes the Newton–Schulz
-    path, added by _ns5_bwd); on exit ∂L/∂W_j (plus R's slot i, the reads' gradient, any dtype, slots packed but
+    path, added by _ns5_bwd); on exit ∂L/∂W_j (plus R's slot i, the reads' gradient, any dtype, KR slots packed but
     strides (r1e, r1f), (r2v, r2e) inside one: the reads' matmul leaves it transposed), ∂L/∂S_j. Writes the window
     rows of dX, dXR, dV and dWg, dEta, dTheta, dAlpha of chunk j; rows with a reset add ∂L/∂Ws to dW1i/dW2i
     [B·H, ...] and pass nothing to (W_j, S_j) through the write."""
@@ -263,7 +263,8 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     tl.store(dTheta + gi, d_theta)
     tl.store(dAlpha + gi, d_alpha)
     dws2 = (1.0 - alpha) * gw2 + dw2                                         # ∂L/∂Ws2
-    rd2 = tl.load(R2 + cur * Dv * E + rv[:, None] * r2v + re[None, :] * r2e, mask=m_ve, other=0.0).to(tl.float32)
+    rslot = bh * KR + i
+    rd2 = tl.load(R2 + rslot * Dv * E + rv[:, None] * r2v + re[None, :] * r2e, mask=m_ve, other=0.0).to(tl.float32)
     tl.debug_barrier()                                                       # every read of gW, gS is done
     if keep == 0.0:
         p2 = dW2i + bh * Dv * E + off2
@@ -286,7 +287,7 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         dx = tl.dot(dzt, w1, input_precision=PREC) - theta * tl.dot(dz, gs, input_precision=PREC)
         tl.store(dX + rows[:, None] * F + cf[None, :], dx, mask=m_cf)
         dws1 = (1.0 - alpha) * gw + tl.dot(tl.trans(dzt), x, input_precision=PREC)
-        rd1 = tl.load(R1 + cur * E * F + re[:, None] * r1e + cf[None, :] * r1f, mask=m_ef, other=0.0).to(tl.float32)
+        rd1 = tl.load(R1 + rslot * E * F + re[:, None] * r1e + cf[None, :] * r1f, mask=m_ef, other=0.0).to(tl.float32)
         # every thread has read this tile of gW1, gS1 before any overwrites it (the store may use another layout)
         tl.debug_barrier()
         if keep == 0.0:
@@ -571,7 +572,7 @@ def _build(interpret: bool) -> dict:
         from triton.runtime.interpreter import InterpretedFunction
         return {n: InterpretedFunction(f) for n, f in fns.items()}
     # positions and lengths change from call to call: one compiled kernel for all of them
-    varying = {"step_fwd": ["j", "i", "L", "NJ", "K1"], "step_bwd": ["j", "i", "L", "NJ", "K1"]}
+    varying = {"step_fwd": ["j", "i", "L", "NJ", "K1"], "step_bwd": ["j", "i", "L", "NJ", "K1", "KR"]}
     return {n: triton.jit(f, do_not_specialize=varying.get(n, [])) for n, f in fns.items()}
 
 
@@ -743,16 +744,19 @@ class _Scan(torch.autograd.Function):
     Alpha [B, H, NJ]; W1, S1 [B, H, E, F], W2, S2 [B, H, Dv, E] (state before chunk j0); W1i [H, E, F], W2i
     [H, Dv, E] or None (then has is all zero); has int8 [B, NJ]; j0, j1, C, muon (not differentiable).
     half: the op's inputs were bf16/fp16 (picks the dot precision, `precision`); rd: the reads' dtype (parallel.
-    read_dtype); keep: store the Newton–Schulz chains for the backward (NS5_KEEP_CHAIN, and autograd records).
-    Outputs: the reads' stacks W1r [B, H, K1, E, F], W2r [B, H, K1, Dv, E] in rd with K1 = j1 − j0 + 1 (slot i:
-    W_{j0+i}), and the final W1, W2, S1, S2 in float32. With rd float32 the stacks are the kernels' own; otherwise
-    cast once here, and the backward kernels read their gradient in rd as it comes (autocast would cast the
-    gradient back to float32 in a copy the size of the stack). Writing the copy from the Newton–Schulz kernel
-    instead of casting was slower: its [M, N] stores are not coalesced (+30 µs a call, H100).
+    read_dtype); keep: store the Newton–Schulz chains for the backward (NS5_KEEP_CHAIN, and autograd records); kr:
+    how many slots the reads use (K1 − 1 when no token reads W_{j1}: no open chunk after this stretch).
+    Outputs: the reads' stacks W1r [B, H, K, E, F], W2r [B, H, K, Dv, E] in rd (slot i: W_{j0+i}), and the final
+    W1, W2, S1, S2 in float32. With rd float32 the stacks are the kernels' own (K = K1 = j1 − j0 + 1); otherwise
+    their first K = kr slots cast once here (so that the reads need no padding chunk), and the backward kernels read
+    their gradient in rd as it comes (autocast would cast the gradient back to float32 in a copy the size of the
+    stack). Writing the copy from the Newton–Schulz kernel instead of casting was slower: its [M, N] stores are not
+    coalesced (+30 µs a call, H100).
     """
 
     @staticmethod
-    def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, half, rd, keep):
+    def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, half, rd, keep,
+                kr):
         B, H, L, F = X.shape
         E, Dv, NJ, c = W1.shape[2], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
         BH, K1 = B * H, j1 - j0 + 1
@@ -781,7 +785,9 @@ class _Scan(torch.autograd.Function):
         ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *chains)
         ctx.meta = (j0, j1, C, muon, half)
         last = (W1all[:, :, -1].clone(), W2all[:, :, -1].clone(), S1all[:, :, -1].clone(), S2all[:, :, -1].clone())
-        return W1all.to(rd), W2all.to(rd), *last
+        if rd == W1all.dtype:            # the kernels' own stacks, all K1 slots
+            return W1all, W2all, *last
+        return W1all[:, :, :kr].to(rd), W2all[:, :, :kr].to(rd), *last   # the cast copies only the slots read
 
     @staticmethod
     def backward(ctx, dW1r, dW2r, dW1, dW2, dS1, dS2):
@@ -794,7 +800,9 @@ class _Scan(torch.autograd.Function):
         kern = _kernels(interpret)
         R1, R2 = _slots(dW1r), _slots(dW2r)                           # the reads' ∂L/∂W_j, in their dtype
         # carried ∂L/∂W_j, ∂L/∂S_j [B, H, ...]
-        gW1, gW2 = ((d.float() + R[:, :, -1]).contiguous() for d, R in ((dW1, R1), (dW2, R2)))
+        KR = R1.shape[2]
+        gW1, gW2 = ((d.float() + R[:, :, -1] if KR == j1 - j0 + 1 else d.float()).contiguous()
+                    for d, R in ((dW1, R1), (dW2, R2)))
         gS1, gS2 = dS1.float().contiguous().clone(), dS2.float().contiguous().clone()
         dX, dV, dWg = torch.zeros_like(X), torch.zeros_like(V), torch.zeros_like(Wg)
         dXR = None if XR is None else torch.zeros_like(XR)
@@ -818,11 +826,11 @@ class _Scan(torch.autograd.Function):
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
                 gW1, gW2, gS1, gS2, R1, R2, dX, dX if XR is None else dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
-                j0 + i, i, H, L, NJ, j1 - j0 + 1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret),
+                j0 + i, i, H, L, NJ, j1 - j0 + 1, KR, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret),
                 *R1.stride()[3:], *R2.stride()[3:], **flags, **cfg)
         dW1i, dW2i = (None, None) if W1i is None else (dW1i.sum(0), dW2i.sum(0))
         return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def _slots(t: Tensor) -> Tensor:
@@ -845,8 +853,11 @@ def _read_chunks(pre: Prelude, st: Stream, j0: int, j_end: int, W1: Tensor, W2: 
     if s1 <= s0:
         return pre.qf.new_zeros(B, H, 0, W2.shape[-2])
     sl = slice(s0 - p, s1 - p)
-    front, n = s0 - j0 * C, s1 - s0
-    qf = Fn.pad(pre.qf[:, :, sl], (0, 0, front, (j0 + K) * C - s1)).unflatten(2, (K, C))    # [B, H, K, C, F]
+    front, n, tail = s0 - j0 * C, s1 - s0, (j0 + K) * C - s1
+    qf = pre.qf[:, :, sl]
+    if front or tail:   # zero rows that the stack's chunks have but the call does not (a copy of the features)
+        qf = Fn.pad(qf, (0, 0, front, tail))
+    qf = qf.unflatten(2, (K, C))                                                              # [B, H, K, C, F]
     o = memory_read(W1, W2, qf, None).flatten(2, 3)[:, :, front:front + n]
     if pre.qraw is not None:
         o = o + pre.qraw[:, :, sl]
@@ -888,11 +899,12 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
     outs = []
     for j0 in range(0, st.n_full, MAX_SCAN):
         j1 = min(j0 + MAX_SCAN, st.n_full)
+        # the stack's last slot W_{j1} (also returned alone, in float32: the next scan's start and the final state)
+        # serves the open chunk after the last scan, if this call has tokens there
+        j_end = st.n_chunks if j1 == st.n_full else j1
         W1r, W2r, W1, W2, S1, S2 = _Scan.apply(st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2,
                                                W1i, W2i, has, j0, j1, pre.C, optimizer == "muon",
                                                q.dtype in (torch.bfloat16, torch.float16), pre.qf.dtype,
-                                               NS5_KEEP_CHAIN and torch.is_grad_enabled())
-        # the stack's last slot W_{j1} (also returned alone, in float32: the next scan's start and the final state)
-        # serves the open chunk after the last scan
-        outs.append(_read_chunks(pre, st, j0, st.n_chunks if j1 == st.n_full else j1, W1r, W2r))
+                                               NS5_KEEP_CHAIN and torch.is_grad_enabled(), j_end - j0)
+        outs.append(_read_chunks(pre, st, j0, j_end, W1r, W2r))
     return finish(torch.cat(outs, dim=2), pre, st, W1, W2, S1, S2)
