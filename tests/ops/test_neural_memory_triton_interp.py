@@ -295,3 +295,20 @@ def test_skipping_reset_work_changes_nothing(opt, monkeypatch):
     for n, w in want.items():
         ok = rel_err(got[n], w) <= 1e-6 if w.is_floating_point() and w.numel() else torch.equal(got[n], w)
         assert ok, n
+
+
+def test_keeping_the_newton_schulz_chain_changes_nothing(monkeypatch):
+    """Muon with bf16 inputs (the Gram form): the backward that walks back the chain its forward kept gives what the
+    one recomputing it gives (MEMLM_NS5_KEEP_CHAIN=0), and a bad value of the variable is one clear error."""
+    x = inputs(T=21, poly=True, seed=7)
+    kw = {"chunk_size": 8, "window": 5, "optimizer": "muon", "poly": True, "split": 11,
+          "reset": resets(2, 21, [(9,), (16,)])}
+    kept = run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)
+    monkeypatch.setenv("MEMLM_NS5_KEEP_CHAIN", "0")
+    assert not triton_memory.keep_chain()
+    recomputed = run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)
+    for n, w in recomputed.items():      # the same products in the same order: bit for bit
+        assert torch.equal(kept[n], w), n
+    monkeypatch.setenv("MEMLM_NS5_KEEP_CHAIN", "yes")
+    with pytest.raises(ValueError, match="MEMLM_NS5_KEEP_CHAIN='yes'"):
+        run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)

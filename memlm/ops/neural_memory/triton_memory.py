@@ -659,8 +659,17 @@ def _step_config(c: int, E: int, Dv: int, F: int, backward: bool, prec: str = "i
 NS5_GRAM_PRECISION = ("tf32x3", "tf32x3")
 # The Gram form's forward stores each chunk's chain (A_k, Q_k, K_{k+1}, P_k: 20 M × M float32 matrices, 1.3 GB per
 # atlas-mag-small layer at B 16 × 2048 with M = 64) when a backward will follow, so that the backward walks it back
-# without recomputing it (25 products instead of 18 + 25). False: recompute (memory for time).
+# without recomputing it (25 products instead of 18 + 25; the step 272 -> 258 ms, peak memory 33.3 -> 42.7 GB, H100).
+# False, or the environment variable MEMLM_NS5_KEEP_CHAIN=0 (read at every call): recompute, memory for time.
 NS5_KEEP_CHAIN = True
+
+
+def keep_chain() -> bool:
+    v = os.environ.get("MEMLM_NS5_KEEP_CHAIN", "1" if NS5_KEEP_CHAIN else "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"MEMLM_NS5_KEEP_CHAIN={v!r}: expected 0 (recompute the Newton–Schulz chain in the backward) "
+                         f"or 1 (keep it from the forward)")
+    return v == "1"
 
 
 class _NS5:
@@ -744,7 +753,7 @@ class _Scan(torch.autograd.Function):
     Alpha [B, H, NJ]; W1, S1 [B, H, E, F], W2, S2 [B, H, Dv, E] (state before chunk j0); W1i [H, E, F], W2i
     [H, Dv, E] or None (then has is all zero); has int8 [B, NJ]; j0, j1, C, muon (not differentiable).
     half: the op's inputs were bf16/fp16 (picks the dot precision, `precision`); rd: the reads' dtype (parallel.
-    read_dtype); keep: store the Newton–Schulz chains for the backward (NS5_KEEP_CHAIN, and autograd records); kr:
+    read_dtype); keep: store the Newton–Schulz chains for the backward (keep_chain(), and autograd records); kr:
     how many slots the reads use (K1 − 1 when no token reads W_{j1}: no open chunk after this stretch).
     Outputs: the reads' stacks W1r [B, H, K, E, F], W2r [B, H, K, Dv, E] in rd (slot i: W_{j0+i}), and the final
     W1, W2, S1, S2 in float32. With rd float32 the stacks are the kernels' own (K = K1 = j1 − j0 + 1); otherwise
@@ -905,6 +914,6 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
         W1r, W2r, W1, W2, S1, S2 = _Scan.apply(st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2,
                                                W1i, W2i, has, j0, j1, pre.C, optimizer == "muon",
                                                q.dtype in (torch.bfloat16, torch.float16), pre.qf.dtype,
-                                               NS5_KEEP_CHAIN and torch.is_grad_enabled(), j_end - j0)
+                                               keep_chain() and torch.is_grad_enabled(), j_end - j0)
         outs.append(_read_chunks(pre, st, j0, j_end, W1r, W2r))
     return finish(torch.cat(outs, dim=2), pre, st, W1, W2, S1, S2)
