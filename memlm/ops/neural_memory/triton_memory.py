@@ -690,7 +690,8 @@ class _NS5:
         # Tenth session, TF32, best of 3 × 20 launches: the backward at BN 32 405 µs against 416–421 at BN 64 (no
         # spills against 64 B), and 26 against 36 µs on 32 × 64 (W2's map); the forward stays at BN 64 (143–150 against
         # 154 at BN 32; 19 against 28 on 32 × 64). The Gram kernel takes the same tiles (eleventh session: 4 warps
-        # 78 / 326 µs against 125 / 474 at 8 on 64 × 560; BN not swept).
+        # 78 / 326 µs against 125 / 474 at 8 on 64 × 560). Twelfth session, chain kept, 4 warps, BN 16 / 32 / 64 / 128:
+        # forward 120 / 113 / 106 / 152 µs, backward 202 / 183 / 195 / 268 on 64 × 560; 32 × 64 all within 4 µs.
         cfg = {"BN": 32 if backward else 64, "num_warps": 4} if BM <= 64 else {"BN": 16, "num_warps": 8}
         a, b, c = NS5_COEFFS
         if self.gram:
