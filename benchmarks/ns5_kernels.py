@@ -67,17 +67,16 @@ def run_case(form: str, prec: str, pc: str | None, warps: int | None, rows: int,
         Sf, dYf = S.float().to(device), dY.float().to(device)
         Out, dS = torch.zeros_like(Sf), torch.zeros_like(Sf)
         ch = fwd.chain(Sf, BH, 1)
-        ch = None if ch is None else ch[:, 0]
-        fwd(Sf, Out, fwd.scratch(Sf, BH), ch=ch)
-        bwd(Sf, dYf, bwd.scratch(Sf, BH), dS=dS, ch=ch)
+        fwd(Sf, Out, fwd.scratch(Sf, BH), chain=ch)
+        bwd(Sf, dYf, bwd.scratch(Sf, BH), dS=dS, chain=ch)
         for n, got, want in (("out", Out, y.detach()), ("dS", dS, dS_want)):
             rec[f"err_{n}_{kind}"] = float((got.double().cpu() - want).norm() / want.norm())
     if device.type == "cuda":
         S, dY = (torch.randn(1, BH, rows, cols, device=device) for _ in range(2))
         Out, dS = torch.zeros_like(S), torch.zeros_like(S)
         ch = fwd.chain(S, BH, 1)
-        ch = None if ch is None else ch[:, 0]
-        for name, fn in (("fwd", lambda sc: fwd(S, Out, sc, ch=ch)), ("bwd", lambda sc: bwd(S, dY, sc, dS=dS, ch=ch))):
+        for name, fn in (("fwd", lambda sc: fwd(S, Out, sc, chain=ch)),
+                         ("bwd", lambda sc: bwd(S, dY, sc, dS=dS, chain=ch))):
             sc = (fwd if name == "fwd" else bwd).scratch(S, BH)
             fn(sc)
             best = float("inf")

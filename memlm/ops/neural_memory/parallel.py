@@ -180,7 +180,7 @@ def stream(pre: Prelude, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta
                        (("gamma", gamma), ("eta", eta), ("theta", theta), ("alpha", alpha)))
     rs = torch.cat([pending.reset, pre.reset], dim=1)
     n_full, n_chunks = L // C, -(-L // C)
-    any_reset = maybe_any(rs)  # compiled: the general (reset-masked) path, which equals the plain one without resets
+    any_reset = maybe_any(rs)  # CUDA, compiled: the reset-masked path, which equals the plain one without resets
     after, valid, has = _reset_masks(rs, n_chunks, C) if any_reset else (None, None, None)
     kb = _bh(ks)
     return Stream(p, L, n_full, n_chunks, ks, vs, gs, es, ts, als, rs, features(kb, pre.poly),

@@ -719,15 +719,15 @@ class _NS5:
         return _empty(like, BH, K, NS5_STEPS, 4, self.BM, self.BM) if self.store else None
 
     def __call__(self, s: Tensor, o: Tensor, scratch: tuple[Tensor, ...], dS: Tensor | None = None,
-                 ch: Tensor | None = None) -> None:
+                 chain: Tensor | None = None, slot: int = 0) -> None:
         """Forward: o += NS5(s). Backward: dS += (∂NS5/∂s)ᵀ o. s, o, dS [B, H, rows, cols] views, dense over (B, H)
-        with per-head strides s.stride(1), o.stride(1) (dS as o). ch: this chunk's slot [B·H, STEPS, 4, BM, BM] of
-        the stored chains (store; per-row stride ch.stride(0))."""
+        with per-head strides s.stride(1), o.stride(1) (dS as o). chain: the stored chains (`chain`; store), of which
+        this chunk's is `slot`."""
         interpret = s.device.type == "cpu"
         if self.launch is None:
             self.launch = Relauncher(_kernels(interpret)[self.name], (s.shape[0] * s.shape[1],), self.direct)
         if self.gram:                    # one kernel both ways; unused slots (a forward's dS; Ch) take o
-            ch = scratch[0] if scratch else ch if ch is not None else o
+            ch = scratch[0] if scratch else o if chain is None else chain[:, slot]
             args = (s, o, o if dS is None else dS, ch, s.stride(1), o.stride(1), ch.stride(0))
         else:
             args = ((s, o, *scratch) if dS is None else (s, o, dS, *scratch)) + (s.stride(1), o.stride(1))
@@ -791,7 +791,7 @@ class _Scan(torch.autograd.Function):
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
                 j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg)
             for g, Sa, Wa, sc, ch in zip(ns, (S1all, S2all), (W1all, W2all), scratch, chains):
-                g(Sa[:, :, i + 1], Wa[:, :, i + 1], sc, ch=None if ch is None else ch[:, i])
+                g(Sa[:, :, i + 1], Wa[:, :, i + 1], sc, chain=ch, slot=i)
         ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *chains)
         ctx.meta = (j0, j1, C, muon, half)
         last = (W1all[:, :, -1].clone(), W2all[:, :, -1].clone(), S1all[:, :, -1].clone(), S2all[:, :, -1].clone())
@@ -831,7 +831,7 @@ class _Scan(torch.autograd.Function):
         for i in reversed(range(j1 - j0)):
             # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1} (Muon)
             for g, Sa, gw, gs, sc, ch in zip(ns, (S1all, S2all), (gW1, gW2), (gS1, gS2), scratch, chains):
-                g(Sa[:, :, i + 1], gw, sc, dS=gs, ch=None if ch is None else ch[:, i])
+                g(Sa[:, :, i + 1], gw, sc, dS=gs, chain=ch, slot=i)
             step(
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
@@ -873,7 +873,7 @@ def _read_chunks(pre: Prelude, st: Stream, j0: int, j_end: int, W1: Tensor, W2: 
         o = o + pre.qraw[:, :, sl]
     if st.any_reset:
         after = st.after[:, j0:j_end].flatten(1)[:, front:front + n]                          # [B, n]
-        if maybe_any(after):   # compiled: always (no data-dependent branch in the graph)
+        if maybe_any(after):   # on CUDA and compiled: always (no host sync, no data-dependent branch)
             qraw = None if pre.qraw is None else pre.qraw[:, :, sl]
             o = torch.where(after[:, None, :, None], memory_read(pre.W1i, pre.W2i, pre.qf[:, :, sl], qraw), o)
     return o
