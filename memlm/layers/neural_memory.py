@@ -213,9 +213,11 @@ class NeuralMemory(Mixer):
         return q, k, v, gates, conv
 
     def _op(self, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, W: tuple, *, reset: Tensor | None,
-            update: bool) -> tuple[Tensor, tuple]:
+            update: bool, commit: Tensor | None = None) -> tuple[Tensor, tuple]:
         kw = {"chunk_size": self.C, "window": self.c, "optimizer": self.cfg.optimizer, "update": update,
               "poly": self.cfg.poly, "reset": reset, "W1_init": self.W1_init, "W2_init": self.W2_init}
+        if commit is not None:
+            kw["commit"] = commit
         args = (q, k, v, *gates.unbind(-1), *W)
         o, st = dispatch.get("neural_memory", self.cfg.backend, args=args, kwargs=kw)(*args, **kw)
         return o, (st.W1, st.W2, st.S1, st.S2)
@@ -249,9 +251,14 @@ class NeuralMemory(Mixer):
         """Document-aligned chunk grid [B, N, C] of [pending; new tokens], fed to the op as a stream of N·C tokens
         with a reset on the first slot of every chunk that starts a document.
 
-        With a static layout (N from shapes: no host sync, no torch.compile graph break) the split into one op call and
-        chunk-by-chunk calls comes from shapes too (lay.min_complete), and in a compiled graph every chunk-by-chunk call
-        writes; rows keep the write only where their chunk completed, as before, so outputs and states are the same."""
+        A call of at least C tokens (training, prefill) is one op call over the whole grid: the op writes every chunk,
+        also a document's incomplete last chunk and a row's empty trailing ones, but no write of those reaches a read
+        (the next chunk of the row starts a document from W_init, or there is none), and each row's state is the one
+        after its last complete chunk (the op's ``commit``), or the initial one when a document started after it.
+        A shorter call (decoding) writes only where a chunk completes: an op call of the complete leading chunks, then
+        chunk by chunk. With a static layout (N from shapes: no host sync, no torch.compile graph break) that split
+        comes from shapes too (lay.min_complete), and in a compiled graph every chunk-by-chunk call writes; rows keep
+        the write only where their chunk completed, so outputs and states are the same."""
         B, T, H, K = q.shape
         C = self.C
         lay = chunk_layout(state.pos, state.doc_start, reset, T, C, fresh=fresh)
@@ -266,6 +273,14 @@ class NeuralMemory(Mixer):
         rs[:, :, 0] = lay.starts_doc
         rs = rs.view(B, N * C)
         complete, starts = lay.complete, lay.starts_doc
+        inits = (self.W1_init.float(), self.W2_init.float(), torch.zeros_like(W[2]), torch.zeros_like(W[3]))
+        if T >= C:
+            idx = torch.arange(N, device=q.device)
+            commit = torch.where(complete, idx + 1, 0).amax(1)           # [B] 1 + the row's last complete chunk
+            o, W = self._op(qg, kg, vg, gg, W, reset=rs, update=True, commit=commit)
+            restart = (starts & (idx >= commit[:, None])).any(1).view(B, 1, 1, 1)  # a document opened after it
+            W = tuple(torch.where(restart, wi, w) for wi, w in zip(inits, W))
+            return self._finish(o, kg, vg, gg, W, complete, starts, ext, lay, conv)
         if lay.static:
             m = lay.min_complete
         else:
@@ -276,7 +291,6 @@ class NeuralMemory(Mixer):
             s = slice(0, m * C)
             o, W = self._op(qg[:, s], kg[:, s], vg[:, s], gg[:, s], W, reset=rs[:, s], update=True)
             outs.append(o)
-        inits = (self.W1_init.float(), self.W2_init.float(), torch.zeros_like(W[2]), torch.zeros_like(W[3]))
         for j in range(m, N):   # the rest chunk by chunk, committing each row's write only where its chunk completed
             s = slice(j * C, j * C + C)
             upd = torch.compiler.is_compiling() or bool(complete[:, j].any())  # compiled: always write, no sync
@@ -284,7 +298,13 @@ class NeuralMemory(Mixer):
             sel, st = complete[:, j].view(B, 1, 1, 1), starts[:, j].view(B, 1, 1, 1)
             W = tuple(torch.where(sel, wn, torch.where(st, wi, w)) for wn, wi, w in zip(Wn, inits, W))
             outs.append(o)
-        o = gather_tokens(torch.cat(outs, dim=1).reshape(B, N, C, H * K), lay).view(B, T, H, K)
+        return self._finish(torch.cat(outs, dim=1), kg, vg, gg, W, complete, starts, ext, lay, conv)
+
+    def _finish(self, o: Tensor, kg: Tensor, vg: Tensor, gg: Tensor, W: tuple, complete: Tensor, starts: Tensor,
+                ext: Tensor, lay, conv: Tensor) -> tuple[Tensor, NeuralMemoryLayerState]:
+        """The grid's reads o [B, N·C, H, K] back in token order [B, T, H, K], and the new state."""
+        B, T = lay.tok_idx.shape
+        o = gather_tokens(o.reshape(B, lay.N, lay.C, -1), lay).view(B, T, self.h, self.dk)
         if aux_active():
             self._report_inner_loss(kg, vg, gg, W, complete, starts)
         new = NeuralMemoryLayerState(W1=W[0], W2=W[1], S1=W[2], S2=W[3], pend=pending_tail(ext, lay), conv=conv,

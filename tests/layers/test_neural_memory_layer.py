@@ -68,14 +68,17 @@ def test_document_aligned_chunks_match_reference(optimizer, poly):
 
 
 def test_split_and_decode_equal_one_call_with_resets():
+    """Row 0: documents at 0, 13 and 37 (the last starts after the row's last complete chunk, so the state after the
+    call is the initial one); row 1: at 0 and 21. Calls of C tokens or more are one op call over the chunk grid (each
+    row keeps the state of its last complete chunk), shorter ones write chunk by chunk: both give the same."""
     m = _memory()
     x = torch.randn(2, 40, 32)
     reset = torch.zeros(2, 40, dtype=torch.bool)
-    reset[0, 13], reset[1, 21] = True, True
+    reset[0, 13], reset[0, 37], reset[1, 21] = True, True, True
     with torch.no_grad():
         full, s_full = m(x, reset=reset)
         outs, st = [], None
-        for a, b in ((0, 5), (5, 13), (13, 14), (14, 30), (30, 40)):
+        for a, b in ((0, 5), (5, 13), (13, 14), (14, 30), (30, 36), (36, 40)):
             o, st = m(x[:, a:b], st, reset=reset[:, a:b])
             outs.append(o)
     assert_close(torch.cat(outs, 1), full, name="split")

@@ -488,3 +488,35 @@ def test_skipping_reset_work_changes_nothing(opt, monkeypatch):
     assert_states_close(s2, s, tol=1e-12)
     for n, a, b in zip(x, g2, g):
         assert_close(a, b, tol=1e-12, name=f"d{n}")
+
+
+@pytest.mark.parametrize("opt", ["momentum", "muon"])
+def test_commit_keeps_each_rows_state_after_its_chunks(opt):
+    """commit[b] = n: row b's returned state is the one after the first n complete chunks, i.e. that of a call on
+    those n·C tokens alone (3 rows: 0 chunks — the given state —, 2, and a value beyond the 4 complete ones, clamped);
+    the outputs and pending buffer do not change; the reference agrees, gradients included."""
+    C, T = 4, 18
+    x = make(B=3, T=T, seed=21, grad=True)
+    reset = random_resets(3, T, seed=5, p=0.1)
+    commit = torch.tensor([0, 2, 9])
+    o, s = call(neural_memory, x, reset=reset, chunk_size=C, optimizer=opt, commit=commit)
+    o_all, s_all = call(neural_memory, x, reset=reset, chunk_size=C, optimizer=opt)
+    assert_close(o, o_all, tol=1e-12, name="outputs")
+    for n in ("k", "v", "gamma", "eta", "theta", "alpha", "reset"):
+        assert torch.equal(getattr(s.pending, n), getattr(s_all.pending, n)), n
+    for b, n in enumerate((0, 2, 4)):
+        if n == 0:
+            want = (x["W1_init"], x["W2_init"], torch.zeros_like(s.S1[b]), torch.zeros_like(s.S2[b]))
+        else:
+            _, sn = call(neural_memory, x, sl=slice(0, n * C), reset=reset, chunk_size=C, optimizer=opt)
+            want = (sn.W1[b], sn.W2[b], sn.S1[b], sn.S2[b])
+        for name, got, w in zip(("W1", "W2", "S1", "S2"), (s.W1[b], s.W2[b], s.S1[b], s.S2[b]), want):
+            assert_close(got, w, tol=1e-12, name=f"row {b} {name}")
+    leaves = [x[n] for n in ("q", "k", "v", *GATES, "W1_init", "W2_init")]
+    o_r, s_r = call(neural_memory_reference, x, reset=reset, chunk_size=C, optimizer=opt, commit=commit)
+    assert_close(o_r, o, tol=1e-10, name="reference outputs")
+    assert_states_close(s_r, s)
+    for gc, gr in zip(grads(scalar_loss(o, s), leaves), grads(scalar_loss(o_r, s_r), leaves)):
+        assert_close(gc, gr, tol=1e-8, name="gradient")
+    with pytest.raises(ValueError, match="commit must be an integer tensor"):
+        call(neural_memory, x, chunk_size=C, commit=torch.zeros(3))

@@ -312,3 +312,16 @@ def test_keeping_the_newton_schulz_chain_changes_nothing(monkeypatch):
     monkeypatch.setenv("MEMLM_NS5_KEEP_CHAIN", "yes")
     with pytest.raises(ValueError, match="MEMLM_NS5_KEEP_CHAIN='yes'"):
         run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)
+
+
+@pytest.mark.parametrize("opt,scan", [("momentum", 64), ("muon", 64), ("muon", 2)])
+def test_commit_keeps_each_rows_state(opt, scan, monkeypatch):
+    """commit (each row's state after its first commit[b] complete chunks; layers/neural_memory.py's one-call grid):
+    rows at 0 chunks, in the middle, and past the end (clamped), also across stretches of MAX_SCAN = 2 chunks (a row
+    whose pick lies in an earlier stretch keeps it); outputs, the picked states and every gradient through them, with
+    resets and the pending buffer carried to a second call."""
+    monkeypatch.setattr(triton_memory, "MAX_SCAN", scan)
+    x = inputs(B=4, T=45, poly=opt == "muon", seed=13)
+    reset = resets(4, 45, [(9,), (20, 33), (), (26,)])
+    check(x, chunk_size=8, window=6, optimizer=opt, poly=opt == "muon", reset=reset, split=21,
+          commit=torch.tensor([0, 1, 2, 7]))

@@ -229,7 +229,8 @@ def compute_dtype(*ts: Tensor | None) -> torch.dtype:
 def check_args(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
                W1: Tensor, W2: Tensor, S1: Tensor | None, S2: Tensor | None, pending: Pending | None,
                chunk_size: int, window: int | None, optimizer: str, poly: bool, reset: Tensor | None,
-               W1_init: Tensor | None, W2_init: Tensor | None) -> tuple[int, Tensor, Tensor, Pending]:
+               W1_init: Tensor | None, W2_init: Tensor | None, commit: Tensor | None = None
+               ) -> tuple[int, Tensor, Tensor, Pending]:
     """Validate shapes and options; return (window c, S1, S2, pending) with defaults filled in (zeros / empty)."""
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, T, H, Dk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -262,6 +263,9 @@ def check_args(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, thet
     if reset is not None:
         if reset.shape != (B, T) or reset.dtype != torch.bool:
             raise ValueError(f"reset must be a bool tensor [B, T] = {B, T}; got {reset.dtype} {tuple(reset.shape)}")
+    if commit is not None and (commit.shape != (B,) or commit.dtype.is_floating_point or commit.dtype == torch.bool):
+        raise ValueError(f"commit must be an integer tensor [B] = [{B}] (complete chunks whose writes each row's "
+                         f"returned state keeps); got {commit.dtype} {tuple(commit.shape)}")
     if (reset is not None or pending is not None) and (W1_init is None) != (W2_init is None):
         raise ValueError("W1_init and W2_init must be given together")
     if W1_init is not None:

@@ -87,7 +87,8 @@ class Prelude(NamedTuple):
 
     W1, W2, S1, S2 [B, H, ...] in dt; W1i [B, H, E, F], W2i [B, H, Dv, E] the expanded W_init (None if not given);
     qf [B, H, T, F] query features, qraw [B, H, T, Dv] raw queries (the residual; None when Dk != Dv);
-    reset [B, T] bool (all False when not given); pending with defaults filled in.
+    reset [B, T] bool (all False when not given); pending with defaults filled in; commit [B] int64 or None (see
+    `neural_memory`; clamped by the backends once they know the number of complete chunks).
     """
 
     c: int
@@ -106,6 +107,7 @@ class Prelude(NamedTuple):
     qraw: Tensor | None
     reset: Tensor
     pending: Pending
+    commit: Tensor | None
 
 
 class Stream(NamedTuple):
@@ -144,10 +146,10 @@ class Stream(NamedTuple):
 def prepare(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor, W1: Tensor,
             W2: Tensor, S1: Tensor | None, S2: Tensor | None, pending: Pending | None, chunk_size: int,
             window: int | None, optimizer: str, poly: bool, reset: Tensor | None, W1_init: Tensor | None,
-            W2_init: Tensor | None) -> Prelude:
+            W2_init: Tensor | None, commit: Tensor | None = None) -> Prelude:
     """Check the arguments of `neural_memory` and cast them (the part of a call before any chunk is touched)."""
     c, S1, S2, pending = check_args(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size,
-                                    window, optimizer, poly, reset, W1_init, W2_init)
+                                    window, optimizer, poly, reset, W1_init, W2_init, commit)
     B, T, _, Dk = q.shape
     dt = compute_dtype(q, k, v, W1)
     residual = Dk == v.shape[-1]
@@ -157,7 +159,8 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: 
     qd = _bh(q.to(dt))   # features after the transpose: moving F-wide rows would copy F/Dk times the bytes
     reset = torch.zeros(B, T, dtype=torch.bool, device=q.device) if reset is None else reset
     return Prelude(c, chunk_size, dt, q.dtype, residual, poly, W1.to(dt), W2.to(dt), S1.to(dt), S2.to(dt), W1i, W2i,
-                   features(qd, poly, read_dtype(dt, q.device)), qd if residual else None, reset, pending)
+                   features(qd, poly, read_dtype(dt, q.device)), qd if residual else None, reset, pending,
+                   None if commit is None else commit.long())
 
 
 def read_only(pre: Prelude) -> tuple[Tensor, NeuralMemoryState]:
@@ -215,7 +218,8 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
                   W1: Tensor, W2: Tensor, S1: Tensor | None = None, S2: Tensor | None = None, *,
                   pending: Pending | None = None, chunk_size: int = 64, window: int | None = None,
                   optimizer: str = "momentum", update: bool = True, poly: bool = False, reset: Tensor | None = None,
-                  W1_init: Tensor | None = None, W2_init: Tensor | None = None) -> tuple[Tensor, NeuralMemoryState]:
+                  W1_init: Tensor | None = None, W2_init: Tensor | None = None, commit: Tensor | None = None
+                  ) -> tuple[Tensor, NeuralMemoryState]:
     """MLP memory held as per-sequence fast weights, written once per chunk of C tokens by one inner optimizer step
     on the Omega objective Σ_{last c tokens} γ_i ‖M_W(k_i) − v_i‖²; every token reads the weights as they stood
     before its chunk. Differentiable w.r.t. every input (the meta-gradient goes through the inner updates).
@@ -235,11 +239,16 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
       reset: [B, T] bool, first token of a new document. Tokens from a reset to the end of its chunk read
         (W1_init, W2_init) [H, E, F], [H, Dv, E]; the chunk's write starts from (W_init, S = 0) and ignores the
         chunk's tokens before the reset. A reset on a chunk boundary is exactly a fresh start.
+      commit: [B] integer or None: row b's returned W1, W2, S1, S2 are the ones after the first commit[b] complete
+        chunks of the stream (pending tokens included; clamped to [0, number of complete chunks]; 0: the given
+        state); None: after every complete chunk. Every chunk is still written and read as above, so a caller can
+        lay rows of different lengths into one stream (layers/neural_memory.py: document-aligned chunk grids) and keep
+        each row's state from its last real chunk. The pending buffer is the stream's tail either way.
     Returns:
       o [B, T, H, Dv] (dtype of q) and NeuralMemoryState(W1, W2, S1, S2, pending) in float32 (float64 if given).
     """
     pre = prepare(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size, window, optimizer, poly,
-                  reset, W1_init, W2_init)
+                  reset, W1_init, W2_init, commit)
     if not update:
         return read_only(pre)
     st = stream(pre, k, v, gamma, eta, theta, alpha)
@@ -247,6 +256,8 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
     qf, qraw, W1i, W2i = pre.qf, pre.qraw, pre.W1i, pre.W2i
     W1, W2, S1, S2 = pre.W1, pre.W2, pre.S1, pre.S2
     gw, ge, gt, ga = chunk_gates(st, C, c)
+    kept = (W1, W2, S1, S2)   # the state after commit[b] chunks (commit given)
+    commit = None if pre.commit is None else pre.commit.clamp(0, st.n_full)
     outs = []
     for j in range(st.n_chunks):
         s0, s1 = j * C, min(j * C + C, L)
@@ -276,4 +287,9 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
         U1, U2 = (newton_schulz5(S1), newton_schulz5(S2)) if optimizer == "muon" else (S1, S2)
         W1 = (1 - a_j) * W1s + U1
         W2 = (1 - a_j) * W2s + U2
+        if commit is not None:
+            at = (commit == j + 1).view(-1, 1, 1, 1)
+            kept = tuple(torch.where(at, w, k) for w, k in zip((W1, W2, S1, S2), kept))
+    if commit is not None:
+        W1, W2, S1, S2 = kept
     return finish(torch.cat(outs, dim=2), pre, st, W1, W2, S1, S2)

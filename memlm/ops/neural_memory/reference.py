@@ -73,14 +73,15 @@ def neural_memory_reference(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta:
                             S2: Tensor | None = None, *, pending: Pending | None = None, chunk_size: int = 64,
                             window: int | None = None, optimizer: str = "momentum", update: bool = True,
                             poly: bool = False, reset: Tensor | None = None, W1_init: Tensor | None = None,
-                            W2_init: Tensor | None = None) -> tuple[Tensor, NeuralMemoryState]:
+                            W2_init: Tensor | None = None, commit: Tensor | None = None
+                            ) -> tuple[Tensor, NeuralMemoryState]:
     """Reference neural memory; same contract as `memlm.ops.neural_memory.neural_memory` (see its docstring).
 
     q, k [B, T, H, Dk]; v [B, T, H, Dv]; gamma, eta, theta, alpha [B, T, H]; W1 [B, H, E, F]; W2 [B, H, Dv, E].
     Returns o [B, T, H, Dv] (dtype of q) and the new NeuralMemoryState.
     """
     c, S1, S2, pending = check_args(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size,
-                                    window, optimizer, poly, reset, W1_init, W2_init)
+                                    window, optimizer, poly, reset, W1_init, W2_init, commit)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     dt = compute_dtype(q, k, v, W1)
@@ -97,6 +98,7 @@ def neural_memory_reference(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta:
     with torch.enable_grad():  # the inner gradient is needed even when the caller runs under no_grad
         for b in range(B):
             w1, w2, s1, s2 = W1[b], W2[b], S1[b], S2[b]
+            states = [(w1, w2, s1, s2)]   # after 0, 1, … complete chunks (commit picks one)
             buf = [{f: getattr(pending, f)[b, i] for f in fields} for i in range(pending.length)]
             after_reset = bool(pending.reset[b].any())
             o_row = []
@@ -111,6 +113,9 @@ def neural_memory_reference(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta:
                 if len(buf) == chunk_size:
                     w1, w2, s1, s2 = _write(buf, w1, w2, s1, s2, W1_init, W2_init, c, optimizer, poly, residual)
                     buf, after_reset = [], False
+                    states.append((w1, w2, s1, s2))
+            if commit is not None:
+                w1, w2, s1, s2 = states[min(max(int(commit[b]), 0), len(states) - 1)]
             outs.append(torch.stack(o_row))
             rows.append((w1, w2, s1, s2, buf))
     o = torch.stack(outs).to(out_dtype)

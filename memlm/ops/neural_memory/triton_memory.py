@@ -755,9 +755,12 @@ class _Scan(torch.autograd.Function):
     [H, Dv, E] or None (then has is all zero); has int8 [B, NJ]; j0, j1, C, muon (not differentiable).
     half: the op's inputs were bf16/fp16 (picks the dot precision, `precision`); rd: the reads' dtype (parallel.
     read_dtype); keep: store the Newton–Schulz chains for the backward (keep_chain(), and autograd records); kr:
-    how many slots the reads use (K1 − 1 when no token reads W_{j1}: no open chunk after this stretch).
-    Outputs: the reads' stacks W1r [B, H, K, E, F], W2r [B, H, K, Dv, E] in rd (slot i: W_{j0+i}), and the final
-    W1, W2, S1, S2 in float32. With rd float32 the stacks are the kernels' own (K = K1 = j1 − j0 + 1); otherwise
+    how many slots the reads use (K1 − 1 when no token reads W_{j1}: no open chunk after this stretch); commit [B]
+    int64 or None (the op's, clamped to [0, n_full]).
+    Outputs: the reads' stacks W1r [B, H, K, E, F], W2r [B, H, K, Dv, E] in rd (slot i: W_{j0+i}), the final
+    W1, W2, S1, S2 in float32, and with commit also each row's W1, W2, S1, S2 at slot clamp(commit − j0, 0, K1 − 1)
+    (the backward adds their gradients to the carried ones as the walk passes those slots). With rd float32 the
+    stacks are the kernels' own (K = K1 = j1 − j0 + 1); otherwise
     their first K = kr slots cast once here (so that the reads need no padding chunk), and the backward kernels read
     their gradient in rd as it comes (autocast would cast the gradient back to float32 in a copy the size of the
     stack). Writing the copy from the Newton–Schulz kernel instead of casting was slower: its [M, N] stores are not
@@ -766,7 +769,7 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, half, rd, keep,
-                kr):
+                kr, commit):
         B, H, L, F = X.shape
         E, Dv, NJ, c = W1.shape[2], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
         BH, K1 = B * H, j1 - j0 + 1
@@ -793,27 +796,47 @@ class _Scan(torch.autograd.Function):
             for g, Sa, Wa, sc, ch in zip(ns, (S1all, S2all), (W1all, W2all), scratch, chains):
                 g(Sa[:, :, i + 1], Wa[:, :, i + 1], sc, chain=ch, slot=i)
         ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *chains)
-        ctx.meta = (j0, j1, C, muon, half)
-        last = (W1all[:, :, -1].clone(), W2all[:, :, -1].clone(), S1all[:, :, -1].clone(), S2all[:, :, -1].clone())
+        ctx.meta = (j0, j1, C, muon, half, rd, kr)
+        ctx.set_materialize_grads(False)   # an unused state (or selection) sends no gradient: nothing to add
+        stacks = (W1all, W2all, S1all, S2all)
+        last = tuple(t[:, :, -1].clone() for t in stacks)
+        sel = ()
+        ctx.slot = None
+        if commit is not None:   # each row's state after chunk j0 + slot − 1 (slot 0: this stretch's start)
+            ctx.slot = (commit - j0).clamp(0, K1 - 1)
+            sel = tuple(t[torch.arange(B, device=X.device), :, ctx.slot] for t in stacks)
         if rd == W1all.dtype:            # the kernels' own stacks, all K1 slots
-            return W1all, W2all, *last
-        return W1all[:, :, :kr].to(rd), W2all[:, :, :kr].to(rd), *last   # the cast copies only the slots read
+            return W1all, W2all, *last, *sel
+        return W1all[:, :, :kr].to(rd), W2all[:, :, :kr].to(rd), *last, *sel   # the cast copies only the slots read
 
     @staticmethod
-    def backward(ctx, dW1r, dW2r, dW1, dW2, dS1, dS2):
+    def backward(ctx, dW1r, dW2r, dW1, dW2, dS1, dS2, *dsel):
         X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *chains = ctx.saved_tensors
-        j0, j1, C, muon, half = ctx.meta
+        j0, j1, C, muon, half, rd, kr = ctx.meta
         B, H, L, F = X.shape
         E, Dv, NJ, c = W1all.shape[3], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
         BH = B * H
         interpret = X.device.type == "cpu"
         kern = _kernels(interpret)
-        R1, R2 = _slots(dW1r), _slots(dW2r)                           # the reads' ∂L/∂W_j, in their dtype
-        # carried ∂L/∂W_j, ∂L/∂S_j [B, H, ...]
+        K = W1all.shape[2] if rd == W1all.dtype else kr
+        # the reads' ∂L/∂W_j in their dtype (zeros when no read was used)
+        R1, R2 = (_slots(d) if d is not None else W.new_zeros(B, H, K, *W.shape[3:], dtype=rd)
+                  for d, W in ((dW1r, W1all), (dW2r, W2all)))
+        # carried ∂L/∂W_j, ∂L/∂S_j [B, H, ...] (float32, contiguous, owned: the kernels add into them)
         KR = R1.shape[2]
-        gW1, gW2 = ((d.float() + R[:, :, -1] if KR == j1 - j0 + 1 else d.float()).contiguous()
-                    for d, R in ((dW1, R1), (dW2, R2)))
-        gS1, gS2 = dS1.float().contiguous().clone(), dS2.float().contiguous().clone()
+        gW1, gW2, gS1, gS2 = (W.new_zeros(W.shape[:2] + W.shape[3:]) if d is None else d.float().contiguous().clone()
+                              for d, W in ((dW1, W1all), (dW2, W2all), (dS1, S1all), (dS2, S2all)))
+        if KR == j1 - j0 + 1:            # the last slot is read too
+            gW1 += R1[:, :, -1]
+            gW2 += R2[:, :, -1]
+        # the selections' gradients join the carried ones at their rows' slots (slot s: the state W_{j0+s})
+        picks = [(d.float(), g) for d, g in zip(dsel, (gW1, gW2, gS1, gS2)) if d is not None]
+
+        def add_picks(s: int) -> None:
+            if picks:
+                at = (ctx.slot == s).to(torch.float32).view(B, 1, 1, 1)
+                for d, g in picks:
+                    g.addcmul_(d, at)
         dX, dV, dWg = torch.zeros_like(X), torch.zeros_like(V), torch.zeros_like(Wg)
         dXR = None if XR is None else torch.zeros_like(XR)
         dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
@@ -829,6 +852,7 @@ class _Scan(torch.autograd.Function):
               _NS5(Dv, E, prec, backward=True, direct=direct and _aligned(S2all), store=keep)] if muon else []
         scratch = [g.scratch(X, BH) for g in ns]
         for i in reversed(range(j1 - j0)):
+            add_picks(i + 1)
             # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1} (Muon)
             for g, Sa, gw, gs, sc, ch in zip(ns, (S1all, S2all), (gW1, gW2), (gS1, gS2), scratch, chains):
                 g(Sa[:, :, i + 1], gw, sc, dS=gs, chain=ch, slot=i)
@@ -838,9 +862,10 @@ class _Scan(torch.autograd.Function):
                 gW1, gW2, gS1, gS2, R1, R2, dX, dX if XR is None else dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
                 j0 + i, i, H, L, NJ, j1 - j0 + 1, KR, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret),
                 *R1.stride()[3:], *R2.stride()[3:], **flags, **cfg)
+        add_picks(0)
         dW1i, dW2i = (None, None) if W1i is None else (dW1i.sum(0), dW2i.sum(0))
         return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def _slots(t: Tensor) -> Tensor:
@@ -883,7 +908,8 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
                   W1: Tensor, W2: Tensor, S1: Tensor | None = None, S2: Tensor | None = None, *,
                   pending: Pending | None = None, chunk_size: int = 64, window: int | None = None,
                   optimizer: str = "momentum", update: bool = True, poly: bool = False, reset: Tensor | None = None,
-                  W1_init: Tensor | None = None, W2_init: Tensor | None = None) -> tuple[Tensor, NeuralMemoryState]:
+                  W1_init: Tensor | None = None, W2_init: Tensor | None = None, commit: Tensor | None = None
+                  ) -> tuple[Tensor, NeuralMemoryState]:
     """Same contract as parallel.neural_memory (see there): q, k [B, T, H, Dk]; v [B, T, H, Dv]; gates [B, T, H];
     W1 [B, H, E, F], W2 [B, H, Dv, E] -> o [B, T, H, Dv] (dtype of q), NeuralMemoryState (float32)."""
     if not supports(q, k, v, gamma, eta, theta, alpha, W1, W2, chunk_size=chunk_size, window=window,
@@ -892,7 +918,7 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
                          f"no float64, and window, E, Dv ≤ {MAX_DIM} (min(E, F) ≤ {MAX_DIM} for muon); "
                          f"use backend 'chunked' otherwise")
     pre = prepare(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size, window, optimizer, poly,
-                  reset, W1_init, W2_init)
+                  reset, W1_init, W2_init, commit)
     if not update:
         return read_only(pre)
     st = stream(pre, k, v, gamma, eta, theta, alpha)
@@ -906,15 +932,21 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
     else:
         has = torch.zeros(q.shape[0], st.n_full, dtype=torch.int8, device=q.device)
     W1i, W2i = (None, None) if pre.W1i is None else (pre.W1i[0].contiguous(), pre.W2i[0].contiguous())
-    outs = []
+    commit = None if pre.commit is None else pre.commit.clamp(0, st.n_full)
+    outs, kept = [], None    # kept: each row's state after commit[b] chunks (commit given)
     for j0 in range(0, st.n_full, MAX_SCAN):
         j1 = min(j0 + MAX_SCAN, st.n_full)
         # the stack's last slot W_{j1} (also returned alone, in float32: the next scan's start and the final state)
         # serves the open chunk after the last scan, if this call has tokens there
         j_end = st.n_chunks if j1 == st.n_full else j1
-        W1r, W2r, W1, W2, S1, S2 = _Scan.apply(st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2,
-                                               W1i, W2i, has, j0, j1, pre.C, optimizer == "muon",
-                                               q.dtype in (torch.bfloat16, torch.float16), pre.qf.dtype,
-                                               keep_chain() and torch.is_grad_enabled(), j_end - j0)
+        W1r, W2r, W1, W2, S1, S2, *sel = _Scan.apply(
+            st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2, W1i, W2i, has, j0, j1, pre.C,
+            optimizer == "muon", q.dtype in (torch.bfloat16, torch.float16), pre.qf.dtype,
+            keep_chain() and torch.is_grad_enabled(), j_end - j0, commit)
+        if commit is not None:   # rows whose commit lies before this stretch keep the earlier stretch's pick
+            before = (commit < j0).view(-1, 1, 1, 1)
+            kept = sel if kept is None else [torch.where(before, a, b) for a, b in zip(kept, sel)]
         outs.append(_read_chunks(pre, st, j0, j_end, W1r, W2r))
+    if kept is not None:
+        W1, W2, S1, S2 = kept
     return finish(torch.cat(outs, dim=2), pre, st, W1, W2, S1, S2)
