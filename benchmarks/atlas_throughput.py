@@ -13,6 +13,7 @@ tokens/s, step time, peak CUDA memory (GiB), parameter count, loss.
     python benchmarks/atlas_throughput.py --extra titans-mag-small --batch 2 4 8 16
     python benchmarks/atlas_throughput.py --tiny                        # CPU smoke test at -debug sizes (seconds)
     python benchmarks/atlas_throughput.py --batch 16 --only atlas-mag-small --profile 25   # + where a step's time goes
+    python benchmarks/atlas_throughput.py --batch 16 --docs 500      # packed documents (mean 500 tokens) with resets
 
 Notation: B batch rows, T tokens per row.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import platform
 import time
 
@@ -65,12 +67,27 @@ def kernel_table(step, top: int) -> dict:
             "other_ms": round(sum(r[2] for r in rows[top:]), 2), "total_ms": round(sum(r[2] for r in rows), 2)}
 
 
+def packed_resets(batch: int, seq: int, mean: int, seed: int = 0) -> torch.Tensor:
+    """reset [B, T] of rows packed with documents of exponentially distributed lengths (mean ``mean`` tokens, at least
+    one), the first starting at a uniform offset in [0, mean) (the end of a document carried over from a previous
+    row): what a training batch of packed documents (memlm.data.packing) looks like to the memories."""
+    g = torch.Generator().manual_seed(seed)
+    reset = torch.zeros(batch, seq, dtype=torch.bool)
+    for b in range(batch):
+        t = int(torch.randint(0, mean, (1,), generator=g))
+        while t < seq:
+            reset[b, t] = True
+            t += max(1, round(-mean * math.log1p(-float(torch.rand((), generator=g)))))   # Exp(1 / mean)
+    return reset
+
+
 def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
-        backend: str | None = None, compile: bool = False, profile: int = 0) -> dict:
+        backend: str | None = None, compile: bool = False, profile: int = 0, docs: int = 0) -> dict:
     """Train ``steps`` timed steps after ``warmup`` untimed ones on random tokens; returns one record.
     backend: force this backend of the neural_memory op (None: dispatch's choice); compile: torch.compile the
     model's forward (the loss and optimizer stay eager); profile > 0 (CUDA): also the kernel table of one more step
-    (`kernel_table`)."""
+    (`kernel_table`); docs > 0: rows packed with documents of that mean length (`packed_resets`), else one stream
+    per row without resets."""
     torch.manual_seed(0)
     model = memlm.build_model(cfg).to(device).train()
     rec = {"model": name, "params": model.num_params(), "batch": batch, "seq": seq,
@@ -80,11 +97,14 @@ def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(device)
     inp, lab = x[:, :-1], x[:, 1:]
+    reset = packed_resets(batch, seq, docs).to(device) if docs else None
+    if docs:
+        rec.update(docs_mean=docs, resets_per_row=round(reset.sum().item() / batch, 2))
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
 
     def step() -> torch.Tensor:
         with amp, (dispatch.force_backend("neural_memory", backend) if backend else contextlib.nullcontext()):
-            logits, _ = fwd(inp)
+            logits, _ = fwd(inp, reset=reset)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), lab.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -131,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
                     "with (e.g. chunked triton); the transformer runs once")
     ap.add_argument("--compile", action="store_true", help="also time every model with torch.compile (the forward)")
     ap.add_argument("--only", nargs="*", default=None, help="time only these model names (e.g. the preset alone)")
+    ap.add_argument("--docs", type=int, default=0, metavar="MEAN",
+                    help="pack the rows with documents of this mean length (resets), as real training batches")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="CUDA: also profile one more step and print its N largest kernels by device time")
     args = ap.parse_args(argv)
@@ -151,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         for be, comp in variants:
             for b in args.batch:
                 print(json.dumps(run(name, cfg, batch=b, seq=args.seq, steps=args.steps, warmup=args.warmup,
-                                     device=dev, backend=be, compile=comp, profile=args.profile)), flush=True)
+                                     device=dev, backend=be, compile=comp, profile=args.profile,
+                                     docs=args.docs)), flush=True)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
 
