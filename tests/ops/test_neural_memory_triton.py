@@ -150,3 +150,16 @@ def test_poly_features_on_cuda_match_torch_form(monkeypatch):
     assert torch.equal(y, y0)
     assert rel_err(dx, dx0) < 1e-6
 
+
+
+def test_side_stream_changes_nothing(monkeypatch):
+    """W2's Newton–Schulz map on a side stream (NS5_SIDE_STREAM) runs the same kernels on the same data, ordered by
+    events: outputs, states and every gradient bit for bit as on one stream (bf16 inputs: the Gram-form kernels)."""
+    x, kw, _ = case(LENGTHS[-1])
+    kw = {**kw, "optimizer": "muon"}
+    got = {}
+    for side in (False, True):
+        monkeypatch.setattr(triton_memory, "NS5_SIDE_STREAM", side)
+        got[side] = run(triton_memory.neural_memory, x, torch.float32, low=LOW, **kw)
+    for n, t in got[False].items():
+        assert torch.equal(got[True][n], t), n

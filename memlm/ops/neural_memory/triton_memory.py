@@ -664,6 +664,39 @@ NS5_GRAM_PRECISION = ("tf32x3", "tf32x3")
 NS5_KEEP_CHAIN = True
 
 
+# W2's Newton–Schulz map (32 × 64 at atlas-mag-small) runs on a side CUDA stream next to W1's (64 × 560): they read
+# what the chunk's step kernel wrote and nothing of each other, and W1's 128 programs (one per (row, head)) leave the
+# SMs mostly idle (latency bound), so W2's run in their shadow instead of after them. False: one stream. Only for
+# direct launches (not in the interpreter, nor while torch.compile traces).
+NS5_SIDE_STREAM = True
+_SIDE: dict[torch.device, torch.cuda.Stream] = {}
+
+
+class _Maps:
+    """The chunk's Newton–Schulz maps ns (W1's, W2's; none without Muon), W2's on the device's side stream when
+    `side`. ``maps(args1, args2)`` launches both; the caller's stream waits for both before its next launch."""
+
+    def __init__(self, ns: list[_NS5], side: bool, device: torch.device):
+        self.ns, self.side = ns, None
+        if side and len(ns) == 2 and NS5_SIDE_STREAM:
+            self.side = _SIDE.get(device) or _SIDE.setdefault(device, torch.cuda.Stream(device))
+            self.ready, self.done = torch.cuda.Event(), torch.cuda.Event()
+
+    def __call__(self, *calls: tuple[tuple, dict]) -> None:
+        if self.side is None:
+            for g, (a, kw) in zip(self.ns, calls):
+                g(*a, **kw)
+            return
+        main = torch.cuda.current_stream()
+        self.ready.record(main)
+        with torch.cuda.stream(self.side):
+            self.side.wait_event(self.ready)
+            self.ns[1](*calls[1][0], **calls[1][1])
+            self.done.record(self.side)
+        self.ns[0](*calls[0][0], **calls[0][1])
+        main.wait_event(self.done)
+
+
 def keep_chain() -> bool:
     v = os.environ.get("MEMLM_NS5_KEEP_CHAIN", "1" if NS5_KEEP_CHAIN else "0")
     if v not in ("0", "1"):
@@ -788,13 +821,14 @@ class _Scan(torch.autograd.Function):
               _NS5(Dv, E, prec, direct=direct and _aligned(S2all, W2all), store=keep)] if muon else []
         scratch = [g.scratch(X, BH) for g in ns]
         chains = [g.chain(X, BH, K1 - 1) for g in ns] + [None] * (2 - len(ns))
+        maps = _Maps(ns, direct, X.device)
         for i, j in enumerate(range(j0, j1)):
             step(
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
                 j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg)
-            for g, Sa, Wa, sc, ch in zip(ns, (S1all, S2all), (W1all, W2all), scratch, chains):
-                g(Sa[:, :, i + 1], Wa[:, :, i + 1], sc, chain=ch, slot=i)
+            maps(*(((Sa[:, :, i + 1], Wa[:, :, i + 1], sc), {"chain": ch, "slot": i})
+                   for Sa, Wa, sc, ch in zip((S1all, S2all), (W1all, W2all), scratch, chains)))
         ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *chains)
         ctx.meta = (j0, j1, C, muon, half, rd, kr)
         ctx.set_materialize_grads(False)   # an unused state (or selection) sends no gradient: nothing to add
@@ -851,11 +885,12 @@ class _Scan(torch.autograd.Function):
         ns = [_NS5(E, F, prec, backward=True, direct=direct and _aligned(S1all), store=keep),
               _NS5(Dv, E, prec, backward=True, direct=direct and _aligned(S2all), store=keep)] if muon else []
         scratch = [g.scratch(X, BH) for g in ns]
+        maps = _Maps(ns, direct, X.device)
         for i in reversed(range(j1 - j0)):
             add_picks(i + 1)
             # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1} (Muon)
-            for g, Sa, gw, gs, sc, ch in zip(ns, (S1all, S2all), (gW1, gW2), (gS1, gS2), scratch, chains):
-                g(Sa[:, :, i + 1], gw, sc, dS=gs, chain=ch, slot=i)
+            maps(*(((Sa[:, :, i + 1], gw, sc), {"dS": gs, "chain": ch, "slot": i})
+                   for Sa, gw, gs, sc, ch in zip((S1all, S2all), (gW1, gW2), (gS1, gS2), scratch, chains)))
             step(
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
