@@ -160,7 +160,8 @@ class NeuralMemory(Mixer):
         self.f = Fd = feature_dim(K, cfg.poly)
         self.C, self.c = cfg.chunk_size, cfg.omega_window or cfg.chunk_size
         self.qkv = nn.Linear(d, 3 * H * K, bias=False)
-        self.conv = ShortConv(3 * H * K, cfg.conv_size) if cfg.conv_size > 0 else None
+        # the conv also L2-normalises each head's q, k, v (norm_group K): one fused kernel on CUDA (ops/short_conv.py)
+        self.conv = ShortConv(3 * H * K, cfg.conv_size, norm_group=K) if cfg.conv_size > 0 else None
         self.gates = nn.Linear(d, 4 * H, bias=True)  # γ, η, θ, α pre-activations per head
         self.W1_init = nn.Parameter(torch.empty(H, E, Fd))
         self.W2_init = nn.Parameter(torch.empty(H, K, E))
@@ -199,14 +200,13 @@ class NeuralMemory(Mixer):
         """x [B, T, D] -> q, k, v [B, T, H, K], gates [B, T, H, 4] (γ, η, θ, α; float32), new conv cache."""
         B, T, _ = x.shape
         qkv = self.qkv(x)
+        # normalised in float32 and cast back to the projection's (the autocast) dtype, so that bf16 training reaches
+        # the op in bf16 (its Triton kernels then take TF32 dots: triton_memory.HALF_DOT_PRECISION)
         if self.conv is not None:
-            qkv, conv = self.conv(qkv, conv, reset)
+            qkv, conv = self.conv(qkv, conv, reset)                      # SiLU(conv) and the per-head norm
         else:
-            qkv = F.silu(qkv)
+            qkv = F.normalize(F.silu(qkv).float().unflatten(-1, (-1, self.dk)), dim=-1).flatten(-2).to(qkv.dtype)
         q, k, v = (t.reshape(B, T, self.h, self.dk) for t in qkv.chunk(3, dim=-1))
-        # autocast runs the norm in float32; back to the projection's (the autocast) dtype, so that bf16 training
-        # reaches the op in bf16 (its Triton kernels then take TF32 dots: triton_memory.HALF_DOT_PRECISION)
-        q, k, v = (F.normalize(t, dim=-1).to(qkv.dtype) for t in (q, k, v))
         a = self.gates(x).float().view(B, T, 4, self.h).transpose(2, 3)   # [B, T, H, 4]
         gates = torch.stack([torch.sigmoid(a[..., 0]), torch.sigmoid(a[..., 1]),
                              self.cfg.theta_max / self.c * torch.sigmoid(a[..., 2]), torch.sigmoid(a[..., 3])], dim=-1)
