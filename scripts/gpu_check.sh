@@ -25,7 +25,7 @@ PART=${1:-all}
 if [ "$PART" != speed ]; then
 # 1. correctness of every fast path against its reference (decides whether Triton becomes the CUDA default)
 step test_delta_triton 120 python3 -m pytest -q -p no:randomly -m gpu tests/ops/test_delta_rule_triton.py
-step test_memory_triton 120 python3 -m pytest -q -p no:randomly -m gpu tests/ops/test_neural_memory_triton.py tests/ops/test_compressive_triton.py
+step test_memory_triton 180 python3 -m pytest -q -p no:randomly -m gpu tests/ops/test_neural_memory_triton.py tests/ops/test_compressive_triton.py tests/ops/test_short_conv.py
 step test_hope_scan 200 python3 -m pytest -q -p no:randomly -m gpu tests/ops/test_hope_scan_triton.py
 # half-precision inputs with TF32x3 dots: if this passes, triton_memory.HALF_DOT_PRECISION can become "tf32x3"
 # (Triton 3.6 on an H100: illegal memory access in 8 of 12, 2026-11-22)
