@@ -871,8 +871,10 @@ class _Scan(torch.autograd.Function):
                 at = (ctx.slot == s).to(torch.float32).view(B, 1, 1, 1)
                 for d, g in picks:
                     g.addcmul_(d, at)
-        dX, dV, dWg = torch.zeros_like(X), torch.zeros_like(V), torch.zeros_like(Wg)
-        dXR = None if XR is None else torch.zeros_like(XR)
+        # _step_bwd stores (not adds) the window rows of dX, dXR, dV of its chunk: with the window the whole chunk
+        # (c = C) only the rows outside this stretch's chunks need zeros, not a fill of the [B, H, L, F] features
+        dX, dV, dXR = (None if t is None else _rows_zeroed_outside(t, j0 * C, j1 * C, c == C) for t in (X, V, XR))
+        dWg = torch.zeros_like(Wg)
         dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
         # rows with a reset in chunk j send the write's ∂L/∂Ws here (summed over rows at the end)
         dW1i, dW2i = X.new_zeros(B, H, E, F), X.new_zeros(B, H, Dv, E)
@@ -901,6 +903,17 @@ class _Scan(torch.autograd.Function):
         dW1i, dW2i = (None, None) if W1i is None else (dW1i.sum(0), dW2i.sum(0))
         return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
                 None, None, None, None, None, None, None, None, None, None)
+
+
+def _rows_zeroed_outside(like: Tensor, r0: int, r1: int, covered: bool) -> Tensor:
+    """A buffer like `like` [B, H, L, ·] whose rows outside [r0, r1) are zero; all zero unless `covered` (the kernels
+    will write every row in [r0, r1))."""
+    if not covered:
+        return torch.zeros_like(like)
+    t = _empty(like, *like.shape)
+    t[:, :, :r0].zero_()
+    t[:, :, r1:].zero_()
+    return t
 
 
 def _slots(t: Tensor) -> Tensor:
