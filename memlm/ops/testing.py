@@ -63,3 +63,23 @@ def count_launches(module, monkeypatch) -> list:
             return self.kernel[grid]
     monkeypatch.setattr(module, "_interpreted", lambda: (Spy(real[0]), *real[1:]))
     return launches
+
+
+def mutant_kernels(fns, header: str, old: str, new: str, directory) -> tuple:
+    """The plain kernel functions ``fns`` with ``old`` replaced by ``new`` (exactly one occurrence in their joined
+    source), written to a module file in ``directory`` (the Triton interpreter re-reads a kernel's source, so it must
+    live in a file) and wrapped for the interpreter, in the order given. header: the import lines the kernels need.
+    For tests that show their checks catch a broken kernel without touching the real one."""
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    from triton.runtime.interpreter import InterpretedFunction
+    src = "\n\n".join(inspect.getsource(f) for f in fns)
+    assert src.count(old) == 1, f"the kernels changed: update this test ({old!r})"
+    path = Path(directory) / f"mutant_{fns[0].__module__.rsplit('.', 1)[-1]}.py"
+    path.write_text(f"from __future__ import annotations\n{header}\n\n{src.replace(old, new)}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return tuple(InterpretedFunction(getattr(mod, f.__name__)) for f in fns)

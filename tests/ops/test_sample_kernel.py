@@ -9,16 +9,13 @@ built on first use). GPU tests (marker gpu):
 """
 from __future__ import annotations
 
-import importlib.util
-import inspect
-
 import pytest
 import torch
 
 from memlm.inference.sampling import SamplingConfig, fused_sampler, packed_sample
 from memlm.ops import dispatch
 from memlm.ops import sample_kernel as sk
-from memlm.ops.testing import count_launches
+from memlm.ops.testing import count_launches, mutant_kernels
 
 pytest.importorskip("triton")
 
@@ -112,17 +109,9 @@ class TestInterpreted:
     ])
     @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the NaN mutant
     def test_checks_catch_a_broken_kernel(self, old, new, what, monkeypatch, tmp_path):
-        src = inspect.getsource(sk._split_kernel) + "\n\n" + inspect.getsource(sk._combine_kernel)
-        assert src.count(old) == 1, f"the kernel changed: update this test ({old!r})"
-        path = tmp_path / "mutant_sample_kernel.py"    # a file: the interpreter rewrites kernels from their source
-        path.write_text("from __future__ import annotations\n"
-                        "from memlm.ops.sample_kernel import EMIN, IMAX, NEG, tl\n\n" + src.replace(old, new))
-        spec = importlib.util.spec_from_file_location("mutant_sample_kernel", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        from triton.runtime.interpreter import InterpretedFunction
-        monkeypatch.setattr(sk, "_interpreted", lambda: (InterpretedFunction(mod._split_kernel),
-                                                         InterpretedFunction(mod._combine_kernel)))
+        mutants = mutant_kernels((sk._split_kernel, sk._combine_kernel),
+                                 "from memlm.ops.sample_kernel import EMIN, IMAX, NEG, tl", old, new, tmp_path)
+        monkeypatch.setattr(sk, "_interpreted", lambda: mutants)
         monkeypatch.setattr(sk, "PROGRAMS", 8)
         x = make_logits(3, 5000, seed=4)
         with pytest.raises(AssertionError, match=what):

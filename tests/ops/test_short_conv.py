@@ -9,9 +9,6 @@ built on first use), in float32 at awkward shapes (T and C not multiples of the 
 """
 from __future__ import annotations
 
-import importlib.util
-import inspect
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +16,7 @@ import torch.nn.functional as F
 from memlm.layers.shortconv import ShortConv, causal_conv1d, causal_conv1d_torch
 from memlm.ops import dispatch
 from memlm.ops import short_conv as sc
-from memlm.ops.testing import assert_close
+from memlm.ops.testing import assert_close, mutant_kernels
 
 pytest.importorskip("triton")
 
@@ -206,17 +203,9 @@ class TestInterpreted:
         ("(1.0 + z * (1.0 - sg))", "(1.0 + z * sg)", False),                      # SiLU backward
     ])
     def test_checks_catch_a_broken_kernel(self, old, new, zero, monkeypatch, tmp_path):
-        src = inspect.getsource(sc._conv_kernel) + "\n\n" + inspect.getsource(sc._grad_kernel)
-        assert src.count(old) == 1, f"the kernels changed: update this test ({old!r})"
-        path = tmp_path / "mutant_short_conv.py"      # a file: the interpreter rewrites kernels from their source
-        path.write_text("from __future__ import annotations\n"
-                        "from memlm.ops.short_conv import _EPS, tl\n\n" + src.replace(old, new))
-        spec = importlib.util.spec_from_file_location("mutant_short_conv", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        from triton.runtime.interpreter import InterpretedFunction
-        monkeypatch.setattr(sc, "_interpreted", lambda: (InterpretedFunction(mod._conv_kernel),
-                                                         InterpretedFunction(mod._grad_kernel)))
+        mutants = mutant_kernels((sc._conv_kernel, sc._grad_kernel), "from memlm.ops.short_conv import _EPS, tl", old,
+                                 new, tmp_path)
+        monkeypatch.setattr(sc, "_interpreted", lambda: mutants)
         x, w, b, c, r = make_inputs(3, 21, 48, 4, bias=True, cache=True, reset=True)
         if zero:
             with torch.no_grad():
