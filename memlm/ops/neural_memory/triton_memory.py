@@ -793,8 +793,8 @@ class _Scan(torch.autograd.Function):
     Outputs: the reads' stacks W1r [B, H, K, E, F], W2r [B, H, K, Dv, E] in rd (slot i: W_{j0+i}), the final
     W1, W2, S1, S2 in float32, and with commit also each row's W1, W2, S1, S2 at slot clamp(commit − j0, 0, K1 − 1)
     (the backward adds their gradients to the carried ones as the walk passes those slots). With rd float32 the
-    stacks are the kernels' own (K = K1 = j1 − j0 + 1); otherwise
-    their first K = kr slots cast once here (so that the reads need no padding chunk), and the backward kernels read
+    stacks are the kernels' own (K = K1 = j1 − j0 + 1); otherwise their first K = kr slots cast once here (so that
+    the reads need no padding chunk), and the backward kernels read
     their gradient in rd as it comes (autocast would cast the gradient back to float32 in a copy the size of the
     stack). Writing the copy from the Newton–Schulz kernel instead of casting was slower: its [M, N] stores are not
     coalesced (+30 µs a call, H100).
