@@ -215,9 +215,8 @@ class NeuralMemory(Mixer):
     def _op(self, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, W: tuple, *, reset: Tensor | None,
             update: bool, commit: Tensor | None = None) -> tuple[Tensor, tuple]:
         kw = {"chunk_size": self.C, "window": self.c, "optimizer": self.cfg.optimizer, "update": update,
-              "poly": self.cfg.poly, "reset": reset, "W1_init": self.W1_init, "W2_init": self.W2_init}
-        if commit is not None:
-            kw["commit"] = commit
+              "poly": self.cfg.poly, "reset": reset, "W1_init": self.W1_init, "W2_init": self.W2_init,
+              "commit": commit}
         args = (q, k, v, *gates.unbind(-1), *W)
         o, st = dispatch.get("neural_memory", self.cfg.backend, args=args, kwargs=kw)(*args, **kw)
         return o, (st.W1, st.W2, st.S1, st.S2)

@@ -24,19 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import memlm.ops.short_conv  # noqa: F401  (registers backend "triton" of op "short_conv")
 from memlm.ops import dispatch
+from memlm.ops.short_conv import new_cache  # importing it also registers backend "triton" of op "short_conv"
 
 __all__ = ["ShortConv", "causal_conv1d", "causal_conv1d_torch"]
 
 ACTIVATIONS = ("silu", None)
 
 
-def _check(x: Tensor, activation: str | None, norm_group: int) -> None:
+def _check(channels: int, activation: str | None, norm_group: int) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} not allowed; allowed: ['silu', None]")
-    if norm_group < 0 or (norm_group > 0 and x.shape[-1] % norm_group != 0):
-        raise ValueError(f"norm_group={norm_group} must be 0 (off) or a divisor of the {x.shape[-1]} channels")
+    if norm_group < 0 or (norm_group > 0 and channels % norm_group != 0):
+        raise ValueError(f"norm_group={norm_group} must be 0 (off) or a divisor of channels={channels}")
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, cache: Tensor | None = None,
@@ -49,7 +49,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, cache: 
 
     Returns y [B, T, C] (in x's dtype) and the new cache [B, K−1, C] in the cache's dtype (x's dtype if None).
     """
-    _check(x, activation, norm_group)
+    _check(x.shape[-1], activation, norm_group)
     return dispatch.call("short_conv", x, weight, bias, cache, reset, activation, norm_group=norm_group,
                          backend=backend)
 
@@ -59,7 +59,7 @@ def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, c
                         ) -> tuple[Tensor, Tensor]:
     """The reference (backend "torch"): arguments and results as causal_conv1d. The taps accumulate in x's dtype; the
     normalisation is F.normalize in float32, cast back to x's dtype."""
-    _check(x, activation, norm_group)
+    _check(x.shape[-1], activation, norm_group)
     B, T, Cc = x.shape
     K = weight.shape[1]
     P = K - 1
@@ -74,7 +74,7 @@ def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, c
         y = (xe * weight.t().to(x.dtype)).sum(1, keepdim=True)
         y = y if bias is None else y + bias.to(x.dtype)
         y = F.silu(y) if activation == "silu" else y
-        return _normalize(y, norm_group), xe[:, 1:].to(cache.dtype)
+        return _normalize(y, norm_group), new_cache(x, xe[:, :P], reset, P).to(cache.dtype)
     y = x.new_zeros(B, T, Cc) if bias is None else bias.to(x.dtype).expand(B, T, Cc).clone()
     for j in range(K):  # loop over the K taps (a handful), never over time
         src = xe[:, P - j: P - j + T]                                    # x_{t−j}
@@ -85,11 +85,7 @@ def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, c
         y = y + src * tap
     if activation == "silu":
         y = F.silu(y)
-    new_cache = xe[:, -P:] if P > 0 else xe[:, :0]
-    if reset is not None and P > 0:
-        keep = (seg[:, -P:] == seg[:, -1:]).to(x.dtype)                  # entries of the last token's document
-        new_cache = new_cache * keep[..., None]
-    return _normalize(y, norm_group), new_cache.to(cache.dtype)
+    return _normalize(y, norm_group), new_cache(x, xe[:, :P], reset, P).to(cache.dtype)
 
 
 def _normalize(y: Tensor, g: int) -> Tensor:
@@ -112,10 +108,7 @@ class ShortConv(nn.Module):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"kernel_size={kernel_size} must be ≥ 1")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} not allowed; allowed: ['silu', None]")
-        if norm_group < 0 or (norm_group > 0 and channels % norm_group != 0):
-            raise ValueError(f"norm_group={norm_group} must be 0 (off) or a divisor of channels={channels}")
+        _check(channels, activation, norm_group)
         self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
         self.norm_group = norm_group
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))

@@ -44,7 +44,7 @@ from torch import Tensor
 from memlm.ops import dispatch
 from memlm.ops.triton_common import interpreting, tl, triton  # None, None without Triton
 
-__all__ = ["AVAILABLE", "MAX_GROUP", "MAX_K", "plan", "short_conv_triton", "supports"]
+__all__ = ["AVAILABLE", "MAX_GROUP", "MAX_K", "new_cache", "plan", "short_conv_triton", "supports"]
 
 AVAILABLE = triton is not None
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -318,9 +318,10 @@ class _ShortConv(torch.autograd.Function):
         return dx if need_x else None, dw, db, dc if need_c else None, None, None, None
 
 
-def _new_cache(x: Tensor, cache: Tensor | None, reset: Tensor | None, P: int) -> Tensor:
-    """The last P inputs (cache rows before x when T < P), in x's dtype, zeroed where a later reset separates them from
-    the last token — the reference's new cache, touching only P rows (differentiable)."""
+def new_cache(x: Tensor, cache: Tensor | None, reset: Tensor | None, P: int) -> Tensor:
+    """The conv's next cache, shared by both backends: the last P inputs (cache rows before x when T < P; cache in
+    x's dtype or None for zeros), zeroed where a later reset separates them from the last token, touching only P rows
+    (differentiable)."""
     B, T, C = x.shape
     if P == 0:   # empty; from the cache when given, so that it gets its (empty) gradient as in the reference
         return x[:, :0] if cache is None else cache
@@ -354,7 +355,7 @@ def short_conv_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, cac
     bk = None if bias is None else bias.contiguous()
     y = _ShortConv.apply(xk, weight.contiguous(), bk, cx if P > 0 else None, rst, activation == "silu",
                          int(norm_group))
-    return y, _new_cache(x, cx, reset, P).to(cdtype)
+    return y, new_cache(x, cx, reset, P).to(cdtype)
 
 
 # "torch" (memlm.layers.shortconv, which imports this module) everywhere by default; "triton" automatically for CUDA

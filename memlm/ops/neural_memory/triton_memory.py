@@ -679,7 +679,9 @@ class _Maps:
     def __init__(self, ns: list[_NS5], side: bool, device: torch.device):
         self.ns, self.side = ns, None
         if side and len(ns) == 2 and NS5_SIDE_STREAM:
-            self.side = _SIDE.get(device) or _SIDE.setdefault(device, torch.cuda.Stream(device))
+            if device not in _SIDE:
+                _SIDE[device] = torch.cuda.Stream(device)
+            self.side = _SIDE[device]
             self.ready, self.done = torch.cuda.Event(), torch.cuda.Event()
 
     def __call__(self, *calls: tuple[tuple, dict]) -> None:
