@@ -213,10 +213,10 @@ class NeuralMemory(Mixer):
         return q, k, v, gates, conv
 
     def _op(self, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, W: tuple, *, reset: Tensor | None,
-            update: bool, commit: Tensor | None = None) -> tuple[Tensor, tuple]:
+            update: bool, commit: Tensor | None = None, aligned: bool = False) -> tuple[Tensor, tuple]:
         kw = {"chunk_size": self.C, "window": self.c, "optimizer": self.cfg.optimizer, "update": update,
               "poly": self.cfg.poly, "reset": reset, "W1_init": self.W1_init, "W2_init": self.W2_init,
-              "commit": commit}
+              "commit": commit, "chunk_aligned_resets": aligned}
         args = (q, k, v, *gates.unbind(-1), *W)
         o, st = dispatch.get("neural_memory", self.cfg.backend, args=args, kwargs=kw)(*args, **kw)
         return o, (st.W1, st.W2, st.S1, st.S2)
@@ -276,7 +276,7 @@ class NeuralMemory(Mixer):
         if T >= C:
             idx = torch.arange(N, device=q.device)
             commit = torch.where(complete, idx + 1, 0).amax(1)           # [B] 1 + the row's last complete chunk
-            o, W = self._op(qg, kg, vg, gg, W, reset=rs, update=True, commit=commit)
+            o, W = self._op(qg, kg, vg, gg, W, reset=rs, update=True, commit=commit, aligned=True)
             restart = (starts & (idx >= commit[:, None])).any(1).view(B, 1, 1, 1)  # a document opened after it
             W = tuple(torch.where(restart, wi, w) for wi, w in zip(inits, W))
             return self._finish(o, kg, vg, gg, W, complete, starts, ext, lay, conv)
@@ -288,12 +288,12 @@ class NeuralMemory(Mixer):
         outs = []
         if m:
             s = slice(0, m * C)
-            o, W = self._op(qg[:, s], kg[:, s], vg[:, s], gg[:, s], W, reset=rs[:, s], update=True)
+            o, W = self._op(qg[:, s], kg[:, s], vg[:, s], gg[:, s], W, reset=rs[:, s], update=True, aligned=True)
             outs.append(o)
         for j in range(m, N):   # the rest chunk by chunk, committing each row's write only where its chunk completed
             s = slice(j * C, j * C + C)
             upd = torch.compiler.is_compiling() or bool(complete[:, j].any())  # compiled: always write, no sync
-            o, Wn = self._op(qg[:, s], kg[:, s], vg[:, s], gg[:, s], W, reset=rs[:, s], update=upd)
+            o, Wn = self._op(qg[:, s], kg[:, s], vg[:, s], gg[:, s], W, reset=rs[:, s], update=upd, aligned=True)
             sel, st = complete[:, j].view(B, 1, 1, 1), starts[:, j].view(B, 1, 1, 1)
             W = tuple(torch.where(sel, wn, torch.where(st, wi, w)) for wn, wi, w in zip(Wn, inits, W))
             outs.append(o)

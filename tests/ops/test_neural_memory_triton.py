@@ -163,3 +163,35 @@ def test_side_stream_changes_nothing(monkeypatch):
         got[side] = run(triton_memory.neural_memory, x, torch.float32, low=LOW, **kw)
     for n, t in got[False].items():
         assert torch.equal(got[True][n], t), n
+
+
+def test_stack_copy_casts_like_torch():
+    """The reads' stack (`_read_stack`): W_init in the slots of chunks that open with a reset, the kernels' slot
+    elsewhere, cast to bf16 bit for bit as PyTorch casts (the interpreter cannot show it: it rounds otherwise)."""
+    B, H, K1, E, F = 3, 2, 6, 64, 560
+    W, Wi = torch.randn(B, H, K1, E, F, device=DEVICE), torch.randn(H, E, F, device=DEVICE)
+    head = (torch.rand(B, 9, device=DEVICE) < 0.4).to(torch.int8)
+    j0, kr = 2, 5
+    want = torch.where(head[:, j0:j0 + kr, None, None].bool()[:, None], Wi[None, :, None], W[:, :, :kr])
+    for rd in (torch.bfloat16, torch.float32):
+        assert torch.equal(triton_memory._read_stack(W, Wi, head, j0, kr, rd), want.to(rd)), rd
+
+
+@pytest.mark.parametrize("opt", ["momentum", "muon"])
+def test_chunk_aligned_resets_under_autocast(opt):
+    """chunk_aligned_resets (W_init read from the stack, no second read) at atlas-mag-small head shapes, bf16 reads
+    under autocast, resets on chunk starts (the first token, inside the scan, the open chunk at T 1000): every output,
+    state and gradient within the bf16 bounds of float64, or 1.5× the error of the path with the second read."""
+    T = LENGTHS[-1]
+    x = {n: (t.bfloat16().double() if n in LOW else t) for n, t in inputs(B=2, T=T, seed=9, device=DEVICE,
+                                                                          **ATLAS).items()}
+    kw = {"chunk_size": C, "poly": True, "optimizer": opt, "split": 3 * C + 5,
+          "reset": resets(2, T, [(0, 2 * C, 15 * C), (5 * C,)], device=DEVICE)}
+    want = run(neural_memory, x, torch.float64, **kw)
+    with torch.autocast("cuda", torch.bfloat16):
+        got = run(triton_memory.neural_memory, x, torch.float32, low=LOW, chunk_aligned_resets=True, **kw)
+        plain = run(triton_memory.neural_memory, x, torch.float32, low=LOW, **kw)
+    for n, w in want.items():
+        if w.dtype != torch.bool and w.numel():
+            err, tol = rel_err(got[n], w), max(1e-2 if n.startswith("d") else 5e-3, 1.5 * rel_err(plain[n], w))
+            assert err <= tol, f"{n}: {err:.2e} > {tol:.2e} (with the second read {rel_err(plain[n], w):.2e})"

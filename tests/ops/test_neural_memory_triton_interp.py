@@ -328,3 +328,41 @@ def test_commit_keeps_each_rows_state(opt, scan, monkeypatch):
     reset = resets(4, 45, [(9,), (20, 33), (), (26,)])
     check(x, chunk_size=8, window=6, optimizer=opt, poly=opt == "muon", reset=reset, split=21,
           commit=torch.tensor([0, 1, 2, 7]))
+
+
+@pytest.mark.parametrize("opt,scan", [("momentum", 64), ("muon", 2)])
+def test_chunk_aligned_resets_read_w_init_from_the_stack(opt, scan, monkeypatch):
+    """chunk_aligned_resets (the layer's document-aligned grids): the stack of weights holds W_init in the slots of
+    chunks that open with a reset and the second read of every token is skipped; the kernels send those slots'
+    gradients to W_init. Resets at the start, in the pending tokens of the second call (16), on chunks inside a
+    stretch of MAX_SCAN = 2 and on the open chunk of each call (16 for the first, 40 for the second: the stack's last
+    slot), with commit; outputs, states and every gradient against float64, in float32 and with bf16 reads."""
+    monkeypatch.setattr(triton_memory, "MAX_SCAN", scan)
+    x = inputs(B=3, T=45, poly=opt == "muon", seed=15)
+    kw = {"chunk_size": 8, "window": 6, "optimizer": opt, "poly": opt == "muon", "split": 21,
+          "reset": resets(3, 45, [(0, 16, 40), (24,), (8, 32)]), "commit": torch.tensor([1, 7, 3])}
+    got = check(x, chunk_aligned_resets=True, **kw)
+    plain = run(triton_memory.neural_memory, x, torch.float32, **kw)
+    for n, w in plain.items():
+        assert (rel_err(got[n], w) <= 1e-6) if w.is_floating_point() and w.numel() else torch.equal(got[n], w), n
+    low = ("q", "k", "v")
+    with torch.autocast("cpu", torch.bfloat16):
+        half = run(triton_memory.neural_memory, x, torch.float32, low=low, chunk_aligned_resets=True, **kw)
+        want = run(triton_memory.neural_memory, x, torch.float32, low=low, **kw)
+    for n, w in want.items():
+        assert (rel_err(half[n], w) <= 1e-2) if w.is_floating_point() and w.numel() else torch.equal(half[n], w), n
+
+
+def test_chunk_aligned_resets_are_checked_on_cpu():
+    x = inputs(T=21, seed=16)
+    with pytest.raises(ValueError, match="inside a chunk"):
+        run(triton_memory.neural_memory, x, torch.float32, chunk_size=8, reset=resets(2, 21, [(8,), (13,)]),
+            chunk_aligned_resets=True)
+    # a reset among the pending tokens (position 2 of the open chunk) carried into a call that promises alignment
+    args = [x[n].float() for n in ("q", "k", "v", *GATES, "W1", "W2")]
+    init = {"W1_init": x["W1_init"].float(), "W2_init": x["W2_init"].float()}
+    _, st = neural_memory(*(a[:, :5] for a in args[:7]), *args[7:], chunk_size=8, reset=resets(2, 5, [(2,), ()]),
+                          **init)
+    with pytest.raises(ValueError, match="inside a chunk"):
+        neural_memory(*(a[:, 5:] for a in args[:7]), st.W1, st.W2, st.S1, st.S2, pending=st.pending, chunk_size=8,
+                      chunk_aligned_resets=True, **init)

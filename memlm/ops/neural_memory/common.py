@@ -229,9 +229,11 @@ def compute_dtype(*ts: Tensor | None) -> torch.dtype:
 def check_args(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
                W1: Tensor, W2: Tensor, S1: Tensor | None, S2: Tensor | None, pending: Pending | None,
                chunk_size: int, window: int | None, optimizer: str, poly: bool, reset: Tensor | None,
-               W1_init: Tensor | None, W2_init: Tensor | None, commit: Tensor | None = None
-               ) -> tuple[int, Tensor, Tensor, Pending]:
-    """Validate shapes and options; return (window c, S1, S2, pending) with defaults filled in (zeros / empty)."""
+               W1_init: Tensor | None, W2_init: Tensor | None, commit: Tensor | None = None,
+               chunk_aligned_resets: bool = False) -> tuple[int, Tensor, Tensor, Pending]:
+    """Validate shapes and options; return (window c, S1, S2, pending) with defaults filled in (zeros / empty).
+    chunk_aligned_resets (the caller's promise that every reset starts a chunk) is checked on CPU tensors only: on CUDA
+    the check would stall the host."""
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, T, H, Dk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     B, T, H, Dk = q.shape
@@ -289,4 +291,10 @@ def check_args(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, thet
     # the data check only when W_init is missing (a layer always passes it): no host sync, no graph break
     if W1_init is None and ((reset is not None and bool(reset.any())) or bool(pending.reset.any())):
         raise ValueError("reset tokens need W1_init and W2_init (the learned initial weights, [H, E, F], [H, Dv, E])")
+    if chunk_aligned_resets and not q.is_cuda and not torch.compiler.is_compiling():
+        p = pending.k.shape[1]
+        inside = (p + torch.arange(T, device=q.device)) % chunk_size != 0            # stream position not a chunk start
+        if (reset is not None and bool(reset[:, inside].any())) or bool(pending.reset[:, 1:].any()):
+            raise ValueError(f"chunk_aligned_resets=True, but a reset lies inside a chunk (its stream position, "
+                             f"pending tokens included, is not a multiple of chunk_size={chunk_size})")
     return c, S1, S2, pending

@@ -108,6 +108,7 @@ class Prelude(NamedTuple):
     reset: Tensor
     pending: Pending
     commit: Tensor | None
+    aligned: bool = False
 
 
 class Stream(NamedTuple):
@@ -146,10 +147,10 @@ class Stream(NamedTuple):
 def prepare(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor, W1: Tensor,
             W2: Tensor, S1: Tensor | None, S2: Tensor | None, pending: Pending | None, chunk_size: int,
             window: int | None, optimizer: str, poly: bool, reset: Tensor | None, W1_init: Tensor | None,
-            W2_init: Tensor | None, commit: Tensor | None = None) -> Prelude:
+            W2_init: Tensor | None, commit: Tensor | None = None, chunk_aligned_resets: bool = False) -> Prelude:
     """Check the arguments of `neural_memory` and cast them (the part of a call before any chunk is touched)."""
     c, S1, S2, pending = check_args(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size,
-                                    window, optimizer, poly, reset, W1_init, W2_init, commit)
+                                    window, optimizer, poly, reset, W1_init, W2_init, commit, chunk_aligned_resets)
     B, T, _, Dk = q.shape
     dt = compute_dtype(q, k, v, W1)
     residual = Dk == v.shape[-1]
@@ -160,7 +161,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: 
     reset = torch.zeros(B, T, dtype=torch.bool, device=q.device) if reset is None else reset
     return Prelude(c, chunk_size, dt, q.dtype, residual, poly, W1.to(dt), W2.to(dt), S1.to(dt), S2.to(dt), W1i, W2i,
                    features(qd, poly, read_dtype(dt, q.device)), qd if residual else None, reset, pending,
-                   None if commit is None else commit.long())
+                   None if commit is None else commit.long(), chunk_aligned_resets)
 
 
 def read_only(pre: Prelude) -> tuple[Tensor, NeuralMemoryState]:
@@ -177,11 +178,11 @@ def stream(pre: Prelude, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta
     dt, C, pending = pre.dt, pre.C, pre.pending
     p = pending.length
     L = p + k.shape[1]
-    cat = (lambda old, new: torch.cat([old.to(new.dtype), new], dim=1))
+    cat = (lambda old, new: torch.cat([old.to(new.dtype), new], dim=1) if old.shape[1] else new)   # p = 0: no copy
     ks, vs = cat(pending.k, k.to(dt)), cat(pending.v, v.to(dt))
     gs, es, ts, als = (cat(getattr(pending, n), x.to(dt)) for n, x in
                        (("gamma", gamma), ("eta", eta), ("theta", theta), ("alpha", alpha)))
-    rs = torch.cat([pending.reset, pre.reset], dim=1)
+    rs = cat(pending.reset, pre.reset)
     n_full, n_chunks = L // C, -(-L // C)
     any_reset = maybe_any(rs)  # CUDA, compiled: the reset-masked path, which equals the plain one without resets
     after, valid, has = _reset_masks(rs, n_chunks, C) if any_reset else (None, None, None)
@@ -218,8 +219,8 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
                   W1: Tensor, W2: Tensor, S1: Tensor | None = None, S2: Tensor | None = None, *,
                   pending: Pending | None = None, chunk_size: int = 64, window: int | None = None,
                   optimizer: str = "momentum", update: bool = True, poly: bool = False, reset: Tensor | None = None,
-                  W1_init: Tensor | None = None, W2_init: Tensor | None = None, commit: Tensor | None = None
-                  ) -> tuple[Tensor, NeuralMemoryState]:
+                  W1_init: Tensor | None = None, W2_init: Tensor | None = None, commit: Tensor | None = None,
+                  chunk_aligned_resets: bool = False) -> tuple[Tensor, NeuralMemoryState]:
     """MLP memory held as per-sequence fast weights, written once per chunk of C tokens by one inner optimizer step
     on the Omega objective Σ_{last c tokens} γ_i ‖M_W(k_i) − v_i‖²; every token reads the weights as they stood
     before its chunk. Differentiable w.r.t. every input (the meta-gradient goes through the inner updates).
@@ -244,11 +245,16 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
         state); None: after every complete chunk. Every chunk is still written and read as above, so a caller can
         lay rows of different lengths into one stream (layers/neural_memory.py: document-aligned chunk grids) and keep
         each row's state from its last real chunk. The pending buffer is the stream's tail either way.
+      chunk_aligned_resets: the caller promises that every reset (pending ones included) lies on a chunk's first
+        token, so a chunk's tokens read either all W_j or all W_init (the MAG/MAL layer's document-aligned grids).
+        Results are the same; the Triton backend then reads W_init through its stack of weights instead of reading
+        every token a second time. Checked on CPU tensors (ValueError); on CUDA a reset inside a chunk would be read
+        as if it were at the chunk's start.
     Returns:
       o [B, T, H, Dv] (dtype of q) and NeuralMemoryState(W1, W2, S1, S2, pending) in float32 (float64 if given).
     """
     pre = prepare(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size, window, optimizer, poly,
-                  reset, W1_init, W2_init, commit)
+                  reset, W1_init, W2_init, commit, chunk_aligned_resets)
     if not update:
         return read_only(pre)
     st = stream(pre, k, v, gamma, eta, theta, alpha)

@@ -73,15 +73,15 @@ def neural_memory_reference(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta:
                             S2: Tensor | None = None, *, pending: Pending | None = None, chunk_size: int = 64,
                             window: int | None = None, optimizer: str = "momentum", update: bool = True,
                             poly: bool = False, reset: Tensor | None = None, W1_init: Tensor | None = None,
-                            W2_init: Tensor | None = None, commit: Tensor | None = None
-                            ) -> tuple[Tensor, NeuralMemoryState]:
+                            W2_init: Tensor | None = None, commit: Tensor | None = None,
+                            chunk_aligned_resets: bool = False) -> tuple[Tensor, NeuralMemoryState]:
     """Reference neural memory; same contract as `memlm.ops.neural_memory.neural_memory` (see its docstring).
 
     q, k [B, T, H, Dk]; v [B, T, H, Dv]; gamma, eta, theta, alpha [B, T, H]; W1 [B, H, E, F]; W2 [B, H, Dv, E].
     Returns o [B, T, H, Dv] (dtype of q) and the new NeuralMemoryState.
     """
     c, S1, S2, pending = check_args(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size,
-                                    window, optimizer, poly, reset, W1_init, W2_init, commit)
+                                    window, optimizer, poly, reset, W1_init, W2_init, commit, chunk_aligned_resets)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     dt = compute_dtype(q, k, v, W1)

@@ -169,8 +169,9 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     """Grid (B·H,). On entry gW, gS hold ∂L/∂W_{j+1}, ∂L/∂S_{j+1} (MUON: gS already includes the Newton–Schulz
     path, added by _ns5_bwd); on exit ∂L/∂W_j (plus R's slot i, the reads' gradient, any dtype, KR slots packed but
     strides (r1e, r1f), (r2v, r2e) inside one: the reads' matmul leaves it transposed), ∂L/∂S_j. Writes the window
-    rows of dX, dXR, dV and dWg, dEta, dTheta, dAlpha of chunk j; rows with a reset add ∂L/∂Ws to dW1i/dW2i
-    [B·H, ...] and pass nothing to (W_j, S_j) through the write."""
+    rows of dX, dXR, dV and dWg, dEta, dTheta, dAlpha of chunk j; rows with a reset (Has ≠ 0) add ∂L/∂Ws to
+    dW1i/dW2i [B·H, ...] and pass nothing to (W_j, S_j) through the write; Has = 2 (a reset on the chunk's first
+    token: slot i of the reads held W_init, `_stack_copy`) sends R's slot i there too."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -192,10 +193,12 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     src1 = W1s + cur * E * F
     src2 = W2s + cur * Dv * E
     keep = 1.0
-    if tl.load(Has + b * NJ + j) != 0:
+    flag = tl.load(Has + b * NJ + j)
+    if flag != 0:
         src1 = W1i + h * E * F
         src2 = W2i + h * Dv * E
         keep = 0.0
+    head = tl.where(flag == 2, 1.0, 0.0)      # the chunk's reads used W_init (slot i of the read stack held it)
     # pass 1: Z = X W1ᵀ, Q = X gS1ᵀ (so that Σ G1 ⊙ gS1 = Σ dZ ⊙ Q and X dG1ᵀ = −θ Q), and the gate sums
     z = tl.full([BC, BE], 0.0, tl.float32)
     q = tl.full([BC, BE], 0.0, tl.float32)
@@ -268,8 +271,8 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     tl.debug_barrier()                                                       # every read of gW, gS is done
     if keep == 0.0:
         p2 = dW2i + bh * Dv * E + off2
-        tl.store(p2, tl.load(p2, mask=m_ve, other=0.0) + dws2, mask=m_ve)
-    tl.store(gW2 + bh * Dv * E + off2, rd2 + keep * dws2, mask=m_ve)
+        tl.store(p2, tl.load(p2, mask=m_ve, other=0.0) + dws2 + head * rd2, mask=m_ve)
+    tl.store(gW2 + bh * Dv * E + off2, (1.0 - head) * rd2 + keep * dws2, mask=m_ve)
     tl.store(gS2 + bh * Dv * E + off2, keep * eta * gs2, mask=m_ve)
     # pass 2: dX = dZt W1 + dZ dG1, ∂L/∂Ws1 = (1 − α) gW1 + dZtᵀ X, ∂L/∂Ss1 = η gS1 (tile by tile, in place)
     for fi in range(NF):
@@ -292,8 +295,8 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         tl.debug_barrier()
         if keep == 0.0:
             p1 = dW1i + bh * E * F + off1
-            tl.store(p1, tl.load(p1, mask=m_ef, other=0.0) + dws1, mask=m_ef)
-        tl.store(gW1 + bh * E * F + off1, rd1 + keep * dws1, mask=m_ef)
+            tl.store(p1, tl.load(p1, mask=m_ef, other=0.0) + dws1 + head * rd1, mask=m_ef)
+        tl.store(gW1 + bh * E * F + off1, (1.0 - head) * rd1 + keep * dws1, mask=m_ef)
         tl.store(gS1 + bh * E * F + off1, keep * eta * gs, mask=m_ef)
 
 
@@ -529,6 +532,21 @@ def _ns5g(S, Y, dS, Ch, s_bh, g_bh, c_bh, sr, sc, M, N, NT, EPS2,
             tl.store(po, tl.load(po, mask=m, other=0.0) + tl.dot(k, s, input_precision=PREC), mask=m)
 
 
+def _stack_copy(W, Wi, Head, Out, H, K1, KR, NH, j0, N, BN: tl.constexpr):
+    """Grid (B·H·KR, cdiv(N, BN)). The reads' stack: Out [B·H, KR, N] (the reads' dtype) slot i = W_init Wi[h] [N]
+    where chunk j0 + i opens with a reset (Head [B, NH] int8 ≠ 0), else W [B·H, K1, N] slot i (float32): the cast
+    copy the reads need anyway, with W_init put in place of a whole chunk's second read."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // KR
+    i = pid % KR
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    m = cols < N
+    src = W + (bh * K1 + i) * N
+    if tl.load(Head + (bh // H) * NH + j0 + i) != 0:
+        src = Wi + (bh % H) * N
+    tl.store(Out + pid * N + cols, tl.load(src + cols, mask=m, other=0.0).to(Out.dtype.element_ty), mask=m)
+
+
 def _poly_fwd(X, Out, R, D, P, BR: tl.constexpr, BD: tl.constexpr):
     """Grid (cdiv(R, BR),). Out [R, D + P] = [x, x_i x_j s] for rows x of X [R, D] (common.poly_features): the
     outer product x xᵀ of each row in registers [BR, BD, BD], its upper triangle stored at its place in the row
@@ -567,7 +585,7 @@ def _poly_bwd(X, G, DX, POS, GS, R, D, P, BR: tl.constexpr, BD: tl.constexpr):
 def _build(interpret: bool) -> dict:
     """The kernels, compiled for the GPU or wrapped for the interpreter (CPU tensors)."""
     fns = {"step_fwd": _step_fwd, "step_bwd": _step_bwd, "ns5_fwd": _ns5_fwd, "ns5_bwd": _ns5_bwd,
-           "ns5g": _ns5g, "poly_fwd": _poly_fwd, "poly_bwd": _poly_bwd}
+           "ns5g": _ns5g, "poly_fwd": _poly_fwd, "poly_bwd": _poly_bwd, "stack_copy": _stack_copy}
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
         return {n: InterpretedFunction(f) for n, f in fns.items()}
@@ -804,7 +822,7 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, half, rd, keep,
-                kr, commit):
+                kr, commit, head):
         B, H, L, F = X.shape
         E, Dv, NJ, c = W1.shape[2], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
         BH, K1 = B * H, j1 - j0 + 1
@@ -841,6 +859,10 @@ class _Scan(torch.autograd.Function):
         if commit is not None:   # each row's state after chunk j0 + slot − 1 (slot 0: this stretch's start)
             ctx.slot = (commit - j0).clamp(0, K1 - 1)
             sel = tuple(t[torch.arange(B, device=X.device), :, ctx.slot] for t in stacks)
+        # the last slot's reads used W_init where the open chunk j1 after this stretch starts with a reset
+        ctx.head_last = head[:, j1].view(B, 1, 1, 1) if head is not None and kr == K1 else None
+        if head is not None:             # W_init in the slots of chunks that open with a reset
+            return _read_stack(W1all, W1i, head, j0, kr, rd), _read_stack(W2all, W2i, head, j0, kr, rd), *last, *sel
         if rd == W1all.dtype:            # the kernels' own stacks, all K1 slots
             return W1all, W2all, *last, *sel
         return W1all[:, :, :kr].to(rd), W2all[:, :, :kr].to(rd), *last, *sel   # the cast copies only the slots read
@@ -862,9 +884,18 @@ class _Scan(torch.autograd.Function):
         KR = R1.shape[2]
         gW1, gW2, gS1, gS2 = (W.new_zeros(W.shape[:2] + W.shape[3:]) if d is None else d.float().contiguous().clone()
                               for d, W in ((dW1, W1all), (dW2, W2all), (dS1, S1all), (dS2, S2all)))
+        # rows with a reset in chunk j send the write's ∂L/∂Ws here (summed over rows at the end), and the reads' of a
+        # chunk that opens with one (`_read_stack`)
+        dW1i, dW2i = X.new_zeros(B, H, E, F), X.new_zeros(B, H, Dv, E)
         if KR == j1 - j0 + 1:            # the last slot is read too
-            gW1 += R1[:, :, -1]
-            gW2 += R2[:, :, -1]
+            r1, r2 = R1[:, :, -1].float(), R2[:, :, -1].float()
+            if ctx.head_last is not None:
+                hl = ctx.head_last.float()
+                dW1i.addcmul_(r1, hl)
+                dW2i.addcmul_(r2, hl)
+                r1, r2 = r1 * (1.0 - hl), r2 * (1.0 - hl)
+            gW1 += r1
+            gW2 += r2
         # the selections' gradients join the carried ones at their rows' slots (slot s: the state W_{j0+s})
         picks = [(d.float(), g) for d, g in zip(dsel, (gW1, gW2, gS1, gS2)) if d is not None]
 
@@ -878,8 +909,6 @@ class _Scan(torch.autograd.Function):
         dX, dV, dXR = (None if t is None else _rows_zeroed_outside(t, j0 * C, j1 * C, c == C) for t in (X, V, XR))
         dWg = torch.zeros_like(Wg)
         dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
-        # rows with a reset in chunk j send the write's ∂L/∂Ws here (summed over rows at the end)
-        dW1i, dW2i = X.new_zeros(B, H, E, F), X.new_zeros(B, H, Dv, E)
         prec = precision(half)
         cfg = _step_config(c, E, Dv, F, backward=True, prec=prec)
         flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
@@ -904,7 +933,22 @@ class _Scan(torch.autograd.Function):
         add_picks(0)
         dW1i, dW2i = (None, None) if W1i is None else (dW1i.sum(0), dW2i.sum(0))
         return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
-                None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)
+
+
+def _read_stack(W: Tensor, Wi: Tensor, head: Tensor, j0: int, kr: int, rd: torch.dtype) -> Tensor:
+    """The reads' stack [B, H, kr, ...] in rd from the kernels' W [B, H, K1, ...] (float32): slot i is W_init Wi
+    [H, ...] where chunk j0 + i opens with a reset (head [B, n_chunks] int8), else W's slot i (kernel `_stack_copy`)."""
+    B, H, K1 = W.shape[:3]
+    N = Wi[0].numel()
+    interpret = W.device.type == "cpu"
+    # the interpreter rounds float32 to bf16 otherwise than PyTorch (the compiled cast is PyTorch's, GPU test): a
+    # float32 copy there, cast by PyTorch
+    out = torch.empty(B, H, kr, *W.shape[3:], dtype=torch.float32 if interpret else rd, device=W.device)
+    BN = min(2048, _pow2(N))
+    _kernels(interpret)["stack_copy"][(B * H * kr, triton.cdiv(N, BN))](
+        W, Wi, head, out, H, K1, kr, head.shape[1], j0, N, BN=BN, num_warps=4)
+    return out.to(rd)
 
 
 def _rows_zeroed_outside(like: Tensor, r0: int, r1: int, covered: bool) -> Tensor:
@@ -926,10 +970,12 @@ def _slots(t: Tensor) -> Tensor:
     return t if packed else t.contiguous()
 
 
-def _read_chunks(pre: Prelude, st: Stream, j0: int, j_end: int, W1: Tensor, W2: Tensor) -> Tensor:
+def _read_chunks(pre: Prelude, st: Stream, j0: int, j_end: int, W1: Tensor, W2: Tensor, heads: bool = False) -> Tensor:
     """Reads of this call's tokens in chunks j0 … j_end−1, chunk j with W1[:, :, j − j0] (and W2), W_init after a
     reset in the chunk. W1 [B, H, K, E, F], W2 [B, H, K, Dv, E] with K ≥ j_end − j0: the queries are laid out as K
-    chunks (zeros beyond j_end) so that a whole contiguous stack is one batched matmul, never copied.
+    chunks (zeros beyond j_end) so that a whole contiguous stack is one batched matmul, never copied. heads: the
+    stack holds W_init in the slots of chunks that open with a reset (`_read_stack`), so with chunk-aligned resets
+    (pre.aligned) no token needs the second read with W_init.
     -> [B, H, t, Dv] (t: this call's tokens in those chunks, maybe 0)."""
     C, p = pre.C, st.p
     K = W1.shape[2]
@@ -946,7 +992,7 @@ def _read_chunks(pre: Prelude, st: Stream, j0: int, j_end: int, W1: Tensor, W2: 
     o = memory_read(W1, W2, qf, None).flatten(2, 3)[:, :, front:front + n]
     if pre.qraw is not None:
         o = o + pre.qraw[:, :, sl]
-    if st.any_reset:
+    if st.any_reset and not (heads and pre.aligned):
         after = st.after[:, j0:j_end].flatten(1)[:, front:front + n]                          # [B, n]
         if maybe_any(after):   # on CUDA and compiled: always (no host sync, no data-dependent branch)
             qraw = None if pre.qraw is None else pre.qraw[:, :, sl]
@@ -958,8 +1004,8 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
                   W1: Tensor, W2: Tensor, S1: Tensor | None = None, S2: Tensor | None = None, *,
                   pending: Pending | None = None, chunk_size: int = 64, window: int | None = None,
                   optimizer: str = "momentum", update: bool = True, poly: bool = False, reset: Tensor | None = None,
-                  W1_init: Tensor | None = None, W2_init: Tensor | None = None, commit: Tensor | None = None
-                  ) -> tuple[Tensor, NeuralMemoryState]:
+                  W1_init: Tensor | None = None, W2_init: Tensor | None = None, commit: Tensor | None = None,
+                  chunk_aligned_resets: bool = False) -> tuple[Tensor, NeuralMemoryState]:
     """Same contract as parallel.neural_memory (see there): q, k [B, T, H, Dk]; v [B, T, H, Dv]; gates [B, T, H];
     W1 [B, H, E, F], W2 [B, H, Dv, E] -> o [B, T, H, Dv] (dtype of q), NeuralMemoryState (float32)."""
     if not supports(q, k, v, gamma, eta, theta, alpha, W1, W2, chunk_size=chunk_size, window=window,
@@ -968,7 +1014,7 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
                          f"no float64, and window, E, Dv ≤ {MAX_DIM} (min(E, F) ≤ {MAX_DIM} for muon); "
                          f"use backend 'chunked' otherwise")
     pre = prepare(q, k, v, gamma, eta, theta, alpha, W1, W2, S1, S2, pending, chunk_size, window, optimizer, poly,
-                  reset, W1_init, W2_init, commit)
+                  reset, W1_init, W2_init, commit, chunk_aligned_resets)
     if not update:
         return read_only(pre)
     st = stream(pre, k, v, gamma, eta, theta, alpha)
@@ -977,11 +1023,16 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
         o = _read_chunks(pre, st, 0, st.n_chunks, W1[:, :, None], W2[:, :, None])
         return finish(o, pre, st, W1, W2, S1, S2)
     gw, ge, gt, ga = chunk_gates(st, pre.C, pre.c)
+    W1i, W2i = (None, None) if pre.W1i is None else (pre.W1i[0].contiguous(), pre.W2i[0].contiguous())
+    head = None      # [B, n_chunks] int8: the chunk opens with a reset (its reads are W_init's: `_read_stack`)
     if st.any_reset:
-        has = st.has[:, :st.n_full].to(torch.int8).contiguous()
+        has = st.has[:, :st.n_full].to(torch.int8)
+        if W1i is not None:
+            head = st.after[:, :, 0].to(torch.int8).contiguous()
+            has = has + head[:, :st.n_full]          # 2: the kernels send that chunk's read gradient to W_init
+        has = has.contiguous()
     else:
         has = torch.zeros(q.shape[0], st.n_full, dtype=torch.int8, device=q.device)
-    W1i, W2i = (None, None) if pre.W1i is None else (pre.W1i[0].contiguous(), pre.W2i[0].contiguous())
     commit = None if pre.commit is None else pre.commit.clamp(0, st.n_full)
     outs, kept = [], None    # kept: each row's state after commit[b] chunks (commit given)
     for j0 in range(0, st.n_full, MAX_SCAN):
@@ -992,11 +1043,11 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
         W1r, W2r, W1, W2, S1, S2, *sel = _Scan.apply(
             st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2, W1i, W2i, has, j0, j1, pre.C,
             optimizer == "muon", q.dtype in (torch.bfloat16, torch.float16), pre.qf.dtype,
-            keep_chain() and torch.is_grad_enabled(), j_end - j0, commit)
+            keep_chain() and torch.is_grad_enabled(), j_end - j0, commit, head)
         if commit is not None:   # rows whose commit lies before this stretch keep the earlier stretch's pick
             before = (commit < j0).view(-1, 1, 1, 1)
             kept = sel if kept is None else [torch.where(before, a, b) for a, b in zip(kept, sel)]
-        outs.append(_read_chunks(pre, st, j0, j_end, W1r, W2r))
+        outs.append(_read_chunks(pre, st, j0, j_end, W1r, W2r, heads=head is not None))
     if kept is not None:
         W1, W2, S1, S2 = kept
     return finish(torch.cat(outs, dim=2), pre, st, W1, W2, S1, S2)
