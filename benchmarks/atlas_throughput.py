@@ -25,6 +25,7 @@ import json
 import math
 import platform
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,8 @@ from memlm.config.base import apply_overrides
 from memlm.config.model import ModelConfig
 from memlm.config.presets import transformer
 from memlm.ops import dispatch
+from memlm.ops.compressive.segments import reset_bound
+from memlm.train.trainer import resets_bucket
 
 
 def models_for(preset: str, extra: list[str]) -> list[tuple[str, ModelConfig]]:
@@ -97,13 +100,17 @@ def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(device)
     inp, lab = x[:, :-1], x[:, 1:]
-    reset = packed_resets(batch, seq, docs).to(device) if docs else None
+    reset = packed_resets(batch, seq, docs) if docs else None
+    # the trainer's promise on the most document starts a row holds (from the host copy): the memories size their
+    # chunk grids from it instead of reading the device (segments.reset_bound)
+    most = resets_bucket([SimpleNamespace(reset=reset)]) if docs else None
     if docs:
-        rec.update(docs_mean=docs, resets_per_row=round(reset.sum().item() / batch, 2))
+        rec.update(docs_mean=docs, resets_per_row=round(reset.sum().item() / batch, 2), reset_bound=most)
+        reset = reset.to(device)
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
 
     def step() -> torch.Tensor:
-        with amp, (dispatch.force_backend("neural_memory", backend) if backend else contextlib.nullcontext()):
+        with amp, reset_bound(most), (dispatch.force_backend("neural_memory", backend) if backend else contextlib.nullcontext()):
             logits, _ = fwd(inp, reset=reset)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), lab.flatten())
         loss.backward()
