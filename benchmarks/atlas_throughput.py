@@ -110,7 +110,8 @@ def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
 
     def step() -> torch.Tensor:
-        with amp, reset_bound(most), (dispatch.force_backend("neural_memory", backend) if backend else contextlib.nullcontext()):
+        force = dispatch.force_backend("neural_memory", backend) if backend else contextlib.nullcontext()
+        with amp, reset_bound(most), force:
             logits, _ = fwd(inp, reset=reset)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), lab.flatten())
         loss.backward()

@@ -332,25 +332,23 @@ def test_commit_keeps_each_rows_state(opt, scan, monkeypatch):
 
 @pytest.mark.parametrize("opt,scan", [("momentum", 64), ("muon", 2)])
 def test_chunk_aligned_resets_read_w_init_from_the_stack(opt, scan, monkeypatch):
-    """chunk_aligned_resets (the layer's document-aligned grids): the stack of weights holds W_init in the slots of
-    chunks that open with a reset and the second read of every token is skipped; the kernels send those slots'
-    gradients to W_init. Resets at the start, in the pending tokens of the second call (16), on chunks inside a
-    stretch of MAX_SCAN = 2 and on the open chunk of each call (16 for the first, 40 for the second: the stack's last
-    slot), with commit; outputs, states and every gradient against float64, in float32 and with bf16 reads."""
+    """chunk_aligned_resets (the layer's document-aligned grids) with bf16 reads under autocast: the reads' stack (a
+    cast copy) holds W_init in the slots of chunks that open with a reset, the second read of every token is skipped,
+    and the kernels send those slots' gradients to W_init. Resets at the start, in the pending tokens of the second
+    call (16), on chunks inside a stretch of MAX_SCAN = 2 and on the open chunk of each call (16 for the first, 40
+    for the second: the stack's last slot), with commit. Every output, state and gradient against the path with the
+    second read (the same bf16 values, summed in another order), and float32 reads unchanged."""
     monkeypatch.setattr(triton_memory, "MAX_SCAN", scan)
     x = inputs(B=3, T=45, poly=opt == "muon", seed=15)
     kw = {"chunk_size": 8, "window": 6, "optimizer": opt, "poly": opt == "muon", "split": 21,
           "reset": resets(3, 45, [(0, 16, 40), (24,), (8, 32)]), "commit": torch.tensor([1, 7, 3])}
-    got = check(x, chunk_aligned_resets=True, **kw)
-    plain = run(triton_memory.neural_memory, x, torch.float32, **kw)
-    for n, w in plain.items():
-        assert (rel_err(got[n], w) <= 1e-6) if w.is_floating_point() and w.numel() else torch.equal(got[n], w), n
     low = ("q", "k", "v")
     with torch.autocast("cpu", torch.bfloat16):
-        half = run(triton_memory.neural_memory, x, torch.float32, low=low, chunk_aligned_resets=True, **kw)
+        got = run(triton_memory.neural_memory, x, torch.float32, low=low, chunk_aligned_resets=True, **kw)
         want = run(triton_memory.neural_memory, x, torch.float32, low=low, **kw)
     for n, w in want.items():
-        assert (rel_err(half[n], w) <= 1e-2) if w.is_floating_point() and w.numel() else torch.equal(half[n], w), n
+        assert (rel_err(got[n], w) <= 5e-3) if w.is_floating_point() and w.numel() else torch.equal(got[n], w), n
+    check(x, chunk_aligned_resets=True, **kw)
 
 
 def test_chunk_aligned_resets_are_checked_on_cpu():

@@ -805,11 +805,14 @@ class _Scan(torch.autograd.Function):
 
     Inputs: X [B, H, L, F], XR [B, H, L, Dv] or None, V [B, H, L, Dv] (contiguous); Wg [B, H, NJ, c]; Eta, Theta,
     Alpha [B, H, NJ]; W1, S1 [B, H, E, F], W2, S2 [B, H, Dv, E] (state before chunk j0); W1i [H, E, F], W2i
-    [H, Dv, E] or None (then has is all zero); has int8 [B, NJ]; j0, j1, C, muon (not differentiable).
+    [H, Dv, E] or None (then has is all zero); has int8 [B, NJ] (≠ 0: a reset in the chunk); j0, j1, C, muon (not
+    differentiable).
     half: the op's inputs were bf16/fp16 (picks the dot precision, `precision`); rd: the reads' dtype (parallel.
     read_dtype); keep: store the Newton–Schulz chains for the backward (keep_chain(), and autograd records); kr:
     how many slots the reads use (K1 − 1 when no token reads W_{j1}: no open chunk after this stretch); commit [B]
     int64 or None (the op's, clamped to [0, n_full]).
+    head [B, n_chunks] int8 or None: the chunk opens with a reset; its slot of the reads' stacks then holds W_init
+    (`_read_stack`) and `has` is 2 there (the kernels send that slot's gradient to W_init).
     Outputs: the reads' stacks W1r [B, H, K, E, F], W2r [B, H, K, Dv, E] in rd (slot i: W_{j0+i}), the final
     W1, W2, S1, S2 in float32, and with commit also each row's W1, W2, S1, S2 at slot clamp(commit − j0, 0, K1 − 1)
     (the backward adds their gradients to the carried ones as the walk passes those slots). With rd float32 the
@@ -1027,7 +1030,8 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
     head = None      # [B, n_chunks] int8: the chunk opens with a reset (its reads are W_init's: `_read_stack`)
     if st.any_reset:
         has = st.has[:, :st.n_full].to(torch.int8)
-        if W1i is not None:
+        # only where the reads' stack is a cast copy anyway (bf16 reads): float32 reads use the kernels' own stacks
+        if W1i is not None and pre.qf.dtype != torch.float32:
             head = st.after[:, :, 0].to(torch.int8).contiguous()
             has = has + head[:, :st.n_full]          # 2: the kernels send that chunk's read gradient to W_init
         has = has.contiguous()
