@@ -3,13 +3,16 @@ and every branch taken only inside torch.compile (always-write chunk loops, mask
 widths), exercised here in eager mode by pretending to compile."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import memlm
 from memlm.layers.base import collect_aux
 from memlm.layers.neural_memory import polarization_weight
-from memlm.ops.compressive.segments import chunk_layout, reset_bound, static_chunks
+from memlm.ops.compressive.segments import (chunk_layout, gather_chunks, gather_tokens, pending_tail, reset_bound,
+                                             static_chunks)
 from memlm.ops.testing import rel_err
 
 SLOW = pytest.mark.slow
@@ -105,3 +108,53 @@ def test_polarization_weight_tensor_step_matches_int():
             a = polarization_weight(step, w, warm, hold, half)
             b = polarization_weight(torch.tensor(step, dtype=torch.float64), w, warm, hold, half)
             assert abs(float(b) - a) <= 1e-12 * max(abs(a), 1e-30), (step, a, float(b))
+
+
+@pytest.mark.parametrize("reset", ["none", "first", "later"])
+def test_identity_layout_gathers_as_the_general_one(reset):
+    """A fresh state, T a multiple of C and one document a row (no reset, or reset_bound(0)): the layout is the
+    identity, its gathers are views and nothing is pending — equal to the general gathers. A reset after the first
+    token (bound 1) is not the identity."""
+    B, T, C = 3, 24, 8
+    z = torch.zeros(B, dtype=torch.long)
+    r = None if reset == "none" else torch.zeros(B, T, dtype=torch.bool)
+    if r is not None:
+        r[:, 0] = True
+        if reset == "later":
+            r[1, 13] = True
+    with reset_bound(None if r is None else int(r[:, 1:].sum(1).max())):
+        lay = chunk_layout(z, z, r, T, C, fresh=True)
+    assert lay.identity == (reset != "later")
+    general = dataclasses.replace(lay, identity=False)
+    xe = torch.randn(B, C - 1 + T, 5)
+    grid = torch.randn(B, lay.N, C, 5)
+    for f, x in ((gather_chunks, xe), (gather_tokens, grid), (pending_tail, xe)):
+        assert torch.equal(f(x, lay), f(x, general)), f.__name__
+    assert not chunk_layout(z, z, None, T + 3, C, fresh=True).identity           # a partial last chunk
+    assert not chunk_layout(z + 5, z, None, T, C).identity                        # tokens pending from before
+
+
+def test_identity_layout_changes_no_memory_layer(monkeypatch):
+    """A MAG (neural memory) and a HOPE model on a fresh state with whole chunks: outputs, states and gradients as
+    with the general layout."""
+    from memlm.layers import hope, neural_memory
+    for preset in ("atlas-mag-debug", "onyx-debug"):
+        cfg = memlm.preset(preset).model
+        ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        out = []
+        for ident in (True, False):
+            if not ident:
+                for mod in (hope, neural_memory):
+                    monkeypatch.setattr(mod, "chunk_layout", lambda *a, **k: dataclasses.replace(chunk_layout(*a, **k),
+                                                                                                 identity=False))
+            torch.manual_seed(0)
+            model = memlm.build_model(cfg)
+            logits, _ = model(ids)
+            logits.square().mean().backward()
+            out.append((logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+            monkeypatch.undo()
+        (a, ga), (b, gb) = out
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), preset
+        assert ga.keys() == gb.keys()
+        for n in ga:
+            assert torch.allclose(ga[n], gb[n], rtol=1e-5, atol=1e-7), (preset, n)

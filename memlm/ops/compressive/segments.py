@@ -70,7 +70,10 @@ class ChunkLayout:
     pos, doc_start: [B] the stream position and document start after the call.
     static: N is a bound from shapes (see the module docstring), not read from the device, so trailing grid rows may
     be empty; users should not branch on tensor values either (torch.compile). min_complete: the first min_complete
-    chunks are complete in every row (known from shapes; 0 where resets make it data-dependent).
+    chunks are complete in every row (known from shapes; 0 where resets make it data-dependent). identity: the grid
+    is the new tokens themselves, in order (a fresh state, T a multiple of C, and no document start after the first
+    token: no reset, or the ``reset_bound`` promise of 0), so the gathers below are views and the pending buffer is
+    empty; callers may skip building the extended sequence.
     """
 
     C: int
@@ -86,6 +89,7 @@ class ChunkLayout:
     doc_start: Tensor
     static: bool = False
     min_complete: int = 0
+    identity: bool = False
 
 
 def chunk_layout(pos: Tensor, doc_start: Tensor, reset: Tensor | None, T: int, C: int, *,
@@ -130,12 +134,15 @@ def chunk_layout(pos: Tensor, doc_start: Tensor, reset: Tensor | None, T: int, C
     return ChunkLayout(C=C, N=N, gather_idx=gather_idx, slot_valid=(gather_idx < P + T).view(B, N, C),
                        starts_doc=starts_doc, complete=complete, index=index, tok_idx=flat[:, P:], keep_tail=keep_tail,
                        pos=pos + T, doc_start=doc_tok[:, -1], static=static,
-                       min_complete=T // C if static and reset is None else 0)
+                       min_complete=T // C if static and reset is None else 0,
+                       identity=fresh and T % C == 0 and (reset is None or _MAX_RESETS.get() == 0))
 
 
 def gather_chunks(xe: Tensor, lay: ChunkLayout) -> Tensor:
     """Extended sequence xe [B, P+T, ...] -> chunk grid [B, N, C, ...] (empty slots are zeros)."""
     B = xe.shape[0]
+    if lay.identity:
+        return xe[:, lay.C - 1:].view(B, lay.N, lay.C, *xe.shape[2:])
     padded = torch.cat([xe, xe.new_zeros(B, 1, *xe.shape[2:])], dim=1)
     rows = torch.arange(B, device=xe.device)[:, None]
     return padded[rows, lay.gather_idx].view(B, lay.N, lay.C, *xe.shape[2:])
@@ -145,6 +152,8 @@ def gather_tokens(grid: Tensor, lay: ChunkLayout) -> Tensor:
     """Chunk grid [B, N, C, ...] -> the new tokens [B, T, ...] in stream order."""
     B = grid.shape[0]
     flat = grid.reshape(B, lay.N * lay.C, *grid.shape[3:])
+    if lay.identity:
+        return flat
     rows = torch.arange(B, device=grid.device)[:, None]
     return flat[rows, lay.tok_idx]
 
@@ -152,5 +161,7 @@ def gather_tokens(grid: Tensor, lay: ChunkLayout) -> Tensor:
 def pending_tail(xe: Tensor, lay: ChunkLayout) -> Tensor:
     """The new pending buffer [B, P, ...]: the last P extended slots, zeroed where they are not pending."""
     P = lay.C - 1
+    if lay.identity:
+        return xe.new_zeros(xe.shape[0], P, *xe.shape[2:])
     tail = xe[:, xe.shape[1] - P:] if P > 0 else xe[:, :0]
     return tail * lay.keep_tail.view(*lay.keep_tail.shape, *([1] * (xe.dim() - 2))).to(tail.dtype)
