@@ -262,8 +262,9 @@ class NeuralMemory(Mixer):
         C = self.C
         lay = chunk_layout(state.pos, state.doc_start, reset, T, C, fresh=fresh)
         N = lay.N
-        if lay.identity:   # the grid is the new tokens (a fresh state, whole chunks, one document a row): no copies
-            ext, qg, kg, vg, gg = None, q, k.float(), v.float(), gates
+        if lay.identity:   # the grid is the new tokens (a fresh state, whole chunks, one document a row): no copies;
+            # nothing is pending after it, and pending_tail reads only the shape of what it is given
+            ext, qg, kg, vg, gg = state.pend, q, k.float(), v.float(), gates
         else:
             tok = torch.cat([k.float(), v.float(), gates], dim=-1).reshape(B, T, H * (2 * K + 4))
             ext = torch.cat([state.pend, tok], dim=1)                                # [B, P+T, H(2K+4)]
@@ -303,15 +304,13 @@ class NeuralMemory(Mixer):
         return self._finish(torch.cat(outs, dim=1), kg, vg, gg, W, complete, starts, ext, lay, conv)
 
     def _finish(self, o: Tensor, kg: Tensor, vg: Tensor, gg: Tensor, W: tuple, complete: Tensor, starts: Tensor,
-                ext: Tensor | None, lay, conv: Tensor) -> tuple[Tensor, NeuralMemoryLayerState]:
-        """The grid's reads o [B, N·C, H, K] back in token order [B, T, H, K], and the new state (ext None: an
-        identity layout, nothing pending)."""
+                ext: Tensor, lay, conv: Tensor) -> tuple[Tensor, NeuralMemoryLayerState]:
+        """The grid's reads o [B, N·C, H, K] back in token order [B, T, H, K], and the new state."""
         B, T = lay.tok_idx.shape
         o = gather_tokens(o.reshape(B, lay.N, lay.C, -1), lay).view(B, T, self.h, self.dk)
         if aux_active():
             self._report_inner_loss(kg, vg, gg, W, complete, starts)
-        pend = kg.new_zeros(B, self.C - 1, self.h * (2 * self.dk + 4)) if ext is None else pending_tail(ext, lay)
-        new = NeuralMemoryLayerState(W1=W[0], W2=W[1], S1=W[2], S2=W[3], pend=pend, conv=conv,
+        new = NeuralMemoryLayerState(W1=W[0], W2=W[1], S1=W[2], S2=W[3], pend=pending_tail(ext, lay), conv=conv,
                                      pos=lay.pos, doc_start=lay.doc_start)
         return o, new
 
