@@ -23,6 +23,8 @@ from memlm.ops import dispatch
 from memlm.ops.neural_memory import neural_memory, triton_memory
 from memlm.ops.testing import rel_err
 
+STEP_CONFIG = triton_memory._step_config
+
 pytest.importorskip("triton")
 
 LEAVES = ("q", "k", "v", *GATES, "W1", "W2", "S1", "S2", "W1_init", "W2_init")
@@ -306,6 +308,9 @@ def test_keeping_the_newton_schulz_chain_changes_nothing(monkeypatch):
     x = inputs(T=21, poly=True, seed=7)
     kw = {"chunk_size": 8, "window": 5, "optimizer": "muon", "poly": True, "split": 11,
           "reset": resets(2, 21, [(9,), (16,)])}
+    # the kept chain's forward with the pass the recomputing one makes (its Gram matrix from the step kernel:
+    # test_gram_matrix_from_the_step_kernel)
+    monkeypatch.setattr(triton_memory, "NS5_GRAM_FROM_STEP", False)
     kept = run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)
     monkeypatch.setenv("MEMLM_NS5_KEEP_CHAIN", "0")
     assert not triton_memory.keep_chain()
@@ -315,6 +320,33 @@ def test_keeping_the_newton_schulz_chain_changes_nothing(monkeypatch):
     monkeypatch.setenv("MEMLM_NS5_KEEP_CHAIN", "yes")
     with pytest.raises(ValueError, match="MEMLM_NS5_KEEP_CHAIN='yes'"):
         run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)
+
+
+@pytest.mark.parametrize("E,Dk,T", [(8, 4, 21), (8, 6, 40), (16, 6, 19), (24, 4, 21)])
+def test_gram_matrix_from_the_step_kernel(E, Dk, T, monkeypatch):
+    """Muon with bf16 inputs: W1's Newton–Schulz map taking S1's Gram matrix and ‖S1‖² from the step kernel and its
+    second pass from _ns5g_apply (the forward's default when the chain is kept, E ≤ F) is as accurate as the
+    one-kernel form: outputs, state and every gradient against float64 on the bf16-rounded inputs, each within 1.5 ×
+    the one-kernel form's error, with resets, pending tokens and several F tiles of the
+    step and of the second pass (Dk 6: F 27; E 24 > F 14, a tall S1, keeps the one-kernel form)."""
+    low = ("q", "k", "v")
+    x = {n: (t.bfloat16().double() if n in low else t)
+         for n, t in inputs(T=T, poly=True, E=E, Dk=Dk, Dv=4, seed=E + T).items()}
+    kw = {"chunk_size": 8, "window": 5, "optimizer": "muon", "poly": True, "split": 11,
+          "reset": resets(2, T, [(9,), (16,)])}
+    want = run(neural_memory, x, torch.float64, **kw)
+    monkeypatch.setattr(triton_memory, "_step_config", lambda *a, **k: {**STEP_CONFIG(*a, **k), "BF": 16})
+    monkeypatch.setattr(triton_memory, "GRAM_APPLY_BN", 16)
+    got = run(triton_memory.neural_memory, x, torch.float32, low=low, **kw)
+    monkeypatch.setattr(triton_memory, "NS5_GRAM_FROM_STEP", False)
+    one = run(triton_memory.neural_memory, x, torch.float32, low=low, **kw)
+    F = Dk + Dk * (Dk + 1) // 2
+    assert triton_memory._NS5(E, F, "tf32", gram_in=True).gin == (E <= F)
+    for n, w in want.items():
+        if w.is_floating_point() and w.numel():
+            assert torch.isfinite(got[n]).all() and rel_err(got[n], w) <= 1.5 * rel_err(one[n], w) + 1e-6, n
+    for n in LEAVES:
+        assert want[f"d{n}"].abs().max() > 0, n
 
 
 @pytest.mark.parametrize("opt,scan", [("momentum", 64), ("muon", 64), ("muon", 2)])

@@ -11,7 +11,8 @@ with the two Newton–Schulz maps of Muon) and ~4× that with the backward, plus
 per-chunk slice of the stream in the backward (NOTES.md). Here one chunk's write is one kernel (`_step_fwd`, one
 program per batch·head, tiles over F), Newton–Schulz one kernel per matrix (float32 inputs: `_ns5_fwd`, iterating
 on X streamed over column tiles from an L2-resident scratch; bf16/fp16 inputs: `_ns5g`, the same map on the M × M
-Gram matrix in registers, NOTES.md); later chunks relaunch the compiled kernels directly (`Relauncher`, `_direct`);
+Gram matrix in registers, NOTES.md; W1's forward takes that Gram matrix from the step kernel and leaves its second
+pass to `_ns5g_apply`); later chunks relaunch the compiled kernels directly (`Relauncher`, `_direct`);
 the backward walks the chunks in reverse with the matching `_step_bwd` / `_ns5_bwd` / `_ns5g` (closed-form
 second-order terms of the inner gradient; Newton–Schulz iterates recomputed, or the Gram chain the forward kept).
 Both are wrapped in one torch.autograd.Function (`_Scan`) per stretch of at most MAX_SCAN chunks that returns the
@@ -92,12 +93,15 @@ def supports(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta:
 # (slot i holds W_{j0+i}); W1i [H, E, F], W2i [H, Dv, E]; carried gradients gW1, gS1 [B·H, E, F], gW2, gS2
 # [B·H, Dv, E]. A program handles chunk j (stack slot i -> i + 1) of batch·head bh.
 
-def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
+def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i, G1, SS1,
               j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
               HAS_XR: tl.constexpr, MUON: tl.constexpr,
-              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
+              BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
+              GRAM: tl.constexpr, GPREC: tl.constexpr):
     """Grid (B·H,). Writes S_{j+1} into slot i + 1 of S1s/S2s and W_{j+1} (MUON: only (1 − α) Ws; _ns5_fwd adds
-    NS5(S_{j+1})) into slot i + 1 of W1s/W2s."""
+    NS5(S_{j+1})) into slot i + 1 of W1s/W2s. GRAM (Muon in Gram form, E ≤ F): also S1_{j+1}'s Gram matrix G1[bh] =
+    S1 S1ᵀ [BE, BE] (dots at GPREC) and SS1[bh] = ‖S1‖², from the tiles it writes: W1's Newton–Schulz then needs no
+    pass of its own over S1 for them (`_ns5g` with GIN)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -146,6 +150,8 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         w2n += s2
     tl.store(W2s + (cur + 1) * Dv * E + off2, w2n, mask=m_ve)
     dz = tl.dot(r, w2, input_precision=PREC) * h1                           # ∂L/∂Z [BC, BE]
+    gram = tl.full([BE, BE], 0.0, tl.float32)
+    sq = tl.full([BE, BF], 0.0, tl.float32)
     for fi in range(NF):                                                     # G1 = dZᵀ X, and the step, per F tile
         cf = fi * BF + rf
         mf = cf < F
@@ -155,10 +161,16 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         g1 = tl.dot(tl.trans(dz), x, input_precision=PREC)                   # [BE, BF]
         s1 = eta * keep * tl.load(S1s + cur * E * F + off1, mask=m_ef, other=0.0) - theta * g1
         tl.store(S1s + (cur + 1) * E * F + off1, s1, mask=m_ef)
+        if GRAM:                                                             # s1 is zero outside [E, F]
+            sq += s1 * s1
+            gram += tl.dot(s1, tl.trans(s1), input_precision=GPREC)
         w1n = (1.0 - alpha) * tl.load(src1 + off1, mask=m_ef, other=0.0)
         if not MUON:
             w1n += s1
         tl.store(W1s + (cur + 1) * E * F + off1, w1n, mask=m_ef)
+    if GRAM:
+        tl.store(G1 + bh * BE * BE + re[:, None] * BE + re[None, :], gram)
+        tl.store(SS1 + bh, tl.reduce(sq, None, tl.standard._sum_combine))
 
 
 def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
@@ -430,10 +442,10 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
         tl.store(pd, tl.load(pd, mask=m, other=0.0) + scale * dy - scale * scale * scale * inner * s, mask=m)
 
 
-def _ns5g(S, Y, dS, Ch, s_bh, g_bh, c_bh, sr, sc, M, N, NT, EPS2,
+def _ns5g(S, Y, dS, Ch, Gin, SSin, Kout, s_bh, g_bh, c_bh, sr, sc, M, N, NT, EPS2,
           A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
           BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PC: tl.constexpr, BWD: tl.constexpr,
-          CHAIN: tl.constexpr, SAVE: tl.constexpr):
+          CHAIN: tl.constexpr, SAVE: tl.constexpr, GIN: tl.constexpr):
     """Grid (B·H,). Newton–Schulz in Gram form, one matrix per program, layout as _ns5_fwd (S at bh·s_bh, Y and dS
     at bh·g_bh); the kernels of bf16/fp16 inputs (NOTES.md). Forward (BWD false): Y += NS5(S) (dS unused).
     Backward: dS += (∂NS5/∂S)ᵀ Y.
@@ -450,29 +462,36 @@ def _ns5g(S, Y, dS, Ch, s_bh, g_bh, c_bh, sr, sc, M, N, NT, EPS2,
       m = sym(dK K_k) + Y + Yᵀ with Y = dA P_k,  dA <- Q_k dA Q_k + b m + c (Z + Zᵀ) with Z = m A_k,  dK <- Q_k dK
     (25 products of M × M); with ι = ⟨dK_5, K_5⟩ + 2 ⟨dA, A_0⟩, the second pass:
       dS += (K_5 / n)ᵀ Y + (2 dA − ι I) S / n².
-    PREC: dots over N (the passes); PC: dots of the M × M chain."""
+    PREC: dots over N (the passes); PC: dots of the M × M chain.
+    GIN (a forward): G and ‖S‖² come from Gin [B·H, BM, BM] and SSin [B·H] (written by _step_fwd), and the kernel
+    stores K_5 / n into Kout [B·H, BM, BM] for _ns5g_apply instead of its two passes: one program a matrix spent about
+    40 of its 104 µs in them at atlas-mag-small (H100), and this form of the kernel spills less (NOTES.md)."""
     bh = tl.program_id(0).to(tl.int64)
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     mm = rm < M
-    g = tl.full([BM, BM], 0.0, tl.float32)
-    d = tl.full([BM, BM], 0.0, tl.float32)
-    acc = tl.full([BM, BN], 0.0, tl.float32)
-    for t in range(NT):
-        cn = t * BN + rn
-        m = mm[:, None] & (cn < N)[None, :]
-        s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
-        acc += s * s
-        if CHAIN:
-            g += tl.dot(s, tl.trans(s), input_precision=PREC)
-        if BWD:
-            dy = tl.load(Y + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
-            d += tl.dot(dy, tl.trans(s), input_precision=PREC)
-    scale = 1.0 / tl.sqrt(tl.reduce(acc, None, tl.standard._sum_combine) + EPS2)
-    eye = tl.where(rm[:, None] == rm[None, :], 1.0, 0.0)
-    cb = Ch + bh * c_bh
     off = rm[:, None] * BM + rm[None, :]
     MM = BM * BM
+    d = tl.full([BM, BM], 0.0, tl.float32)
+    if GIN:
+        g = tl.load(Gin + bh * MM + off)
+        scale = 1.0 / tl.sqrt(tl.load(SSin + bh) + EPS2)
+    else:
+        g = tl.full([BM, BM], 0.0, tl.float32)
+        acc = tl.full([BM, BN], 0.0, tl.float32)
+        for t in range(NT):
+            cn = t * BN + rn
+            m = mm[:, None] & (cn < N)[None, :]
+            s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+            acc += s * s
+            if CHAIN:
+                g += tl.dot(s, tl.trans(s), input_precision=PREC)
+            if BWD:
+                dy = tl.load(Y + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+                d += tl.dot(dy, tl.trans(s), input_precision=PREC)
+        scale = 1.0 / tl.sqrt(tl.reduce(acc, None, tl.standard._sum_combine) + EPS2)
+    eye = tl.where(rm[:, None] == rm[None, :], 1.0, 0.0)
+    cb = Ch + bh * c_bh
     k = eye
     if CHAIN:
         a = g * (scale * scale)
@@ -522,6 +541,8 @@ def _ns5g(S, Y, dS, Ch, s_bh, g_bh, c_bh, sr, sc, M, N, NT, EPS2,
             pd = dS + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc
             upd = tl.dot(kt, dy, input_precision=PREC) + tl.dot(t2, s, input_precision=PREC)
             tl.store(pd, tl.load(pd, mask=m, other=0.0) + upd, mask=m)
+    elif GIN:
+        tl.store(Kout + bh * MM + off, k * scale)
     else:
         k = k * scale
         for t in range(NT):
@@ -530,6 +551,19 @@ def _ns5g(S, Y, dS, Ch, s_bh, g_bh, c_bh, sr, sc, M, N, NT, EPS2,
             s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
             po = Y + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc
             tl.store(po, tl.load(po, mask=m, other=0.0) + tl.dot(k, s, input_precision=PREC), mask=m)
+
+
+def _ns5g_apply(S, Y, K, s_bh, g_bh, sr, sc, M, N, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (B·H, cdiv(N, BN)). The second pass of `_ns5g` with GIN, one BN-column tile a program: Y_t += K[bh] S_t
+    (K = K_5 / n [BM, BM]; S, Y laid out as in _ns5g)."""
+    bh = tl.program_id(0).to(tl.int64)
+    rm = tl.arange(0, BM)
+    cn = tl.program_id(1) * BN + tl.arange(0, BN)
+    m = (rm < M)[:, None] & (cn < N)[None, :]
+    s = tl.load(S + bh * s_bh + rm[:, None] * sr + cn[None, :] * sc, mask=m, other=0.0)
+    k = tl.load(K + bh * BM * BM + rm[:, None] * BM + rm[None, :])
+    po = Y + bh * g_bh + rm[:, None] * sr + cn[None, :] * sc
+    tl.store(po, tl.load(po, mask=m, other=0.0) + tl.dot(k, s, input_precision=PREC), mask=m)
 
 
 def _stack_copy(W, Wi, Head, Out, H, K1, KR, NH, j0, N, BN: tl.constexpr):
@@ -585,7 +619,8 @@ def _poly_bwd(X, G, DX, POS, GS, R, D, P, BR: tl.constexpr, BD: tl.constexpr):
 def _build(interpret: bool) -> dict:
     """The kernels, compiled for the GPU or wrapped for the interpreter (CPU tensors)."""
     fns = {"step_fwd": _step_fwd, "step_bwd": _step_bwd, "ns5_fwd": _ns5_fwd, "ns5_bwd": _ns5_bwd,
-           "ns5g": _ns5g, "poly_fwd": _poly_fwd, "poly_bwd": _poly_bwd, "stack_copy": _stack_copy}
+           "ns5g": _ns5g, "ns5g_apply": _ns5g_apply,
+           "poly_fwd": _poly_fwd, "poly_bwd": _poly_bwd, "stack_copy": _stack_copy}
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
         return {n: InterpretedFunction(f) for n, f in fns.items()}
@@ -675,6 +710,12 @@ def _step_config(c: int, E: int, Dv: int, F: int, backward: bool, prec: str = "i
 # float32 (passes over N, M × M chain): with one TF32 product per dot the map's error reached 2e-1 on an S with
 # singular values from 1 to 1e-3 (CPU emulation; the iterative TF32 form's is 1e-3 there), with three 1e-4.
 NS5_GRAM_PRECISION = ("tf32x3", "tf32x3")
+# The forward's W1 map in Gram form takes S1's Gram matrix and ‖S1‖² from the step kernel, which holds S1's tiles
+# anyway (_step_fwd's GRAM), and its second pass runs as a kernel of one program a column tile (_ns5g_apply, tile
+# GRAM_APPLY_BN): no first pass over S1, and the chain's kernel spills less (NOTES.md). Equal to the one-kernel form
+# up to float32 rounding (the sums run in another order). False: the one-kernel form.
+NS5_GRAM_FROM_STEP = True
+GRAM_APPLY_BN = 64
 # The Gram form's forward stores each chunk's chain (A_k, Q_k, K_{k+1}, P_k: 20 M × M float32 matrices, 1.3 GB per
 # atlas-mag-small layer at B 16 × 2048 with M = 64) when a backward will follow, so that the backward walks it back
 # without recomputing it (25 products instead of 18 + 25; the step 272 -> 258 ms, peak memory 33.3 -> 42.7 GB, H100).
@@ -731,12 +772,15 @@ class _NS5:
     the forward keeps each chunk's chain for the backward (`chain`), which then skips recomputing it."""
 
     def __init__(self, rows: int, cols: int, prec: str, backward: bool = False, direct: bool = False,
-                 store: bool = False):
+                 store: bool = False, gram_in: bool = False):
         self.M, self.N = min(rows, cols), max(rows, cols)
         self.direct, self.launch = direct, None         # Relauncher's direct launches (see _Scan), made at first call
         self.sr, self.sc = (cols, 1) if rows <= cols else (1, cols)          # a tall matrix is read transposed
         self.gram, self.backward = prec != "ieee", backward
         self.store = store and self.gram
+        # gram_in (a forward of a wide matrix, M = rows): the step kernel wrote S's Gram matrix and ‖S‖² (_step_fwd's
+        # GRAM), _ns5g takes them and leaves its second pass to _ns5g_apply (one program a column tile)
+        self.gin = gram_in and self.gram and not backward and rows <= cols
         self.BM = BM = _pow2(self.M)
         # H100, 128 programs of 64×560, TF32 / bf16 dots (fwd, bwd µs): BN 16 and 8 warps 204/607, 175/458; BN 64 and
         # 4 warps 145/419, 117/288 (the best of BN 16/32/64 × 4/8 warps). 128 rows: narrow tiles, unmeasured.
@@ -750,17 +794,21 @@ class _NS5:
         if self.gram:
             chain = not (backward and self.store)        # a backward with a stored chain only reads it
             dots = {**dict(zip(("PREC", "PC"), NS5_GRAM_PRECISION)), "BWD": backward, "CHAIN": chain,
-                    "SAVE": chain and (backward or self.store)}
+                    "SAVE": chain and (backward or self.store), "GIN": self.gin}
         else:
             dots = {"PREC": prec}
         self.consts = {"A_": a, "B_": b, "C_": c, "STEPS": NS5_STEPS, "BM": BM, **dots, **cfg}
         self.NT = triton.cdiv(self.N, cfg["BN"])
+        self.apply = None
         self.name = "ns5g" if self.gram else "ns5_bwd" if backward else "ns5_fwd"
 
     def scratch(self, like: Tensor, BH: int) -> tuple[Tensor, ...]:
         """Iterative: the iterate [B·H, M·N] (forward), or every iterate and dY [B·H, STEPS, M·N], [B·H, M·N]
-        (backward). Gram: the recomputed chain [B·H, STEPS, 4, BM, BM] (a backward without a stored one), or nothing."""
+        (backward). Gram: the recomputed chain [B·H, STEPS, 4, BM, BM] (a backward without a stored one), or nothing;
+        with gram_in the Gram matrix [B·H, BM, BM] and ‖S‖² [B·H] (written by _step_fwd) and K_5 / n [B·H, BM, BM]."""
         M, N, BM = self.M, self.N, self.BM
+        if self.gin:     # the step's Gram matrix and ‖S‖², and K_5 / n for _ns5g_apply
+            return _empty(like, BH, BM, BM), _empty(like, BH), _empty(like, BH, BM, BM)
         if self.gram:
             return (_empty(like, BH, NS5_STEPS, 4, BM, BM),) if self.backward and not self.store else ()
         if self.backward:
@@ -779,12 +827,20 @@ class _NS5:
         interpret = s.device.type == "cpu"
         if self.launch is None:
             self.launch = Relauncher(_kernels(interpret)[self.name], (s.shape[0] * s.shape[1],), self.direct)
-        if self.gram:                    # one kernel both ways; unused slots (a forward's dS; Ch) take o
-            ch = scratch[0] if scratch else o if chain is None else chain[:, slot]
-            args = (s, o, o if dS is None else dS, ch, s.stride(1), o.stride(1), ch.stride(0))
+        if self.gram:                    # one kernel both ways; unused slots (a forward's dS; Ch; Gin…) take o
+            gin = scratch if self.gin else (o, o, o)
+            ch = scratch[0] if scratch and not self.gin else o if chain is None else chain[:, slot]
+            args = (s, o, o if dS is None else dS, ch, *gin, s.stride(1), o.stride(1), ch.stride(0))
         else:
             args = ((s, o, *scratch) if dS is None else (s, o, dS, *scratch)) + (s.stride(1), o.stride(1))
         self.launch(*args, self.sr, self.sc, self.M, self.N, _count(self.NT, interpret), NS5_EPS ** 2, **self.consts)
+        if self.gin:
+            BN = GRAM_APPLY_BN
+            if self.apply is None:
+                self.apply = Relauncher(_kernels(interpret)["ns5g_apply"],
+                                        (s.shape[0] * s.shape[1], triton.cdiv(self.N, BN)), self.direct)
+            self.apply(s, o, scratch[2], s.stride(1), o.stride(1), self.sr, self.sc, self.M, self.N, BM=self.BM,
+                       BN=BN, PREC=self.consts["PREC"], num_warps=4)
 
 
 def _direct(interpret: bool) -> bool:
@@ -840,16 +896,23 @@ class _Scan(torch.autograd.Function):
         direct = _direct(interpret)
         step = Relauncher(kern["step_fwd"], (BH,), direct)
         keep = keep and any(ctx.needs_input_grad)          # a backward will run: store the chains for it
-        ns = [_NS5(E, F, prec, direct=direct and _aligned(S1all, W1all), store=keep),
+        # W1's Gram matrix from the step kernel, unless a backward will recompute the chain from its own pass (then
+        # the forward makes the same pass, so that both chains are the same)
+        gram_in = NS5_GRAM_FROM_STEP and (keep or not any(ctx.needs_input_grad))
+        ns = [_NS5(E, F, prec, direct=direct and _aligned(S1all, W1all), store=keep, gram_in=gram_in),
               _NS5(Dv, E, prec, direct=direct and _aligned(S2all, W2all), store=keep)] if muon else []
         scratch = [g.scratch(X, BH) for g in ns]
+        # W1's Gram matrix and ‖S1‖² from the step kernel (Muon, Gram form, E ≤ F), else unused pointers
+        gram = ns[0].gin if ns else False
+        G1, SS1 = scratch[0][:2] if gram else (W1all, W1all)
         chains = [g.chain(X, BH, K1 - 1) for g in ns] + [None] * (2 - len(ns))
         maps = _Maps(ns, direct, X.device)
         for i, j in enumerate(range(j0, j1)):
             step(
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
-                W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
-                j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg)
+                W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i, G1, SS1,
+                j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg,
+                GRAM=gram, GPREC=NS5_GRAM_PRECISION[0])
             maps(*(((Sa[:, :, i + 1], Wa[:, :, i + 1], sc), {"chain": ch, "slot": i})
                    for Sa, Wa, sc, ch in zip((S1all, S2all), (W1all, W2all), scratch, chains)))
         ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *chains)
