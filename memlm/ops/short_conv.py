@@ -52,8 +52,9 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # live, z, σ, s, u, dy, ds), at most BC channels a row; the grad pass walks ROWS source rows a program in sub-tiles,
 # so its dw / db partials are B·⌈(T + P)/ROWS⌉·(K + 1)·C floats (4 MB at [16, 2048, 768]). Register counts from
 # compiling for sm_90 without a GPU (cuobjdump -res-usage, bf16, K 4, g 32 / none): conv 64 / 96 forward, 72 / 96
-# backward, grad 189, no spills; 32 elements a thread needed 180–255 and spilled. Not timed on a GPU yet
-# (benchmarks/short_conv.py).
+# backward, grad 189, no spills; 32 elements a thread needed 180–255 and spilled. H100 timings:
+# benchmarks/short_conv.py, docs/benchmarks.md (a TILE of 4096 made forward + backward 15–37 % faster but the plain
+# forward slower: not taken).
 TILE = 2048
 BT_MAX = 32
 BC = 128

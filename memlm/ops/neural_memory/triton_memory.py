@@ -828,8 +828,8 @@ class _NS5:
         if self.launch is None:
             self.launch = Relauncher(_kernels(interpret)[self.name], (s.shape[0] * s.shape[1],), self.direct)
         if self.gram:                    # one kernel both ways; unused slots (a forward's dS; Ch; Gin…) take o
-            gin = scratch if self.gin else (o, o, o)
-            ch = scratch[0] if scratch and not self.gin else o if chain is None else chain[:, slot]
+            gin, rc = (scratch, ()) if self.gin else ((o, o, o), scratch)
+            ch = rc[0] if rc else o if chain is None else chain[:, slot]
             args = (s, o, o if dS is None else dS, ch, *gin, s.stride(1), o.stride(1), ch.stride(0))
         else:
             args = ((s, o, *scratch) if dS is None else (s, o, dS, *scratch)) + (s.stride(1), o.stride(1))
@@ -902,9 +902,11 @@ class _Scan(torch.autograd.Function):
         ns = [_NS5(E, F, prec, direct=direct and _aligned(S1all, W1all), store=keep, gram_in=gram_in),
               _NS5(Dv, E, prec, direct=direct and _aligned(S2all, W2all), store=keep)] if muon else []
         scratch = [g.scratch(X, BH) for g in ns]
-        # W1's Gram matrix and ‖S1‖² from the step kernel (Muon, Gram form, E ≤ F), else unused pointers
+        # W1's Gram matrix and ‖S1‖² from the step kernel (Muon, Gram form, E ≤ F; the dots of the map's passes), else
+        # unused pointers
         gram = ns[0].gin if ns else False
         G1, SS1 = scratch[0][:2] if gram else (W1all, W1all)
+        gprec = ns[0].consts["PREC"] if gram else prec
         chains = [g.chain(X, BH, K1 - 1) for g in ns] + [None] * (2 - len(ns))
         maps = _Maps(ns, direct, X.device)
         for i, j in enumerate(range(j0, j1)):
@@ -912,7 +914,7 @@ class _Scan(torch.autograd.Function):
                 X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i, G1, SS1,
                 j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg,
-                GRAM=gram, GPREC=NS5_GRAM_PRECISION[0])
+                GRAM=gram, GPREC=gprec)
             maps(*(((Sa[:, :, i + 1], Wa[:, :, i + 1], sc), {"chain": ch, "slot": i})
                    for Sa, Wa, sc, ch in zip((S1all, S2all), (W1all, W2all), scratch, chains)))
         ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *chains)
