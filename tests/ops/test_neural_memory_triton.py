@@ -165,6 +165,19 @@ def test_side_stream_changes_nothing(monkeypatch):
         assert torch.equal(got[True][n], t), n
 
 
+@pytest.mark.parametrize("opt", ["momentum", "muon"])
+def test_features_inside_the_step_kernels_on_cuda(opt, monkeypatch):
+    """φ of the keys made by the step kernels (POLY_IN_STEP) against the feature stream of poly_features at
+    atlas-mag-small's head shapes, T 1000 with resets and bf16 q, k, v: outputs, state and every gradient bit for bit
+    (the same products; ∂L/∂k by the same poly_backward kernel)."""
+    x, kw, _ = case(1000)
+    fused = run(triton_memory.neural_memory, x, torch.float32, optimizer=opt, low=LOW, **kw)
+    monkeypatch.setattr(triton_memory, "POLY_IN_STEP", False)
+    plain = run(triton_memory.neural_memory, x, torch.float32, optimizer=opt, low=LOW, **kw)
+    for n, w in plain.items():
+        assert torch.equal(fused[n], w), n
+
+
 def test_stack_copy_casts_like_torch():
     """The reads' stack (`_read_stack`): W_init in the slots of chunks that open with a reset, the kernels' slot
     elsewhere, cast to bf16 bit for bit as PyTorch casts (the interpreter cannot show it: it rounds otherwise)."""

@@ -349,6 +349,31 @@ def test_gram_matrix_from_the_step_kernel(E, Dk, T, monkeypatch):
         assert want[f"d{n}"].abs().max() > 0, n
 
 
+@pytest.mark.parametrize("opt,Dk,Dv,window", [("momentum", 6, 6, 5), ("muon", 6, 4, None), ("muon", 4, 4, 5)])
+def test_features_made_inside_the_step_kernels(opt, Dk, Dv, window, monkeypatch):
+    """φ of the keys made by the step kernels from the raw keys (POLY_IN_STEP, the default) against the stream of
+    features made by poly_features: outputs, state and gradients bit for bit (the same products), ∂L/∂k within 1e-6
+    (the Triton feature map's backward against the torch form on CPU), with several F tiles (Dk 6: F 27 in tiles of
+    16), resets, pending tokens, a residual (Dk = Dv) or none, a window or the whole chunk; the feature map is not
+    called on the keys."""
+    from memlm.ops.neural_memory import common
+    x = inputs(T=29, poly=True, Dk=Dk, Dv=Dv, E=8, seed=Dk + Dv)
+    kw = {"chunk_size": 8, "window": window, "optimizer": opt, "poly": True, "split": 11,
+          "reset": resets(2, 29, [(9,), (16, 24)])}
+    monkeypatch.setattr(triton_memory, "_step_config", lambda *a, **k: {**STEP_CONFIG(*a, **k), "BF": 16})
+    calls = []
+    feats = common.poly_features
+    monkeypatch.setattr(common, "poly_features", lambda t, *a: calls.append(t.shape) or feats(t, *a))
+    fused = run(triton_memory.neural_memory, x, torch.float32, **kw)
+    n = len(calls)
+    monkeypatch.setattr(triton_memory, "POLY_IN_STEP", False)
+    plain = run(triton_memory.neural_memory, x, torch.float32, **kw)
+    assert n == 2 and len(calls) == 6          # fused: the queries' features of each call only; plain: the keys' too
+    for n, w in plain.items():       # ∂L/∂k: poly_backward (interpreted) against the torch form of poly_features
+        assert (rel_err(fused[n], w) <= 1e-6 if n == "dk" else torch.equal(fused[n], w)), n
+        assert not n.startswith("d") or w.abs().max() > 0, n
+
+
 @pytest.mark.parametrize("opt,scan", [("momentum", 64), ("muon", 64), ("muon", 2)])
 def test_commit_keeps_each_rows_state(opt, scan, monkeypatch):
     """commit (each row's state after its first commit[b] complete chunks; layers/neural_memory.py's one-call grid):

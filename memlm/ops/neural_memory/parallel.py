@@ -173,8 +173,10 @@ def read_only(pre: Prelude) -> tuple[Tensor, NeuralMemoryState]:
     return o.movedim(1, 2).to(pre.out_dtype), NeuralMemoryState(pre.W1, pre.W2, pre.S1, pre.S2, pre.pending)
 
 
-def stream(pre: Prelude, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor) -> Stream:
-    """Prepend the pending tokens to this call's and lay the stream out for the chunk loop (see Stream)."""
+def stream(pre: Prelude, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
+           raw_keys: bool = False) -> Stream:
+    """Prepend the pending tokens to this call's and lay the stream out for the chunk loop (see Stream). raw_keys:
+    kf holds the keys themselves, not φ of them (a backend that applies φ inside its own kernels)."""
     dt, C, pending = pre.dt, pre.C, pre.pending
     p = pending.length
     L = p + k.shape[1]
@@ -187,7 +189,7 @@ def stream(pre: Prelude, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta
     any_reset = maybe_any(rs)  # CUDA, compiled: the reset-masked path, which equals the plain one without resets
     after, valid, has = _reset_masks(rs, n_chunks, C) if any_reset else (None, None, None)
     kb = _bh(ks)
-    return Stream(p, L, n_full, n_chunks, ks, vs, gs, es, ts, als, rs, features(kb, pre.poly),
+    return Stream(p, L, n_full, n_chunks, ks, vs, gs, es, ts, als, rs, kb if raw_keys else features(kb, pre.poly),
                   kb if pre.residual else None, _bh(vs), _bh(gs), _bh(es), _bh(ts), _bh(als), any_reset,
                   after, valid, has)
 

@@ -18,7 +18,7 @@ second-order terms of the inner gradient; Newton–Schulz iterates recomputed, o
 Both are wrapped in one torch.autograd.Function (`_Scan`) per stretch of at most MAX_SCAN chunks that returns the
 stacked weights W_j of every chunk; the reads o_t = M_{W_j}(q_t) of all chunks are then one batched PyTorch matmul
 pair on that stack (autograd differentiates them). Everything before the loop (stream, features, gate means) is
-parallel.py's, shared.
+parallel.py's, shared, except φ of the keys: the step kernels make it from the raw keys (POLY_IN_STEP).
 
 Kernel math is float32 whatever the input dtype, like the chunked form; dot precision per input dtype (`precision`).
 CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests without a GPU).
@@ -26,6 +26,7 @@ CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests wi
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -92,10 +93,14 @@ def supports(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, theta:
 # Eta/Theta/Alpha [B·H, NJ]; Has [B, NJ] int8; stacks W1s, S1s [B·H, K1, E, F], W2s, S2s [B·H, K1, Dv, E]
 # (slot i holds W_{j0+i}); W1i [H, E, F], W2i [H, Dv, E]; carried gradients gW1, gS1 [B·H, E, F], gW2, gS2
 # [B·H, Dv, E]. A program handles chunk j (stack slot i -> i + 1) of batch·head bh.
+# POLY: X holds the raw keys [B·H, L, DK] instead, and column f of φ(K) is X[:, PI[f]] · X[:, PJ[f]] · PS[f]
+# (PJ[f] = DK: the linear column X[:, f]; `_poly_cols`), made per [c, F] tile from the window's keys in registers
+# (tl.gather) with the products of `_poly_fwd` (bit for bit its features); the backward still writes ∂L/∂φ(K) to dX
+# [B·H, L, F] (summing it into ∂L/∂K inside the kernel made `_step_bwd` 1.3–2× slower, NOTES.md).
 
-def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i, G1, SS1,
+def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, PI, PJ, PS, W1s, W2s, S1s, S2s, W1i, W2i, G1, SS1,
               j, i, H, L, NJ, K1, C, c, E, F, Dv, NF,
-              HAS_XR: tl.constexpr, MUON: tl.constexpr,
+              HAS_XR: tl.constexpr, MUON: tl.constexpr, POLY: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr,
               BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
               GRAM: tl.constexpr, GPREC: tl.constexpr):
     """Grid (B·H,). Writes S_{j+1} into slot i + 1 of S1s/S2s and W_{j+1} (MUON: only (1 − α) Ws; _ns5_fwd adds
@@ -114,6 +119,10 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     m_ve = mv[:, None] & me[None, :]
     off2 = rv[:, None] * E + re[None, :]                                     # [BV, BE] inside a W2-like matrix
     rows = bh * L + j * C + C - c + rc                                       # the window's rows of the stream
+    rk = tl.arange(0, BK)
+    kc = tl.full([BC, BK], 0.0, tl.float32)
+    if POLY:                                              # the window's raw keys [BC, BK], gathered per F tile
+        kc = tl.load(X + rows[:, None] * DK + rk[None, :], mask=mc[:, None] & (rk < DK)[None, :], other=0.0)
     gi = bh * NJ + j
     eta = tl.load(Eta + gi)
     theta = tl.load(Theta + gi)
@@ -131,7 +140,15 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     for fi in range(NF):                                                     # Z = X W1ᵀ over F tiles
         cf = fi * BF + rf
         mf = cf < F
-        x = tl.load(X + rows[:, None] * F + cf[None, :], mask=mc[:, None] & mf[None, :], other=0.0)
+        if POLY:                                                             # φ(K)'s tile from the raw keys
+            pi = tl.load(PI + cf, mask=mf, other=0)
+            pj = tl.load(PJ + cf, mask=mf, other=0)
+            xi = tl.gather(kc, tl.broadcast_to(pi[None, :], (BC, BF)), 1)
+            xj = tl.gather(kc, tl.broadcast_to(tl.minimum(pj, DK - 1)[None, :], (BC, BF)), 1)
+            xj = tl.where((pj < DK)[None, :], xj, 1.0)                     # a linear column: x_i · 1
+            x = xi * xj * tl.load(PS + cf, mask=mf, other=0.0)[None, :]
+        else:
+            x = tl.load(X + rows[:, None] * F + cf[None, :], mask=(mc[:, None] & mf[None, :]), other=0.0)
         w1 = tl.load(src1 + re[:, None] * F + cf[None, :], mask=me[:, None] & mf[None, :], other=0.0)
         z += tl.dot(x, tl.trans(w1), input_precision=PREC)
     cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
@@ -157,7 +174,15 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         mf = cf < F
         m_ef = me[:, None] & mf[None, :]
         off1 = re[:, None] * F + cf[None, :]
-        x = tl.load(X + rows[:, None] * F + cf[None, :], mask=mc[:, None] & mf[None, :], other=0.0)
+        if POLY:                                                             # φ(K)'s tile from the raw keys
+            pi = tl.load(PI + cf, mask=mf, other=0)
+            pj = tl.load(PJ + cf, mask=mf, other=0)
+            xi = tl.gather(kc, tl.broadcast_to(pi[None, :], (BC, BF)), 1)
+            xj = tl.gather(kc, tl.broadcast_to(tl.minimum(pj, DK - 1)[None, :], (BC, BF)), 1)
+            xj = tl.where((pj < DK)[None, :], xj, 1.0)                     # a linear column: x_i · 1
+            x = xi * xj * tl.load(PS + cf, mask=mf, other=0.0)[None, :]
+        else:
+            x = tl.load(X + rows[:, None] * F + cf[None, :], mask=(mc[:, None] & mf[None, :]), other=0.0)
         g1 = tl.dot(tl.trans(dz), x, input_precision=PREC)                   # [BE, BF]
         s1 = eta * keep * tl.load(S1s + cur * E * F + off1, mask=m_ef, other=0.0) - theta * g1
         tl.store(S1s + (cur + 1) * E * F + off1, s1, mask=m_ef)
@@ -173,10 +198,10 @@ def _step_fwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         tl.store(SS1 + bh, tl.reduce(sq, None, tl.standard._sum_combine))
 
 
-def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i,
+def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, PI, PJ, PS, W1s, W2s, S1s, S2s, W1i, W2i,
               gW1, gW2, gS1, gS2, R1, R2, dX, dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
               j, i, H, L, NJ, K1, KR, C, c, E, F, Dv, NF, r1e, r1f, r2v, r2e,
-              HAS_XR: tl.constexpr, MUON: tl.constexpr,
+              HAS_XR: tl.constexpr, MUON: tl.constexpr, POLY: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr,
               BC: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
     """Grid (B·H,). On entry gW, gS hold ∂L/∂W_{j+1}, ∂L/∂S_{j+1} (MUON: gS already includes the Newton–Schulz
     path, added by _ns5_bwd); on exit ∂L/∂W_j (plus R's slot i, the reads' gradient, any dtype, KR slots packed but
@@ -196,6 +221,10 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
     m_ve = mv[:, None] & me[None, :]
     off2 = rv[:, None] * E + re[None, :]
     rows = bh * L + j * C + C - c + rc
+    rk = tl.arange(0, BK)
+    kc = tl.full([BC, BK], 0.0, tl.float32)
+    if POLY:                                              # the window's raw keys [BC, BK], gathered per F tile
+        kc = tl.load(X + rows[:, None] * DK + rk[None, :], mask=mc[:, None] & (rk < DK)[None, :], other=0.0)
     gi = bh * NJ + j
     eta = tl.load(Eta + gi)
     theta = tl.load(Theta + gi)
@@ -221,7 +250,15 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         mf = cf < F
         m_ef = me[:, None] & mf[None, :]
         off1 = re[:, None] * F + cf[None, :]
-        x = tl.load(X + rows[:, None] * F + cf[None, :], mask=mc[:, None] & mf[None, :], other=0.0)
+        if POLY:                                                             # φ(K)'s tile from the raw keys
+            pi = tl.load(PI + cf, mask=mf, other=0)
+            pj = tl.load(PJ + cf, mask=mf, other=0)
+            xi = tl.gather(kc, tl.broadcast_to(pi[None, :], (BC, BF)), 1)
+            xj = tl.gather(kc, tl.broadcast_to(tl.minimum(pj, DK - 1)[None, :], (BC, BF)), 1)
+            xj = tl.where((pj < DK)[None, :], xj, 1.0)                     # a linear column: x_i · 1
+            x = xi * xj * tl.load(PS + cf, mask=mf, other=0.0)[None, :]
+        else:
+            x = tl.load(X + rows[:, None] * F + cf[None, :], mask=(mc[:, None] & mf[None, :]), other=0.0)
         w1 = tl.load(src1 + off1, mask=m_ef, other=0.0)
         gw = tl.load(gW1 + bh * E * F + off1, mask=m_ef, other=0.0)
         gs = tl.load(gS1 + bh * E * F + off1, mask=m_ef, other=0.0)
@@ -293,7 +330,15 @@ def _step_bwd(X, XR, V, Wg, Eta, Theta, Alpha, Has, W1s, W2s, S1s, S2s, W1i, W2i
         m_ef = me[:, None] & mf[None, :]
         m_cf = mc[:, None] & mf[None, :]
         off1 = re[:, None] * F + cf[None, :]
-        x = tl.load(X + rows[:, None] * F + cf[None, :], mask=m_cf, other=0.0)
+        if POLY:                                                             # φ(K)'s tile from the raw keys
+            pi = tl.load(PI + cf, mask=mf, other=0)
+            pj = tl.load(PJ + cf, mask=mf, other=0)
+            xi = tl.gather(kc, tl.broadcast_to(pi[None, :], (BC, BF)), 1)
+            xj = tl.gather(kc, tl.broadcast_to(tl.minimum(pj, DK - 1)[None, :], (BC, BF)), 1)
+            xj = tl.where((pj < DK)[None, :], xj, 1.0)                     # a linear column: x_i · 1
+            x = xi * xj * tl.load(PS + cf, mask=mf, other=0.0)[None, :]
+        else:
+            x = tl.load(X + rows[:, None] * F + cf[None, :], mask=m_cf, other=0.0)
         w1 = tl.load(src1 + off1, mask=m_ef, other=0.0)
         gw = tl.load(gW1 + bh * E * F + off1, mask=m_ef, other=0.0)
         gs = tl.load(gS1 + bh * E * F + off1, mask=m_ef, other=0.0)
@@ -513,21 +558,22 @@ def _ns5g(S, Y, dS, Ch, Gin, SSin, Kout, s_bh, g_bh, c_bh, sr, sc, M, N, NT, EPS
         dk = d * scale
         inner = tl.reduce(dk * k, None, tl.standard._sum_combine)
         da = tl.full([BM, BM], 0.0, tl.float32)
+        # the chain's A_r and Q_r are loaded (from L2) at each use rather than held across the step: fewer registers
+        # live, spills 1,320 -> 1,064 B a thread (sm_90), 183.4 -> 180.0 µs on 64 × 560 (H100), bit for bit the same
         for i in range(STEPS):
             r = STEPS - 1 - i
-            ak = tl.load(cb + (4 * r) * MM + off)
-            qk = tl.load(cb + (4 * r + 1) * MM + off)
             if r > 0:
                 m2 = tl.dot(dk, tl.load(cb + (4 * r - 2) * MM + off), input_precision=PC)      # dK K_r
-                dk = tl.dot(qk, dk, input_precision=PC)
+                dk = tl.dot(tl.load(cb + (4 * r + 1) * MM + off), dk, input_precision=PC)
             else:
                 m2 = dk                                                                         # K_0 = I
             m2 = 0.5 * (m2 + tl.trans(m2))
             if r < STEPS - 1:
                 y = tl.dot(da, tl.load(cb + (4 * r + 3) * MM + off), input_precision=PC)
                 m2 += y + tl.trans(y)
-                da = tl.dot(tl.dot(qk, da, input_precision=PC), qk, input_precision=PC)
-            z = tl.dot(m2, ak, input_precision=PC)
+                da = tl.dot(tl.load(cb + (4 * r + 1) * MM + off), da, input_precision=PC)
+                da = tl.dot(da, tl.load(cb + (4 * r + 1) * MM + off), input_precision=PC)
+            z = tl.dot(m2, tl.load(cb + (4 * r) * MM + off), input_precision=PC)
             da += B_ * m2 + C_ * (z + tl.trans(z))
         das = 2.0 * da
         inner += tl.reduce(das * tl.load(cb + off), None, tl.standard._sum_combine)
@@ -672,6 +718,26 @@ def poly_backward(x: Tensor, g: Tensor) -> Tensor:
     _kernels(interpret)["poly_bwd"][(triton.cdiv(R, BR),)](
         xf, gf, dx, m.pos, m.gs.to(x.dtype), R, D, gf.shape[-1] - D, BR=BR, BD=_pow2(D), num_warps=4)
     return dx.view(x.shape)
+
+
+# φ of the keys inside the step kernels (POLY): they make each [c, F] tile of the features from the raw keys
+# [B, H, L, Dk] (two gathers from a few KB that stay in L1, and the same products as poly_forward, so bit for bit
+# the same features), instead of reading an F-wide float32 stream (F = 560 for Dk = 32) twice a chunk each way; the
+# backward sums ∂L/∂K in the kernel instead of writing ∂L/∂X for poly_backward. No feature-map kernels, no F-wide
+# stream or gradient in memory. False: the stream of features made by common.poly_features.
+POLY_IN_STEP = True
+MAX_POLY_DIM = 64
+
+
+def _poly_cols(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """φ's columns for the step kernels: i, j int32 [F], s float32 [F] (F = d + d(d+1)/2), column f = x_i x_j s, with
+    j = d (read as 1) for the linear columns. Made at each call (a few small ops): a cached tensor made inside a
+    torch.compile trace would outlive it."""
+    i, j = torch.triu_indices(d, d, device=device)
+    lin = torch.arange(d, device=device)
+    s = torch.where(i == j, 1.0 / math.sqrt(2.0), 1.0).to(torch.float32)
+    return (torch.cat([lin, i]).to(torch.int32), torch.cat([torch.full_like(lin, d), j]).to(torch.int32),
+            torch.cat([torch.ones(d, device=device), s]))
 
 
 def _empty(like: Tensor, *shape: int) -> Tensor:
@@ -881,9 +947,9 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, half, rd, keep,
-                kr, commit, head):
-        B, H, L, F = X.shape
-        E, Dv, NJ, c = W1.shape[2], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
+                kr, commit, head, cols):
+        B, H, L = X.shape[:3]
+        E, F, Dv, NJ, c = W1.shape[2], W1.shape[3], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
         BH, K1 = B * H, j1 - j0 + 1
         interpret = X.device.type == "cpu"
         kern = _kernels(interpret)
@@ -892,7 +958,9 @@ class _Scan(torch.autograd.Function):
         W1all[:, :, 0], W2all[:, :, 0], S1all[:, :, 0], S2all[:, :, 0] = W1, W2, S1, S2
         prec = precision(half)
         cfg = _step_config(c, E, Dv, F, backward=False, prec=prec)
-        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
+        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec, "POLY": cols is not None, "DK": X.shape[-1],
+                 "BK": _pow2(X.shape[-1])}
+        cols = (X, X, X) if cols is None else cols
         direct = _direct(interpret)
         step = Relauncher(kern["step_fwd"], (BH,), direct)
         keep = keep and any(ctx.needs_input_grad)          # a backward will run: store the chains for it
@@ -911,14 +979,15 @@ class _Scan(torch.autograd.Function):
         maps = _Maps(ns, direct, X.device)
         for i, j in enumerate(range(j0, j1)):
             step(
-                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
+                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has, *cols,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i, G1, SS1,
                 j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg,
                 GRAM=gram, GPREC=gprec)
             maps(*(((Sa[:, :, i + 1], Wa[:, :, i + 1], sc), {"chain": ch, "slot": i})
                    for Sa, Wa, sc, ch in zip((S1all, S2all), (W1all, W2all), scratch, chains)))
-        ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *chains)
-        ctx.meta = (j0, j1, C, muon, half, rd, kr)
+        ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *cols,
+                              *chains)
+        ctx.meta = (j0, j1, C, muon, half, rd, kr, flags["POLY"])
         ctx.set_materialize_grads(False)   # an unused state (or selection) sends no gradient: nothing to add
         stacks = (W1all, W2all, S1all, S2all)
         last = tuple(t[:, :, -1].clone() for t in stacks)
@@ -937,10 +1006,11 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dW1r, dW2r, dW1, dW2, dS1, dS2, *dsel):
-        X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *chains = ctx.saved_tensors
-        j0, j1, C, muon, half, rd, kr = ctx.meta
-        B, H, L, F = X.shape
-        E, Dv, NJ, c = W1all.shape[3], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
+        X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *rest = ctx.saved_tensors
+        cols, chains = rest[:3], rest[3:]
+        j0, j1, C, muon, half, rd, kr, poly = ctx.meta
+        B, H, L = X.shape[:3]
+        E, F, Dv, NJ, c = W1all.shape[3], W1all.shape[4], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
         BH = B * H
         interpret = X.device.type == "cpu"
         kern = _kernels(interpret)
@@ -974,12 +1044,15 @@ class _Scan(torch.autograd.Function):
                     g.addcmul_(d, at)
         # _step_bwd stores (not adds) the window rows of dX, dXR, dV of its chunk: with the window the whole chunk
         # (c = C) only the rows outside this stretch's chunks need zeros, not a fill of the [B, H, L, F] features
-        dX, dV, dXR = (None if t is None else _rows_zeroed_outside(t, j0 * C, j1 * C, c == C) for t in (X, V, XR))
+        # (POLY: dX is ∂L/∂φ(K), [B, H, L, F], summed into ∂L/∂K by poly_backward after the walk)
+        dX, dV, dXR = (None if t is None else _rows_zeroed_outside(t, j0 * C, j1 * C, c == C, w)
+                       for t, w in ((X, F if poly else None), (V, None), (XR, None)))
         dWg = torch.zeros_like(Wg)
         dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
         prec = precision(half)
         cfg = _step_config(c, E, Dv, F, backward=True, prec=prec)
-        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec}
+        DK = X.shape[-1]
+        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec, "POLY": poly, "DK": DK, "BK": _pow2(DK)}
         direct = _direct(interpret)
         step = Relauncher(kern["step_bwd"], (BH,), direct)
         keep = chains[0] is not None
@@ -993,15 +1066,17 @@ class _Scan(torch.autograd.Function):
             maps(*(((Sa[:, :, i + 1], gw, sc), {"dS": gs, "chain": ch, "slot": i})
                    for Sa, gw, gs, sc, ch in zip((S1all, S2all), (gW1, gW2), (gS1, gS2), scratch, chains)))
             step(
-                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has,
+                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has, *cols,
                 W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
                 gW1, gW2, gS1, gS2, R1, R2, dX, dX if XR is None else dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
                 j0 + i, i, H, L, NJ, j1 - j0 + 1, KR, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret),
                 *R1.stride()[3:], *R2.stride()[3:], **flags, **cfg)
         add_picks(0)
         dW1i, dW2i = (None, None) if W1i is None else (dW1i.sum(0), dW2i.sum(0))
+        if poly:
+            dX = poly_backward(X, dX)
         return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
-                None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _read_stack(W: Tensor, Wi: Tensor, head: Tensor, j0: int, kr: int, rd: torch.dtype) -> Tensor:
@@ -1019,12 +1094,13 @@ def _read_stack(W: Tensor, Wi: Tensor, head: Tensor, j0: int, kr: int, rd: torch
     return out.to(rd)
 
 
-def _rows_zeroed_outside(like: Tensor, r0: int, r1: int, covered: bool) -> Tensor:
-    """A buffer like `like` [B, H, L, ·] whose rows outside [r0, r1) are zero; all zero unless `covered` (the kernels
-    will write every row in [r0, r1))."""
+def _rows_zeroed_outside(like: Tensor, r0: int, r1: int, covered: bool, width: int | None = None) -> Tensor:
+    """A buffer like `like` [B, H, L, ·] (last dimension `width` if given) whose rows outside [r0, r1) are zero; all
+    zero unless `covered` (the kernels will write every row in [r0, r1))."""
+    shape = like.shape if width is None else (*like.shape[:-1], width)
     if not covered:
-        return torch.zeros_like(like)
-    t = _empty(like, *like.shape)
+        return like.new_zeros(shape)
+    t = _empty(like, *shape)
     t[:, :, :r0].zero_()
     t[:, :, r1:].zero_()
     return t
@@ -1085,7 +1161,10 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
                   reset, W1_init, W2_init, commit, chunk_aligned_resets)
     if not update:
         return read_only(pre)
-    st = stream(pre, k, v, gamma, eta, theta, alpha)
+    Dk = k.shape[-1]
+    fused = pre.poly and POLY_IN_STEP and Dk <= MAX_POLY_DIM and pre.dt == torch.float32
+    cols = _poly_cols(Dk, q.device) if fused else None
+    st = stream(pre, k, v, gamma, eta, theta, alpha, raw_keys=cols is not None)
     W1, W2, S1, S2 = pre.W1, pre.W2, pre.S1, pre.S2
     if not st.n_full:   # no chunk completes: every token reads the current weights
         o = _read_chunks(pre, st, 0, st.n_chunks, W1[:, :, None], W2[:, :, None])
@@ -1112,7 +1191,7 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
         W1r, W2r, W1, W2, S1, S2, *sel = _Scan.apply(
             st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2, W1i, W2i, has, j0, j1, pre.C,
             optimizer == "muon", q.dtype in (torch.bfloat16, torch.float16), pre.qf.dtype,
-            keep_chain() and torch.is_grad_enabled(), j_end - j0, commit, head)
+            keep_chain() and torch.is_grad_enabled(), j_end - j0, commit, head, cols)
         if commit is not None:   # rows whose commit lies before this stretch keep the earlier stretch's pick
             before = (commit < j0).view(-1, 1, 1, 1)
             kept = sel if kept is None else [torch.where(before, a, b) for a, b in zip(kept, sel)]
