@@ -687,10 +687,12 @@ def _kernels(interpret: bool):
     return _interpreted() if interpret else _JIT
 
 
+MAX_POLY_DIM = 64    # key width of the Triton feature map (and of φ inside the step kernels)
+
 
 def poly_supports(x: Tensor) -> bool:
     """The Triton feature map takes float32 tensors on CUDA (or CPU under TRITON_INTERPRET=1) with Dk ≤ 64."""
-    return (AVAILABLE and x.dtype == torch.float32 and x.shape[-1] <= 64
+    return (AVAILABLE and x.dtype == torch.float32 and x.shape[-1] <= MAX_POLY_DIM
             and (x.is_cuda or (x.device.type == "cpu" and interpreting())))
 
 
@@ -727,7 +729,6 @@ def poly_backward(x: Tensor, g: Tensor) -> Tensor:
 # 39.9 -> 36.6 GB). The backward still writes ∂L/∂φ(K), which poly_backward sums into ∂L/∂K after the walk (summing it
 # inside _step_bwd was slower, NOTES.md). False: the stream of features made by common.poly_features.
 POLY_IN_STEP = True
-MAX_POLY_DIM = 64
 
 
 def _poly_cols(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -988,7 +989,7 @@ class _Scan(torch.autograd.Function):
                    for Sa, Wa, sc, ch in zip((S1all, S2all), (W1all, W2all), scratch, chains)))
         ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *cols,
                               *chains)
-        ctx.meta = (j0, j1, C, muon, half, rd, kr, flags["POLY"])
+        ctx.meta, ctx.flags = (j0, j1, C, rd, kr), flags      # the backward's kernels take the forward's flags
         ctx.set_materialize_grads(False)   # an unused state (or selection) sends no gradient: nothing to add
         stacks = (W1all, W2all, S1all, S2all)
         last = tuple(t[:, :, -1].clone() for t in stacks)
@@ -1009,7 +1010,9 @@ class _Scan(torch.autograd.Function):
     def backward(ctx, dW1r, dW2r, dW1, dW2, dS1, dS2, *dsel):
         X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *rest = ctx.saved_tensors
         cols, chains = rest[:3], rest[3:]
-        j0, j1, C, muon, half, rd, kr, poly = ctx.meta
+        j0, j1, C, rd, kr = ctx.meta
+        flags = ctx.flags
+        muon, prec, poly = flags["MUON"], flags["PREC"], flags["POLY"]
         B, H, L = X.shape[:3]
         E, F, Dv, NJ, c = W1all.shape[3], W1all.shape[4], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
         BH = B * H
@@ -1050,10 +1053,7 @@ class _Scan(torch.autograd.Function):
                        for t, w in ((X, F if poly else None), (V, None), (XR, None)))
         dWg = torch.zeros_like(Wg)
         dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
-        prec = precision(half)
         cfg = _step_config(c, E, Dv, F, backward=True, prec=prec)
-        DK = X.shape[-1]
-        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec, "POLY": poly, "DK": DK, "BK": _pow2(DK)}
         direct = _direct(interpret)
         step = Relauncher(kern["step_bwd"], (BH,), direct)
         keep = chains[0] is not None
