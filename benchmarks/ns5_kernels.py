@@ -2,7 +2,8 @@
 the Gram form (`_ns5g`) at atlas-mag-small's shapes — one matrix per batch·head, B·H = 128 of
 W1's momentum [E 64, F 560] and of W2's [Dv 32, E 64] — forward (Out += NS5(S)) and backward (dS += J ᵀ dOut).
 Forms: iterative, gram (the backward recomputes the chain), gram-kept (the forward stores the chain, the backward
-reads it: the op's training path). One JSON line per (matrix, form, dot precisions): best-of-repeats µs per launch,
+reads it: the op's training path). Dot precisions: the passes over the columns, the chain, and the backward's walk back
+over it (the op's defaults: triton_memory.NS5_GRAM_PRECISION). One JSON line per (matrix, form, dot precisions): best-of-repeats µs per launch,
 and the relative error of Out and dS against newton_schulz5 in float64 on three kinds of S (Gaussian; a
 momentum-like sum of low-rank terms; rank 8).
 
@@ -45,7 +46,8 @@ def kernel_set(form: str, prec: str, pc: str | None, rows: int, cols: int, warps
     for backward in (False, True):
         g = tm._NS5(rows, cols, "ieee" if form == "iterative" else "tf32", backward=backward, direct=direct,
                     store=form == "gram-kept")
-        g.consts = {**g.consts, "PREC": prec, **({"PC": pc} if g.gram else {}),
+        chain, _, walk = (pc or "").partition("/")
+        g.consts = {**g.consts, "PREC": prec, **({"PC": chain, "PW": walk or chain} if g.gram else {}),
                     **({"num_warps": warps} if warps else {})}
         out.append(g)
     return out
@@ -97,7 +99,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--variants", nargs="*", default=None,
-                    help="form:prec[:chain_prec][@warps], e.g. iterative:tf32 gram-kept:tf32x3:tf32x3@8 "
+                    help="form:prec[:chain_prec[/walk_prec]][@warps], e.g. iterative:tf32 gram-kept:tf32x3:tf32x3@8 "
+                         "gram-kept:tf32x3:tf32x3/bf16x3 (the walk back takes the chain's precision unless given) "
                          "(default: a fixed set)")
     args = ap.parse_args()
     if args.tiny:
@@ -107,7 +110,8 @@ def main() -> None:
         device, shapes, BH = torch.device("cuda"), [(64, 560), (32, 64)], 128
     variants = args.variants or (["iterative:ieee", "gram:ieee:ieee", "gram-kept:ieee:ieee"] if args.tiny else
                                  ["iterative:ieee", "iterative:tf32", "gram:tf32x3:tf32x3", "gram-kept:tf32x3:tf32x3",
-                                  "gram-kept:tf32x3:tf32x3@8", "gram-kept:ieee:ieee@8"])
+                                  "gram-kept:tf32x3:tf32x3/bf16x3", "gram-kept:tf32x3:tf32x3@8",
+                                  "gram-kept:ieee:ieee@8"])
     meta = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                      "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}}
     print(json.dumps(meta), flush=True)

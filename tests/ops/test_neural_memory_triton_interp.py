@@ -305,9 +305,9 @@ def test_skipping_reset_work_changes_nothing(opt, monkeypatch):
 def test_keeping_the_newton_schulz_chain_changes_nothing(monkeypatch):
     """Muon with bf16 inputs (the Gram form): the backward that walks back the chain its forward kept gives what the
     one recomputing it gives (MEMLM_NS5_KEEP_CHAIN=0), and a bad value of the variable is one clear error."""
-    x = inputs(T=21, poly=True, seed=7)
+    x = inputs(T=40, poly=True, seed=7)       # the second call writes three chunks: chain slots 0, 1, 2
     kw = {"chunk_size": 8, "window": 5, "optimizer": "muon", "poly": True, "split": 11,
-          "reset": resets(2, 21, [(9,), (16,)])}
+          "reset": resets(2, 40, [(9,), (16,)])}
     # the kept chain's forward with the pass the recomputing one makes (its Gram matrix from the step kernel:
     # test_gram_matrix_from_the_step_kernel)
     monkeypatch.setattr(triton_memory, "NS5_GRAM_FROM_STEP", False)
@@ -315,8 +315,17 @@ def test_keeping_the_newton_schulz_chain_changes_nothing(monkeypatch):
     monkeypatch.setenv("MEMLM_NS5_KEEP_CHAIN", "0")
     assert not triton_memory.keep_chain()
     recomputed = run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)
-    for n, w in recomputed.items():      # the same products in the same order: bit for bit
-        assert torch.equal(kept[n], w), n
+    # the same products in the same order, bit for bit on the GPU; the interpreter's dots are NumPy's BLAS, whose
+    # small-matrix kernels round by the operands' alignment on some CPUs (OpenBLAS 0.3.31 on AMD EPYC: 1e-6 apart),
+    # so here within 1e-4 (float32 rounding carried through three chunks of the ill-conditioned Muon map: up to
+    # 2.7e-5 seen) or 1e-3 for the bf16 gradients of q, k, v (flipped last bits: up to 1.2e-4 seen). Both forms are
+    # ~1e-3 off float64; a chain read from the wrong chunk is 6e1 off.
+    for n, w in recomputed.items():
+        if w.dtype == torch.bool or not w.numel():
+            assert torch.equal(kept[n], w), n
+        else:
+            tol = 1e-4 if w.dtype == torch.float32 else 1e-3
+            assert rel_err(kept[n], w) <= tol, f"{n}: {rel_err(kept[n], w):.1e}"
     monkeypatch.setenv("MEMLM_NS5_KEEP_CHAIN", "yes")
     with pytest.raises(ValueError, match="MEMLM_NS5_KEEP_CHAIN='yes'"):
         run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)
@@ -326,7 +335,7 @@ def test_keeping_the_newton_schulz_chain_changes_nothing(monkeypatch):
 def test_gram_matrix_from_the_step_kernel(E, Dk, T, monkeypatch):
     """Muon with bf16 inputs: W1's Newton–Schulz map taking S1's Gram matrix and ‖S1‖² from the step kernel and its
     second pass from _ns5g_apply (the forward's default when the chain is kept, E ≤ F) is as accurate as the
-    one-kernel form: outputs, state and every gradient against float64 on the bf16-rounded inputs, each within 1.5 ×
+    one-kernel form: outputs, state and every gradient against float64 on the bf16-rounded inputs, each within 2 ×
     the one-kernel form's error, with resets, pending tokens and several F tiles of the
     step and of the second pass (Dk 6: F 27; E 24 > F 14, a tall S1, keeps the one-kernel form)."""
     low = ("q", "k", "v")
@@ -344,7 +353,9 @@ def test_gram_matrix_from_the_step_kernel(E, Dk, T, monkeypatch):
     assert triton_memory._NS5(E, F, "tf32", gram_in=True).gin == (E <= F)
     for n, w in want.items():
         if w.is_floating_point() and w.numel():
-            assert torch.isfinite(got[n]).all() and rel_err(got[n], w) <= 1.5 * rel_err(one[n], w) + 1e-6, n
+            # 2×: the two forms sum in other orders, and on this ill-conditioned map (∂W2_init 3e-2 off in float32 at
+            # E 16) the ratio of their float32 errors reaches 1.52 (NumPy's OpenBLAS 0.3.31 on AMD EPYC)
+            assert torch.isfinite(got[n]).all() and rel_err(got[n], w) <= 2 * rel_err(one[n], w) + 1e-6, n
     for n in LEAVES:
         assert want[f"d{n}"].abs().max() > 0, n
 

@@ -489,8 +489,8 @@ def _ns5_bwd(S, dOut, dS, Xs, dY, s_bh, g_bh, sr, sc, M, N, NT, EPS2,
 
 def _ns5g(S, Y, dS, Ch, Gin, SSin, Kout, s_bh, g_bh, c_bh, sr, sc, M, N, NT, EPS2,
           A_: tl.constexpr, B_: tl.constexpr, C_: tl.constexpr, STEPS: tl.constexpr,
-          BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PC: tl.constexpr, BWD: tl.constexpr,
-          CHAIN: tl.constexpr, SAVE: tl.constexpr, GIN: tl.constexpr):
+          BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PC: tl.constexpr, PW: tl.constexpr,
+          BWD: tl.constexpr, CHAIN: tl.constexpr, SAVE: tl.constexpr, GIN: tl.constexpr):
     """Grid (B·H,). Newton–Schulz in Gram form, one matrix per program, layout as _ns5_fwd (S at bh·s_bh, Y and dS
     at bh·g_bh); the kernels of bf16/fp16 inputs (NOTES.md). Forward (BWD false): Y += NS5(S) (dS unused).
     Backward: dS += (∂NS5/∂S)ᵀ Y.
@@ -507,7 +507,7 @@ def _ns5g(S, Y, dS, Ch, Gin, SSin, Kout, s_bh, g_bh, c_bh, sr, sc, M, N, NT, EPS
       m = sym(dK K_k) + Y + Yᵀ with Y = dA P_k,  dA <- Q_k dA Q_k + b m + c (Z + Zᵀ) with Z = m A_k,  dK <- Q_k dK
     (25 products of M × M); with ι = ⟨dK_5, K_5⟩ + 2 ⟨dA, A_0⟩, the second pass:
       dS += (K_5 / n)ᵀ Y + (2 dA − ι I) S / n².
-    PREC: dots over N (the passes); PC: dots of the M × M chain.
+    PREC: dots over N (the passes); PC: dots of the M × M chain; PW: dots of the backward's walk back over it.
     GIN (a forward): G and ‖S‖² come from Gin [B·H, BM, BM] and SSin [B·H] (written by _step_fwd), and the kernel
     stores K_5 / n into Kout [B·H, BM, BM] for _ns5g_apply instead of its two passes: one program a matrix spent about
     40 of its 104 µs in them at atlas-mag-small (H100), and this form of the kernel spills less (NOTES.md)."""
@@ -563,17 +563,17 @@ def _ns5g(S, Y, dS, Ch, Gin, SSin, Kout, s_bh, g_bh, c_bh, sr, sc, M, N, NT, EPS
         for i in range(STEPS):
             r = STEPS - 1 - i
             if r > 0:
-                m2 = tl.dot(dk, tl.load(cb + (4 * r - 2) * MM + off), input_precision=PC)      # dK K_r
-                dk = tl.dot(tl.load(cb + (4 * r + 1) * MM + off), dk, input_precision=PC)
+                m2 = tl.dot(dk, tl.load(cb + (4 * r - 2) * MM + off), input_precision=PW)      # dK K_r
+                dk = tl.dot(tl.load(cb + (4 * r + 1) * MM + off), dk, input_precision=PW)
             else:
                 m2 = dk                                                                         # K_0 = I
             m2 = 0.5 * (m2 + tl.trans(m2))
             if r < STEPS - 1:
-                y = tl.dot(da, tl.load(cb + (4 * r + 3) * MM + off), input_precision=PC)
+                y = tl.dot(da, tl.load(cb + (4 * r + 3) * MM + off), input_precision=PW)
                 m2 += y + tl.trans(y)
-                da = tl.dot(tl.load(cb + (4 * r + 1) * MM + off), da, input_precision=PC)
-                da = tl.dot(da, tl.load(cb + (4 * r + 1) * MM + off), input_precision=PC)
-            z = tl.dot(m2, tl.load(cb + (4 * r) * MM + off), input_precision=PC)
+                da = tl.dot(tl.load(cb + (4 * r + 1) * MM + off), da, input_precision=PW)
+                da = tl.dot(da, tl.load(cb + (4 * r + 1) * MM + off), input_precision=PW)
+            z = tl.dot(m2, tl.load(cb + (4 * r) * MM + off), input_precision=PW)
             da += B_ * m2 + C_ * (z + tl.trans(z))
         das = 2.0 * da
         inner += tl.reduce(das * tl.load(cb + off), None, tl.standard._sum_combine)
@@ -777,7 +777,14 @@ def _step_config(c: int, E: int, Dv: int, F: int, backward: bool, prec: str = "i
 # the chain carries A_0's rounding along S's null space, amplified by up to a⁸ by A_4), so its dots must be near
 # float32 (passes over N, M × M chain): with one TF32 product per dot the map's error reached 2e-1 on an S with
 # singular values from 1 to 1e-3 (CPU emulation; the iterative TF32 form's is 1e-3 there), with three 1e-4.
-NS5_GRAM_PRECISION = ("tf32x3", "tf32x3")
+# Third entry: the backward's walk back over the chain, "bf16x3" (three bf16 tensor-core products a dot, operands
+# split into high and low bf16 halves: ~16 mantissa bits against TF32×3's ~21, at half the tensor-core cost a product).
+# The walk tolerates it where the forward chain does not (H100, atlas-mag-small's head shapes, bf16 q, k, v, Muon,
+# gradients against float64): ∂W2_init 5.3e-3 -> 5.9e-3 at T 64 and 8.7e-3 -> 8.9e-3 at T 1000 with the walk in bf16x3,
+# but 8.1e-2 and 1.5e-1 with the forward chain in it too (beyond the chunked form's under autocast, 7.9e-2 at T 64);
+# one TF32 product a dot in the walk gave 1.8e-1 (NOTES.md). W1's backward map 176 -> 130 µs a call. The interpreter
+# takes "tf32x3" for it (its dots are float32 whatever the precision).
+NS5_GRAM_PRECISION = ("tf32x3", "tf32x3", "bf16x3")
 # The forward's W1 map in Gram form takes S1's Gram matrix and ‖S1‖² from the step kernel, which holds S1's tiles
 # anyway (_step_fwd's GRAM), and its second pass runs as a kernel of one program a column tile (_ns5g_apply, tile
 # GRAM_APPLY_BN): no first pass over S1, and the chain's kernel spills less (NOTES.md). Equal to the one-kernel form
@@ -809,6 +816,7 @@ class _Maps:
             if device not in _SIDE:
                 _SIDE[device] = torch.cuda.Stream(device)
             self.side = _SIDE[device]
+            self.main = torch.cuda.current_stream(device)     # the op's stream, the same for all its chunks
             self.ready, self.done = torch.cuda.Event(), torch.cuda.Event()
 
     def __call__(self, *calls: tuple[tuple, dict]) -> None:
@@ -816,14 +824,17 @@ class _Maps:
             for g, (a, kw) in zip(self.ns, calls):
                 g(*a, **kw)
             return
-        main = torch.cuda.current_stream()
-        self.ready.record(main)
-        with torch.cuda.stream(self.side):
-            self.side.wait_event(self.ready)
-            self.ns[1](*calls[1][0], **calls[1][1])
-            self.done.record(self.side)
+        self.ready.record(self.main)
+        self.side.wait_event(self.ready)
+        w2 = self.ns[1]
+        if w2.launch is None or w2.launch.compiled is None:
+            with torch.cuda.stream(self.side):    # its first launch: the Relauncher keeps the stream it finds
+                w2(*calls[1][0], **calls[1][1])
+        else:                                     # later ones go to that stream, without torch's stream switch
+            w2(*calls[1][0], **calls[1][1])
+        self.done.record(self.side)
         self.ns[0](*calls[0][0], **calls[0][1])
-        main.wait_event(self.done)
+        self.main.wait_event(self.done)
 
 
 def keep_chain() -> bool:
@@ -861,7 +872,7 @@ class _NS5:
         a, b, c = NS5_COEFFS
         if self.gram:
             chain = not (backward and self.store)        # a backward with a stored chain only reads it
-            dots = {**dict(zip(("PREC", "PC"), NS5_GRAM_PRECISION)), "BWD": backward, "CHAIN": chain,
+            dots = {**dict(zip(("PREC", "PC", "PW"), NS5_GRAM_PRECISION)), "BWD": backward, "CHAIN": chain,
                     "SAVE": chain and (backward or self.store), "GIN": self.gin}
         else:
             dots = {"PREC": prec}
@@ -901,7 +912,8 @@ class _NS5:
             args = (s, o, o if dS is None else dS, ch, *gin, s.stride(1), o.stride(1), ch.stride(0))
         else:
             args = ((s, o, *scratch) if dS is None else (s, o, dS, *scratch)) + (s.stride(1), o.stride(1))
-        self.launch(*args, self.sr, self.sc, self.M, self.N, _count(self.NT, interpret), NS5_EPS ** 2, **self.consts)
+        consts = {k: _interpreted_precision(v) for k, v in self.consts.items()} if interpret else self.consts
+        self.launch(*args, self.sr, self.sc, self.M, self.N, _count(self.NT, interpret), NS5_EPS ** 2, **consts)
         if self.gin:
             BN = GRAM_APPLY_BN
             if self.apply is None:
@@ -909,6 +921,12 @@ class _NS5:
                                         (s.shape[0] * s.shape[1], triton.cdiv(self.N, BN)), self.direct)
             self.apply(s, o, scratch[2], s.stride(1), o.stride(1), self.sr, self.sc, self.M, self.N, BM=self.BM,
                        BN=BN, PREC=self.consts["PREC"], num_warps=4)
+
+
+def _interpreted_precision(v):
+    """A dot precision the interpreter accepts for v (it takes "ieee", "tf32", "tf32x3" and computes every dot in
+    float32 regardless); any other constant unchanged."""
+    return "tf32x3" if isinstance(v, str) and v.startswith("bf16x") else v
 
 
 def _direct(interpret: bool) -> bool:
