@@ -4,8 +4,8 @@ W1's momentum [E 64, F 560] and of W2's [Dv 32, E 64] — forward (Out += NS5(S)
 Forms: iterative, gram (the backward recomputes the chain), gram-kept (the forward stores the chain, the backward
 reads it: the op's training path). Dot precisions: the passes over the columns, the chain, and the backward's walk back
 over it (the op's defaults: triton_memory.NS5_GRAM_PRECISION). One JSON line per (matrix, form, dot precisions):
-best-of-repeats µs per launch, and the relative error of Out and dS against newton_schulz5 in float64 on three kinds of S (Gaussian; a
-momentum-like sum of low-rank terms; rank 8).
+best-of-repeats µs per launch, and the relative error of Out and dS against newton_schulz5 in float64 on three kinds
+of S (Gaussian; a momentum-like sum of low-rank terms; rank 8).
 
     python benchmarks/ns5_kernels.py                 # CUDA
     python benchmarks/ns5_kernels.py --tiny          # CPU smoke test through the Triton interpreter (small shapes)
