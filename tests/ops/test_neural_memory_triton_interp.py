@@ -315,9 +315,9 @@ def test_keeping_the_newton_schulz_chain_changes_nothing(monkeypatch):
     monkeypatch.setenv("MEMLM_NS5_KEEP_CHAIN", "0")
     assert not triton_memory.keep_chain()
     recomputed = run(triton_memory.neural_memory, x, torch.float32, low=("q", "k", "v"), **kw)
-    # the same products in the same order, bit for bit on the GPU; the interpreter's dots are NumPy's BLAS, whose
-    # small-matrix kernels round by the operands' alignment on some CPUs (OpenBLAS 0.3.31 on AMD EPYC: 1e-6 apart),
-    # so here within 1e-4 (float32 rounding carried through three chunks of the ill-conditioned Muon map: up to
+    # the same products in the same order; but the interpreter's dots are NumPy's BLAS, whose small-matrix kernels
+    # round by the operands' alignment on some CPUs (OpenBLAS 0.3.31 on AMD EPYC: one map's outputs 1e-6 apart),
+    # so within 1e-4 (float32 rounding carried through three chunks of the ill-conditioned Muon map: up to
     # 2.7e-5 seen) or 1e-3 for the bf16 gradients of q, k, v (flipped last bits: up to 1.2e-4 seen). Both forms are
     # ~1e-3 off float64; a chain read from the wrong chunk is 6e1 off.
     for n, w in recomputed.items():
