@@ -782,8 +782,8 @@ def _step_config(c: int, E: int, Dv: int, F: int, backward: bool, prec: str = "i
 # The walk tolerates it where the forward chain does not (H100, atlas-mag-small's head shapes, bf16 q, k, v, Muon,
 # gradients against float64): ∂W2_init 5.3e-3 -> 5.9e-3 at T 64 and 8.7e-3 -> 8.9e-3 at T 1000 with the walk in bf16x3,
 # but 8.1e-2 and 1.5e-1 with the forward chain in it too (beyond the chunked form's under autocast, 7.9e-2 at T 64);
-# one TF32 product a dot in the walk gave 1.8e-1 (NOTES.md). W1's backward map 178 -> 132 µs a call (H100). The interpreter
-# takes "tf32x3" for it (its dots are float32 whatever the precision).
+# one TF32 product a dot in the walk gave 1.8e-1 (NOTES.md). W1's backward map 178 -> 132 µs a call (H100). The
+# interpreter takes "tf32x3" for it (its dots are float32 whatever the precision).
 NS5_GRAM_PRECISION = ("tf32x3", "tf32x3", "bf16x3")
 # The forward's W1 map in Gram form takes S1's Gram matrix and ‖S1‖² from the step kernel, which holds S1's tiles
 # anyway (_step_fwd's GRAM), and its second pass runs as a kernel of one program a column tile (_ns5g_apply, tile
