@@ -41,6 +41,12 @@ class Relauncher:
     def __init__(self, kernel, grid: tuple[int, ...], direct: bool = True):
         self.kernel, self.grid, self.direct, self.compiled = kernel, tuple(grid) + (1,) * (3 - len(grid)), direct, None
 
+    @property
+    def pinned(self) -> bool:
+        """True once launches go straight to the compiled kernel, on the stream current at the first launch (not
+        the one current at the call)."""
+        return self.compiled is not None
+
     def __call__(self, *args, **kw) -> None:
         if self.compiled is None or not self.direct:
             k = self.kernel[self.grid](*args, **kw)

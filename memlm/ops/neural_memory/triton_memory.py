@@ -827,11 +827,11 @@ class _Maps:
         self.ready.record(self.main)
         self.side.wait_event(self.ready)
         w2 = self.ns[1]
-        if w2.launch is None or w2.launch.compiled is None:
-            with torch.cuda.stream(self.side):    # its first launch: the Relauncher keeps the stream it finds
-                w2(*calls[1][0], **calls[1][1])
-        else:                                     # later ones go to that stream, without torch's stream switch
+        if w2.launch is not None and w2.launch.pinned:   # straight to the side stream, without torch's switch
             w2(*calls[1][0], **calls[1][1])
+        else:
+            with torch.cuda.stream(self.side):
+                w2(*calls[1][0], **calls[1][1])
         self.done.record(self.side)
         self.ns[0](*calls[0][0], **calls[0][1])
         self.main.wait_event(self.done)
@@ -920,7 +920,7 @@ class _NS5:
                 self.apply = Relauncher(_kernels(interpret)["ns5g_apply"],
                                         (s.shape[0] * s.shape[1], triton.cdiv(self.N, BN)), self.direct)
             self.apply(s, o, scratch[2], s.stride(1), o.stride(1), self.sr, self.sc, self.M, self.N, BM=self.BM,
-                       BN=BN, PREC=self.consts["PREC"], num_warps=4)
+                       BN=BN, PREC=consts["PREC"], num_warps=4)
 
 
 def _interpreted_precision(v):
