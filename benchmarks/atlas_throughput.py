@@ -14,6 +14,7 @@ tokens/s, step time, peak CUDA memory (GiB), parameter count, loss.
     python benchmarks/atlas_throughput.py --tiny                        # CPU smoke test at -debug sizes (seconds)
     python benchmarks/atlas_throughput.py --batch 16 --only atlas-mag-small --profile 25   # + where a step's time goes
     python benchmarks/atlas_throughput.py --batch 16 --docs 500      # packed documents (mean 500 tokens) with resets
+    python benchmarks/atlas_throughput.py --batch 16 --cuda-graph    # each step replayed from a CUDA graph
 
 Notation: B batch rows, T tokens per row.
 """
@@ -36,6 +37,7 @@ from memlm.config.model import ModelConfig
 from memlm.config.presets import transformer
 from memlm.ops import dispatch
 from memlm.ops.compressive.segments import reset_bound
+from memlm.train.cuda_graph import StepGraphs
 from memlm.train.trainer import resets_bucket
 
 
@@ -85,16 +87,19 @@ def packed_resets(batch: int, seq: int, mean: int, seed: int = 0) -> torch.Tenso
 
 
 def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
-        backend: str | None = None, compile: bool = False, profile: int = 0, docs: int = 0) -> dict:
+        backend: str | None = None, compile: bool = False, profile: int = 0, docs: int = 0,
+        cuda_graph: bool = False) -> dict:
     """Train ``steps`` timed steps after ``warmup`` untimed ones on random tokens; returns one record.
     backend: force this backend of the neural_memory op (None: dispatch's choice); compile: torch.compile the
     model's forward (the loss and optimizer stay eager); profile > 0 (CUDA): also the kernel table of one more step
     (`kernel_table`); docs > 0: rows packed with documents of that mean length (`packed_resets`), else one stream
-    per row without resets."""
+    per row without resets; cuda_graph (CUDA): the forward, backward and clip replayed from a CUDA graph
+    (``memlm.train.cuda_graph``, what ``train.cuda_graph`` does; the optimizer stays eager)."""
     torch.manual_seed(0)
     model = memlm.build_model(cfg).to(device).train()
     rec = {"model": name, "params": model.num_params(), "batch": batch, "seq": seq,
-           "memory_backend": backend or dispatch.named("neural_memory") or "auto", "compiled": compile}
+           "memory_backend": backend or dispatch.named("neural_memory") or "auto", "compiled": compile,
+           "cuda_graph": cuda_graph}
     fwd = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
@@ -107,25 +112,34 @@ def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup
     if docs:
         rec.update(docs_mean=docs, resets_per_row=round(reset.sum().item() / batch, 2), reset_bound=most)
         reset = reset.to(device)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    graphs = StepGraphs(model.parameters()) if cuda_graph and device.type == "cuda" else None
 
-    def step() -> torch.Tensor:
+    def body() -> torch.Tensor:
         force = dispatch.force_backend("neural_memory", backend) if backend else contextlib.nullcontext()
+        # no autocast weight cache across steps under a CUDA graph (as the trainer)
+        amp = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=graphs is None) if device.type == "cuda"
+               else contextlib.nullcontext())
         with amp, reset_bound(most), force:
             logits, _ = fwd(inp, reset=reset)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), lab.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        return loss
+
+    def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
+        loss = body() if graphs is None else graphs.run("step", body)
+        opt.step()
         return loss
 
     try:
+        if device.type == "cuda":   # the peak from the first step on: a CUDA graph's memory is taken at its capture
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(warmup):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         for _ in range(steps):
             loss = step()
@@ -158,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", nargs="+", default=[None], help="neural_memory backends to time the memory presets "
                     "with (e.g. chunked triton); the transformer runs once")
     ap.add_argument("--compile", action="store_true", help="also time every model with torch.compile (the forward)")
+    ap.add_argument("--cuda-graph", action="store_true", help="CUDA: replay each step's forward, backward and clip "
+                    "from a CUDA graph (train.cuda_graph)")
     ap.add_argument("--only", nargs="*", default=None, help="time only these model names (e.g. the preset alone)")
     ap.add_argument("--docs", type=int, default=0, metavar="MEAN",
                     help="pack the rows with documents of this mean length (resets), as real training batches")
@@ -182,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             for b in args.batch:
                 print(json.dumps(run(name, cfg, batch=b, seq=args.seq, steps=args.steps, warmup=args.warmup,
                                      device=dev, backend=be, compile=comp, profile=args.profile,
-                                     docs=args.docs)), flush=True)
+                                     docs=args.docs, cuda_graph=args.cuda_graph)), flush=True)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
 

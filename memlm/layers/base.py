@@ -128,16 +128,21 @@ _AUX = Scoped()  # not a ContextVar: torch.compile traces Scoped reads without a
 
 
 @contextlib.contextmanager
-def collect_aux(step: int | None = None) -> Iterator[dict]:
+def collect_aux(step: int | Tensor | None = None) -> Iterator[dict]:
     """Collect auxiliary losses and metrics that mixers report during a forward pass.
 
     Yields ``{"losses": {name: Tensor}, "metrics": {name: float | Tensor}, "step": step, "step_tensor": ...}``;
     losses with the same name add up. ``step`` is the optimizer step, for losses whose weight follows a schedule
-    (``current_step()``, or ``current_step_tensor()`` inside compiled code).
+    (``current_step()``, or ``current_step_tensor()`` inside compiled code). A tensor ``step`` (a float64 scalar on
+    the device, which a CUDA-graphed training step updates in place) is the step tensor itself; ``current_step()`` is
+    then None, since reading it would synchronise.
     Outside this context, reports are dropped (so inference pays nothing).
     """
-    box: dict = {"losses": {}, "metrics": {}, "step": step,
-                 "step_tensor": None if step is None else torch.tensor(step, dtype=torch.float64)}
+    if isinstance(step, Tensor):
+        box: dict = {"losses": {}, "metrics": {}, "step": None, "step_tensor": step}
+    else:
+        box = {"losses": {}, "metrics": {}, "step": step,
+               "step_tensor": None if step is None else torch.tensor(step, dtype=torch.float64)}
     with _AUX.scope(box):
         yield box
 
@@ -161,8 +166,9 @@ def current_step() -> int | None:
 
 
 def current_step_tensor() -> Tensor | None:
-    """The same step as a float64 CPU scalar tensor (None outside training). Schedules computed from it inside a
-    compiled forward see a graph input, not a Python int that torch.compile would specialise (one recompile per step).
+    """The same step as a float64 scalar tensor (None outside training): on the CPU, or on the device in a CUDA-graphed
+    step. Schedules computed from it inside a compiled forward see a graph input, not a Python int that torch.compile
+    would specialise (one recompile per step); in a CUDA graph, a tensor the replays read instead of a baked number.
     """
     box = _AUX.get()
     return None if box is None else box.get("step_tensor")

@@ -42,7 +42,7 @@ from memlm.layers.base import (
 )
 from memlm.layers.norm import RMSNorm
 from memlm.layers.shortconv import ShortConv
-from memlm.layers.static import in_static_decode
+from memlm.layers.static import in_static_decode, no_host_sync
 from memlm.ops import dispatch
 from memlm.ops.compressive.segments import chunk_layout, gather_chunks, gather_tokens, pending_tail
 from memlm.ops.neural_memory import feature_dim, memory_read, poly_features
@@ -296,7 +296,7 @@ class NeuralMemory(Mixer):
             outs.append(o)
         for j in range(m, N):   # the rest chunk by chunk, committing each row's write only where its chunk completed
             s = slice(j * C, j * C + C)
-            upd = torch.compiler.is_compiling() or bool(complete[:, j].any())  # compiled: always write, no sync
+            upd = no_host_sync() or bool(complete[:, j].any())  # compiled / captured: always write, no sync
             o, Wn = self._op(qg[:, s], kg[:, s], vg[:, s], gg[:, s], W, reset=rs[:, s], update=upd, aligned=True)
             sel, st = complete[:, j].view(B, 1, 1, 1), starts[:, j].view(B, 1, 1, 1)
             W = tuple(torch.where(sel, wn, torch.where(st, wi, w)) for wn, wi, w in zip(Wn, inits, W))
@@ -321,7 +321,7 @@ class NeuralMemory(Mixer):
         this call, under the weights right after its write; inner_loss_init/layer{i}: the same under W_init (what the
         memory would answer without test-time learning). Both are means over the rows that qualify, computed with
         masks (no data-dependent shapes: torch.compile traces it whole); eager mode reports nothing when no row
-        qualifies (no chunk completed), a compiled graph reports 0 then."""
+        qualifies (no chunk completed), a compiled graph or a captured CUDA graph reports 0 then."""
         B, N = complete.shape
         C, c = self.C, self.c
         idx = torch.arange(N, device=complete.device)
@@ -330,7 +330,7 @@ class NeuralMemory(Mixer):
         later = starts & (idx > j)                                               # [B, N] documents started after j
         done_j = complete.gather(1, jj.expand(B, 1))[:, 0]                      # [B] (a gather: no host read of j)
         rows = done_j & (j >= 0) & ~later.any(1)                                # rows whose final W is chunk j's write
-        if not torch.compiler.is_compiling() and not bool(rows.any()):
+        if not no_host_sync() and not bool(rows.any()):
             return
         s = jj * C + C - c + torch.arange(c, device=kg.device)                 # its last c slots (the window)
         k, v, g = kg[:, s].transpose(1, 2), vg[:, s].transpose(1, 2), gg[:, s, :, 0].transpose(1, 2)
@@ -421,8 +421,8 @@ class MAG(_Hybrid):
         if cfg.polar_weight > 0:  # λ(step) > 0 for every step then
             lam = polarization_weight(current_step_tensor(), cfg.polar_weight, cfg.polar_warmup, cfg.polar_hold,
                                       cfg.polar_decay)
-            # a CPU float64 scalar rounded once to float32 (as a Python float would be); it stays on the CPU: a 0-dim
-            # CPU tensor multiplies a CUDA one as a scalar, without a host-to-device copy
+            # a float64 scalar rounded once to float32 (as a Python float would be). On the CPU it stays there (a 0-dim
+            # CPU tensor multiplies a CUDA one as a scalar, without a copy); a CUDA graph's step tensor is on the device
             lam = lam.to(torch.float32) if isinstance(lam, Tensor) else lam
             add_aux_loss("gate_polarization", lam * (1.0 - (2.0 * g.float() - 1.0).abs()).mean())
         gd = g.detach().float()

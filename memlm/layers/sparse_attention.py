@@ -27,6 +27,7 @@ from torch import Tensor
 
 from memlm.layers.attention import Attention, AttentionConfig, KVState, core_from_config
 from memlm.layers.base import Mixer, register_mixer, stream_positions
+from memlm.layers.static import no_host_sync
 from memlm.ops.compressive.segments import static_chunks
 
 __all__ = ["GlobalAttention", "GlobalAttentionConfig", "LocalAttention", "LocalAttentionConfig", "compact_keys"]
@@ -112,9 +113,10 @@ class GlobalAttention(Mixer):
             q, k = core.rotary(q, k, abs_pos - doc_tok)
         is_land = (abs_pos - doc_tok) % self.stride == 0  # [B, T]
         # Landmarks among the new tokens, compacted per row (rows differ when documents start at different places).
-        # Compiled: a width from shapes (module docstring); a bound on landmarks is a bound on chunks of S tokens.
+        # Compiled or captured: a width from shapes (module docstring); a bound on landmarks is a bound on chunks of S
+        # tokens.
         width = None
-        if torch.compiler.is_compiling():
+        if no_host_sync():
             width = static_chunks(t_len, self.stride, reset, fresh=True) or t_len
         k_l, v_l, p_l = compact_keys(k, v, torch.where(is_land, abs_pos, torch.full_like(abs_pos, -1)), width)
         keys = torch.cat([state.k.to(k.dtype), k_l], dim=2)

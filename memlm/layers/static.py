@@ -18,7 +18,9 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-__all__ = ["in_static_decode", "static_decode"]
+import torch
+
+__all__ = ["in_static_decode", "no_host_sync", "static_decode"]
 
 # A threading.local (not a ContextVar): torch.compile traces attribute reads of it without a graph break.
 _LOCAL = threading.local()
@@ -27,6 +29,13 @@ _LOCAL = threading.local()
 def in_static_decode() -> bool:
     """True inside ``static_decode()`` (on this thread)."""
     return getattr(_LOCAL, "on", False)
+
+
+def no_host_sync() -> bool:
+    """True where a forward must not read the device (``bool(tensor)``, ``.item()``): while torch.compile traces it,
+    or while a CUDA graph captures it (a training step under ``train.cuda_graph``). Code that would skip work after
+    such a read does the work unconditionally there."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 @contextlib.contextmanager

@@ -67,7 +67,7 @@ def to_floats(d: dict[str, Tensor | float]) -> dict[str, float | list[float]]:
 def run_segments(forward: Callable, segments: Sequence[tuple[Tensor, Tensor, Tensor | None]],
                  state: ModelState | None = None, *, detach_every: int = 1, normalizer: int | None = None,
                  aux_weight: float | None = None, backward: bool = False, scale: float = 1.0,
-                 autocast: Callable[[], Any] = contextlib.nullcontext, step: int | None = None,
+                 autocast: Callable[[], Any] = contextlib.nullcontext, step: int | Tensor | None = None,
                  loss_in_forward: bool = False) -> SegmentResult:
     """Run ``segments`` = [(ids [B, T], labels [B, T], reset [B, T] or None), ...] through ``forward`` in order.
 
@@ -75,15 +75,18 @@ def run_segments(forward: Callable, segments: Sequence[tuple[Tensor, Tensor, Ten
     loss_in_forward, forward(ids, state, reset, labels) -> (summed token CE, state) instead (the trainer's path:
     MemoryLM(..., labels=...) computes the LM head and the loss inside the model, chunked or plain).
     state: carried in (None: fresh). normalizer: N (default: the valid tokens of these segments; pass the
-    count over a whole optimizer step to accumulate gradients across calls). backward: call (scale · window
+    count over a whole optimizer step to accumulate gradients across calls; a device tensor ≥ 1 inside a CUDA graph,
+    whose kernels must not bake in a per-step number). backward: call (scale · window
     loss).backward() at the end of every window, freeing its graph (what the trainer does); otherwise the
     returned loss keeps the graph of every window (what tests differentiate). step: the optimizer step, given to
-    mixers whose auxiliary-loss weight follows a schedule (``memlm.layers.base.current_step``).
+    mixers whose auxiliary-loss weight follows a schedule (``memlm.layers.base.current_step``; a float64 device
+    tensor in a CUDA graph).
     """
     if detach_every < 1:
         raise ValueError(f"detach_every must be ≥ 1, got {detach_every}")
     n = normalizer if normalizer is not None else count_valid([s[1] for s in segments])
-    n = max(int(n), 1)  # a step with no targets contributes zero loss, not NaN
+    if not isinstance(n, Tensor):
+        n = max(int(n), 1)  # a step with no targets contributes zero loss, not NaN
     w = aux_weight if aux_weight is not None else 1.0 / max(len(segments), 1)
     total: Tensor | float = 0.0
     ce_total: Tensor | float = 0.0

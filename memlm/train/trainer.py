@@ -37,6 +37,7 @@ from memlm.ops.compressive.segments import reset_bound
 from memlm.ops.dispatch import force_backend
 from memlm.train import checkpoint as ckpt
 from memlm.train import parallel
+from memlm.train.cuda_graph import CaptureError, StepGraphs
 from memlm.train.metrics import MetricsLogger, progress_line
 from memlm.train.optim import build_optimizer, describe_optimizer
 from memlm.train.schedule import apply_lr, lr_at
@@ -172,11 +173,13 @@ class Trainer:
         except (TypeError, ValueError) as e:
             raise UserError(f"train.optimizer={t.optimizer!r} / train.optimizer_options: {e}") from None
         self._module = torch.compile(wrapped) if t.compile else wrapped
+        self.graphs = self._step_graphs()
         # the summed CE is computed inside the model's forward (MemoryLM(labels=...)): chunked, or plain logits
         chunked = t.cross_entropy == "chunked" or (t.cross_entropy == "auto" and self.device.type == "cuda")
         self.ce_chunk = t.ce_chunk if chunked else 0
         attn = t.attention if t.attention != "auto" else ("flex" if self.device.type == "cuda" else "sdpa")
-        log(f"training path: torch.compile {'on' if t.compile else 'off'}; cross-entropy "
+        log(f"training path: torch.compile {'on' if t.compile else 'off'}; "
+            f"CUDA graph {'on' if self.graphs is not None else 'off'}; cross-entropy "
             f"{f'chunked ({t.ce_chunk} tokens)' if chunked else 'plain'}; masked attention {attn} "
             f"({t.attention}); optimizer {describe_optimizer(self.optimizer)}")
         if data is None:
@@ -241,6 +244,22 @@ class Trainer:
         self.log(f"resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
 
     # ------------------------------------------------------------------------------------------------- step
+    def _step_graphs(self) -> StepGraphs | None:
+        """train.cuda_graph: the graphs of the training step (cuda_graph.py), after refusing what they cannot do."""
+        t = self.t
+        if not t.cuda_graph:
+            return None
+        why = ("it needs a CUDA device (train.device)" if self.device.type != "cuda" else
+               "several processes are not supported yet" if self.dist is not None else
+               "train.tbptt carries the state from step to step" if t.tbptt else
+               "float16's loss scale changes from step to step (use bfloat16)" if self.amp == torch.float16 else None)
+        if why:
+            raise UserError(f"train.cuda_graph=true: {why}; set train.cuda_graph=false")
+        self._static: dict[Any, list[tuple]] = {}
+        self._n_dev = torch.ones((), dtype=torch.float32, device=self.device)     # N of the step
+        self._step_dev = torch.zeros((), dtype=torch.float64, device=self.device)  # the step, for λ(step)
+        return StepGraphs(self.model.parameters())
+
     def _forward(self, ids: torch.Tensor, state: ModelState | None, reset: torch.Tensor | None,
                  labels: torch.Tensor):
         """(summed token CE, new state): the LM head and the loss run inside the (compiled / wrapped) model."""
@@ -254,7 +273,8 @@ class Trainer:
     def _autocast(self):
         if self.amp is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
+        # a CUDA graph must not keep autocast's cast weights across steps: they would be captured stale
+        return torch.autocast(self.device.type, dtype=self.amp, cache_enabled=self.graphs is None)
 
     def _segments(self, batches: Sequence[Any]) -> list[tuple]:
         out = []
@@ -290,30 +310,32 @@ class Trainer:
                    min_lr_ratio=t.min_lr_ratio)
         apply_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
-        # DDP / FSDP average gradients over ranks: × world turns Σ_r W·CE_r/N back into Σ CE/N, and the auxiliary
-        # losses (a mean over forwards) get weight 1/(forwards · world) so that they average over ranks too
-        kw = {"normalizer": n_valid, "backward": True, "scale": self.loss_scale * world, "autocast": self._autocast,
-              "aux_weight": 1 / (len(segs) * world), "step": self.step, "loss_in_forward": True}
         # chunked memories size their chunk grids from shapes and this promise: no host sync, no graph break
-        with reset_bound(resets_bucket(batch if isinstance(batch, (list, tuple)) else [batch])), self._attention():
-            if t.tbptt:
-                results = [run_segments(self._forward, segs, self.tbptt_state, detach_every=t.detach_every, **kw)]
-            else:
-                results = []
-                for i, s in enumerate(segs):
-                    with self._grad_sync(i == len(segs) - 1):  # communicate gradients once, after the last micro-batch
-                        results.append(run_segments(self._forward, [s], None, **kw))
-        loss = sum(r.loss for r in results)
-        ce = sum(r.ce_sum for r in results)
-        if self.dist is not None:
-            loss, ce, stop = self.dist.global_loss(loss, ce, n_valid, self._stop is not None)
-            self._agreed_stop = (self._stop or "stop requested by another rank") if stop else None
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.loss_scale != 1.0:
-            torch._foreach_div_([p.grad for p in params], self.loss_scale)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip if t.clip > 0 else math.inf)
-        if self.dist is not None:
-            grad_norm = self.dist.replicated(grad_norm)
+        bound = resets_bucket(batch if isinstance(batch, (list, tuple)) else [batch])
+        if self.graphs is None:
+            results, loss, ce, grad_norm = self._backward(segs, n_valid, bound, self.step)
+        else:
+            # the graph of this kind of step reads its batch, N and the step from static device tensors
+            key = (bound, tuple((s[0].shape, s[2] is None) for s in segs))
+            static = self._static.get(key)
+            if static is None:
+                static = self._static[key] = [tuple(x if x is None else torch.empty_like(x) for x in s) for s in segs]
+            for dst, src in zip(static, segs):
+                for d, x in zip(dst, src):
+                    if d is not None:
+                        d.copy_(x, non_blocking=True)
+            self._n_dev.fill_(max(n_valid, 1))
+            self._step_dev.fill_(self.step)
+            fresh = not self.graphs.captured(key)
+            try:
+                results, loss, ce, grad_norm = self.graphs.run(
+                    key, lambda: self._backward(static, self._n_dev, bound, self._step_dev))
+            except CaptureError as e:
+                raise UserError(f"train.cuda_graph=true: {e}; set train.cuda_graph=false and start a new process "
+                                f"(the checkpoints in {self.ckpt_root} are intact)") from e
+            if fresh and self.graphs.captured(key):
+                n = len(self.graphs.graphs)
+                self.log(f"captured a CUDA graph of the training step ({n} kind{'s' * (n > 1)} of batch so far)")
         loss_f, gn_f = float(loss), float(grad_norm)  # the one host sync of a step
         finite = math.isfinite(loss_f) and math.isfinite(gn_f)
         if finite:
@@ -354,6 +376,37 @@ class Trainer:
                                  f"a row (train.max_nonfinite); lower train.lr, raise train.warmup or check the data "
                                  f"— the last checkpoint is in {self.ckpt_root}")
         return out
+
+    def _backward(self, segs: list[tuple], n_valid: int | torch.Tensor, bound: int | None,
+                  step: int | torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward and backward of every micro-batch, then the gradients' unscale and clip: (results, loss, summed CE,
+        gradient norm). Eager, or the body of a CUDA graph (n_valid and step then device tensors)."""
+        t = self.t
+        world = 1 if self.dist is None else self.dist.world
+        # DDP / FSDP average gradients over ranks: × world turns Σ_r W·CE_r/N back into Σ CE/N, and the auxiliary
+        # losses (a mean over forwards) get weight 1/(forwards · world) so that they average over ranks too
+        kw = {"normalizer": n_valid, "backward": True, "scale": self.loss_scale * world, "autocast": self._autocast,
+              "aux_weight": 1 / (len(segs) * world), "step": step, "loss_in_forward": True}
+        with reset_bound(bound), self._attention():
+            if t.tbptt:
+                results = [run_segments(self._forward, segs, self.tbptt_state, detach_every=t.detach_every, **kw)]
+            else:
+                results = []
+                for i, s in enumerate(segs):
+                    with self._grad_sync(i == len(segs) - 1):  # communicate gradients once, after the last micro-batch
+                        results.append(run_segments(self._forward, [s], None, **kw))
+        loss = sum(r.loss for r in results)
+        ce = sum(r.ce_sum for r in results)
+        if self.dist is not None:
+            loss, ce, stop = self.dist.global_loss(loss, ce, n_valid, self._stop is not None)
+            self._agreed_stop = (self._stop or "stop requested by another rank") if stop else None
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.loss_scale != 1.0:
+            torch._foreach_div_([p.grad for p in params], self.loss_scale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip if t.clip > 0 else math.inf)
+        if self.dist is not None:
+            grad_norm = self.dist.replicated(grad_norm)
+        return results, loss, ce, grad_norm
 
     def _grow_scale(self) -> None:
         if self.amp == torch.float16:
