@@ -4,6 +4,7 @@ Each model runs the same loop: bf16 autocast forward, token cross-entropy, backw
 Prints one JSON line per (model, mode) with tokens/s, step time, peak memory and MFU (6·N·tokens / time / peak).
 
     python benchmarks/train_throughput.py --presets transformer-34m --hf-llama --batch 16 --seq 2048 --compile both
+    python benchmarks/train_throughput.py --presets transformer-34m --cuda-graph   # each step replayed from a graph
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import memlm
+from memlm.train.cuda_graph import StepGraphs
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -39,7 +41,8 @@ def hf_llama(cfg: memlm.ModelConfig):
     return LlamaForCausalLM(hc)
 
 
-def run(name: str, model, fwd, *, batch: int, seq: int, steps: int, warmup: int, compile_: bool, vocab: int) -> dict:
+def run(name: str, model, fwd, *, batch: int, seq: int, steps: int, warmup: int, compile_: bool, vocab: int,
+        cuda_graph: bool = False) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(dev).train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -50,22 +53,30 @@ def run(name: str, model, fwd, *, batch: int, seq: int, steps: int, warmup: int,
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(dev)
     inp, lab = x[:, :-1], x[:, 1:]
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    graphs = StepGraphs(model.parameters()) if cuda_graph and dev.type == "cuda" else None
+    # no autocast weight cache across steps under a CUDA graph (as the trainer)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda", cache_enabled=graphs is None)
 
-    def one_step():
+    def body():
         with amp:
             loss = step_fn(model, inp, lab)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         return loss
 
+    def one_step():
+        opt.zero_grad(set_to_none=True)
+        loss = body() if graphs is None else graphs.run("step", body)
+        opt.step()
+        return loss
+
+    if dev.type == "cuda":   # the peak from the first step on: a CUDA graph's memory is taken at its capture
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         one_step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = one_step()
@@ -74,7 +85,8 @@ def run(name: str, model, fwd, *, batch: int, seq: int, steps: int, warmup: int,
     dt = (time.perf_counter() - t0) / steps
     tok_s = batch * seq / dt
     peak = peak_flops()
-    return {"model": name, "compile": compile_, "params": n_params, "batch": batch, "seq": seq,
+    return {"model": name, "compile": compile_, "cuda_graph": cuda_graph, "params": n_params, "batch": batch,
+            "seq": seq,
             "tokens_per_s": round(tok_s), "step_ms": round(dt * 1e3, 2), "loss": round(loss.item(), 4),
             "mfu": round(6 * n_params * tok_s / peak, 4) if peak else None,
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None}
@@ -99,6 +111,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", choices=["no", "yes", "both"], default="both")
+    ap.add_argument("--cuda-graph", action="store_true", help="replay each step's forward, backward and clip from a "
+                    "CUDA graph (memlm.train.cuda_graph, what train.cuda_graph does); the optimizer stays eager")
     args = ap.parse_args()
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
@@ -109,7 +123,7 @@ def main() -> None:
         for c in modes:
             torch.manual_seed(0)
             r = run(f"memlm:{p}", memlm.build_model(cfg), memlm_fwd, batch=args.batch, seq=args.seq, steps=args.steps,
-                    warmup=args.warmup, compile_=c, vocab=cfg.vocab_size)
+                    warmup=args.warmup, compile_=c, vocab=cfg.vocab_size, cuda_graph=args.cuda_graph)
             print(json.dumps(r), flush=True)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.hf_llama:
@@ -117,7 +131,7 @@ def main() -> None:
         for c in modes:
             torch.manual_seed(0)
             r = run("hf:LlamaForCausalLM", hf_llama(cfg), hf_fwd, batch=args.batch, seq=args.seq, steps=args.steps,
-                    warmup=args.warmup, compile_=c, vocab=cfg.vocab_size)
+                    warmup=args.warmup, compile_=c, vocab=cfg.vocab_size, cuda_graph=args.cuda_graph)
             print(json.dumps(r), flush=True)
 
 
