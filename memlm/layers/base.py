@@ -138,11 +138,9 @@ def collect_aux(step: int | Tensor | None = None) -> Iterator[dict]:
     then None, since reading it would synchronise.
     Outside this context, reports are dropped (so inference pays nothing).
     """
-    if isinstance(step, Tensor):
-        box: dict = {"losses": {}, "metrics": {}, "step": None, "step_tensor": step}
-    else:
-        box = {"losses": {}, "metrics": {}, "step": step,
-               "step_tensor": None if step is None else torch.tensor(step, dtype=torch.float64)}
+    tensor = isinstance(step, Tensor)
+    box: dict = {"losses": {}, "metrics": {}, "step": None if tensor else step,
+                 "step_tensor": step if tensor or step is None else torch.tensor(step, dtype=torch.float64)}
     with _AUX.scope(box):
         yield box
 
