@@ -136,8 +136,13 @@ def run(name: str, cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup
         if device.type == "cuda":   # the peak from the first step on: a CUDA graph's memory is taken at its capture
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(warmup):
+        t0 = time.perf_counter()
+        for i in range(warmup):
             step()
+            if i == 0:          # the first step's seconds: torch.compile's compile time shows here
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                rec["first_step_s"] = round(time.perf_counter() - t0, 1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

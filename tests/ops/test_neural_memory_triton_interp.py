@@ -17,7 +17,9 @@ import itertools
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
 from test_neural_memory import GATES, make, state_tensors
+from torch._dynamo.backends.common import aot_autograd
 
 from memlm.ops import dispatch
 from memlm.ops.neural_memory import neural_memory, triton_memory
@@ -432,3 +434,34 @@ def test_chunk_aligned_resets_are_checked_on_cpu():
     with pytest.raises(ValueError, match="inside a chunk"):
         neural_memory(*(a[:, 5:] for a in args[:7]), st.W1, st.W2, st.S1, st.S2, pending=st.pending, chunk_size=8,
                       chunk_aligned_resets=True, **init)
+
+
+@pytest.mark.parametrize("opt,low", [("momentum", ()), ("muon", ("q", "k", "v"))])
+def test_the_walk_is_one_opaque_operator_under_torch_compile(opt, low):
+    """torch.compile traces the chunk walk as two custom operators (memlm::neural_memory_scan and its backward), not
+    its Python loop of kernel launches: the compiled op (AOTAutograd, fake tensors for shapes) gives the eager op's
+    outputs, final state and every gradient, with resets, the pending buffer, commit, several stretches, and bf16
+    q, k, v (Muon in Gram form, its chains kept for the backward); one walk per stretch in the traced graph."""
+    x = inputs(B=3, T=45, poly=opt == "muon", seed=21)
+    kw = {"chunk_size": 8, "window": 6, "optimizer": opt, "poly": opt == "muon", "split": 21, "low": low,
+          "reset": resets(3, 45, [(9, 16), (24,), ()]), "commit": torch.tensor([1, 7, 3])}
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        keep = lambda g, _: make_boxed_func(g)      # noqa: E731  (the traced graphs as they are)
+        return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton_memory, "MAX_SCAN", 2)
+        torch._dynamo.reset()
+        compiled = torch.compile(triton_memory.neural_memory, backend=backend, fullgraph=True)
+        got = run(compiled, x, torch.float32, **kw)
+        want = run(triton_memory.neural_memory, x, torch.float32, **kw)
+        torch._dynamo.reset()
+    for n, w in want.items():
+        assert torch.equal(got[n], w) if not w.is_floating_point() else rel_err(got[n], w) <= 1e-6, n
+    assert len(graphs) == 2                     # one graph per call (the second carries the pending tokens)
+    # 2 complete chunks in the first call (one stretch), 3 in the second (two stretches of MAX_SCAN = 2)
+    assert [sum("neural_memory_scan" in str(nd.target) for nd in g.graph.nodes) for g in graphs] == [1, 2]
+    assert not any("triton_kernel_wrapper" in str(nd.target) for g in graphs for nd in g.graph.nodes)

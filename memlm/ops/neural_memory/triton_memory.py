@@ -942,160 +942,262 @@ def _aligned(*stacks: Tensor) -> bool:
     return all(t.stride(2) * t.element_size() % 16 == 0 for t in stacks)
 
 
-class _Scan(torch.autograd.Function):
+# The chunk walk is one pair of custom operators (torch.library): opaque to torch.compile, which traces their fake
+# versions (shapes only) and runs the real ones as they are. Traced as an autograd.Function with its Python chunk loop
+# (its launches in the graph, 7 a chunk and layer), atlas-mag-small's compile did not finish in 330 s (H100).
+_SCAN_SCHEMA = ("(Tensor X, Tensor? XR, Tensor V, Tensor Wg, Tensor Eta, Tensor Theta, Tensor Alpha, Tensor W1, "
+                "Tensor W2, Tensor S1, Tensor S2, Tensor? W1i, Tensor? W2i, Tensor has, int j0, int j1, int C, "
+                "bool muon, str prec, ScalarType rd, bool keep, bool grad, int kr, Tensor? commit, Tensor? head, "
+                "Tensor[] cols) -> Tensor[]")
+_SCAN_BWD_SCHEMA = ("(Tensor X, Tensor? XR, Tensor V, Tensor Wg, Tensor Eta, Tensor Theta, Tensor Alpha, "
+                    "Tensor W1all, Tensor W2all, Tensor S1all, Tensor S2all, Tensor? W1i, Tensor? W2i, Tensor has, "
+                    "Tensor? commit, Tensor? head, Tensor[] cols, Tensor[] chains, Tensor? dW1r, Tensor? dW2r, "
+                    "Tensor? dW1, Tensor? dW2, Tensor? dS1, Tensor? dS2, Tensor? dsel1, Tensor? dsel2, Tensor? dsel3, "
+                    "Tensor? dsel4, int j0, int j1, int C, bool muon, str prec, ScalarType rd, int kr) -> Tensor[]")
+
+
+def _copied_reads(rd: torch.dtype, head: Tensor | None) -> bool:
+    """The reads' stacks are copies (W_init in the slots of chunks that open with a reset, or a cast to rd), not the
+    kernels' own float32 stacks."""
+    return head is not None or rd != torch.float32
+
+
+def _stores_chain(muon: bool, prec: str, keep: bool, grad: bool) -> bool:
+    """The forward keeps the Newton–Schulz chains for the backward (Gram form, a backward will run, keep_chain())."""
+    return muon and prec != "ieee" and keep and grad
+
+
+@torch.library.custom_op("memlm::neural_memory_scan", mutates_args=(), schema=_SCAN_SCHEMA)
+def _scan_forward(X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, prec, rd, keep,
+                  grad, kr, commit, head, cols):
     """Chunks j0 … j1−1 of the stream written one after another (see the module docstring).
 
-    Inputs: X [B, H, L, F], XR [B, H, L, Dv] or None, V [B, H, L, Dv] (contiguous); Wg [B, H, NJ, c]; Eta, Theta,
-    Alpha [B, H, NJ]; W1, S1 [B, H, E, F], W2, S2 [B, H, Dv, E] (state before chunk j0); W1i [H, E, F], W2i
-    [H, Dv, E] or None (then has is all zero); has int8 [B, NJ] (≠ 0: a reset in the chunk); j0, j1, C, muon (not
-    differentiable).
-    half: the op's inputs were bf16/fp16 (picks the dot precision, `precision`); rd: the reads' dtype (parallel.
-    read_dtype); keep: store the Newton–Schulz chains for the backward (keep_chain(), and autograd records); kr:
-    how many slots the reads use (K1 − 1 when no token reads W_{j1}: no open chunk after this stretch); commit [B]
-    int64 or None (the op's, clamped to [0, n_full]).
-    head [B, n_chunks] int8 or None: the chunk opens with a reset; its slot of the reads' stacks then holds W_init
-    (`_read_stack`) and `has` is 2 there (the kernels send that slot's gradient to W_init).
-    Outputs: the reads' stacks W1r [B, H, K, E, F], W2r [B, H, K, Dv, E] in rd (slot i: W_{j0+i}), the final
-    W1, W2, S1, S2 in float32, and with commit also each row's W1, W2, S1, S2 at slot clamp(commit − j0, 0, K1 − 1)
-    (the backward adds their gradients to the carried ones as the walk passes those slots). With rd float32 the
-    stacks are the kernels' own (K = K1 = j1 − j0 + 1); otherwise their first K = kr slots cast once here (so that
-    the reads need no padding chunk), and the backward kernels read
-    their gradient in rd as it comes (autocast would cast the gradient back to float32 in a copy the size of the
-    stack). Writing the copy from the Newton–Schulz kernel instead of casting was slower: its [M, N] stores are not
-    coalesced (+30 µs a call, H100).
+    Inputs: X [B, H, L, F] (or the raw keys [B, H, L, Dk] with cols, φ's column maps: POLY_IN_STEP), XR [B, H, L, Dv]
+    or None, V [B, H, L, Dv] (contiguous); Wg [B, H, NJ, c]; Eta, Theta, Alpha [B, H, NJ]; W1, S1 [B, H, E, F], W2, S2
+    [B, H, Dv, E] (state before chunk j0); W1i [H, E, F], W2i [H, Dv, E] or None (then has is all zero); has int8
+    [B, NJ] (≠ 0: a reset in the chunk); j0, j1, C, muon.
+    prec: the kernels' dot precision (`precision`); rd: the reads' dtype (parallel.read_dtype); grad: a backward will
+    run; keep: store the Newton–Schulz chains for it (keep_chain()); kr: how many slots the reads use (K1 − 1 when no
+    token reads W_{j1}: no open chunk after this stretch); commit [B] int64 or None (the op's, clamped to
+    [0, n_full]). head [B, n_chunks] int8 or None: the chunk opens with a reset; its slot of the reads' stacks then
+    holds W_init (`_read_stack`) and `has` is 2 there (the kernels send that slot's gradient to W_init).
+    Outputs, a list: the kernels' stacks W1all, W2all, S1all, S2all [B, H, K1, …] float32 (slot i: the state before
+    chunk j0 + i, K1 = j1 − j0 + 1); the final W1, W2, S1, S2; with commit each row's W1, W2, S1, S2 at slot
+    clamp(commit − j0, 0, K1 − 1); when `_copied_reads` the reads' stacks W1r [B, H, kr, E, F], W2r [B, H, kr, Dv, E]
+    in rd (else the reads take W1all, W2all: all K1 slots); when `_stores_chain` the chains of W1's and W2's maps
+    [B·H, K1 − 1, STEPS, 4, BM, BM]. A cast copy of the reads' stacks is made here once, so that the reads need no
+    padding chunk, and the backward kernels read its gradient in rd as it comes (autocast would cast the gradient back
+    to float32 in a copy the size of the stack). Writing the copy from the Newton–Schulz kernel instead of casting was
+    slower: its [M, N] stores are not coalesced (+30 µs a call, H100).
     """
+    B, H, L = X.shape[:3]
+    E, F, Dv, NJ, c = W1.shape[2], W1.shape[3], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
+    BH, K1 = B * H, j1 - j0 + 1
+    interpret = X.device.type == "cpu"
+    kern = _kernels(interpret)
+    W1all, S1all = (_empty(W1, B, H, K1, E, F) for _ in range(2))
+    W2all, S2all = (_empty(W1, B, H, K1, Dv, E) for _ in range(2))
+    W1all[:, :, 0], W2all[:, :, 0], S1all[:, :, 0], S2all[:, :, 0] = W1, W2, S1, S2
+    cfg = _step_config(c, E, Dv, F, backward=False, prec=prec)
+    flags = _scan_flags(X, XR, muon, prec, cols)
+    cols = cols or (X, X, X)
+    direct = _direct(interpret)
+    step = Relauncher(kern["step_fwd"], (BH,), direct)
+    store = _stores_chain(muon, prec, keep, grad)
+    # W1's Gram matrix from the step kernel, unless a backward will recompute the chain from its own pass (then
+    # the forward makes the same pass, so that both chains are the same)
+    gram_in = NS5_GRAM_FROM_STEP and (store or not grad)
+    ns = [_NS5(E, F, prec, direct=direct and _aligned(S1all, W1all), store=store, gram_in=gram_in),
+          _NS5(Dv, E, prec, direct=direct and _aligned(S2all, W2all), store=store)] if muon else []
+    scratch = [g.scratch(W1, BH) for g in ns]
+    # W1's Gram matrix and ‖S1‖² from the step kernel (Muon, Gram form, E ≤ F; the dots of the map's passes), else
+    # unused pointers
+    gram = ns[0].gin if ns else False
+    G1, SS1 = scratch[0][:2] if gram else (W1all, W1all)
+    gprec = ns[0].consts["PREC"] if gram else prec
+    chains = [g.chain(W1, BH, K1 - 1) for g in ns] + [None] * (2 - len(ns))
+    maps = _Maps(ns, direct, X.device)
+    for i, j in enumerate(range(j0, j1)):
+        step(
+            X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has, *cols,
+            W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i, G1, SS1,
+            j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg,
+            GRAM=gram, GPREC=gprec)
+        maps(*(((Sa[:, :, i + 1], Wa[:, :, i + 1], sc), {"chain": ch, "slot": i})
+               for Sa, Wa, sc, ch in zip((S1all, S2all), (W1all, W2all), scratch, chains)))
+    stacks = [W1all, W2all, S1all, S2all]
+    out = stacks + [t[:, :, -1].clone() for t in stacks]
+    if commit is not None:   # each row's state after chunk j0 + slot − 1 (slot 0: this stretch's start)
+        slot = (commit - j0).clamp(0, K1 - 1)
+        out += [t[torch.arange(B, device=X.device), :, slot] for t in stacks]
+    if head is not None:     # W_init in the slots of chunks that open with a reset
+        out += [_read_stack(W1all, W1i, head, j0, kr, rd), _read_stack(W2all, W2i, head, j0, kr, rd)]
+    elif rd != torch.float32:   # the cast copies only the slots read
+        out += [W1all[:, :, :kr].to(rd), W2all[:, :, :kr].to(rd)]
+    return out + [ch for ch in chains if ch is not None]
 
-    @staticmethod
-    def forward(ctx, X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, half, rd, keep,
-                kr, commit, head, cols):
-        B, H, L = X.shape[:3]
-        E, F, Dv, NJ, c = W1.shape[2], W1.shape[3], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
-        BH, K1 = B * H, j1 - j0 + 1
-        interpret = X.device.type == "cpu"
-        kern = _kernels(interpret)
-        W1all, S1all = (_empty(X, B, H, K1, E, F) for _ in range(2))
-        W2all, S2all = (_empty(X, B, H, K1, Dv, E) for _ in range(2))
-        W1all[:, :, 0], W2all[:, :, 0], S1all[:, :, 0], S2all[:, :, 0] = W1, W2, S1, S2
-        prec = precision(half)
-        cfg = _step_config(c, E, Dv, F, backward=False, prec=prec)
-        flags = {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec, "POLY": cols is not None, "DK": X.shape[-1],
-                 "BK": _pow2(X.shape[-1])}
-        cols = (X, X, X) if cols is None else cols
-        direct = _direct(interpret)
-        step = Relauncher(kern["step_fwd"], (BH,), direct)
-        keep = keep and any(ctx.needs_input_grad)          # a backward will run: store the chains for it
-        # W1's Gram matrix from the step kernel, unless a backward will recompute the chain from its own pass (then
-        # the forward makes the same pass, so that both chains are the same)
-        gram_in = NS5_GRAM_FROM_STEP and (keep or not any(ctx.needs_input_grad))
-        ns = [_NS5(E, F, prec, direct=direct and _aligned(S1all, W1all), store=keep, gram_in=gram_in),
-              _NS5(Dv, E, prec, direct=direct and _aligned(S2all, W2all), store=keep)] if muon else []
-        scratch = [g.scratch(X, BH) for g in ns]
-        # W1's Gram matrix and ‖S1‖² from the step kernel (Muon, Gram form, E ≤ F; the dots of the map's passes), else
-        # unused pointers
-        gram = ns[0].gin if ns else False
-        G1, SS1 = scratch[0][:2] if gram else (W1all, W1all)
-        gprec = ns[0].consts["PREC"] if gram else prec
-        chains = [g.chain(X, BH, K1 - 1) for g in ns] + [None] * (2 - len(ns))
-        maps = _Maps(ns, direct, X.device)
-        for i, j in enumerate(range(j0, j1)):
-            step(
-                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has, *cols,
-                W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i, G1, SS1,
-                j, i, H, L, NJ, K1, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret), **flags, **cfg,
-                GRAM=gram, GPREC=gprec)
-            maps(*(((Sa[:, :, i + 1], Wa[:, :, i + 1], sc), {"chain": ch, "slot": i})
-                   for Sa, Wa, sc, ch in zip((S1all, S2all), (W1all, W2all), scratch, chains)))
-        ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *cols,
-                              *chains)
-        ctx.meta, ctx.flags = (j0, j1, C, rd, kr), flags      # the backward's kernels take the forward's flags
-        ctx.set_materialize_grads(False)   # an unused state (or selection) sends no gradient: nothing to add
-        stacks = (W1all, W2all, S1all, S2all)
-        last = tuple(t[:, :, -1].clone() for t in stacks)
-        sel = ()
-        ctx.slot = None
-        if commit is not None:   # each row's state after chunk j0 + slot − 1 (slot 0: this stretch's start)
-            ctx.slot = (commit - j0).clamp(0, K1 - 1)
-            sel = tuple(t[torch.arange(B, device=X.device), :, ctx.slot] for t in stacks)
-        # the last slot's reads used W_init where the open chunk j1 after this stretch starts with a reset
-        ctx.head_last = head[:, j1].view(B, 1, 1, 1) if head is not None and kr == K1 else None
-        if head is not None:             # W_init in the slots of chunks that open with a reset
-            return _read_stack(W1all, W1i, head, j0, kr, rd), _read_stack(W2all, W2i, head, j0, kr, rd), *last, *sel
-        if rd == W1all.dtype:            # the kernels' own stacks, all K1 slots
-            return W1all, W2all, *last, *sel
-        return W1all[:, :, :kr].to(rd), W2all[:, :, :kr].to(rd), *last, *sel   # the cast copies only the slots read
 
-    @staticmethod
-    def backward(ctx, dW1r, dW2r, dW1, dW2, dS1, dS2, *dsel):
-        X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, *rest = ctx.saved_tensors
-        cols, chains = rest[:3], rest[3:]
-        j0, j1, C, rd, kr = ctx.meta
-        flags = ctx.flags
-        muon, prec, poly = flags["MUON"], flags["PREC"], flags["POLY"]
-        B, H, L = X.shape[:3]
-        E, F, Dv, NJ, c = W1all.shape[3], W1all.shape[4], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
-        BH = B * H
-        interpret = X.device.type == "cpu"
-        kern = _kernels(interpret)
-        K = W1all.shape[2] if rd == W1all.dtype else kr
-        # the reads' ∂L/∂W_j in their dtype (zeros when no read was used)
-        R1, R2 = (_slots(d) if d is not None else W.new_zeros(B, H, K, *W.shape[3:], dtype=rd)
-                  for d, W in ((dW1r, W1all), (dW2r, W2all)))
-        # carried ∂L/∂W_j, ∂L/∂S_j [B, H, ...] (float32, contiguous, owned: the kernels add into them)
-        KR = R1.shape[2]
-        gW1, gW2, gS1, gS2 = (W.new_zeros(W.shape[:2] + W.shape[3:]) if d is None else d.float().contiguous().clone()
-                              for d, W in ((dW1, W1all), (dW2, W2all), (dS1, S1all), (dS2, S2all)))
-        # rows with a reset in chunk j send the write's ∂L/∂Ws here (summed over rows at the end), and the reads' of a
-        # chunk that opens with one (`_read_stack`)
-        dW1i, dW2i = X.new_zeros(B, H, E, F), X.new_zeros(B, H, Dv, E)
-        if KR == j1 - j0 + 1:            # the last slot is read too
-            r1, r2 = R1[:, :, -1].float(), R2[:, :, -1].float()
-            if ctx.head_last is not None:
-                hl = ctx.head_last.float()
-                dW1i.addcmul_(r1, hl)
-                dW2i.addcmul_(r2, hl)
-                r1, r2 = r1 * (1.0 - hl), r2 * (1.0 - hl)
-            gW1 += r1
-            gW2 += r2
-        # the selections' gradients join the carried ones at their rows' slots (slot s: the state W_{j0+s})
-        picks = [(d.float(), g) for d, g in zip(dsel, (gW1, gW2, gS1, gS2)) if d is not None]
+@_scan_forward.register_fake
+def _(X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, prec, rd, keep, grad, kr,
+      commit, head, cols):
+    B, H, (E, F), Dv, K1 = X.shape[0], X.shape[1], W1.shape[2:], V.shape[-1], j1 - j0 + 1
+    w1, w2 = (B, H, E, F), (B, H, Dv, E)
+    out = [W1.new_empty(B, H, K1, *s) for s in (w1[2:], w2[2:], w1[2:], w2[2:])]
+    out += [W1.new_empty(s) for s in (w1, w2, w1, w2) * (2 if commit is not None else 1)]
+    if _copied_reads(rd, head):
+        out += [W1.new_empty(B, H, kr, *s, dtype=rd) for s in (w1[2:], w2[2:])]
+    if _stores_chain(muon, prec, keep, grad):
+        out += [W1.new_empty(B * H, K1 - 1, NS5_STEPS, 4, _pow2(min(m, n)), _pow2(min(m, n))) for m, n in ((E, F),
+                                                                                                        (Dv, E))]
+    return out
 
-        def add_picks(s: int) -> None:
-            if picks:
-                at = (ctx.slot == s).to(torch.float32).view(B, 1, 1, 1)
-                for d, g in picks:
-                    g.addcmul_(d, at)
-        # _step_bwd stores (not adds) the window rows of dX, dXR, dV of its chunk: with the window the whole chunk
-        # (c = C) only the rows outside this stretch's chunks need zeros, not a fill of the [B, H, L, F] features
-        # (POLY: dX is ∂L/∂φ(K), [B, H, L, F], summed into ∂L/∂K by poly_backward after the walk)
-        dX, dV, dXR = (None if t is None else _rows_zeroed_outside(t, j0 * C, j1 * C, c == C, w)
-                       for t, w in ((X, F if poly else None), (V, None), (XR, None)))
-        dWg = torch.zeros_like(Wg)
-        dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
-        cfg = _step_config(c, E, Dv, F, backward=True, prec=prec)
-        direct = _direct(interpret)
-        step = Relauncher(kern["step_bwd"], (BH,), direct)
-        keep = chains[0] is not None
-        ns = [_NS5(E, F, prec, backward=True, direct=direct and _aligned(S1all), store=keep),
-              _NS5(Dv, E, prec, backward=True, direct=direct and _aligned(S2all), store=keep)] if muon else []
-        scratch = [g.scratch(X, BH) for g in ns]
-        maps = _Maps(ns, direct, X.device)
-        for i in reversed(range(j1 - j0)):
-            add_picks(i + 1)
-            # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1} (Muon)
-            maps(*(((Sa[:, :, i + 1], gw, sc), {"dS": gs, "chain": ch, "slot": i})
-                   for Sa, gw, gs, sc, ch in zip((S1all, S2all), (gW1, gW2), (gS1, gS2), scratch, chains)))
-            step(
-                X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has, *cols,
-                W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
-                gW1, gW2, gS1, gS2, R1, R2, dX, dX if XR is None else dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
-                j0 + i, i, H, L, NJ, j1 - j0 + 1, KR, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret),
-                *R1.stride()[3:], *R2.stride()[3:], **flags, **cfg)
-        add_picks(0)
-        dW1i, dW2i = (None, None) if W1i is None else (dW1i.sum(0), dW2i.sum(0))
-        if poly:
-            dX = poly_backward(X, dX)
-        return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i,
-                None, None, None, None, None, None, None, None, None, None, None, None)
+
+def _scan_flags(X: Tensor, XR: Tensor | None, muon: bool, prec: str, cols) -> dict:
+    """The step kernels' constexprs (the forward's and the backward's take the same)."""
+    return {"HAS_XR": XR is not None, "MUON": muon, "PREC": prec, "POLY": bool(cols), "DK": X.shape[-1],
+            "BK": _pow2(X.shape[-1])}
+
+
+def _scan_setup(ctx, inputs, output) -> None:
+    (X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, prec, rd, keep, grad, kr,
+     commit, head, cols) = inputs
+    copied = _copied_reads(rd, head)
+    n_sel = 4 if commit is not None else 0
+    n_chain = 2 if _stores_chain(muon, prec, keep, grad) else 0
+    stacks, chains = output[:4], output[len(output) - n_chain:]
+    # the stacks are kept for the backward; only the reads' ones (W1all, W2all when not copied) take a gradient
+    ctx.mark_non_differentiable(*(stacks if copied else stacks[2:]), *chains)
+    ctx.set_materialize_grads(False)   # an unused state (or selection) sends no gradient: nothing to add
+    ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, *stacks, W1i, W2i, has, commit, head, *cols, *chains)
+    ctx.meta = (j0, j1, C, muon, prec, rd, kr, len(cols), copied, n_sel)
+
+
+def _scan_backward(ctx, grads):
+    """The registered autograd formula: the backward operator on what the forward kept."""
+    X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, commit, head, *rest = \
+        ctx.saved_tensors
+    j0, j1, C, muon, prec, rd, kr, n_cols, copied, n_sel = ctx.meta
+    cols, chains = rest[:n_cols], rest[n_cols:]
+    dW1r, dW2r = grads[-2 - len(chains):len(grads) - len(chains)] if copied else grads[:2]
+    dsel = list(grads[8:8 + n_sel]) + [None] * (4 - n_sel)
+    g = torch.ops.memlm.neural_memory_scan_backward(
+        X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, commit, head, list(cols),
+        list(chains), dW1r, dW2r, *grads[4:8], *dsel, j0, j1, C, muon, prec, rd, kr)
+    dX, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, *more = g
+    dXR = more.pop(0) if XR is not None else None
+    dW1i, dW2i = more if W1i is not None else (None, None)
+    return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i, None,
+            None, None, None, None, None, None, None, None, None, None, None, [None] * n_cols)
+
+
+torch.library.register_autograd("memlm::neural_memory_scan", _scan_backward, setup_context=_scan_setup)
+
+
+@torch.library.custom_op("memlm::neural_memory_scan_backward", mutates_args=(), schema=_SCAN_BWD_SCHEMA)
+def _scan_backward_op(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, commit, head, cols,
+                      chains, dW1r, dW2r, dW1, dW2, dS1, dS2, dsel1, dsel2, dsel3, dsel4, j0, j1, C, muon, prec, rd,
+                      kr):
+    """The walk back: chunks j1−1 … j0 in reverse. Gradients (None: none came) of the reads' stacks dW1r, dW2r, the
+    final state dW1 … dS2 and the commit selections dsel1 … dsel4 -> [∂X, ∂V, ∂Wg, ∂Eta, ∂Theta, ∂Alpha, ∂W1, ∂W2,
+    ∂S1, ∂S2, (∂XR), (∂W1i, ∂W2i)] (the bracketed ones when XR, W1i are given)."""
+    flags = _scan_flags(X, XR, muon, prec, cols)
+    poly = flags["POLY"]
+    B, H, L = X.shape[:3]
+    E, F, Dv, NJ, c = W1all.shape[3], W1all.shape[4], V.shape[-1], Eta.shape[-1], Wg.shape[-1]
+    BH, K1 = B * H, j1 - j0 + 1
+    interpret = X.device.type == "cpu"
+    kern = _kernels(interpret)
+    K = kr if _copied_reads(rd, head) else K1
+    # the reads' ∂L/∂W_j in their dtype (zeros when no read was used)
+    R1, R2 = (_slots(d) if d is not None else W.new_zeros(B, H, K, *W.shape[3:], dtype=rd)
+              for d, W in ((dW1r, W1all), (dW2r, W2all)))
+    # carried ∂L/∂W_j, ∂L/∂S_j [B, H, ...] (float32, contiguous, owned: the kernels add into them)
+    KR = R1.shape[2]
+    gW1, gW2, gS1, gS2 = (W.new_zeros(W.shape[:2] + W.shape[3:]) if d is None else d.float().contiguous().clone()
+                          for d, W in ((dW1, W1all), (dW2, W2all), (dS1, S1all), (dS2, S2all)))
+    # rows with a reset in chunk j send the write's ∂L/∂Ws here (summed over rows at the end), and the reads' of a
+    # chunk that opens with one (`_read_stack`)
+    dW1i, dW2i = W1all.new_zeros(B, H, E, F), W1all.new_zeros(B, H, Dv, E)
+    if KR == K1:                     # the last slot is read too
+        r1, r2 = R1[:, :, -1].float(), R2[:, :, -1].float()
+        if head is not None:    # its reads used W_init where the open chunk j1 after this stretch opens with a reset
+            hl = head[:, j1].view(B, 1, 1, 1).float()
+            dW1i.addcmul_(r1, hl)
+            dW2i.addcmul_(r2, hl)
+            r1, r2 = r1 * (1.0 - hl), r2 * (1.0 - hl)
+        gW1 += r1
+        gW2 += r2
+    # the selections' gradients join the carried ones at their rows' slots (slot s: the state W_{j0+s})
+    picks = [(d.float(), g) for d, g in zip((dsel1, dsel2, dsel3, dsel4), (gW1, gW2, gS1, gS2)) if d is not None]
+    slot = None if commit is None else (commit - j0).clamp(0, K1 - 1)
+
+    def add_picks(s: int) -> None:
+        if picks:
+            at = (slot == s).to(torch.float32).view(B, 1, 1, 1)
+            for d, g in picks:
+                g.addcmul_(d, at)
+    # _step_bwd stores (not adds) the window rows of dX, dXR, dV of its chunk: with the window the whole chunk
+    # (c = C) only the rows outside this stretch's chunks need zeros, not a fill of the [B, H, L, F] features
+    # (POLY: dX is ∂L/∂φ(K), [B, H, L, F], summed into ∂L/∂K by poly_backward after the walk)
+    dX, dV, dXR = (None if t is None else _rows_zeroed_outside(t, j0 * C, j1 * C, c == C, w)
+                   for t, w in ((X, F if poly else None), (V, None), (XR, None)))
+    dWg = torch.zeros_like(Wg)
+    dEta, dTheta, dAlpha = torch.zeros_like(Eta), torch.zeros_like(Theta), torch.zeros_like(Alpha)
+    cfg = _step_config(c, E, Dv, F, backward=True, prec=prec)
+    direct = _direct(interpret)
+    step = Relauncher(kern["step_bwd"], (BH,), direct)
+    keep = bool(chains)
+    ns = [_NS5(E, F, prec, backward=True, direct=direct and _aligned(S1all), store=keep),
+          _NS5(Dv, E, prec, backward=True, direct=direct and _aligned(S2all), store=keep)] if muon else []
+    scratch = [g.scratch(X, BH) for g in ns]
+    maps = _Maps(ns, direct, X.device)
+    chains = list(chains) or [None, None]
+    cols = cols or (X, X, X)
+    for i in reversed(range(j1 - j0)):
+        add_picks(i + 1)
+        # gS_{j+1} += (∂NS5/∂S_{j+1})ᵀ gW_{j+1} (Muon)
+        maps(*(((Sa[:, :, i + 1], gw, sc), {"dS": gs, "chain": ch, "slot": i})
+               for Sa, gw, gs, sc, ch in zip((S1all, S2all), (gW1, gW2), (gS1, gS2), scratch, chains)))
+        step(
+            X, X if XR is None else XR, V, Wg, Eta, Theta, Alpha, has, *cols,
+            W1all, W2all, S1all, S2all, W1all if W1i is None else W1i, W2all if W2i is None else W2i,
+            gW1, gW2, gS1, gS2, R1, R2, dX, dX if XR is None else dXR, dV, dWg, dEta, dTheta, dAlpha, dW1i, dW2i,
+            j0 + i, i, H, L, NJ, K1, KR, C, c, E, F, Dv, _count(triton.cdiv(F, cfg["BF"]), interpret),
+            *R1.stride()[3:], *R2.stride()[3:], **flags, **cfg)
+    add_picks(0)
+    if poly:
+        dX = poly_backward(X, dX)
+    out = [dX, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2]
+    if XR is not None:
+        out.append(dXR)
+    if W1i is not None:
+        out += [dW1i.sum(0), dW2i.sum(0)]
+    return out
+
+
+@_scan_backward_op.register_fake
+def _(X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, commit, head, cols, chains, dW1r,
+      dW2r, dW1, dW2, dS1, dS2, dsel1, dsel2, dsel3, dsel4, j0, j1, C, muon, prec, rd, kr):
+    out = [torch.empty_like(t) for t in (X, V, Wg, Eta, Theta, Alpha)]
+    out += [W.new_empty(W.shape[:2] + W.shape[3:]) for W in (W1all, W2all, S1all, S2all)]
+    if XR is not None:
+        out.append(torch.empty_like(XR))
+    if W1i is not None:
+        out += [torch.empty_like(W1i), torch.empty_like(W2i)]
+    return out
+
+
+def _scan(X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, prec, rd, keep, kr, commit,
+          head, cols) -> tuple[Tensor, ...]:
+    """The walk over chunks j0 … j1−1 (`_scan_forward`) -> the reads' stacks W1r, W2r, the final W1, W2, S1, S2, and
+    with commit each row's W1, W2, S1, S2 at its commit."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i))
+    out = torch.ops.memlm.neural_memory_scan(X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C,
+                                             muon, prec, rd, keep, grad, kr, commit, head, list(cols or ()))
+    n_sel = 4 if commit is not None else 0
+    reads = out[8 + n_sel:10 + n_sel] if _copied_reads(rd, head) else out[:2]
+    return (*reads, *out[4:8 + n_sel])
 
 
 def _read_stack(W: Tensor, Wi: Tensor, head: Tensor, j0: int, kr: int, rd: torch.dtype) -> Tensor:
@@ -1201,16 +1303,16 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, t
     else:
         has = torch.zeros(q.shape[0], st.n_full, dtype=torch.int8, device=q.device)
     commit = None if pre.commit is None else pre.commit.clamp(0, st.n_full)
+    prec = precision(q.dtype in (torch.bfloat16, torch.float16))
     outs, kept = [], None    # kept: each row's state after commit[b] chunks (commit given)
     for j0 in range(0, st.n_full, MAX_SCAN):
         j1 = min(j0 + MAX_SCAN, st.n_full)
         # the stack's last slot W_{j1} (also returned alone, in float32: the next scan's start and the final state)
         # serves the open chunk after the last scan, if this call has tokens there
         j_end = st.n_chunks if j1 == st.n_full else j1
-        W1r, W2r, W1, W2, S1, S2, *sel = _Scan.apply(
+        W1r, W2r, W1, W2, S1, S2, *sel = _scan(
             st.kf, st.kraw, st.vb, gw.contiguous(), ge, gt, ga, W1, W2, S1, S2, W1i, W2i, has, j0, j1, pre.C,
-            optimizer == "muon", q.dtype in (torch.bfloat16, torch.float16), pre.qf.dtype,
-            keep_chain() and torch.is_grad_enabled(), j_end - j0, commit, head, cols)
+            optimizer == "muon", prec, pre.qf.dtype, keep_chain(), j_end - j0, commit, head, cols)
         if commit is not None:   # rows whose commit lies before this stretch keep the earlier stretch's pick
             before = (commit < j0).view(-1, 1, 1, 1)
             kept = sel if kept is None else [torch.where(before, a, b) for a, b in zip(kept, sel)]
