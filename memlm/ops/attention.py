@@ -56,6 +56,11 @@ def masked_attention_sdpa(q: Tensor, keys: Tensor, vals: Tensor, qpos: Tensor, k
 _MASKS: OrderedDict = OrderedDict()  # cache_key -> (objects kept alive so their ids stay unique, BlockMask)
 _MAX_MASKS = 8
 _compiled_flex = None
+# Compiled kernels of the flex function kept per shape, dtype and mask rule (window, persistent keys). Dynamo's own
+# limit (8 a function) is process-wide: past it the call silently runs flex_attention's eager reference, which
+# materialises every [T, K] score (slow, memory-hungry, and not capturable in a CUDA graph) — a process that trains
+# and evaluates a few shapes, or several models, reached it. Raised for these calls only.
+FLEX_RECOMPILE_LIMIT = 64
 
 
 def _block_mask(qpos: Tensor, kpos: Tensor, qdoc: Tensor, window: int | None, n_persist: int):
@@ -103,7 +108,15 @@ def masked_attention_flex(q: Tensor, keys: Tensor, vals: Tensor, qpos: Tensor, k
     # flex-decoding template, which has no backward and, in float32 with GQA, no valid config on torch 2.11 (an
     # InductorError "NoValidChoicesError" for a 100-token fp32 batch on an H100).
     opts = {"FORCE_USE_FLEX_ATTENTION": True} if q.is_cuda else None
-    return fn(q, keys, vals, block_mask=bm, enable_gqa=q.shape[1] != keys.shape[1], kernel_options=opts)
+    if fn is not _compiled_flex:
+        return fn(q, keys, vals, block_mask=bm, enable_gqa=q.shape[1] != keys.shape[1], kernel_options=opts)
+    cfg = torch._dynamo.config
+    limit = cfg.recompile_limit     # set and restored directly: config.patch costs 24 µs a call, this 6
+    cfg.recompile_limit = max(limit, FLEX_RECOMPILE_LIMIT)
+    try:
+        return fn(q, keys, vals, block_mask=bm, enable_gqa=q.shape[1] != keys.shape[1], kernel_options=opts)
+    finally:
+        cfg.recompile_limit = limit
 
 
 def _flex_supports(q: Tensor, keys: Tensor, *args, **kwargs) -> bool:

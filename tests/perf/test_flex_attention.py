@@ -172,3 +172,24 @@ def test_cuda_auto_picks_flex_for_training_only(monkeypatch):
     with torch.no_grad():  # an eager inference prefill: SDPA (no flex compile per prompt length)
         att.masked_attention(q, k, v, qpos, kpos, qdoc, window=8)
     assert len(built) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_many_shapes_keep_the_compiled_kernel():
+    """More kinds of call than Dynamo's default limit of 8 compiled versions a function (sequence lengths here; also
+    dtypes, windows, persistent keys): every one still runs the compiled flex kernel, none falls back to flex's
+    eager reference (which materialises the scores), and each equals SDPA."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    def versions() -> int:
+        return len(_debug_get_cache_entry_list(att.flex_attention.__code__))
+
+    before, limit = versions(), torch._dynamo.config.recompile_limit
+    lengths = [17 + 9 * i for i in range(limit + 2)]
+    for T in lengths:
+        q, k, v, qpos, kpos, qdoc = (t.detach().cuda() for t in _case(T, T=T, docs=False))
+        with torch.no_grad():
+            got = att.masked_attention_flex(q, k, v, qpos, kpos, qdoc, window=8)
+        assert rel_err(got, att.masked_attention_sdpa(q, k, v, qpos, kpos, qdoc, window=8)) <= 1e-5, T
+    assert versions() >= before + len(lengths) and torch._dynamo.config.recompile_limit == limit

@@ -148,9 +148,10 @@ def test_one_graph_per_kind_of_batch(tmp_path):
 
 @pytest.mark.gpu
 @cuda
-def test_graphed_with_compile_and_accumulation(tmp_path):
+@pytest.mark.parametrize("preset", ["transformer-debug", "atlas-mag-debug"])   # atlas: the walk as custom operators
+def test_graphed_with_compile_and_accumulation(tmp_path, preset):
     data = [batches(2, 2, 64, 256, seed=i) for i in range(5)]      # two micro-batches a step
-    eager, graphed, tr = follow(tmp_path, "transformer-debug", data, compile=True, grad_accum=2, batch_size=2)
+    eager, graphed, tr = follow(tmp_path, preset, data, compile=True, grad_accum=2, batch_size=2)
     assert tr.graphs.replays == 4
     got, want = torch.tensor([o["loss"] for o in graphed]), torch.tensor([o["loss"] for o in eager])
     assert rel_err(got, want) < 2e-2
