@@ -15,10 +15,12 @@ Gram matrix in registers, NOTES.md; W1's forward takes that Gram matrix from the
 pass to `_ns5g_apply`); later chunks relaunch the compiled kernels directly (`Relauncher`, `_direct`);
 the backward walks the chunks in reverse with the matching `_step_bwd` / `_ns5_bwd` / `_ns5g` (closed-form
 second-order terms of the inner gradient; Newton–Schulz iterates recomputed, or the Gram chain the forward kept).
-Both are wrapped in one torch.autograd.Function (`_Scan`) per stretch of at most MAX_SCAN chunks that returns the
-stacked weights W_j of every chunk; the reads o_t = M_{W_j}(q_t) of all chunks are then one batched PyTorch matmul
-pair on that stack (autograd differentiates them). Everything before the loop (stream, features, gate means) is
-parallel.py's, shared, except φ of the keys: the step kernels make it from the raw keys (POLY_IN_STEP).
+Both are custom operators (torch.library: `memlm::neural_memory_scan` and its backward, so torch.compile sees one
+opaque node instead of tracing the chunk loop's launches), called once per stretch of at most MAX_SCAN chunks; the
+forward returns the stacked weights W_j of every chunk; the reads o_t = M_{W_j}(q_t) of all chunks are then one
+batched PyTorch matmul pair on that stack (autograd differentiates them). Everything before the loop (stream,
+features, gate means) is parallel.py's, shared, except φ of the keys: the step kernels make it from the raw keys
+(POLY_IN_STEP).
 
 Kernel math is float32 whatever the input dtype, like the chunked form; dot precision per input dtype (`precision`).
 CPU tensors run through the Triton interpreter when TRITON_INTERPRET=1 (tests without a GPU).
@@ -853,7 +855,7 @@ class _NS5:
     def __init__(self, rows: int, cols: int, prec: str, backward: bool = False, direct: bool = False,
                  store: bool = False, gram_in: bool = False):
         self.M, self.N = min(rows, cols), max(rows, cols)
-        self.direct, self.launch = direct, None         # Relauncher's direct launches (see _Scan), made at first call
+        self.direct, self.launch = direct, None     # Relauncher's direct launches (_scan_forward), made at first call
         self.sr, self.sc = (cols, 1) if rows <= cols else (1, cols)          # a tall matrix is read transposed
         self.gram, self.backward = prec != "ieee", backward
         self.store = store and self.gram
