@@ -82,7 +82,6 @@ def masked_attention_flex(q: Tensor, keys: Tensor, vals: Tensor, qpos: Tensor, k
                           window: int | None = None, n_persist: int = 0, cache_key=None) -> Tensor:
     """The same as ``masked_attention_sdpa`` through FlexAttention. cache_key: a tuple of hashables and tensors that
     determine qpos / kpos / qdoc (tensors by identity and version, kept alive by the cache), or None (no caching)."""
-    global _compiled_flex
     compiling = torch.compiler.is_compiling()
     bm = None
     if cache_key is not None and not compiling:
@@ -99,22 +98,25 @@ def masked_attention_flex(q: Tensor, keys: Tensor, vals: Tensor, qpos: Tensor, k
             _MASKS[key] = (cache_key, bm)
             while len(_MASKS) > _MAX_MASKS:
                 _MASKS.popitem(last=False)
-    fn = flex_attention
-    if q.is_cuda and not compiling:  # eager flex_attention is a slow reference; compile the kernel once
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        fn = _compiled_flex
+    fn = _compiled_flex_call if q.is_cuda and not compiling else flex_attention
     # The standard flex kernel, always: for queries shorter than 128 torch's automatic choice may take the
     # flex-decoding template, which has no backward and, in float32 with GQA, no valid config on torch 2.11 (an
     # InductorError "NoValidChoicesError" for a 100-token fp32 batch on an H100).
     opts = {"FORCE_USE_FLEX_ATTENTION": True} if q.is_cuda else None
-    if fn is not _compiled_flex:
-        return fn(q, keys, vals, block_mask=bm, enable_gqa=q.shape[1] != keys.shape[1], kernel_options=opts)
+    return fn(q, keys, vals, block_mask=bm, enable_gqa=q.shape[1] != keys.shape[1], kernel_options=opts)
+
+
+def _compiled_flex_call(*args, **kwargs) -> Tensor:
+    """flex_attention compiled once (its eager form is a slow reference), called with Dynamo's limit of compiled
+    versions raised to FLEX_RECOMPILE_LIMIT for the call."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
     cfg = torch._dynamo.config
     limit = cfg.recompile_limit     # set and restored directly: config.patch costs 24 µs a call, this 6
     cfg.recompile_limit = max(limit, FLEX_RECOMPILE_LIMIT)
     try:
-        return fn(q, keys, vals, block_mask=bm, enable_gqa=q.shape[1] != keys.shape[1], kernel_options=opts)
+        return _compiled_flex(*args, **kwargs)
     finally:
         cfg.recompile_limit = limit
 

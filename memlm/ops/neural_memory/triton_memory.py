@@ -1060,36 +1060,41 @@ def _scan_flags(X: Tensor, XR: Tensor | None, muon: bool, prec: str, cols) -> di
             "BK": _pow2(X.shape[-1])}
 
 
+def _parts(out: list, commit: bool, copied: bool) -> tuple[list, list, list, list, list]:
+    """`_scan_forward`'s output list, or the gradients of it, split as (stacks, final state, commit selections, the
+    reads' stacks, chains); the reads' stacks are the kernels' first two when not copied (`_copied_reads`)."""
+    n = 12 if commit else 8
+    reads = out[n:n + 2] if copied else out[:2]
+    return out[:4], out[4:8], out[8:n], reads, out[n + 2 * copied:]
+
+
 def _scan_setup(ctx, inputs, output) -> None:
     (X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C, muon, prec, rd, keep, grad, kr,
      commit, head, cols) = inputs
     copied = _copied_reads(rd, head)
-    n_sel = 4 if commit is not None else 0
-    n_chain = 2 if _stores_chain(muon, prec, keep, grad) else 0
-    stacks, chains = output[:4], output[len(output) - n_chain:]
+    stacks, _, _, _, chains = _parts(output, commit is not None, copied)
     # the stacks are kept for the backward; only the reads' ones (W1all, W2all when not copied) take a gradient
     ctx.mark_non_differentiable(*(stacks if copied else stacks[2:]), *chains)
     ctx.set_materialize_grads(False)   # an unused state (or selection) sends no gradient: nothing to add
     ctx.save_for_backward(X, XR, V, Wg, Eta, Theta, Alpha, *stacks, W1i, W2i, has, commit, head, *cols, *chains)
-    ctx.meta = (j0, j1, C, muon, prec, rd, kr, len(cols), copied, n_sel)
+    ctx.meta = (j0, j1, C, muon, prec, rd, kr, len(cols), copied)
 
 
 def _scan_backward(ctx, grads):
     """The registered autograd formula: the backward operator on what the forward kept."""
     X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, commit, head, *rest = \
         ctx.saved_tensors
-    j0, j1, C, muon, prec, rd, kr, n_cols, copied, n_sel = ctx.meta
+    j0, j1, C, muon, prec, rd, kr, n_cols, copied = ctx.meta
     cols, chains = rest[:n_cols], rest[n_cols:]
-    dW1r, dW2r = grads[-2 - len(chains):len(grads) - len(chains)] if copied else grads[:2]
-    dsel = list(grads[8:8 + n_sel]) + [None] * (4 - n_sel)
+    _, last, sel, reads, _ = _parts(grads, commit is not None, copied)
     g = torch.ops.memlm.neural_memory_scan_backward(
         X, XR, V, Wg, Eta, Theta, Alpha, W1all, W2all, S1all, S2all, W1i, W2i, has, commit, head, list(cols),
-        list(chains), dW1r, dW2r, *grads[4:8], *dsel, j0, j1, C, muon, prec, rd, kr)
+        list(chains), *reads, *last, *sel, *[None] * (4 - len(sel)), j0, j1, C, muon, prec, rd, kr)
     dX, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, *more = g
     dXR = more.pop(0) if XR is not None else None
     dW1i, dW2i = more if W1i is not None else (None, None)
-    return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i, None,
-            None, None, None, None, None, None, None, None, None, None, None, [None] * n_cols)
+    # nothing for has, the nine numbers and flags, commit, head, and the column maps
+    return (dX, dXR, dV, dWg, dEta, dTheta, dAlpha, gW1, gW2, gS1, gS2, dW1i, dW2i, *[None] * 12, [None] * n_cols)
 
 
 torch.library.register_autograd("memlm::neural_memory_scan", _scan_backward, setup_context=_scan_setup)
@@ -1197,9 +1202,8 @@ def _scan(X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1
                                            for t in (X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i))
     out = torch.ops.memlm.neural_memory_scan(X, XR, V, Wg, Eta, Theta, Alpha, W1, W2, S1, S2, W1i, W2i, has, j0, j1, C,
                                              muon, prec, rd, keep, grad, kr, commit, head, list(cols or ()))
-    n_sel = 4 if commit is not None else 0
-    reads = out[8 + n_sel:10 + n_sel] if _copied_reads(rd, head) else out[:2]
-    return (*reads, *out[4:8 + n_sel])
+    _, last, sel, reads, _ = _parts(out, commit is not None, _copied_reads(rd, head))
+    return (*reads, *last, *sel)
 
 
 def _read_stack(W: Tensor, Wi: Tensor, head: Tensor, j0: int, kr: int, rd: torch.dtype) -> Tensor:
