@@ -35,7 +35,8 @@ class TrainConfig(Config):
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model's training forward (LM head and loss included)
     # CUDA: replay each kind of step's forward, backward and clip from a CUDA graph (memlm/train/cuda_graph.py): the
-    # host then launches one graph instead of every kernel; one process, bf16/fp32, no tbptt
+    # host then launches one graph instead of every kernel; one process (tbptt: steps whose carried state keeps its
+    # shapes; a full-attention cache grows, so those steps run eagerly)
     cuda_graph: bool = False
     # summed token cross-entropy: "chunked" computes LM head + CE ce_chunk tokens at a time (no [tokens, vocab] fp32
     # logits kept; memlm/ops/cross_entropy.py), "plain" materialises the logits; "auto": chunked on CUDA

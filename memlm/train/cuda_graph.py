@@ -21,7 +21,8 @@ outputs are read (and its gradients stepped) before the next replay.
 
 What a body must not do: synchronise with the host (``.item()``, ``bool(tensor)``, shapes from values — the
 models' training paths are written without, see ``layers/static.py``), or bake a per-step Python number into a
-kernel (the normaliser and the step come in as device tensors: ``run_segments``, ``collect_aux``).
+kernel (the normaliser, the step and float16's loss scale come in as device tensors: ``run_segments``,
+``collect_aux``; tbptt's carried state is copied into static tensors too, see ``Trainer._steady_state``).
 """
 from __future__ import annotations
 

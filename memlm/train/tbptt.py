@@ -66,7 +66,7 @@ def to_floats(d: dict[str, Tensor | float]) -> dict[str, float | list[float]]:
 
 def run_segments(forward: Callable, segments: Sequence[tuple[Tensor, Tensor, Tensor | None]],
                  state: ModelState | None = None, *, detach_every: int = 1, normalizer: int | None = None,
-                 aux_weight: float | None = None, backward: bool = False, scale: float = 1.0,
+                 aux_weight: float | None = None, backward: bool = False, scale: float | Tensor = 1.0,
                  autocast: Callable[[], Any] = contextlib.nullcontext, step: int | Tensor | None = None,
                  loss_in_forward: bool = False) -> SegmentResult:
     """Run ``segments`` = [(ids [B, T], labels [B, T], reset [B, T] or None), ...] through ``forward`` in order.
@@ -77,7 +77,7 @@ def run_segments(forward: Callable, segments: Sequence[tuple[Tensor, Tensor, Ten
     state: carried in (None: fresh). normalizer: N (default: the valid tokens of these segments; pass the
     count over a whole optimizer step to accumulate gradients across calls; a device tensor ≥ 1 inside a CUDA graph,
     whose kernels must not bake in a per-step number). backward: call (scale · window
-    loss).backward() at the end of every window, freeing its graph (what the trainer does); otherwise the
+    loss).backward() at the end of every window (scale: float16's loss scale, a device tensor in a CUDA graph), freeing its graph (what the trainer does); otherwise the
     returned loss keeps the graph of every window (what tests differentiate). step: the optimizer step, given to
     mixers whose auxiliary-loss weight follows a schedule (``memlm.layers.base.current_step``; a float64 device
     tensor in a CUDA graph).

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from memlm.config.train import RunConfig, TrainConfig
 from memlm.data.packing import shard_rows
@@ -250,14 +251,14 @@ class Trainer:
         if not t.cuda_graph:
             return None
         why = ("it needs a CUDA device (train.device)" if self.device.type != "cuda" else
-               "several processes are not supported yet" if self.dist is not None else
-               "train.tbptt carries the state from step to step" if t.tbptt else
-               "float16's loss scale changes from step to step (use bfloat16)" if self.amp == torch.float16 else None)
+               "several processes are not supported yet" if self.dist is not None else None)
         if why:
             raise UserError(f"train.cuda_graph=true: {why}; set train.cuda_graph=false")
         self._static: dict[Any, list[tuple]] = {}
         self._n_dev = torch.ones((), dtype=torch.float32, device=self.device)     # N of the step
         self._step_dev = torch.zeros((), dtype=torch.float64, device=self.device)  # the step, for λ(step)
+        self._scale_dev = torch.ones((), dtype=torch.float32, device=self.device)  # float16's loss scale
+        self._last_shapes: Any = ()  # tbptt: the carried state's shapes at the last step (_steady_state)
         return StepGraphs(self.model.parameters())
 
     def _forward(self, ids: torch.Tensor, state: ModelState | None, reset: torch.Tensor | None,
@@ -312,24 +313,32 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # chunked memories size their chunk grids from shapes and this promise: no host sync, no graph break
         bound = resets_bucket(batch if isinstance(batch, (list, tuple)) else [batch])
-        if self.graphs is None:
-            results, loss, ce, grad_norm = self._backward(segs, n_valid, bound, self.step)
+        state = self.tbptt_state if t.tbptt else None
+        if self.graphs is None or not self._steady_state(state):
+            results, loss, ce, grad_norm = self._backward(segs, n_valid, bound, self.step, self.loss_scale, state)
         else:
-            # the graph of this kind of step reads its batch, N and the step from static device tensors
-            key = (bound, tuple((s[0].shape, s[2] is None) for s in segs))
-            static = self._static.get(key)
-            if static is None:
-                static = self._static[key] = [tuple(x if x is None else torch.empty_like(x) for x in s) for s in segs]
+            # the graph of this kind of step reads its batch, carried state, N, step and loss scale from static device
+            # tensors
+            key = (bound, tuple((s[0].shape, s[2] is None) for s in segs), self._last_shapes)
+            if key not in self._static:
+                self._static[key] = ([tuple(x if x is None else torch.empty_like(x) for x in s) for s in segs],
+                                     None if state is None else state._map(torch.empty_like))
+            static, static_state = self._static[key]
             for dst, src in zip(static, segs):
                 for d, x in zip(dst, src):
                     if d is not None:
                         d.copy_(x, non_blocking=True)
+            if state is not None:
+                for d, x in zip(pytree.tree_leaves(static_state), pytree.tree_leaves(state)):
+                    d.copy_(x, non_blocking=True)
             self._n_dev.fill_(max(n_valid, 1))
             self._step_dev.fill_(self.step)
+            self._scale_dev.fill_(self.loss_scale)
             fresh = not self.graphs.captured(key)
             try:
                 results, loss, ce, grad_norm = self.graphs.run(
-                    key, lambda: self._backward(static, self._n_dev, bound, self._step_dev))
+                    key, lambda: self._backward(static, self._n_dev, bound, self._step_dev, self._scale_dev,
+                                                static_state))
             except CaptureError as e:
                 raise UserError(f"train.cuda_graph=true: {e}; set train.cuda_graph=false and start a new process "
                                 f"(the checkpoints in {self.ckpt_root} are intact)") from e
@@ -377,19 +386,33 @@ class Trainer:
                                  f"— the last checkpoint is in {self.ckpt_root}")
         return out
 
+    def _steady_state(self, state: ModelState | None) -> bool:
+        """Whether this step may run from a CUDA graph: always without tbptt; with it, only when the carried state has
+        the shapes it had at the last step. A full-attention cache grows every step, and a graph per shape would be
+        captured and never replayed, so those steps run eagerly; memories and windows keep fixed shapes from the
+        second step on."""
+        if not self.t.tbptt:
+            return True
+        shapes = tuple(None if x is None else (tuple(x.shape), x.dtype) for x in pytree.tree_leaves(state))
+        steady, self._last_shapes = shapes == self._last_shapes, shapes
+        return steady
+
     def _backward(self, segs: list[tuple], n_valid: int | torch.Tensor, bound: int | None,
-                  step: int | torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward and backward of every micro-batch, then the gradients' unscale and clip: (results, loss, summed CE,
-        gradient norm). Eager, or the body of a CUDA graph (n_valid and step then device tensors)."""
+                  step: int | torch.Tensor, scale: float | torch.Tensor, state: ModelState | None
+                  ) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward and backward of every micro-batch from the carried ``state`` (tbptt; else None), then the gradients'
+        unscale and clip: (results, loss, summed CE, gradient norm). Eager, or the body of a CUDA graph (n_valid, step
+        and the loss scale then device tensors: a float16 scale that halves after an overflow must not be baked into
+        the graph; the state then static tensors the caller copies the carried one into)."""
         t = self.t
         world = 1 if self.dist is None else self.dist.world
         # DDP / FSDP average gradients over ranks: × world turns Σ_r W·CE_r/N back into Σ CE/N, and the auxiliary
         # losses (a mean over forwards) get weight 1/(forwards · world) so that they average over ranks too
-        kw = {"normalizer": n_valid, "backward": True, "scale": self.loss_scale * world, "autocast": self._autocast,
+        kw = {"normalizer": n_valid, "backward": True, "scale": scale * world, "autocast": self._autocast,
               "aux_weight": 1 / (len(segs) * world), "step": step, "loss_in_forward": True}
         with reset_bound(bound), self._attention():
             if t.tbptt:
-                results = [run_segments(self._forward, segs, self.tbptt_state, detach_every=t.detach_every, **kw)]
+                results = [run_segments(self._forward, segs, state, detach_every=t.detach_every, **kw)]
             else:
                 results = []
                 for i, s in enumerate(segs):
@@ -401,8 +424,8 @@ class Trainer:
             loss, ce, stop = self.dist.global_loss(loss, ce, n_valid, self._stop is not None)
             self._agreed_stop = (self._stop or "stop requested by another rank") if stop else None
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.loss_scale != 1.0:
-            torch._foreach_div_([p.grad for p in params], self.loss_scale)
+        if isinstance(scale, torch.Tensor) or scale != 1.0:
+            torch._foreach_div_([p.grad for p in params], scale)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip if t.clip > 0 else math.inf)
         if self.dist is not None:
             grad_norm = self.dist.replicated(grad_norm)

@@ -34,16 +34,18 @@ def trainer(tmp_path, cfg, name: str, log=None) -> Trainer:
     return Trainer(cfg, out_dir=tmp_path / name, data=iter([]), val_data=[], log=log or (lambda s: None))
 
 
-def batches(n: int, B: int, T: int, vocab: int, *, resets_every: int = 0, seed: int = 0) -> list[Batch]:
+def batches(n: int, B: int, T: int, vocab: int, *, resets_every: int = 0, seed: int = 0,
+            streams: bool = False) -> list[Batch]:
     """n batches cycling over two random ones (so that the loss can fall); resets_every > 0: every such batch has
-    document starts inside its rows (another kind)."""
+    document starts inside its rows (another kind). streams: only the first batch starts documents (tbptt carries
+    the state from batch to batch)."""
     g = torch.Generator().manual_seed(seed)
     two = [torch.randint(0, vocab, (B, T + 1), generator=g) for _ in range(2)]
     out = []
     for i in range(n):
         x = two[i % 2]
         reset = torch.zeros(B, T, dtype=torch.bool)
-        reset[:, 0] = True
+        reset[:, 0] = i == 0 or not streams
         if resets_every and i % resets_every == resets_every - 1:
             reset[:, T // 3] = reset[1:, T // 2] = True
         labels = x[:, 1:].clone()
@@ -85,15 +87,20 @@ def test_normaliser_and_step_as_tensors_compute_the_same():
     x = torch.randint(0, cfg.model.vocab_size, (2, 33))
     seg = [(x[:, :-1], x[:, 1:], None)]
 
-    def run(n, step):
+    def run(n, step, scale=1.0):
         model.zero_grad(set_to_none=True)
         r = run_segments(lambda i, s, rs, lab: model(i, s, rs, labels=lab), seg, normalizer=n, step=step,
-                         backward=True, loss_in_forward=True)
+                         backward=True, loss_in_forward=True, scale=scale)
         return r.loss, r.aux["gate_polarization"], [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     for step in (0, 7, 3000):
         a = run(50, step)
         b = run(torch.tensor(50.0), torch.tensor(step, dtype=torch.float64))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert len(a[2]) == len(b[2]) and all(torch.equal(g, h) for g, h in zip(a[2], b[2]))
+    for scale in (4.0, 2.0**16):   # float16's loss scale, a device tensor in a graph: the same scaled gradients
+        a = run(50, 7, scale)
+        b = run(50, 7, torch.tensor(scale))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert len(a[2]) == len(b[2]) and all(torch.equal(g, h) for g, h in zip(a[2], b[2]))
     assert not torch.equal(run(50, 0)[1], run(50, 7)[1])   # λ(step) does move over these steps
@@ -159,10 +166,39 @@ def test_graphed_with_compile_and_accumulation(tmp_path, preset):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("kw, why", [({"tbptt": True}, "tbptt"), ({"dtype": "float16"}, "float16")])
-def test_refused_where_it_cannot_work(tmp_path, kw, why):
-    with pytest.raises(UserError, match=f"train.cuda_graph=true: .*{why}"):
-        trainer(tmp_path, cfg_for("transformer-debug", device="cuda", cuda_graph=True, **kw), "r")
+@pytest.mark.parametrize("preset", ["transformer-debug", "atlas-mag-debug"])
+def test_graphed_float16_follows_eager_through_overflows(tmp_path, preset):
+    """float16: the loss scale is read from a device tensor, so the steps skipped on an overflow and the halved scale
+    after them are eager training's, and the graph keeps replaying across scale changes."""
+    data = batches(10, 4, 64, 256)
+    runs = []
+    for graph in (False, True):
+        tr = trainer(tmp_path, cfg_for(preset, device="cuda", cuda_graph=graph, dtype="float16"), f"h{int(graph)}")
+        tr.loss_scale = 2.0**40        # overflows float16 until it has halved enough
+        runs.append(([tr.train_step(b) | {"scale": tr.loss_scale} for b in data], tr))
+    (eager, _), (graphed, tr) = runs
+    skipped = [o["skipped"] for o in eager]
+    assert any(skipped) and not all(skipped[-3:]), skipped
+    assert [o["skipped"] for o in graphed] == skipped and [o["scale"] for o in graphed] == [o["scale"] for o in eager]
+    assert len(tr.graphs.graphs) == 1 and tr.graphs.replays == len(data) - 2
+    got, want = torch.tensor([o["loss"] for o in graphed]), torch.tensor([o["loss"] for o in eager])
+    assert rel_err(got, want) < 2e-2, (got, want)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("preset, graphs", [("atlas-mag-debug", 1), ("transformer-swa-debug", 1),
+                                            ("transformer-debug", 0)])
+def test_graphed_tbptt_follows_eager(tmp_path, preset, graphs):
+    """tbptt: the carried state is copied into the graph's static state before each replay, so the losses (which
+    depend on it) are eager training's. A state whose shapes change (full attention's growing cache) runs every step
+    eagerly and keeps no static buffers; fixed shapes are graphed from the third step (warm-up, capture, replays)."""
+    data = [batches(16, 4, 32, 256, streams=True)[i: i + 2] for i in range(0, 16, 2)]   # two segments a step
+    eager, graphed, tr = follow(tmp_path, preset, data, tbptt=True, detach_every=2, seq_len=32)
+    assert len(tr.graphs.graphs) == graphs and len(tr._static) == graphs
+    assert tr.graphs.replays == (len(data) - 3 if graphs else 0)
+    got, want = torch.tensor([o["loss"] for o in graphed]), torch.tensor([o["loss"] for o in eager])
+    assert rel_err(got, want) < 2e-2, (got, want)
 
 
 @pytest.mark.gpu
