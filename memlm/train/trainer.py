@@ -254,12 +254,17 @@ class Trainer:
                "several processes are not supported yet" if self.dist is not None else None)
         if why:
             raise UserError(f"train.cuda_graph=true: {why}; set train.cuda_graph=false")
-        self._static: dict[Any, list[tuple]] = {}
+        return self._with_graphs(StepGraphs(self.model.parameters()))
+
+    def _with_graphs(self, graphs: Any) -> Any:
+        """``graphs`` (a StepGraphs, or in CPU tests anything with its ``run`` and ``captured``) with the static tensors
+        that every graph reads: per kind of step the batch and carried state, and N, the step and the loss scale."""
+        self._static: dict[Any, tuple[list[tuple], ModelState | None]] = {}
         self._n_dev = torch.ones((), dtype=torch.float32, device=self.device)     # N of the step
         self._step_dev = torch.zeros((), dtype=torch.float64, device=self.device)  # the step, for λ(step)
         self._scale_dev = torch.ones((), dtype=torch.float32, device=self.device)  # float16's loss scale
         self._last_shapes: Any = ()  # tbptt: the carried state's shapes at the last step (_steady_state)
-        return StepGraphs(self.model.parameters())
+        return graphs
 
     def _forward(self, ids: torch.Tensor, state: ModelState | None, reset: torch.Tensor | None,
                  labels: torch.Tensor):
