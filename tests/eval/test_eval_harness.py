@@ -21,14 +21,6 @@ from memlm.data.tokenizer import load_tokenizer
 from memlm.eval.harness import MemlmLM, run_lm_eval
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _req(kind, args):
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
 

@@ -22,12 +22,7 @@ WARMUP = 50  # tokens the controller needs to move μ / T from their start value
 TOL = 0.25  # nats
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,7 @@ GREEDY = SamplingConfig(temperature=0)
 FACT_PRESETS = ["transformer-debug", "deltanet-debug", "cms-debug", "titans-mag-debug"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _MODELS: dict[str, memlm.MemoryLM] = {}

@@ -35,12 +35,7 @@ pytest.importorskip("cryptography")
 FAST_KDF = 2 ** 10  # tests derive many keys; the default (2^15) is for real use
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

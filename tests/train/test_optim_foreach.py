@@ -22,14 +22,9 @@ class Net(nn.Module):
         return self.norm(self.c(torch.tanh(self.b(torch.tanh(self.a(self.embed(x)))))))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The batched Newton–Schulz rounds differently with the number of CPU threads (M3: 1.9e-5 on one thread, 7.1e-5
-    on two, against its loop); the bounds below are for one, so the result does not depend on what ran before."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The batched Newton–Schulz rounds differently with the number of CPU threads (M3: 1.9e-5 on one thread, 7.1e-5 on
+# two, against its loop); the bounds below are for one, so the result does not depend on what ran before.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(make_opt, steps=6, device="cpu"):
