@@ -174,6 +174,7 @@ class Trainer:
         except (TypeError, ValueError) as e:
             raise UserError(f"train.optimizer={t.optimizer!r} / train.optimizer_options: {e}") from None
         self._module = torch.compile(wrapped) if t.compile else wrapped
+        self._compiled_kinds: set = set()  # kinds of batch torch.compile has met (_note_compile)
         self.graphs = self._step_graphs()
         # the summed CE is computed inside the model's forward (MemoryLM(labels=...)): chunked, or plain logits
         chunked = t.cross_entropy == "chunked" or (t.cross_entropy == "auto" and self.device.type == "cuda")
@@ -318,6 +319,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # chunked memories size their chunk grids from shapes and this promise: no host sync, no graph break
         bound = resets_bucket(batch if isinstance(batch, (list, tuple)) else [batch])
+        compiling = self._note_compile(bound, segs)
         state = self.tbptt_state if t.tbptt else None
         if self.graphs is None or not self._steady_state(state):
             results, loss, ce, grad_norm = self._backward(segs, n_valid, bound, self.step, self.loss_scale, state)
@@ -351,6 +353,8 @@ class Trainer:
                 n = len(self.graphs.graphs)
                 self.log(f"captured a CUDA graph of the training step ({n} kind{'s' * (n > 1)} of batch so far)")
         loss_f, gn_f = float(loss), float(grad_norm)  # the one host sync of a step
+        if compiling is not None:
+            self.log(f"torch.compile: that kind of batch compiled and ran in {time.perf_counter() - compiling:.0f} s")
         finite = math.isfinite(loss_f) and math.isfinite(gn_f)
         if finite:
             # CMS (issue 6): levels with period f keep their (clipped) gradient in an accumulator and skip the step
@@ -390,6 +394,22 @@ class Trainer:
                                  f"a row (train.max_nonfinite); lower train.lr, raise train.warmup or check the data "
                                  f"— the last checkpoint is in {self.ckpt_root}")
         return out
+
+    def _note_compile(self, bound: int | None, segs: list[tuple]) -> float | None:
+        """With train.compile, say when a step meets a kind of batch the compiled model has not seen (its shapes,
+        whether it has document starts inside its rows, its ``reset_bound`` bucket): Dynamo then compiles a new graph,
+        which takes minutes for the memory presets, and the step would otherwise look stalled. Returns the start time
+        of such a step (None otherwise)."""
+        if not self.t.compile:
+            return None
+        kind = (bound, tuple((tuple(s[0].shape), s[2] is None) for s in segs))
+        if kind in self._compiled_kinds:
+            return None
+        self._compiled_kinds.add(kind)
+        starts = f"up to {bound} document starts a row" if bound else "no document start inside the rows"
+        self.log(f"torch.compile: compiling for a new kind of batch ({len(segs)} × {list(segs[0][0].shape)} tokens, "
+                 f"{starts}; kind {len(self._compiled_kinds)}); the memory presets take minutes the first time")
+        return time.perf_counter()
 
     def _steady_state(self, state: ModelState | None) -> bool:
         """Whether this step may run from a CUDA graph: always without tbptt; with it, only when the carried state has

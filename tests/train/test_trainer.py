@@ -157,6 +157,26 @@ def test_grad_accum_equals_big_batch_with_valid_token_normalisation(tmp_path):
     assert rel_err(model.embed.weight.grad, model2.embed.weight.grad) > 1e-2
 
 
+def test_compile_says_when_a_new_kind_of_batch_compiles(tmp_path, monkeypatch):
+    """A step that makes Dynamo compile a new graph (new shapes, document starts inside the rows, another reset_bound
+    bucket) is announced and timed, once per kind, so a compile of minutes does not look like a stalled run."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)     # the log is the trainer's, not Dynamo's
+    lines: list[str] = []
+    tr = Trainer(debug_cfg(compile=True), out_dir=tmp_path / "c", data=iter([]), val_data=None, log=lines.append)
+    g = torch.Generator().manual_seed(0)
+    plain = random_batch(g, 4, 32, 50)
+    plain.reset[:, 0] = True
+    starts = random_batch(g, 4, 32, 50)
+    starts.reset[:, 0] = starts.reset[:, 9] = starts.reset[:, 20] = starts.reset[:, 25] = True   # 3 a row: bucket 4
+    for b in (plain, starts, plain, starts, random_batch(g, 2, 32, 50)):
+        tr.train_step(b)
+    said = [s for s in lines if s.startswith("torch.compile: compiling")]
+    assert len(said) == 3, lines
+    assert "1 × [4, 32] tokens, no document start inside the rows; kind 1" in said[0]
+    assert "up to 4 document starts a row; kind 2" in said[1] and "1 × [2, 32] tokens" in said[2]
+    assert sum(s.startswith("torch.compile: that kind of batch compiled and ran in ") for s in lines) == 3
+
+
 # ------------------------------------------------------------------------------------------------------------ TBPTT
 
 def test_tbptt_full_window_equals_full_backprop():
