@@ -341,11 +341,12 @@ class Trainer:
             self._n_dev.fill_(max(n_valid, 1))
             self._step_dev.fill_(self.step)
             self._scale_dev.fill_(self.loss_scale)
+            # only float16's scale changes (bf16 / fp32: 1, no scaling or unscaling kernels in the graph)
+            scale = self._scale_dev if self.amp == torch.float16 else self.loss_scale
             fresh = not self.graphs.captured(key)
             try:
                 results, loss, ce, grad_norm = self.graphs.run(
-                    key, lambda: self._backward(static, self._n_dev, bound, self._step_dev, self._scale_dev,
-                                                static_state))
+                    key, lambda: self._backward(static, self._n_dev, bound, self._step_dev, scale, static_state))
             except CaptureError as e:
                 raise UserError(f"train.cuda_graph=true: {e}; set train.cuda_graph=false and start a new process "
                                 f"(the checkpoints in {self.ckpt_root} are intact)") from e
