@@ -78,9 +78,9 @@ def run_segments(forward: Callable, segments: Sequence[tuple[Tensor, Tensor, Ten
     count over a whole optimizer step to accumulate gradients across calls; a device tensor ≥ 1 inside a CUDA graph,
     whose kernels must not bake in a per-step number). backward: call (scale · window loss).backward() at the end of
     every window (scale: float16's loss scale, a device tensor in a CUDA graph), freeing its graph (what the trainer
-    does); otherwise the returned loss keeps the graph of every window (what tests differentiate). step: the optimizer step, given to
-    mixers whose auxiliary-loss weight follows a schedule (``memlm.layers.base.current_step``; a float64 device
-    tensor in a CUDA graph).
+    does); otherwise the returned loss keeps the graph of every window (what tests differentiate). step: the
+    optimizer step, given to mixers whose auxiliary-loss weight follows a schedule
+    (``memlm.layers.base.current_step``; a float64 device tensor in a CUDA graph).
     """
     if detach_every < 1:
         raise ValueError(f"detach_every must be ≥ 1, got {detach_every}")

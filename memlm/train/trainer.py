@@ -260,7 +260,7 @@ class Trainer:
     def _with_graphs(self, graphs: Any) -> Any:
         """``graphs`` (a StepGraphs, or in CPU tests anything with its ``run`` and ``captured``) with the static tensors
         that every graph reads: per kind of step the batch and carried state, and N, the step and the loss scale."""
-        self._static: dict[Any, tuple[list[tuple], ModelState | None]] = {}
+        self._static: dict[Any, tuple[list[tuple], ModelState | None]] = {}  # key -> (batch, state) buffers
         self._n_dev = torch.ones((), dtype=torch.float32, device=self.device)     # N of the step
         self._step_dev = torch.zeros((), dtype=torch.float64, device=self.device)  # the step, for λ(step)
         self._scale_dev = torch.ones((), dtype=torch.float32, device=self.device)  # float16's loss scale
@@ -319,30 +319,27 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # chunked memories size their chunk grids from shapes and this promise: no host sync, no graph break
         bound = resets_bucket(batch if isinstance(batch, (list, tuple)) else [batch])
-        compiling = self._note_compile(bound, segs)
+        # what changes the kernels a step launches: shapes, document starts inside the rows, the reset_bound bucket
+        kind = (bound, tuple((tuple(s[0].shape), s[2] is None) for s in segs))
+        compiling = self._note_compile(kind)
         state = self.tbptt_state if t.tbptt else None
         if self.graphs is None or not self._steady_state(state):
             results, loss, ce, grad_norm = self._backward(segs, n_valid, bound, self.step, self.loss_scale, state)
         else:
             # the graph of this kind of step reads its batch, carried state, N, step and loss scale from static device
             # tensors
-            key = (bound, tuple((s[0].shape, s[2] is None) for s in segs), self._last_shapes)
+            key = (kind, self._last_shapes)
             if key not in self._static:
-                self._static[key] = ([tuple(x if x is None else torch.empty_like(x) for x in s) for s in segs],
-                                     None if state is None else state._map(torch.empty_like))
+                self._static[key] = pytree.tree_map_only(torch.Tensor, torch.empty_like, (segs, state))
             static, static_state = self._static[key]
-            for dst, src in zip(static, segs):
-                for d, x in zip(dst, src):
-                    if d is not None:
-                        d.copy_(x, non_blocking=True)
-            if state is not None:
-                for d, x in zip(pytree.tree_leaves(static_state), pytree.tree_leaves(state)):
+            for d, x in zip(pytree.tree_leaves((static, static_state)), pytree.tree_leaves((segs, state))):
+                if d is not None:
                     d.copy_(x, non_blocking=True)
             self._n_dev.fill_(max(n_valid, 1))
             self._step_dev.fill_(self.step)
-            self._scale_dev.fill_(self.loss_scale)
-            # only float16's scale changes (bf16 / fp32: 1, no scaling or unscaling kernels in the graph)
-            scale = self._scale_dev if self.amp == torch.float16 else self.loss_scale
+            scale = self.loss_scale
+            if self.amp == torch.float16:  # only float16's scale changes (else 1: no scaling kernels in the graph)
+                scale = self._scale_dev.fill_(scale)
             fresh = not self.graphs.captured(key)
             try:
                 results, loss, ce, grad_norm = self.graphs.run(
@@ -396,19 +393,17 @@ class Trainer:
                                  f"— the last checkpoint is in {self.ckpt_root}")
         return out
 
-    def _note_compile(self, bound: int | None, segs: list[tuple]) -> float | None:
-        """With train.compile, say when a step meets a kind of batch the compiled model has not seen (its shapes,
-        whether it has document starts inside its rows, its ``reset_bound`` bucket): Dynamo then compiles a new graph,
-        which takes minutes for the memory presets, and the step would otherwise look stalled. Returns the start time
-        of such a step (None otherwise)."""
-        if not self.t.compile:
-            return None
-        kind = (bound, tuple((tuple(s[0].shape), s[2] is None) for s in segs))
-        if kind in self._compiled_kinds:
+    def _note_compile(self, kind: tuple) -> float | None:
+        """With train.compile, say when a step meets a kind of batch (train_step's ``kind``: the reset_bound bucket and
+        each micro-batch's shape and whether it has document starts inside its rows) the compiled model has not seen:
+        Dynamo then compiles a new graph, which takes minutes for the memory presets, and the step would otherwise look
+        stalled. Returns the start time of such a step (None otherwise)."""
+        if not self.t.compile or kind in self._compiled_kinds:
             return None
         self._compiled_kinds.add(kind)
+        bound, shapes = kind
         starts = f"up to {bound} document starts a row" if bound else "no document start inside the rows"
-        self.log(f"torch.compile: compiling for a new kind of batch ({len(segs)} × {list(segs[0][0].shape)} tokens, "
+        self.log(f"torch.compile: compiling for a new kind of batch ({len(shapes)} × {list(shapes[0][0])} tokens, "
                  f"{starts}; kind {len(self._compiled_kinds)}); the memory presets take minutes the first time")
         return time.perf_counter()
 
