@@ -410,7 +410,9 @@ def iter_file(path: str, stats: SourceStats, *, text_field: str | None = None, m
             else:
                 it = _iter_txt(fh, where, stats, max_line_bytes, txt_max_doc_bytes)
             yield from it
-    except _decompress_errors():
+    except Exception as e:  # not `except _decompress_errors()`: a generator closed at interpreter exit would call
+        if not isinstance(e, _decompress_errors()):  # it after the module's globals are gone (a TypeError on stderr)
+            raise
         stats.skip("unreadable", where, stats.last_line + 1)  # the line being read when it failed
 
 

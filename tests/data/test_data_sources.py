@@ -6,6 +6,7 @@ import gzip
 import json
 import lzma
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -197,6 +198,19 @@ def test_corrupt_compressed_file_counted(tmp_path):
     assert texts[-1] == "b" and src.stats.skipped == {"unreadable": 1}
     where, line = src.stats.locations[0].rsplit(":", 1)
     assert where.endswith("a.jsonl.xz") and int(line) == len(texts)  # the line being read when the stream broke
+
+
+def test_a_stream_left_open_at_exit_prints_nothing(tmp_path):
+    """A script that reads a few batches and exits leaves the file's generator open; closing it at interpreter exit
+    (module globals already gone) used to print an ignored TypeError from iter_file."""
+    (tmp_path / "a.jsonl.xz").write_bytes(lzma.compress(_jsonl([{"text": f"doc {i} " * 50} for i in range(100)])))
+    code = ("import itertools, memlm\nfrom memlm.data.packing import Packer\nfrom memlm.data.sources import "
+            "open_sources\nfrom memlm.data.tokenizer import load_tokenizer\n"
+            f"p = Packer(open_sources([{str(tmp_path)!r}], seed=0), load_tokenizer('byte'), batch_size=2, seq_len=64, "
+            "mode='packed', seed=0)\nprint(len(list(itertools.islice(p, 2))))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert r.returncode == 0 and r.stdout.strip() == "2" and r.stderr == "", r.stderr
 
 
 def test_no_usable_text_is_user_error(tmp_path):
