@@ -105,12 +105,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp: Path, jobs: list[dict]) -> None:
-    """Run the jobs in W processes joined through env:// (what torchrun sets up), on CPU with gloo."""
+PORT_TAKEN = ("EADDRINUSE", "address already in use")   # rank 0's store could not listen on the chosen port
+
+
+def launch(tmp: Path, jobs: list[dict], attempts: int = 3) -> None:
+    """Run the jobs in W processes joined through env:// (what torchrun sets up), on CPU with gloo.
+
+    The port is free when chosen but not reserved: another process (a second test run, a gloo connection's ephemeral
+    port) can take it before rank 0 listens. Only that failure is retried, on a new port."""
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"jobs": jobs}))
+    for attempt in range(1, attempts + 1):
+        codes = _run_workers(tmp, spec, _free_port())
+        if codes == [0] * W:
+            return
+        logs = [(tmp / f"rank{r}.log").read_text() for r in range(W)]
+        if attempt < attempts and any(m in log for log in logs for m in PORT_TAKEN):
+            continue
+        tails = "\n".join(f"--- rank {r} (exit {c}):\n" + log[-3000:] for r, (c, log) in enumerate(zip(codes, logs)))
+        pytest.fail(f"distributed workers failed or ran past {TIMEOUT_S} s (attempt {attempt} of {attempts}):\n{tails}")
+
+
+def _run_workers(tmp: Path, spec: Path, port: int) -> list[int | None]:
+    """Start W workers on ``port``, wait for them (a failed rank stops the others) and return their exit codes."""
     root = str(Path(memlm.__file__).resolve().parent.parent)
-    port = _free_port()
     procs, logs = [], []
     for r in range(W):
         env = os.environ | {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(W), "LOCAL_WORLD_SIZE": str(W),
@@ -134,11 +152,7 @@ def launch(tmp: Path, jobs: list[dict]) -> None:
                 p.wait()
         for log in logs:
             log.close()
-    codes = [p.returncode for p in procs]
-    if codes != [0] * W:
-        tails = "\n".join(f"--- rank {r} (exit {c}):\n" + (tmp / f"rank{r}.log").read_text()[-3000:]
-                          for r, c in enumerate(codes))
-        pytest.fail(f"distributed workers failed or timed out after {TIMEOUT_S}s:\n{tails}")
+    return [p.returncode for p in procs]
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +272,19 @@ def test_cli_nproc_launches_torchrun(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ single-process pieces
+
+def test_a_taken_port_is_retried_on_a_new_one(tmp_path, monkeypatch):
+    """The first port offered is held by another listener: rank 0 cannot listen there, and the launch goes on with a
+    new port instead of failing the module's every test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        ports = [held.getsockname()[1]]
+        free = _free_port
+        monkeypatch.setattr(sys.modules[__name__], "_free_port", lambda: ports.pop() if ports else free())
+        launch(tmp_path, [{"case": "ddp", "out": str(tmp_path / "ddp-2")}])
+    assert not ports and records(tmp_path / "ddp-2")[CASES["ddp"][2]]["loss"] > 0
+
 
 def test_shard_rows_partitions_the_global_batch():
     g = torch.arange(6 * 5).reshape(6, 5)
