@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU check (device budget is small): every GPU test and the quick benchmarks, in priority order.
 #   run on the device from the repo root:  bash scripts/gpu_check.sh correct, then graphs, then speed
-#   (graphs = the CUDA-graph training tests, 29 steps of training each way: ≈ 6 min; speed = scripts/gpu_speed.sh)
+#   (graphs = the 29 CUDA-graph training tests, each graphed against eager: ≈ 6 min; speed = scripts/gpu_speed.sh)
 #   (each part fits one 10-minute device call; no argument runs all three; results under $OUT or out/gpu_check)
 # Each step is time-boxed so a slow one cannot eat the others; a summary table is printed at the end.
 # Carry the fla wheels in .whl/ (pip download flash-linear-attention==0.6.0 fla-core==0.6.0 --no-deps -d .whl).

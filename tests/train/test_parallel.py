@@ -271,8 +271,6 @@ def test_cli_nproc_launches_torchrun(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("The")
 
 
-# ------------------------------------------------------------------------------------------ single-process pieces
-
 def test_a_taken_port_is_retried_on_a_new_one(tmp_path, monkeypatch):
     """The first port offered is held by another listener: rank 0 cannot listen there, and the launch goes on with a
     new port instead of failing the module's every test."""
@@ -285,6 +283,8 @@ def test_a_taken_port_is_retried_on_a_new_one(tmp_path, monkeypatch):
         launch(tmp_path, [{"case": "ddp", "out": str(tmp_path / "ddp-2")}])
     assert not ports and records(tmp_path / "ddp-2")[CASES["ddp"][2]]["loss"] > 0
 
+
+# ------------------------------------------------------------------------------------------ single-process pieces
 
 def test_shard_rows_partitions_the_global_batch():
     g = torch.arange(6 * 5).reshape(6, 5)
